@@ -1,0 +1,92 @@
+"""Engine, session factory, and one transaction per task.
+
+PostgreSQL keeps every table in the schema ``communication_service``. SQLite has no
+schemas, so on SQLite the schema name is translated away (``schema_translate_map``);
+the models and migrations name the schema once and work on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from comms_tasks.models.base import SCHEMA
+from comms_tasks.settings import get_settings
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def schema_translation(url: str) -> dict[str | None, str | None]:
+    return {SCHEMA: None} if is_sqlite(url) else {}
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for ``url`` with the schema mapping and per-dialect settings applied."""
+    if is_sqlite(url):
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            from pathlib import Path
+
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # The worker's processes share one file: wait for the lock instead of failing.
+        kwargs.setdefault("connect_args", {"timeout": 30})
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("pool_size", 5)
+        kwargs.setdefault("max_overflow", 5)
+        engine = create_engine(url, **kwargs)
+    return engine.execution_options(schema_translate_map=schema_translation(url))
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy issue BEGIN itself, so "BEGIN IMMEDIATE" below takes the write lock
+    # at the start of each transaction: SQLite then serializes writers as PostgreSQL's
+    # row locks would, instead of failing one of them at commit.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@functools.cache
+def get_engine() -> Engine:
+    return make_engine(get_settings().effective_database_url)
+
+
+@functools.cache
+def _session_factory() -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+def reset_engine() -> None:
+    """Forget the engine (after a fork, or when tests change the configuration)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+    get_engine.cache_clear()
+    _session_factory.cache_clear()
+
+
+@contextlib.contextmanager
+def transaction() -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error."""
+    session = _session_factory()()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

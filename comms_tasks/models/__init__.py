@@ -1,0 +1,38 @@
+"""Tables only. Importing this package registers every table on ``Base.metadata``."""
+
+from comms_tasks.models.base import SCHEMA, Base
+from comms_tasks.models.email import Email, EmailBatch
+from comms_tasks.models.enums import (
+    DeadLetterStatus,
+    EmailStatus,
+    EmailTemplate,
+    PhoneCallStatus,
+    PlacementRequestStatus,
+    ResponseOutcome,
+    TherapistStatus,
+)
+from comms_tasks.models.messaging import DeadLetter, OutboxEvent, ProcessedMessage
+from comms_tasks.models.phone_call import PhoneCall, PhoneCallBatch
+from comms_tasks.models.read_models import Patient, PlacementRequest, Therapist
+
+__all__ = [
+    "SCHEMA",
+    "Base",
+    "DeadLetter",
+    "DeadLetterStatus",
+    "Email",
+    "EmailBatch",
+    "EmailStatus",
+    "EmailTemplate",
+    "OutboxEvent",
+    "Patient",
+    "PhoneCall",
+    "PhoneCallBatch",
+    "PhoneCallStatus",
+    "PlacementRequest",
+    "PlacementRequestStatus",
+    "ProcessedMessage",
+    "ResponseOutcome",
+    "Therapist",
+    "TherapistStatus",
+]

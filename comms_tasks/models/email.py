@@ -1,0 +1,100 @@
+"""Emails to therapists and the placement requests each one asks about."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
+from comms_tasks.models.enums import EmailStatus, EmailTemplate, ResponseOutcome
+
+
+class Email(Base):
+    __tablename__ = "emails"
+    __table_args__ = (
+        # The send loop looks for due queued emails and for expired "sending" leases.
+        Index("ix_emails_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_emails_therapist_id_status", "therapist_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    therapist_id: Mapped[int] = mapped_column(BigInteger)
+    template: Mapped[EmailTemplate] = mapped_column(value_enum(EmailTemplate, "email_template"))
+    # Makes "never twice" a database fact: e.g. one batch email per therapist and run day,
+    # one reminder per original email, one confirmation per accepted request.
+    dedup_key: Mapped[str] = mapped_column(String(200), unique=True)
+    recipient_email: Mapped[str] = mapped_column(String(254))
+    recipient_name: Mapped[str] = mapped_column(String(300))
+    sender_email: Mapped[str] = mapped_column(String(254))
+    sender_name: Mapped[str] = mapped_column(String(200))
+    reply_to: Mapped[str | None] = mapped_column(String(254))
+    subject: Mapped[str] = mapped_column(String(300))
+    body_html: Mapped[str] = mapped_column(Text)
+    body_text: Mapped[str] = mapped_column(Text)
+    # Fixed when the email is queued, the same on every attempt.
+    message_id: Mapped[str] = mapped_column(String(300), unique=True)
+    in_reply_to_email_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("emails.id", ondelete="SET NULL")
+    )
+    status: Mapped[EmailStatus] = mapped_column(value_enum(EmailStatus, "email_status"))
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # While "sending": until when the claiming worker holds it.
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    retry_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    response_received: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    response_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    response_content: Mapped[str | None] = mapped_column(Text)
+    follow_up_required: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    follow_up_notes: Mapped[str | None] = mapped_column(Text)
+    body_redacted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    batches: Mapped[list[EmailBatch]] = relationship(
+        back_populates="email", order_by="EmailBatch.priority", cascade="all, delete-orphan"
+    )
+
+
+class EmailBatch(Base):
+    """One placement request asked about in one email."""
+
+    __tablename__ = "email_batches"
+    __table_args__ = (
+        UniqueConstraint("email_id", "placement_request_id"),
+        UniqueConstraint("email_id", "priority"),
+        Index("ix_email_batches_placement_request_id", "placement_request_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    email_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("emails.id", ondelete="CASCADE"))
+    placement_request_id: Mapped[int] = mapped_column(BigInteger)
+    # 1 = asked about first.
+    priority: Mapped[int] = mapped_column(Integer)
+    # False once the request was withdrawn before the email went out.
+    included: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    response_outcome: Mapped[ResponseOutcome | None] = mapped_column(
+        value_enum(ResponseOutcome, "response_outcome")
+    )
+    response_notes: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    email: Mapped[Email] = relationship(back_populates="batches")

@@ -1,0 +1,58 @@
+"""The status vocabularies, stored by their lower-case values."""
+
+from __future__ import annotations
+
+import enum
+
+
+class TherapistStatus(enum.StrEnum):
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+    INACTIVE = "inactive"
+
+
+class PlacementRequestStatus(enum.StrEnum):
+    OPEN = "open"
+    IN_PROGRESS = "in_progress"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_pending(self) -> bool:
+        """Still waiting for a therapist's answer: may be asked about."""
+        return self in (PlacementRequestStatus.OPEN, PlacementRequestStatus.IN_PROGRESS)
+
+
+class EmailStatus(enum.StrEnum):
+    DRAFT = "draft"
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class EmailTemplate(enum.StrEnum):
+    INITIAL_CONTACT = "initial_contact"
+    BATCH_REQUEST = "batch_request"
+    FOLLOW_UP = "follow_up"
+    CONFIRMATION = "confirmation"
+
+
+class ResponseOutcome(enum.StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    NEEDS_FOLLOW_UP = "needs_follow_up"
+
+
+class PhoneCallStatus(enum.StrEnum):
+    SCHEDULED = "scheduled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class DeadLetterStatus(enum.StrEnum):
+    PENDING = "pending"
+    REPLAYED = "replayed"

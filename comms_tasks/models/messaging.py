@@ -1,0 +1,69 @@
+"""The outbox of published events, and the ledger of inbound messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import Index, Integer, String, Text, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from comms_tasks.models.base import Base, BigID, JSONDocument, UTCDateTime, utcnow, value_enum
+from comms_tasks.models.enums import DeadLetterStatus
+
+
+class OutboxEvent(Base):
+    """An event written in the transaction of its change; relayed later, at least once."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        # Only unpublished rows are looked up by the relay.
+        Index(
+            "ix_outbox_unpublished",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    event_type: Mapped[str] = mapped_column(String(100))
+    # The whole envelope, exactly as it will be published.
+    envelope: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ProcessedMessage(Base):
+    """An inbound event or command already applied: its id is never applied again."""
+
+    __tablename__ = "processed_messages"
+
+    message_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    processed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeadLetter(Base):
+    """An inbound message that failed validation, kept whole so it can be replayed."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    # The event_id or command_id when the message had a readable one.
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    # One line naming the field; never a value of the message.
+    reason: Mapped[str] = mapped_column(Text)
+    # The message as received. May hold patient data: shown only on request.
+    payload: Mapped[Any] = mapped_column(JSONDocument)
+    status: Mapped[DeadLetterStatus] = mapped_column(
+        value_enum(DeadLetterStatus, "dead_letter_status")
+    )
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    replayed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -1,0 +1,77 @@
+"""Local copies of other services' data, filled only from their messages.
+
+Each row remembers the ``occurred_at`` of the last event applied to it, so an older
+event arriving late never overwrites a newer state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Date, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from comms_tasks.models.base import Base, JSONDocument, UTCDateTime, utcnow, value_enum
+from comms_tasks.models.enums import PlacementRequestStatus, TherapistStatus
+
+
+class Therapist(Base):
+    __tablename__ = "therapists"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    salutation: Mapped[str | None] = mapped_column(String(20))
+    title: Mapped[str | None] = mapped_column(String(50))
+    first_name: Mapped[str] = mapped_column(String(200))
+    last_name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(254))
+    phone: Mapped[str | None] = mapped_column(String(50))
+    # Weekday -> list of {"start": "HH:MM", "end": "HH:MM"}, validated and merged.
+    phone_availability: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    status: Mapped[TherapistStatus] = mapped_column(value_enum(TherapistStatus, "therapist_status"))
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_event_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    @property
+    def display_name(self) -> str:
+        return " ".join(part for part in (self.title, self.first_name, self.last_name) if part)
+
+
+class Patient(Base):
+    """The patient summary a therapist sees; health data (SPEC §10)."""
+
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    registered_on: Mapped[dt.date | None] = mapped_column(Date)
+    diagnosis: Mapped[str | None] = mapped_column(Text)
+    gender: Mapped[str | None] = mapped_column(Text)
+    time_availability: Mapped[str | None] = mapped_column(Text)
+    symptoms_since: Mapped[str | None] = mapped_column(Text)
+    open_to_group_therapy: Mapped[bool | None] = mapped_column(Boolean)
+    therapy_experience: Mapped[str | None] = mapped_column(Text)
+    current_complaints: Mapped[str | None] = mapped_column(Text)
+    summary_event_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    erased_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class PlacementRequest(Base):
+    __tablename__ = "placement_requests"
+    __table_args__ = (
+        Index("ix_placement_requests_therapist_status", "therapist_id", "status"),
+        Index("ix_placement_requests_patient_id", "patient_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # No foreign keys to the other read models: their events may arrive in any order.
+    patient_id: Mapped[int] = mapped_column(BigInteger)
+    therapist_id: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[PlacementRequestStatus] = mapped_column(
+        value_enum(PlacementRequestStatus, "placement_request_status")
+    )
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_event_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -1,0 +1,167 @@
+"""One typed settings object, read from ``COMMS_*`` environment variables.
+
+Every business number (7 days, 5 patients, 5 minutes, ...) lives here with a name,
+so the rule that uses it reads it from one place. A bad value stops start-up with a
+message that names the variable (see :func:`get_settings`).
+"""
+
+from __future__ import annotations
+
+import functools
+import zoneinfo
+from pathlib import Path
+from typing import Literal
+
+import holidays
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "COMMS_"
+DEFAULT_VAR_DIR = Path("var")
+
+
+class ConfigurationError(RuntimeError):
+    """Raised at start-up when an environment variable holds a value we cannot use."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # Where the embedded default keeps its SQLite file, broker folders and .eml files.
+    var_dir: Path = DEFAULT_VAR_DIR
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    # Where published events go; the task broker unless set.
+    events_broker_url: str | None = None
+    result_backend: str | None = None
+    redbeat_redis_url: str | None = None
+
+    mail_backend: Literal["smtp", "file"] = "file"
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_security: Literal["none", "starttls", "tls"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_password_file: Path | None = None
+    smtp_timeout: float = Field(default=30.0, gt=0)
+    sender_email: str = "anfragen@therapievermittlung.example"
+    sender_name: str = "Therapievermittlung"
+    reply_to: str | None = None
+
+    timezone: str = "Europe/Berlin"
+    max_patients_per_email: int = Field(default=5, ge=1, le=50)
+    contact_interval_days: int = Field(default=7, ge=1)
+    follow_up_after_days: int = Field(default=7, ge=1)
+    call_lead_time_minutes: int = Field(default=120, ge=0)
+    call_horizon_days: int = Field(default=14, ge=1, le=90)
+    calls_per_slot: int = Field(default=1, ge=1)
+    call_slot_minutes: int = Field(default=5, ge=1)
+    call_duration_minutes: int = Field(default=5, ge=1)
+    holiday_state: str | None = None
+    retention_days: int = Field(default=180, ge=1)
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Operational limits of the worker; not business rules.
+    task_soft_time_limit: int = Field(default=240, ge=1)
+    task_time_limit: int = Field(default=300, ge=1)
+    outbox_batch_size: int = Field(default=500, ge=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("holiday_state", mode="before")
+    @classmethod
+    def _known_state(cls, value: object) -> object:
+        if value in ("", "none", "None"):
+            return None
+        if isinstance(value, str):
+            states = holidays.country_holidays("DE").subdivisions
+            if value.upper() not in states:
+                raise ValueError(f"unknown German state {value!r}; one of {', '.join(states)}")
+            return value.upper()
+        return value
+
+    @field_validator("sender_email", "reply_to", "sender_name")
+    @classmethod
+    def _single_line(cls, value: str | None) -> str | None:
+        if value is not None and ("\r" in value or "\n" in value):
+            raise ValueError("must not contain a line break")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("COMMS_TASK_SOFT_TIME_LIMIT must be below COMMS_TASK_TIME_LIMIT")
+        if self.smtp_password is not None and self.smtp_password_file is not None:
+            raise ValueError("set COMMS_SMTP_PASSWORD or COMMS_SMTP_PASSWORD_FILE, not both")
+        return self
+
+    # Derived values: the embedded default lives under var_dir.
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'comms.db'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def effective_events_broker_url(self) -> str:
+        return self.events_broker_url or self.effective_broker_url
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def outbox_folder(self) -> Path:
+        return self.var_dir / "outbox"
+
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    def smtp_password_value(self) -> str | None:
+        """The SMTP password, read from the file at use so that a rotation needs no restart."""
+        if self.smtp_password is not None:
+            return self.smtp_password.get_secret_value()
+        if self.smtp_password_file is not None:
+            return self.smtp_password_file.read_text(encoding="utf-8").strip()
+        return None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in item["loc"])
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
+        lines.append(f"{name}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read the environment afresh; raise :class:`ConfigurationError` naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid configuration: {_describe(exc)}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
