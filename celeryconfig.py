@@ -1,0 +1,118 @@
+"""Celery configuration, built from the typed settings (``COMMS_*`` variables).
+
+Each option says why it is set. Loaded lazily by ``comms_tasks.app`` on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from comms_tasks.settings import ConfigurationError, get_settings
+from schedules import beat_schedule as _beat_schedule
+
+try:
+    _settings = get_settings()
+except ConfigurationError as exc:
+    # Stop start-up with the variable named, not a traceback through Celery's loader.
+    sys.exit(str(exc))
+
+_embedded_broker = _settings.broker_url is None
+
+broker_url = _settings.effective_broker_url
+if _embedded_broker:
+    # The embedded default: one folder is both inbox and outbox, so every process on
+    # this machine (worker, beat, `comms`) sees the same queues without a server.
+    _folder = str(_settings.broker_folder / "queue")
+    _control = str(_settings.broker_folder / "control")
+    for _path in (_folder, _control):
+        Path(_path).mkdir(parents=True, exist_ok=True)
+    broker_transport_options: dict[str, object] = {
+        "data_folder_in": _folder,
+        "data_folder_out": _folder,
+        "control_folder": _control,
+        "store_processed": False,
+    }
+else:
+    broker_transport_options = {
+        # A publish to an unreachable broker gives up after a few tries instead of
+        # hanging the caller (a task, beat, or `comms`).
+        "max_retries": 3,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 2,
+        # Redis: a task not acknowledged within this time is delivered again. Longer than
+        # the hard time limit, so a running task is never handed to a second worker.
+        "visibility_timeout": _settings.task_time_limit * 4,
+    }
+
+# Results are not used to pass data between tasks (the database holds the state), so
+# by default none are stored; a backend can be configured for operators who want them.
+result_backend = _settings.result_backend
+task_ignore_result = _settings.result_backend is None
+
+# JSON only: pickle would let anyone who can publish to the broker run code here.
+accept_content = ["json"]
+task_serializer = "json"
+result_serializer = "json"
+event_serializer = "json"
+result_accept_content = ["json"]
+
+# Acknowledge after the task ran, and give the message back if the worker process dies
+# (SIGKILL, OOM): a task is never lost with a crashed worker. Tasks are idempotent.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# Short tasks: take one message at a time per process so a slow one does not hold back
+# messages another process could run.
+worker_prefetch_multiplier = 1
+
+# Task events, so Flower shows every task with its state and runtime.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# Keep retrying the broker connection at start-up (Celery 6 stops doing so by default):
+# a worker started before Redis is up waits for it instead of exiting.
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+# Publishing a task retries a bounded number of times, then raises, so a caller is never
+# stuck on a broker that is down.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 2,
+}
+
+# A task that runs away is interrupted (soft: SoftTimeLimitExceeded, to clean up), then
+# killed (hard). The email claim lease is longer than the hard limit.
+task_soft_time_limit = _settings.task_soft_time_limit
+task_time_limit = _settings.task_time_limit
+
+# We configure logging ourselves (comms_tasks.logging): Celery must not replace the
+# root logger's handlers.
+worker_hijack_root_logger = False
+
+# Business rules run in the business time zone; timestamps are UTC.
+timezone = _settings.timezone
+enable_utc = True
+
+# Inbound messages arrive on Celery's default queue, which is what other services'
+# `send_task` targets unless told otherwise (CONTRACTS.md). Internal tasks share it.
+task_default_queue = "celery"
+
+beat_schedule = _beat_schedule
+if _settings.redbeat_redis_url:
+    # Production: RedBeat keeps the schedule in Redis and holds a lock, so only one beat
+    # is active however many are started.
+    beat_scheduler = "redbeat.RedBeatScheduler"
+    redbeat_redis_url = _settings.redbeat_redis_url
+    redbeat_lock_timeout = 60
+    beat_max_loop_interval = 5
+else:
+    # The embedded default: the file scheduler keeps its state under var/.
+    beat_schedule_filename = str(_settings.var_dir / "celerybeat-schedule")
+
+imports = ("comms_tasks.tasks",)

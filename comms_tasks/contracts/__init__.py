@@ -1,0 +1,130 @@
+"""Pydantic models of every inbound message and published event, and their validation.
+
+``validate_message`` is the one door every inbound message goes through: it returns a
+model, or raises :class:`ContractViolation` with a one-line reason that names the field
+and never repeats a value of the message (values may be health data).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from comms_tasks.contracts import inbound
+from comms_tasks.contracts.common import Contract
+from comms_tasks.contracts.inbound import Command, Envelope
+
+HANDLE_THERAPIST_EVENT = "comms.handle_therapist_event"
+HANDLE_MATCHING_EVENT = "comms.handle_matching_event"
+HANDLE_PATIENT_EVENT = "comms.handle_patient_event"
+RECORD_EMAIL_RESPONSE = "comms.record_email_response"
+RECORD_CALL_OUTCOME = "comms.record_call_outcome"
+QUEUE_EMAIL = "comms.queue_email"
+SCHEDULE_CALL = "comms.schedule_call"
+
+INBOUND_EVENTS: dict[str, dict[str, type[Envelope]]] = {
+    HANDLE_THERAPIST_EVENT: {
+        "therapist.upserted": inbound.TherapistUpserted,
+        "therapist.deleted": inbound.TherapistDeleted,
+    },
+    HANDLE_MATCHING_EVENT: {
+        "placement_request.created": inbound.PlacementRequestCreated,
+        "placement_request.status_changed": inbound.PlacementRequestStatusChanged,
+        "placement_request.cancelled": inbound.PlacementRequestCancelled,
+    },
+    HANDLE_PATIENT_EVENT: {
+        "patient.updated": inbound.PatientUpdated,
+        "patient.erased": inbound.PatientErased,
+    },
+}
+
+COMMANDS: dict[str, type[Command]] = {
+    RECORD_EMAIL_RESPONSE: inbound.RecordEmailResponse,
+    RECORD_CALL_OUTCOME: inbound.RecordCallOutcome,
+    QUEUE_EMAIL: inbound.QueueEmail,
+    SCHEDULE_CALL: inbound.ScheduleCall,
+}
+
+# The keyword argument that carries the message, per kind.
+EVENT_ARGUMENT = "event"
+COMMAND_ARGUMENT = "command"
+
+MAX_REASON_ERRORS = 3
+MAX_MESSAGE_ID = 200
+
+
+class ContractViolation(ValueError):
+    """An inbound message that does not satisfy its contract."""
+
+    def __init__(self, reason: str, message_id: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message_id = message_id
+
+
+def _field_name(loc: tuple[int | str, ...], prefix: str) -> str:
+    parts = [prefix]
+    for part in loc:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(parts)
+
+
+def describe(error: ValidationError, prefix: str) -> str:
+    """One line: each failing field and what is wrong with it, without the values."""
+    problems = []
+    for item in error.errors(include_input=False, include_url=False, include_context=False):
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{_field_name(item['loc'], prefix)}: {message}")
+    extra = len(problems) - MAX_REASON_ERRORS
+    reason = "; ".join(problems[:MAX_REASON_ERRORS])
+    if extra > 0:
+        reason += f" (and {extra} more)"
+    return reason.replace("\r", " ").replace("\n", " ")
+
+
+def readable_message_id(raw: Any, key: str) -> str | None:
+    """The idempotency key of a raw message, if it has one that can be stored."""
+    if isinstance(raw, dict):
+        value = raw.get(key)
+        if isinstance(value, str) and 0 < len(value) <= MAX_MESSAGE_ID and value.isprintable():
+            return value
+    return None
+
+
+def _strict(model: type[Contract], raw: Any, prefix: str, message_id: str | None) -> Any:
+    # Validating the JSON text in strict mode: "5" is not an int and 1 is not a bool, but
+    # ISO strings are datetimes, dates and UUIDs, exactly as they travel on the wire.
+    try:
+        text = json.dumps(raw, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ContractViolation(f"{prefix}: is not a JSON value", message_id) from None
+    try:
+        return model.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        raise ContractViolation(describe(exc, prefix), message_id) from None
+
+
+def validate_event(task_name: str, raw: Any) -> Envelope:
+    models = INBOUND_EVENTS[task_name]
+    message_id = readable_message_id(raw, "event_id")
+    if not isinstance(raw, dict):
+        raise ContractViolation(f"{EVENT_ARGUMENT}: must be a JSON object", message_id)
+    event_type = raw.get("event_type")
+    model = models.get(event_type) if isinstance(event_type, str) else None
+    if model is None:
+        expected = ", ".join(models)
+        raise ContractViolation(
+            f"{EVENT_ARGUMENT}.event_type: must be one of {expected}", message_id
+        )
+    result: Envelope = _strict(model, raw, EVENT_ARGUMENT, message_id)
+    return result
+
+
+def validate_command(task_name: str, raw: Any) -> Command:
+    message_id = readable_message_id(raw, "command_id")
+    if not isinstance(raw, dict):
+        raise ContractViolation(f"{COMMAND_ARGUMENT}: must be a JSON object", message_id)
+    result: Command = _strict(COMMANDS[task_name], raw, COMMAND_ARGUMENT, message_id)
+    return result

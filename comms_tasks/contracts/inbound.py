@@ -1,0 +1,184 @@
+"""The messages other services send us (CONTRACTS.md), one model per message type."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Literal
+
+from pydantic import AwareDatetime, Field
+
+from comms_tasks.contracts.common import (
+    Availability,
+    Contract,
+    EmailAddress,
+    FreeText,
+    Id,
+    Name,
+    OutcomeValue,
+    PlacementRequestStatusValue,
+    SingleLine,
+)
+
+# --- The envelope of every event -------------------------------------------------
+
+
+class Envelope(Contract):
+    event_id: uuid.UUID
+    event_type: str
+    version: Literal[1]
+    occurred_at: AwareDatetime
+    producer: SingleLine = Field(min_length=1)
+
+
+# --- comms.handle_therapist_event ------------------------------------------------
+
+
+class TherapistUpsertedPayload(Contract):
+    therapist_id: Id
+    salutation: Literal["Frau", "Herr"] | None
+    title: SingleLine | None
+    first_name: Name
+    last_name: Name
+    email: EmailAddress | None
+    phone: SingleLine | None
+    phone_availability: Availability | None
+    status: Literal["active", "blocked", "inactive"]
+
+
+class TherapistDeletedPayload(Contract):
+    therapist_id: Id
+
+
+class TherapistUpserted(Envelope):
+    event_type: Literal["therapist.upserted"]
+    payload: TherapistUpsertedPayload
+
+
+class TherapistDeleted(Envelope):
+    event_type: Literal["therapist.deleted"]
+    payload: TherapistDeletedPayload
+
+
+# --- comms.handle_matching_event -------------------------------------------------
+
+
+class PatientSummary(Contract):
+    """What a therapist needs to decide. Health data: never logged, never in events."""
+
+    registered_on: dt.date | None = None
+    diagnosis: FreeText | None = None
+    gender: FreeText | None = None
+    time_availability: FreeText | None = None
+    symptoms_since: FreeText | None = None
+    open_to_group_therapy: bool | None = None
+    therapy_experience: FreeText | None = None
+    current_complaints: FreeText | None = None
+
+
+class PlacementRequestCreatedPayload(Contract):
+    placement_request_id: Id
+    patient_id: Id
+    therapist_id: Id
+    created_at: AwareDatetime
+    patient: PatientSummary
+
+
+class PlacementRequestStatusChangedPayload(Contract):
+    placement_request_id: Id
+    old_status: PlacementRequestStatusValue
+    new_status: PlacementRequestStatusValue
+    reason: FreeText | None
+
+
+class PlacementRequestCancelledPayload(Contract):
+    placement_request_id: Id
+    reason: FreeText | None
+
+
+class PlacementRequestCreated(Envelope):
+    event_type: Literal["placement_request.created"]
+    payload: PlacementRequestCreatedPayload
+
+
+class PlacementRequestStatusChanged(Envelope):
+    event_type: Literal["placement_request.status_changed"]
+    payload: PlacementRequestStatusChangedPayload
+
+
+class PlacementRequestCancelled(Envelope):
+    event_type: Literal["placement_request.cancelled"]
+    payload: PlacementRequestCancelledPayload
+
+
+# --- comms.handle_patient_event --------------------------------------------------
+
+
+class PatientUpdatedPayload(Contract):
+    patient_id: Id
+    patient: PatientSummary
+
+
+class PatientErasedPayload(Contract):
+    patient_id: Id
+
+
+class PatientUpdated(Envelope):
+    event_type: Literal["patient.updated"]
+    payload: PatientUpdatedPayload
+
+
+class PatientErased(Envelope):
+    event_type: Literal["patient.erased"]
+    payload: PatientErasedPayload
+
+
+# --- Commands --------------------------------------------------------------------
+
+
+class Command(Contract):
+    command_id: uuid.UUID
+
+
+class EmailResponseOutcome(Contract):
+    placement_request_id: Id
+    outcome: OutcomeValue
+    notes: FreeText | None
+
+
+class RecordEmailResponse(Command):
+    email_id: Id
+    received_at: AwareDatetime
+    content: FreeText | None
+    outcomes: list[EmailResponseOutcome] = Field(max_length=100)
+
+
+class CallRequestOutcome(Contract):
+    placement_request_id: Id
+    discussed: bool
+    outcome: OutcomeValue | None
+    notes: FreeText | None
+
+
+class RecordCallOutcome(Command):
+    call_id: Id
+    status: Literal["completed", "failed", "cancelled"]
+    occurred_at: AwareDatetime
+    outcome: FreeText | None
+    notes: FreeText | None
+    retry_after: dt.date | None
+    requests: list[CallRequestOutcome] = Field(max_length=100)
+
+
+class QueueEmail(Command):
+    therapist_id: Id
+    template: Literal["follow_up", "confirmation"]
+    placement_request_ids: list[Id] = Field(min_length=1, max_length=100)
+    reply_to_email_id: Id | None
+
+
+class ScheduleCall(Command):
+    therapist_id: Id
+    placement_request_ids: list[Id] = Field(min_length=1, max_length=100)
+    at: AwareDatetime | None
+    notes: FreeText | None

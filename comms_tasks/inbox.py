@@ -1,0 +1,203 @@
+"""The inbound side: every message is validated, applied once, or kept as a dead letter.
+
+:func:`handle` is what every inbound task does: validate the raw message against its
+contract; if it fails, store a dead letter (not retried, the worker goes on); else apply
+it in one transaction together with a row in ``processed_messages``, so the same
+``event_id``/``command_id`` is never applied twice, even by two workers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from comms_tasks.contracts import (
+    COMMAND_ARGUMENT,
+    COMMANDS,
+    EVENT_ARGUMENT,
+    INBOUND_EVENTS,
+    ContractViolation,
+    validate_command,
+    validate_event,
+)
+from comms_tasks.contracts.common import Contract
+from comms_tasks.db import transaction
+from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
+from comms_tasks.models.base import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(ContractViolation):
+    """A well-formed message that cannot be applied (e.g. it names an unknown id)."""
+
+
+Applier = Callable[[Session, Any], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    result: str  # "applied", "duplicate" or "dead_letter"
+    message_id: str | None
+    dead_letter_id: int | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def argument_name(task_name: str) -> str:
+    return EVENT_ARGUMENT if task_name in INBOUND_EVENTS else COMMAND_ARGUMENT
+
+
+def validate(task_name: str, raw: Any) -> Contract:
+    if task_name in INBOUND_EVENTS:
+        return validate_event(task_name, raw)
+    if task_name in COMMANDS:
+        return validate_command(task_name, raw)
+    raise KeyError(task_name)
+
+
+def message_id_of(message: Contract) -> str:
+    value = getattr(message, "event_id", None) or getattr(message, "command_id", None)
+    return str(value)
+
+
+def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The message from the task's arguments: exactly one keyword argument, by contract."""
+    name = argument_name(task_name)
+    if args or set(kwargs) != {name}:
+        raise ContractViolation(f"arguments: expected exactly one keyword argument {name!r}", None)
+    return kwargs[name]
+
+
+def _store_dead_letter(task_name: str, violation: ContractViolation, raw: Any) -> int:
+    with transaction() as session:
+        letter = DeadLetter(
+            task_name=task_name,
+            message_id=violation.message_id,
+            reason=violation.reason,
+            payload=raw,
+            status=DeadLetterStatus.PENDING,
+        )
+        session.add(letter)
+        session.flush()
+        return letter.id
+
+
+def _update_dead_letter(dead_letter_id: int, outcome: Outcome) -> None:
+    with transaction() as session:
+        letter = session.get(DeadLetter, dead_letter_id, with_for_update=True)
+        if letter is None:
+            return
+        letter.replay_count += 1
+        if outcome.result == "dead_letter":
+            letter.reason = outcome.reason or letter.reason
+        else:
+            letter.status = DeadLetterStatus.REPLAYED
+            letter.replayed_at = utcnow()
+
+
+def _already_processed(message_id: str) -> bool:
+    with transaction() as session:
+        return (
+            session.scalar(
+                select(ProcessedMessage.message_id).where(ProcessedMessage.message_id == message_id)
+            )
+            is not None
+        )
+
+
+def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
+    message_id = message_id_of(message)
+    try:
+        with transaction() as session:
+            if session.get(ProcessedMessage, message_id) is not None:
+                return Outcome("duplicate", message_id)
+            # Written first: a concurrent worker applying the same message waits on this
+            # key and then fails, so only one of them commits.
+            session.add(ProcessedMessage(message_id=message_id, task_name=task_name))
+            session.flush()
+            apply(session, message)
+    except IntegrityError:
+        if _already_processed(message_id):
+            return Outcome("duplicate", message_id)
+        raise
+    return Outcome("applied", message_id)
+
+
+def handle_call(
+    task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], apply: Applier
+) -> Outcome:
+    """What an inbound task does with the arguments it was called with."""
+    try:
+        raw = unpack_arguments(task_name, args, kwargs)
+    except ContractViolation as violation:
+        raw = {"args": list(args), "kwargs": kwargs}
+        letter_id = _store_dead_letter(task_name, violation, raw)
+        log.warning("dead letter %s for %s: %s", letter_id, task_name, violation.reason)
+        return Outcome("dead_letter", None, letter_id, violation.reason)
+    return handle(task_name, raw, apply)
+
+
+def handle(
+    task_name: str,
+    raw: Any,
+    apply: Applier,
+    *,
+    dead_letter_id: int | None = None,
+) -> Outcome:
+    """Validate and apply one inbound message; see the module docstring."""
+    try:
+        message = validate(task_name, raw)
+        outcome = _apply_once(task_name, message, apply)
+    except ContractViolation as violation:
+        outcome = Outcome("dead_letter", violation.message_id, reason=violation.reason)
+        if dead_letter_id is None:
+            dead_letter_id = _store_dead_letter(task_name, violation, raw)
+            outcome = dataclasses.replace(outcome, dead_letter_id=dead_letter_id)
+            log.warning(
+                "dead letter %s for %s (message %s): %s",
+                dead_letter_id,
+                task_name,
+                violation.message_id,
+                violation.reason,
+            )
+            return outcome
+    if dead_letter_id is not None:
+        _update_dead_letter(dead_letter_id, outcome)
+        outcome = dataclasses.replace(outcome, dead_letter_id=dead_letter_id)
+    return outcome
+
+
+class NotReplayable(LookupError):
+    """The dead letter does not exist or was replayed already."""
+
+
+def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
+    """Validate and apply a dead letter again; it stays pending, with a new reason, if it fails."""
+    with transaction() as session:
+        letter = session.get(DeadLetter, dead_letter_id)
+        if letter is None:
+            raise NotReplayable(f"dead letter {dead_letter_id} does not exist")
+        if letter.status is DeadLetterStatus.REPLAYED:
+            raise NotReplayable(f"dead letter {dead_letter_id} was replayed already")
+        task_name, payload = letter.task_name, letter.payload
+    if task_name not in appliers:
+        raise NotReplayable(f"dead letter {dead_letter_id}: no task {task_name} to replay it")
+    raw = payload
+    if isinstance(payload, dict) and set(payload) == {"args", "kwargs"}:
+        # Stored whole because the call itself was malformed; unpack it the same way.
+        try:
+            raw = unpack_arguments(task_name, tuple(payload["args"]), payload["kwargs"])
+        except ContractViolation as violation:
+            outcome = Outcome("dead_letter", None, dead_letter_id, violation.reason)
+            _update_dead_letter(dead_letter_id, outcome)
+            return outcome
+    return handle(task_name, raw, appliers[task_name], dead_letter_id=dead_letter_id)

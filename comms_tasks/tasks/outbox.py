@@ -1,0 +1,26 @@
+"""``comms.relay_outbox``: publish pending events to the exchange ``comms.events``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from comms_tasks import outbox
+from comms_tasks.app import app
+from comms_tasks.db import transaction
+from comms_tasks.settings import get_settings
+
+RELAY_OUTBOX = "comms.relay_outbox"
+
+
+@app.task(name=RELAY_OUTBOX)
+def relay_outbox() -> dict[str, Any]:
+    """Relay one batch of pending events; beat runs this every few seconds."""
+    settings = get_settings()
+    with transaction() as session:
+        report = outbox.relay(
+            session,
+            settings.effective_events_broker_url,
+            limit=settings.outbox_batch_size,
+            transport_options=dict(app.conf.broker_transport_options or {}),
+        )
+    return {"published": report.published, "pending": report.pending, "error": report.error}
