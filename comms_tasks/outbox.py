@@ -109,7 +109,7 @@ def relay(
                 row.published_at = utcnow()
                 row.attempts += 1
                 published += 1
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the rest pending
         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
         failed = rows[published]
         failed.attempts += 1

@@ -1,0 +1,230 @@
+"""Test fixtures on real components: PostgreSQL, Redis and Celery workers of this machine.
+
+URLs come from the environment and default to the local servers:
+- ``COMMS_TEST_POSTGRES_URL``: a server where the tests may create databases;
+- ``COMMS_TEST_REDIS_URL``: a Redis database the tests may flush.
+
+Each database test runs inside a transaction that is rolled back. Tests that need a real
+worker (which commits) use a separate database whose tables are emptied after each test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from comms_tasks import migrate
+from comms_tasks.db import make_engine, reset_engine
+from comms_tasks.models import SCHEMA, Base
+from comms_tasks.settings import get_settings
+
+POSTGRES_URL = os.environ.get(
+    "COMMS_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("COMMS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT = 60
+
+
+def database_url(name: str) -> str:
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def recreate_database(name: str) -> str:
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return database_url(name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
+    """Poll until ``condition()`` is truthy; return its value or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+# --- PostgreSQL --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh database, migrated to head with the project's own migrations."""
+    url = recreate_database(f"comms_test_{os.getpid()}")
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    engine = make_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_connection(pg_engine: Engine) -> Iterator[Connection]:
+    with pg_engine.connect() as connection:
+        transaction = connection.begin()
+        yield connection
+        transaction.rollback()
+
+
+@pytest.fixture
+def db(pg_connection: Connection) -> Iterator[Session]:
+    """A session in a transaction that is rolled back after the test."""
+    session = Session(bind=pg_connection, join_transaction_mode="create_savepoint")
+    yield session
+    session.close()
+
+
+def truncate_all(engine: Engine) -> None:
+    tables = ", ".join(f'"{SCHEMA}"."{table.name}"' for table in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        # A test that leaked an open transaction fails here instead of hanging the suite.
+        connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(scope="session")
+def committed_url() -> str:
+    """A database for code that commits (workers, ``comms``), emptied after each test."""
+    url = recreate_database(f"comms_test_committed_{os.getpid()}")
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def committed_db(committed_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    """Point this process's settings at the committed database; empty it afterwards."""
+    monkeypatch.setenv("COMMS_DATABASE_URL", committed_url)
+    get_settings.cache_clear()
+    reset_engine()
+    engine = make_engine(committed_url)
+    yield engine
+    truncate_all(engine)
+    engine.dispose()
+    reset_engine()
+    get_settings.cache_clear()
+
+
+# --- Redis and Celery --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def sender(redis_url: str) -> Iterator[Celery]:
+    """Another service's Celery app: it knows only task names, never our code."""
+    app = Celery("other-service", broker=redis_url, set_as_current=False)
+    app.conf.task_serializer = "json"
+    yield app
+    app.close()
+
+
+def worker_environment(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMMS_")}
+    env.update(overrides)
+    return env
+
+
+class WorkerProcess:
+    """A real ``celery -A comms_tasks worker`` in a subprocess, with its log kept."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "comms_tasks",
+                "worker",
+                "--loglevel=INFO",
+                "--concurrency=2",
+                "--without-mingle",
+                "--without-gossip",
+                *extra,
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(self._ready, timeout=WORKER_START_TIMEOUT, interval=0.2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            pytest.fail(f"worker exited early:\n{self.log()}")
+        return " ready." in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def worker_log_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="comms-worker-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def worker(committed_url: str, redis_url: str, worker_log_dir: Path) -> Iterator[WorkerProcess]:
+    """One worker for the session, on the committed database and the test Redis."""
+    env = worker_environment(
+        COMMS_DATABASE_URL=committed_url,
+        COMMS_BROKER_URL=redis_url,
+        COMMS_VAR_DIR=str(worker_log_dir / "var"),
+    )
+    process = WorkerProcess(env, worker_log_dir / "worker.log")
+    yield process
+    process.stop()
