@@ -29,6 +29,8 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         extra="ignore",
         frozen=True,
+        # An empty variable (as in a copied .env.example) means "not set".
+        env_ignore_empty=True,
     )
 
     # Where the embedded default keeps its SQLite file, broker folders and .eml files.

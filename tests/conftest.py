@@ -38,6 +38,10 @@ POSTGRES_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("COMMS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Whatever this process writes under the var folder (embedded broker folders, .eml files)
+# goes to a scratch folder, not into the working tree.
+os.environ.setdefault("COMMS_VAR_DIR", tempfile.mkdtemp(prefix="comms-test-var-"))
 WORKER_START_TIMEOUT = 60
 
 

@@ -16,11 +16,12 @@ RELAY_OUTBOX = "comms.relay_outbox"
 def relay_outbox() -> dict[str, Any]:
     """Relay one batch of pending events; beat runs this every few seconds."""
     settings = get_settings()
+    url = settings.effective_events_broker_url
+    # The embedded broker needs its folders; another broker gets its own defaults.
+    same_broker = url == settings.effective_broker_url
+    options = dict(app.conf.broker_transport_options or {}) if same_broker else {}
     with transaction() as session:
         report = outbox.relay(
-            session,
-            settings.effective_events_broker_url,
-            limit=settings.outbox_batch_size,
-            transport_options=dict(app.conf.broker_transport_options or {}),
+            session, url, limit=settings.outbox_batch_size, transport_options=options
         )
     return {"published": report.published, "pending": report.pending, "error": report.error}

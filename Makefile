@@ -1,0 +1,43 @@
+# The two commands: `make run` (the service on the embedded default) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint install demo worker beat flower schemas clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Installs, migrates the SQLite database under ./var/, sends the demo messages, then runs
+# worker and beat in the foreground and reports what happened (Ctrl-C stops).
+run: $(STAMP)
+	$(BIN)/comms db upgrade
+	$(BIN)/comms demo
+	$(BIN)/comms run $(if $(RUN_FOR),--for $(RUN_FOR))
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+worker: $(STAMP)
+	$(BIN)/celery -A comms_tasks worker --loglevel=INFO
+
+beat: $(STAMP)
+	$(BIN)/celery -A comms_tasks beat --loglevel=INFO
+
+schemas: $(STAMP)
+	$(BIN)/comms contracts write
+
+clean:
+	rm -rf var
