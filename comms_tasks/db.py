@@ -29,6 +29,8 @@ def schema_translation(url: str) -> dict[str | None, str | None]:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the schema mapping and per-dialect settings applied."""
+    # Statement parameters may be patient data: database errors must not repeat them.
+    kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             from pathlib import Path

@@ -39,6 +39,8 @@ def _inbound_task(task_name: str) -> Task:
         retry_backoff_max=MAX_BACKOFF_SECONDS,
         retry_jitter=True,
         max_retries=MAX_TRANSIENT_RETRIES,
+        # Flower and the worker's events show the message's ids, not its patient data.
+        Request="comms_tasks.privacy:RedactedRequest",
     )
     def inbound_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return handle_call(task_name, args, kwargs, APPLIERS[task_name]).as_dict()
