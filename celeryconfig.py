@@ -32,6 +32,9 @@ if _embedded_broker:
         "data_folder_out": _folder,
         "control_folder": _control,
         "store_processed": False,
+        # The folder is polled: after each poll that found nothing to take (one message
+        # per process, see the prefetch below) the consumer sleeps this long.
+        "polling_interval": 0.1,
     }
 else:
     broker_transport_options = {

@@ -320,6 +320,9 @@ def run(
         float | None, typer.Option("--for", help="Stop after this many seconds.")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    until_idle: Annotated[
+        bool, typer.Option("--until-idle", help="Stop once the work has settled and is reported.")
+    ] = False,
 ) -> None:
     """Run a worker and beat in the foreground and report what they did."""
     from comms_tasks.db import transaction
@@ -358,10 +361,13 @@ def run(
                 console.print(
                     f"Loaded through messages: {sum(snapshot['therapists'].values())} "
                     f"therapists and {sum(snapshot['placement_requests'].values())} "
-                    "placement requests. Worker and beat keep running; Ctrl-C stops them.",
+                    "placement requests."
+                    + ("" if until_idle else " Worker and beat keep running; Ctrl-C stops them."),
                     highlight=False,
                 )
                 quiet_since = float("inf")
+                if until_idle:
+                    break
     finally:
         for process in (beat, worker):
             if process.poll() is None:

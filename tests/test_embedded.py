@@ -1,0 +1,52 @@
+"""The embedded default of `make run`: SQLite and the filesystem broker, a real worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from comms_tasks.db import make_engine
+from comms_tasks.models import PlacementRequest, Therapist
+from tests.conftest import PROJECT_ROOT, worker_environment
+
+COMMS = str(Path(sys.executable).parent / "comms")
+
+
+def comms(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    result = subprocess.run(
+        [COMMS, *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_demo_flows_through_the_filesystem_broker_into_sqlite(tmp_path: Path) -> None:
+    env = worker_environment(COMMS_VAR_DIR=str(tmp_path / "var"), COMMS_LOG_LEVEL="WARNING")
+    comms(env, "db", "upgrade")
+    sent = json.loads(comms(env, "demo", "--json"))["sent"]
+    assert sent["therapist.upserted"] >= 25
+    assert sent["placement_request.created"] >= 100
+
+    output = comms(env, "run", "--until-idle", "--for", "100", timeout=150)
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'comms.db'}")
+    with Session(engine) as session:
+        therapists = session.scalar(select(func.count()).select_from(Therapist))
+        requests = session.scalar(select(func.count()).select_from(PlacementRequest))
+    engine.dispose()
+    assert therapists == sent["therapist.upserted"]
+    assert requests == sent["placement_request.created"]
+    assert (
+        f"Loaded through messages: {therapists} therapists and {requests} placement requests"
+        in " ".join(output.split())
+    )
