@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 from typing import Any
 
@@ -31,21 +30,21 @@ def test_task_events_and_worker_log_carry_ids_not_patient_data(
     worker: WorkerProcess, committed_db: Engine, sender: Celery
 ) -> None:
     events: list[dict[str, Any]] = []
-    ready = threading.Event()
+    receivers: list[Any] = []
 
     def listen() -> None:
         with sender.connection_for_read() as connection:
             receiver = sender.events.Receiver(
                 connection, handlers={"*": events.append}, node_id="privacy-test"
             )
-            ready.set()
-            with contextlib.suppress(TimeoutError, socket.timeout):
-                receiver.capture(limit=None, timeout=15, wakeup=False)
+            receivers.append(receiver)
+            with contextlib.suppress(TimeoutError):
+                receiver.capture(limit=None, timeout=60, wakeup=True)
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    ready.wait(10)
-    wait_for(lambda: listener.is_alive(), timeout=5)
+    # Listening once the worker's heartbeats arrive (every 2 s): its events reach us.
+    wait_for(lambda: events, timeout=20)
 
     event = f.request_created(81, patient_id=8100, diagnosis=MARKER, current_complaints=MARKER)
     # A careless sender puts the whole payload into the reprs it sends along.
@@ -69,3 +68,4 @@ def test_task_events_and_worker_log_carry_ids_not_patient_data(
     for reported in events:
         assert MARKER not in repr(reported)
     assert MARKER not in worker.log()
+    receivers[0].should_stop = True
