@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_password_file: Path | None = None
     smtp_timeout: float = Field(default=30.0, gt=0)
+    # Extra CA bundle to verify the relay's certificate with (e.g. a private CA); the
+    # system's trust store otherwise. Verification itself cannot be turned off.
+    smtp_ca_file: Path | None = None
     sender_email: str = "anfragen@therapievermittlung.example"
     sender_name: str = "Therapievermittlung"
     reply_to: str | None = None

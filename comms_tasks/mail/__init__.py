@@ -1,0 +1,1 @@
+"""Email: rendering, the sender interface, and its SMTP and file backends."""
