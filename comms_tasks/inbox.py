@@ -77,13 +77,27 @@ def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, An
     return kwargs[name]
 
 
+def storable(value: Any) -> Any:
+    """``value`` with every NUL replaced: PostgreSQL cannot store NUL in text or JSON.
+
+    A dead letter must be kept whatever it holds; U+FFFD marks where a NUL was.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
+    return value
+
+
 def _store_dead_letter(task_name: str, violation: ContractViolation, raw: Any) -> int:
     with transaction() as session:
         letter = DeadLetter(
             task_name=task_name,
             message_id=violation.message_id,
-            reason=violation.reason,
-            payload=raw,
+            reason=storable(violation.reason),
+            payload=storable(raw),
             status=DeadLetterStatus.PENDING,
         )
         session.add(letter)
@@ -98,7 +112,7 @@ def _update_dead_letter(dead_letter_id: int, outcome: Outcome) -> None:
             return
         letter.replay_count += 1
         if outcome.result == "dead_letter":
-            letter.reason = outcome.reason or letter.reason
+            letter.reason = storable(outcome.reason) or letter.reason
         else:
             letter.status = DeadLetterStatus.REPLAYED
             letter.replayed_at = utcnow()

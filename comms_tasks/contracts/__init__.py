@@ -64,10 +64,21 @@ class ContractViolation(ValueError):
         self.message_id = message_id
 
 
+# A key of the message may be anything the sender wrote: show a bounded, printable name.
+MAX_KEY_IN_REASON = 40
+
+
+def _key(part: str) -> str:
+    printable = "".join(char if char.isprintable() else "?" for char in part)
+    if len(printable) > MAX_KEY_IN_REASON:
+        printable = printable[:MAX_KEY_IN_REASON] + "..."
+    return printable
+
+
 def _field_name(loc: tuple[int | str, ...], prefix: str) -> str:
     parts = [prefix]
     for part in loc:
-        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{_key(part)}")
     return "".join(parts)
 
 

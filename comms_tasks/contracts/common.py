@@ -55,7 +55,16 @@ EmailAddress = Annotated[
     StringConstraints(min_length=3, max_length=254),
     AfterValidator(_email_address),
 ]
-FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
+
+
+def _storable_text(value: str) -> str:
+    # PostgreSQL cannot store NUL in text or JSON: refuse it here, with the field named.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT), AfterValidator(_storable_text)]
 Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 PlacementRequestStatusValue = Literal["open", "in_progress", "accepted", "rejected", "cancelled"]

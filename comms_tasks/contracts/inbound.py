@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, BeforeValidator, Field
 
 from comms_tasks.contracts.common import (
     Availability,
@@ -23,10 +23,17 @@ from comms_tasks.contracts.common import (
 # --- The envelope of every event -------------------------------------------------
 
 
+def _integer_only(value: object) -> object:
+    # Strict mode does not reach into Literal: true and 1.0 would pass as 1.
+    if type(value) is not int:
+        raise ValueError("must be the integer 1")
+    return value
+
+
 class Envelope(Contract):
     event_id: uuid.UUID
     event_type: str
-    version: Literal[1]
+    version: Annotated[Literal[1], BeforeValidator(_integer_only)]
     occurred_at: AwareDatetime
     producer: SingleLine = Field(min_length=1)
 

@@ -18,7 +18,8 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
 def _with_header(schema: dict[str, Any], title: str, description: str) -> dict[str, Any]:
-    return {"$schema": SCHEMA_DIALECT, "title": title, "description": description, **schema}
+    # The message's name wins over the model's class name and docstring.
+    return {**schema, "$schema": SCHEMA_DIALECT, "title": title, "description": description}
 
 
 def all_schemas() -> dict[str, dict[str, Any]]:

@@ -1,0 +1,210 @@
+"""Configuration from ``COMMS_*`` environment variables (SPEC §2).
+
+Defaults are the business numbers of the spec, a bad value stops start-up with a
+message naming the variable, secrets never show in a repr, and ``.env.example``
+lists every setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comms_tasks.settings import ConfigurationError, Settings, load_settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+COMMS_SCRIPT = Path(sys.executable).parent / "comms"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No ``COMMS_*`` variable of the machine or of other tests leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("COMMS_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_defaults_are_those_of_the_spec(clean_env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+
+    assert settings.max_patients_per_email == 5
+    assert settings.contact_interval_days == 7
+    assert settings.follow_up_after_days == 7
+    assert settings.call_lead_time_minutes == 120
+    assert settings.call_horizon_days == 14
+    assert settings.calls_per_slot == 1
+    assert settings.retention_days == 180
+    assert settings.timezone == "Europe/Berlin"
+    assert str(settings.zone) == "Europe/Berlin"
+    assert settings.holiday_state is None
+    assert settings.mail_backend == "file"
+    # No secret has a default.
+    assert settings.smtp_password is None
+    assert settings.smtp_password_file is None
+    assert settings.smtp_password_value() is None
+
+
+def test_values_come_from_the_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("COMMS_MAX_PATIENTS_PER_EMAIL", "3")
+    clean_env.setenv("COMMS_SMTP_PORT", "587")
+    clean_env.setenv("COMMS_TIMEZONE", "Europe/Vienna")
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+
+    settings = load_settings()
+
+    assert settings.max_patients_per_email == 3
+    assert settings.smtp_port == 587
+    assert settings.timezone == "Europe/Vienna"
+    assert settings.mail_backend == "smtp"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COMMS_SMTP_PORT", "abc"),
+        ("COMMS_SMTP_PORT", "70000"),
+        ("COMMS_TIMEZONE", "Mars/Base"),
+        ("COMMS_TIMEZONE", "../../etc/passwd"),
+        ("COMMS_HOLIDAY_STATE", "XX"),
+        ("COMMS_MAX_PATIENTS_PER_EMAIL", "0"),
+        ("COMMS_MAX_PATIENTS_PER_EMAIL", "five"),
+        ("COMMS_SMTP_SECURITY", "ssl"),
+        ("COMMS_MAIL_BACKEND", "sendmail"),
+        ("COMMS_CALL_HORIZON_DAYS", "-1"),
+        ("COMMS_SMTP_TIMEOUT", "0"),
+        ("COMMS_SENDER_EMAIL", "a@b.de\r\nBcc: x@y.de"),
+    ],
+)
+def test_a_bad_value_names_the_variable(
+    clean_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    clean_env.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError, match=variable):
+        load_settings()
+
+
+def test_a_time_zone_folder_is_a_bad_value(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("COMMS_TIMEZONE", "Europe")
+
+    with pytest.raises(ConfigurationError, match="COMMS_TIMEZONE"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("by", "BY"), ("BY", "BY"), ("nw", "NW")])
+def test_holiday_state_is_a_german_state_code_in_any_case(
+    clean_env: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    clean_env.setenv("COMMS_HOLIDAY_STATE", value)
+
+    assert load_settings().holiday_state == expected
+
+
+def test_an_empty_variable_means_not_set(clean_env: pytest.MonkeyPatch) -> None:
+    # As in a copied .env.example.
+    clean_env.setenv("COMMS_HOLIDAY_STATE", "")
+    clean_env.setenv("COMMS_SMTP_PORT", "")
+
+    settings = load_settings()
+
+    assert settings.holiday_state is None
+    assert settings.smtp_port == 25
+
+
+def test_password_and_password_file_together_are_refused(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    password_file = tmp_path / "smtp-password"
+    password_file.write_text("from-file\n", encoding="utf-8")
+    clean_env.setenv("COMMS_SMTP_PASSWORD", "from-env")
+    clean_env.setenv("COMMS_SMTP_PASSWORD_FILE", str(password_file))
+
+    with pytest.raises(ConfigurationError, match="COMMS_SMTP_PASSWORD_FILE") as caught:
+        load_settings()
+
+    assert "from-env" not in str(caught.value)
+
+
+def test_the_password_file_is_read_and_stripped(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    password_file = tmp_path / "smtp-password"
+    password_file.write_text("  s3cret-from-file \n", encoding="utf-8")
+    clean_env.setenv("COMMS_SMTP_PASSWORD_FILE", str(password_file))
+
+    settings = load_settings()
+
+    assert settings.smtp_password_value() == "s3cret-from-file"
+    # Read at use, so a rotated secret needs no restart.
+    password_file.write_text("rotated\n", encoding="utf-8")
+    assert settings.smtp_password_value() == "rotated"
+
+
+def test_the_password_never_shows_in_repr(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("COMMS_SMTP_PASSWORD", "hunter2-do-not-print")
+
+    settings = load_settings()
+
+    assert settings.smtp_password_value() == "hunter2-do-not-print"
+    assert "hunter2-do-not-print" not in repr(settings)
+    assert "hunter2-do-not-print" not in str(settings)
+    assert "hunter2-do-not-print" not in settings.model_dump_json()
+
+
+# --- the console script stops at start-up -------------------------------------------
+
+
+def run_comms_with_bad_port(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        # COLUMNS would change where the console wraps lines.
+        if not name.startswith("COMMS_") and name not in ("COLUMNS", "LINES")
+    }
+    env.update({"COMMS_SMTP_PORT": "abc", "COMMS_VAR_DIR": str(tmp_path / "var")})
+    return subprocess.run(
+        [str(COMMS_SCRIPT), "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_comms_with_a_bad_value_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    result = run_comms_with_bad_port(tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "COMMS_SMTP_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    # It stopped before doing anything.
+    assert not (tmp_path / "var").exists()
+
+
+def test_comms_with_a_bad_value_prints_one_line(tmp_path: Path) -> None:
+    result = run_comms_with_bad_port(tmp_path)
+
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "COMMS_SMTP_PORT" in lines[0]
+
+
+# --- .env.example --------------------------------------------------------------------
+
+
+def test_env_example_lists_every_setting() -> None:
+    env_example = PROJECT_ROOT / ".env.example"
+    assert env_example.is_file(), ".env.example is missing (SPEC §2)"
+    listed = set(re.findall(r"^\s*#?\s*(COMMS_[A-Z0-9_]+)=", env_example.read_text("utf-8"), re.M))
+    expected = {f"COMMS_{name.upper()}" for name in Settings.model_fields}
+
+    assert not expected - listed, f"missing in .env.example: {sorted(expected - listed)}"
+    assert not listed - expected, f"not a setting: {sorted(listed - expected)}"
