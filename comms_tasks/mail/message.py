@@ -1,0 +1,133 @@
+"""One outgoing email as plain values, and its MIME form.
+
+:func:`build_mime` is the only place where header values meet the wire format, so it is
+also where header injection is refused: every value that ends up in a header must be a
+single line, or the message is not built at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import email.errors
+import email.policy
+import email.utils
+import re
+import unicodedata
+import uuid
+from email.headerregistry import Address
+from email.message import EmailMessage
+
+# CRLF on the wire; non-ASCII header text as RFC 2047 encoded words.
+MIME_POLICY = email.policy.SMTP
+# Quoted-printable keeps every line short and 7-bit, so no relay needs 8BITMIME, and
+# the .eml files of the file backend stay readable.
+BODY_TRANSFER_ENCODING = "quoted-printable"
+
+_MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutgoingMessage:
+    email_id: int
+    message_id: str  # "<...@domain>", fixed before the first attempt
+    sender_email: str
+    sender_name: str
+    recipient_email: str
+    recipient_name: str
+    reply_to: str | None
+    subject: str
+    body_text: str
+    body_html: str
+    date: datetime.datetime  # aware
+    in_reply_to: str | None = None  # Message-ID of the original, for follow-ups
+    references: tuple[str, ...] = ()
+
+
+def new_message_id(sender_email: str) -> str:
+    """A globally unique Message-ID in the sender's domain: ``<{uuid4 hex}@{domain}>``."""
+    _, at, domain = sender_email.rpartition("@")
+    if not at or not domain:
+        raise ValueError(f"sender_email {sender_email!r} has no domain")
+    _refuse_line_breaks("sender_email", domain)
+    return f"<{uuid.uuid4().hex}@{ascii_address(sender_email).rpartition('@')[2]}>"
+
+
+def ascii_address(address: str) -> str:
+    """The address with an internationalised domain in its ASCII (IDNA) form.
+
+    Headers and the SMTP envelope then need no SMTPUTF8 for a domain like ``müller.de``.
+    """
+    local_part, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local_part}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError as exc:
+        raise ValueError(f"invalid domain in {address!r}: {exc}") from None
+
+
+def build_mime(message: OutgoingMessage) -> EmailMessage:
+    """multipart/alternative (text/plain, then text/html), UTF-8, ready for SMTP.
+
+    Raises :class:`ValueError` naming the field when a header value contains a line
+    break or control character, an address does not parse, a Message-ID is malformed,
+    or the date is naive.
+    """
+    for field in ("subject", "sender_name", "recipient_name"):
+        _refuse_line_breaks(field, getattr(message, field))
+    if message.date.tzinfo is None or message.date.utcoffset() is None:
+        raise ValueError("date must be timezone-aware")
+
+    mime = EmailMessage(policy=MIME_POLICY)
+    mime["Date"] = email.utils.format_datetime(message.date)
+    mime["Message-ID"] = _message_id("message_id", message.message_id)
+    mime["From"] = _address("sender_email", message.sender_email, message.sender_name)
+    mime["To"] = _address("recipient_email", message.recipient_email, message.recipient_name)
+    if message.reply_to is not None:
+        mime["Reply-To"] = _address("reply_to", message.reply_to)
+    if message.in_reply_to is not None:
+        mime["In-Reply-To"] = _message_id("in_reply_to", message.in_reply_to)
+    if message.references:
+        mime["References"] = " ".join(
+            _message_id("references", reference) for reference in message.references
+        )
+    mime["Subject"] = message.subject
+
+    mime.set_content(
+        message.body_text, subtype="plain", charset="utf-8", cte=BODY_TRANSFER_ENCODING
+    )
+    mime.add_alternative(
+        message.body_html, subtype="html", charset="utf-8", cte=BODY_TRANSFER_ENCODING
+    )
+    # add_alternative builds the part as a whole message, with its own MIME-Version;
+    # RFC 2045 wants it once, at the top.
+    for part in mime.iter_parts():
+        del part["MIME-Version"]
+    return mime
+
+
+def _refuse_line_breaks(field: str, value: str) -> None:
+    # Besides CR and LF, any other control or line-separator character could be turned
+    # into a line break by some mail software on the way; none belongs in a header.
+    for character in value:
+        if character in "\r\n" or unicodedata.category(character) in ("Cc", "Zl", "Zp"):
+            raise ValueError(f"{field} must not contain line breaks or control characters")
+
+
+def _address(field: str, addr_spec: str, display_name: str = "") -> Address:
+    _refuse_line_breaks(field, addr_spec)
+    try:
+        address = Address(display_name=display_name, addr_spec=ascii_address(addr_spec))
+    except (ValueError, IndexError, email.errors.HeaderParseError) as exc:
+        raise ValueError(f"{field} is not a valid address: {exc}") from None
+    if not address.username or not address.domain:
+        raise ValueError(f"{field} is not a valid address: {addr_spec!r}")
+    return address
+
+
+def _message_id(field: str, value: str) -> str:
+    _refuse_line_breaks(field, value)
+    if not _MESSAGE_ID.fullmatch(value) or not value.isascii():
+        raise ValueError(f"{field} is not a valid Message-ID: {value!r}")
+    return value

@@ -1,0 +1,329 @@
+"""The sender interface and its two backends: an SMTP relay, or ``.eml`` files.
+
+A sender takes messages and yields one :class:`SendResult` per message, in order, as
+soon as that message's own send returned, so that the caller can record each email as
+sent before the next one goes out. Per-message failures are results, never exceptions;
+:func:`classify` is the one place that decides whether a failure is worth a retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+import re
+import smtplib
+import ssl
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Literal, Protocol
+
+from comms_tasks.mail.message import MIME_POLICY, OutgoingMessage, ascii_address, build_mime
+from comms_tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_LENGTH = 1000
+Security = Literal["none", "starttls", "tls"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SendResult:
+    email_id: int
+    delivered: bool
+    temporary: bool = False  # meaningful when not delivered: True = may succeed later
+    error: str | None = None  # the server's reply or the exception, one line
+
+
+class Sender(Protocol):
+    def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
+        """One result per message, in order, each as soon as that message was sent."""
+        ...
+
+
+class StartTlsUnavailableError(smtplib.SMTPException):
+    """The relay does not offer STARTTLS, so we refuse to send in clear."""
+
+
+def classify(exc: BaseException) -> tuple[bool, str]:
+    """Whether a failure may go away by itself (``temporary``), and why, in one line.
+
+    Configuration problems (authentication, certificates, a relay without STARTTLS) are
+    temporary on purpose: they are fixed by an operator, and must not fail every email
+    of a batch for good in the meantime.
+    """
+    temporary: bool
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        replies = list(exc.recipients.values())
+        temporary = bool(replies) and all(_is_4xx(code) for code, _ in replies)
+        described = "; ".join(_reply(code, text) for code, text in replies)
+        reason = f"recipient refused: {described or 'no reply'}"
+    elif isinstance(exc, smtplib.SMTPAuthenticationError):
+        temporary, reason = True, f"authentication failed: {_reply(exc.smtp_code, exc.smtp_error)}"
+    elif isinstance(exc, smtplib.SMTPResponseException):
+        # A 5xx is final; a 4xx, or a reply we cannot read, may be different next time.
+        temporary = not 500 <= exc.smtp_code <= 599
+        reason = _reply(exc.smtp_code, exc.smtp_error)
+        if isinstance(exc, smtplib.SMTPSenderRefused):
+            reason = f"sender refused: {reason}"
+    elif isinstance(exc, smtplib.SMTPServerDisconnected):
+        temporary, reason = True, f"connection lost: {exc}"
+    elif isinstance(exc, StartTlsUnavailableError):
+        temporary, reason = True, f"STARTTLS unavailable: {exc}"
+    elif isinstance(exc, smtplib.SMTPNotSupportedError):
+        temporary, reason = False, f"not supported by the server: {exc}"
+    elif isinstance(exc, ssl.SSLCertVerificationError):
+        temporary = True
+        reason = f"certificate verification failed: {getattr(exc, 'verify_message', None) or exc}"
+    elif isinstance(exc, ssl.SSLError):
+        temporary, reason = True, f"TLS error: {exc}"
+    elif isinstance(exc, TimeoutError):
+        temporary, reason = True, (f"timed out: {exc}" if str(exc) else "timed out")
+    elif isinstance(exc, ConnectionError):
+        temporary, reason = True, f"connection failed: {exc}"
+    elif isinstance(exc, OSError):
+        # Network trouble (unreachable host, DNS) or an unreadable local file: neither
+        # is a property of the message.
+        temporary, reason = True, f"{type(exc).__name__}: {exc}"
+    elif isinstance(exc, ValueError):
+        # The message itself cannot be built or encoded; it never will be.
+        temporary, reason = False, f"invalid message: {exc}"
+    else:
+        temporary, reason = True, f"{type(exc).__name__}: {exc}"
+    return temporary, _one_line(reason)
+
+
+def _is_4xx(code: int) -> bool:
+    return 400 <= code <= 499
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return f"{code} {text}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:MAX_ERROR_LENGTH]
+
+
+def _failure(message: OutgoingMessage, exc: BaseException) -> SendResult:
+    temporary, reason = classify(exc)
+    return SendResult(message.email_id, delivered=False, temporary=temporary, error=reason)
+
+
+class SmtpSender:
+    """Sends over one SMTP connection per batch, verified TLS unless told ``none``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        security: Security,
+        username: str | None,
+        password: Callable[[], str | None],
+        timeout: float,
+        ca_file: Path | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.security = security
+        self.username = username
+        self._password = password
+        self.timeout = timeout
+        self.ca_file = ca_file
+        self.local_hostname = local_hostname
+
+    def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
+        connection: smtplib.SMTP | None = None
+        # Once a (re)connect failed, the rest of the batch fails with its reason instead
+        # of hammering a relay that is down.
+        connect_error: str | None = None
+        try:
+            for message in messages:
+                try:
+                    mime = build_mime(message)
+                except ValueError as exc:
+                    yield _failure(message, exc)
+                    continue
+                if connect_error is not None:
+                    yield SendResult(message.email_id, False, temporary=True, error=connect_error)
+                    continue
+                if connection is None:
+                    # Not reaching the relay says nothing about the message: temporary,
+                    # whatever the reason (down, misconfigured, untrusted, bad password).
+                    try:
+                        connection = self._connect()
+                    except (OSError, ValueError) as exc:
+                        connect_error = self._connect_failure(exc)
+                        yield SendResult(
+                            message.email_id, False, temporary=True, error=connect_error
+                        )
+                        continue
+                result, connection_usable = self._send_one(connection, message, mime)
+                if not connection_usable:
+                    connection.close()
+                    connection = None
+                yield result
+        finally:
+            if connection is not None:
+                self._quit(connection)
+
+    def _send_one(
+        self, connection: smtplib.SMTP, message: OutgoingMessage, mime: EmailMessage
+    ) -> tuple[SendResult, bool]:
+        """The result, and whether the connection can carry the next message."""
+        try:
+            # The envelope comes from the message's fields, never parsed from headers.
+            connection.send_message(
+                mime,
+                from_addr=ascii_address(message.sender_email),
+                to_addrs=[ascii_address(message.recipient_email)],
+            )
+        except (
+            smtplib.SMTPRecipientsRefused,
+            smtplib.SMTPResponseException,
+            smtplib.SMTPNotSupportedError,
+        ) as exc:
+            # A refusal of this message only; smtplib has already sent RSET (ignoring
+            # its errors) unless the server closed the connection (421).
+            log.info("email %s not accepted: %s", message.email_id, classify(exc)[1])
+            return _failure(message, exc), connection.sock is not None
+        except (OSError, ValueError) as exc:
+            # Disconnects, timeouts, resets: the next message reconnects.
+            log.info("email %s not sent: %s", message.email_id, classify(exc)[1])
+            return _failure(message, exc), False
+        return SendResult(message.email_id, delivered=True), True
+
+    def _connect(self) -> smtplib.SMTP:
+        connection: smtplib.SMTP
+        if self.security == "tls":
+            connection = smtplib.SMTP_SSL(
+                self.host,
+                self.port,
+                local_hostname=self.local_hostname,
+                timeout=self.timeout,
+                context=self._tls_context(),
+            )
+        else:
+            connection = smtplib.SMTP(
+                self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
+            )
+        try:
+            connection.ehlo_or_helo_if_needed()
+            if self.security == "starttls":
+                if not connection.has_extn("starttls"):
+                    raise StartTlsUnavailableError(
+                        f"{self.host}:{self.port} does not offer STARTTLS; not sending in clear"
+                    )
+                connection.starttls(context=self._tls_context())
+                connection.ehlo()
+            if self.username:
+                # Read at every connect, so that a rotated password needs no restart.
+                _login(connection, self.username, self._password() or "")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Verification and hostname checking stay on; a private CA is added, not a bypass.
+        return ssl.create_default_context(cafile=self.ca_file)
+
+    def _connect_failure(self, exc: BaseException) -> str:
+        _, reason = classify(exc)
+        password = self._password_for_redaction()
+        if password:
+            reason = reason.replace(password, "***")
+        reason = _one_line(f"cannot connect to {self.host}:{self.port}: {reason}")
+        log.warning("SMTP %s", reason)
+        return reason
+
+    def _password_for_redaction(self) -> str | None:
+        try:
+            return self._password()
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _quit(connection: smtplib.SMTP) -> None:
+        try:
+            connection.quit()
+        except OSError:
+            # Everything was sent already; a failing goodbye changes nothing.
+            connection.close()
+
+
+def _login(connection: smtplib.SMTP, username: str, password: str) -> None:
+    if (username + password).isascii():
+        connection.login(username, password)
+        return
+    # smtplib encodes credentials as ASCII (and its error would show a character of the
+    # password); AUTH PLAIN carries UTF-8 (RFC 4616), so send that ourselves.
+    if "PLAIN" not in connection.esmtp_features.get("auth", "").upper().split():
+        raise smtplib.SMTPException("non-ASCII credentials need AUTH PLAIN, not offered")
+    token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
+    code, reply = connection.docmd("AUTH", f"PLAIN {token}")
+    if code not in (235, 503):  # 503: already authenticated
+        raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+_UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9._@-]")
+
+
+class FileSender:
+    """Writes each message as an ``.eml`` file; a resend overwrites the same file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path_for(self, message: OutgoingMessage) -> Path:
+        message_id = _UNSAFE_FILE_CHARACTERS.sub("_", message.message_id.strip("<>"))
+        return self.folder / f"{message.email_id:08d}-{message_id}.eml"
+
+    def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
+        for message in messages:
+            try:
+                self._write(
+                    self.path_for(message), build_mime(message).as_bytes(policy=MIME_POLICY)
+                )
+            except (OSError, ValueError) as exc:
+                yield _failure(message, exc)
+            else:
+                yield SendResult(message.email_id, delivered=True)
+
+    def _write(self, path: Path, content: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A temporary file in the same folder, then an atomic rename: a reader never
+        # sees half a message, and a crash leaves no broken .eml behind.
+        descriptor, temporary_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary_name, path)
+        except BaseException:
+            Path(temporary_name).unlink(missing_ok=True)
+            raise
+
+
+def sender_from_settings(settings: Settings) -> Sender:
+    """The configured backend: an SMTP relay, or ``.eml`` files under the var folder."""
+    if settings.mail_backend == "smtp":
+        return SmtpSender(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            security=settings.smtp_security,
+            username=settings.smtp_username,
+            password=settings.smtp_password_value,
+            timeout=settings.smtp_timeout,
+            ca_file=settings.smtp_ca_file,
+        )
+    return FileSender(settings.outbox_folder)
