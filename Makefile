@@ -20,7 +20,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/comms db upgrade
 	$(BIN)/comms demo
-	$(BIN)/comms run $(if $(RUN_FOR),--for $(RUN_FOR))
+	$(BIN)/comms run --batch-now $(if $(RUN_FOR),--for $(RUN_FOR))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -34,6 +34,14 @@ dead_letters_app = typer.Typer(
     help="Inbound messages that failed validation.", no_args_is_help=True
 )
 contracts_app = typer.Typer(help="The JSON Schemas of the message contracts.", no_args_is_help=True)
+emails_app = typer.Typer(help="Emails to therapists.", no_args_is_help=True)
+explain_app = typer.Typer(help="Why the service does what it does.", no_args_is_help=True)
+preview_app = typer.Typer(
+    help="What the service would do next, without doing it.", no_args_is_help=True
+)
+app.add_typer(emails_app, name="emails")
+app.add_typer(explain_app, name="explain")
+app.add_typer(preview_app, name="preview")
 app.add_typer(db_app, name="db")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(contracts_app, name="contracts")
@@ -51,7 +59,7 @@ MASK = "***"
 
 
 def fail(reason: str, code: int = 1) -> typer.Exit:
-    errors.print(f"error: {reason}", markup=False, highlight=False)
+    errors.print(f"error: {reason}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -206,7 +214,7 @@ def dead_letters_replay(
     from comms_tasks.db import transaction
     from comms_tasks.inbox import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
-    from comms_tasks.tasks.inbound import APPLIERS
+    from comms_tasks.tasks import APPLIERS
 
     if bool(dead_letter_ids) == replay_all:
         raise fail("give dead letter ids or --all, not both or neither", code=2)
@@ -239,6 +247,268 @@ def dead_letters_replay(
         console.print(table)
     if any(item["result"] != "applied" and item["result"] != "duplicate" for item in results):
         raise typer.Exit(1)
+
+
+# --- emails --------------------------------------------------------------------------
+
+
+def _email_summary(email: Any) -> dict[str, Any]:
+    return {
+        "id": email.id,
+        "therapist_id": email.therapist_id,
+        "template": email.template.value,
+        "status": email.status.value,
+        "subject": email.subject,
+        "recipient": email.recipient_email,
+        "message_id": email.message_id,
+        "queued_at": _iso(email.queued_at),
+        "next_attempt_at": _iso(email.next_attempt_at),
+        "sent_at": _iso(email.sent_at),
+        "retry_count": email.retry_count,
+        "error_message": email.error_message,
+        "response_received": email.response_received,
+        "follow_up_required": email.follow_up_required,
+    }
+
+
+@emails_app.command("list")
+def emails_list(
+    status_filter: Annotated[
+        str | None, typer.Option("--status", help="Only this status (queued, sent, ...).")
+    ] = None,
+    therapist: Annotated[int | None, typer.Option(help="Only to this therapist.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List emails, newest first."""
+    from comms_tasks.db import transaction
+    from comms_tasks.models import Email, EmailStatus
+
+    query = select(Email).order_by(Email.id.desc()).limit(limit)
+    if status_filter is not None:
+        try:
+            query = query.where(Email.status == EmailStatus(status_filter))
+        except ValueError:
+            choices = ", ".join(s.value for s in EmailStatus)
+            raise fail(f"--status: must be one of {choices}", code=2) from None
+    if therapist is not None:
+        query = query.where(Email.therapist_id == therapist)
+    with transaction() as session:
+        items = [_email_summary(email) for email in session.scalars(query)]
+    if as_json:
+        emit_json(items)
+        return
+    table = Table(title="Emails")
+    for column in ("id", "therapist", "template", "status", "queued", "sent", "tries", "subject"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        table.add_row(
+            str(item["id"]),
+            str(item["therapist_id"]),
+            item["template"],
+            item["status"],
+            (item["queued_at"] or "-")[:16],
+            (item["sent_at"] or "-")[:16],
+            str(item["retry_count"]),
+            item["subject"],
+        )
+    console.print(table)
+
+
+@emails_app.command("show")
+def emails_show(
+    email_id: Annotated[int, typer.Argument(help="The email's id.")],
+    body: Annotated[bool, typer.Option("--body", help="Also print the text body.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """One email: headers, state, the requests it asks about (and its body with --body)."""
+    from comms_tasks.db import transaction
+    from comms_tasks.models import Email
+
+    with transaction() as session:
+        email = session.get(Email, email_id)
+        if email is None:
+            raise fail(f"email {email_id} does not exist")
+        data = _email_summary(email)
+        data["requests"] = [
+            {
+                "placement_request_id": batch.placement_request_id,
+                "priority": batch.priority,
+                "included": batch.included,
+                "response_outcome": batch.response_outcome.value
+                if batch.response_outcome
+                else None,
+            }
+            for batch in email.batches
+        ]
+        if body:
+            data["body_text"] = email.body_text
+    if as_json:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        if key not in ("requests", "body_text"):
+            console.print(f"[bold]{key}[/bold]: {value}", highlight=False, markup=True)
+    table = Table(title="Requests")
+    for column in ("priority", "request", "included", "outcome"):
+        table.add_column(column)
+    for item in data["requests"]:
+        table.add_row(
+            str(item["priority"]),
+            str(item["placement_request_id"]),
+            "yes" if item["included"] else "withdrawn",
+            item["response_outcome"] or "-",
+        )
+    console.print(table)
+    if body:
+        console.print(data["body_text"], markup=False, highlight=False)
+
+
+def _change_email(email_id: int, change: Any, verb: str, as_json: bool) -> None:
+    from comms_tasks.db import transaction
+    from comms_tasks.models import Email
+    from comms_tasks.models.base import utcnow
+
+    with transaction() as session:
+        email = session.get(Email, email_id, with_for_update=True)
+        if email is None:
+            raise fail(f"email {email_id} does not exist")
+        try:
+            change(session, email, utcnow())
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        result = _email_summary(email)
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"email {email_id} {verb}: now {result['status']}")
+
+
+@emails_app.command("retry")
+def emails_retry(
+    email_id: Annotated[int, typer.Argument(help="The email's id.")], as_json: JsonOption = False
+) -> None:
+    """Queue a failed (or waiting) email for the next send, with a fresh set of attempts."""
+    from comms_tasks.sending import retry_now
+
+    _change_email(email_id, retry_now, "retried", as_json)
+
+
+@emails_app.command("cancel")
+def emails_cancel(
+    email_id: Annotated[int, typer.Argument(help="The email's id.")], as_json: JsonOption = False
+) -> None:
+    """Cancel an email that has not been sent."""
+    from comms_tasks.sending import cancel
+
+    _change_email(
+        email_id, lambda session, email, _now: cancel(session, email), "cancelled", as_json
+    )
+
+
+@emails_app.command("examples")
+def emails_examples(
+    folder: Annotated[Path, typer.Option("--dir", help="Where to write.")] = Path("docs/emails"),
+) -> None:
+    """Render an example of every template into docs/emails/."""
+    from comms_tasks.mail.examples import write_examples
+
+    written = write_examples(folder)
+    console.print(f"wrote {len(written)} files to {folder}")
+
+
+# --- explain and preview ---------------------------------------------------------------
+
+
+@explain_app.command("therapist")
+def explain_therapist(
+    therapist_id: Annotated[int, typer.Argument(help="The therapist's id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Whether the next batch would email this therapist, and if not, why and from when."""
+    from comms_tasks.db import transaction
+    from comms_tasks.emails import preview_batch
+    from comms_tasks.models.base import utcnow
+
+    with transaction() as session:
+        try:
+            verdict, template, request_ids, _ = preview_batch(
+                session, therapist_id, utcnow(), get_settings()
+            )
+        except LookupError as exc:
+            raise fail(str(exc)) from None
+    zone = get_settings().zone
+    data = {
+        "therapist_id": therapist_id,
+        "contactable": verdict.contactable,
+        "reason": verdict.reason,
+        "contactable_from": _iso(verdict.contactable_from),
+        "contactable_from_local": verdict.contactable_from.astimezone(zone).strftime(
+            "%Y-%m-%d %H:%M"
+        )
+        if verdict.contactable_from
+        else None,
+        "requests_waiting": request_ids,
+        "next_template": template.value if template else None,
+    }
+    if as_json:
+        emit_json(data)
+        return
+    if verdict.contactable and request_ids:
+        console.print(
+            f"therapist {therapist_id} is contactable: the next batch asks about "
+            f"requests {', '.join(map(str, request_ids))} ({data['next_template']})"
+        )
+    elif verdict.contactable:
+        console.print(f"therapist {therapist_id} is contactable, but no request is waiting")
+    else:
+        since = (
+            f"; contactable again from {data['contactable_from_local']}"
+            if (data["contactable_from_local"])
+            else ""
+        )
+        console.print(f"therapist {therapist_id} is not contactable: {verdict.reason}{since}")
+
+
+@preview_app.command("therapist")
+def preview_therapist(
+    therapist_id: Annotated[int, typer.Argument(help="The therapist's id.")],
+    html: Annotated[bool, typer.Option("--html", help="Print the HTML part instead.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """The email the next batch would send this therapist; nothing is sent or stored."""
+    from comms_tasks.db import transaction
+    from comms_tasks.emails import preview_batch
+    from comms_tasks.models.base import utcnow
+
+    with transaction() as session:
+        try:
+            verdict, template, request_ids, rendered = preview_batch(
+                session, therapist_id, utcnow(), get_settings()
+            )
+        except LookupError as exc:
+            raise fail(str(exc)) from None
+        session.rollback()
+    if rendered is None or template is None:
+        raise fail(f"therapist {therapist_id} has no request waiting for an email")
+    if as_json:
+        emit_json(
+            {
+                "therapist_id": therapist_id,
+                "contactable": verdict.contactable,
+                "reason": verdict.reason,
+                "template": template.value,
+                "placement_request_ids": request_ids,
+                "subject": rendered.subject,
+                "body_text": rendered.body_text,
+                "body_html": rendered.body_html,
+            }
+        )
+        return
+    if not verdict.contactable:
+        errors.print(f"note: not contactable now ({verdict.reason})", markup=False)
+    console.print(f"Subject: {rendered.subject}\n", markup=False, highlight=False)
+    console.print(rendered.body_html if html else rendered.body_text, markup=False, highlight=False)
 
 
 # --- status --------------------------------------------------------------------------
@@ -314,6 +584,33 @@ def _celery(*arguments: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "celery", "-A", "comms_tasks", *arguments])
 
 
+def _report_run(snapshot: dict[str, Any], settings: Any) -> None:
+    from comms_tasks.db import transaction
+    from comms_tasks.models import Email, EmailStatus
+
+    console.rule("what happened")
+    print_status(snapshot)
+    console.print(
+        f"Loaded through messages: {sum(snapshot['therapists'].values())} therapists and "
+        f"{sum(snapshot['placement_requests'].values())} placement requests.",
+        highlight=False,
+    )
+    with transaction() as session:
+        sent = session.execute(
+            select(Email.therapist_id).where(Email.status == EmailStatus.SENT)
+        ).all()
+    if sent:
+        console.print(
+            f"Sent {len(sent)} emails to {len({row[0] for row in sent})} therapists.",
+            highlight=False,
+        )
+    files = sorted(settings.outbox_folder.glob("*.eml"))
+    if files:
+        console.print(
+            f"Mail written to {settings.outbox_folder}/; open {files[0]}", highlight=False
+        )
+
+
 @app.command()
 def run(
     seconds: Annotated[
@@ -323,8 +620,13 @@ def run(
     until_idle: Annotated[
         bool, typer.Option("--until-idle", help="Stop once the work has settled and is reported.")
     ] = False,
+    batch_now: Annotated[
+        bool,
+        typer.Option("--batch-now", help="Run the weekly batch once the inbox is drained."),
+    ] = False,
 ) -> None:
     """Run a worker and beat in the foreground and report what they did."""
+    from comms_tasks.app import app as celery_app
     from comms_tasks.db import transaction
     from comms_tasks.reports import status_snapshot
 
@@ -344,6 +646,7 @@ def run(
     signal.signal(signal.SIGINT, stop)
     reported: dict[str, Any] | None = None
     quiet_since = time.monotonic()
+    batch_pending = batch_now
     try:
         while not stopping and (seconds is None or time.monotonic() - started < seconds):
             time.sleep(1)
@@ -354,20 +657,20 @@ def run(
             if snapshot != reported:
                 reported, quiet_since = snapshot, time.monotonic()
                 continue
-            # Report once the queue is drained and nothing has changed for a while.
-            if time.monotonic() - quiet_since > 3 and _queued_messages() in (0, None):
-                console.rule("what happened")
-                print_status(snapshot)
-                console.print(
-                    f"Loaded through messages: {sum(snapshot['therapists'].values())} "
-                    f"therapists and {sum(snapshot['placement_requests'].values())} "
-                    "placement requests."
-                    + ("" if until_idle else " Worker and beat keep running; Ctrl-C stops them."),
-                    highlight=False,
-                )
-                quiet_since = float("inf")
-                if until_idle:
-                    break
+            # Act once the queue is drained and nothing has changed for a while.
+            if time.monotonic() - quiet_since <= 3 or _queued_messages() not in (0, None):
+                continue
+            if batch_pending:
+                console.print("inbox drained: running the weekly batch now", highlight=False)
+                celery_app.send_task("comms.batch_requests")
+                batch_pending = False
+                quiet_since = time.monotonic()
+                continue
+            _report_run(snapshot, settings)
+            quiet_since = float("inf")
+            if until_idle:
+                break
+            console.print("Worker and beat keep running; Ctrl-C stops them.")
     finally:
         for process in (beat, worker):
             if process.poll() is None:
@@ -383,7 +686,7 @@ def main() -> None:
     try:
         get_settings()
     except ConfigurationError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False)
+        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

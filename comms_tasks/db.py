@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -92,3 +92,26 @@ def transaction() -> Iterator[Session]:
             yield session
     finally:
         session.close()
+
+
+AFTER_COMMIT_KEY = "comms_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run ``callback`` once the session's transaction has committed (never if it rolls back).
+
+    Follow-up tasks are published this way, so a worker never picks up a task for a
+    change it cannot see yet, nor one for a change that was rolled back.
+    """
+    session.info.setdefault(AFTER_COMMIT_KEY, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for callback in session.info.pop(AFTER_COMMIT_KEY, []):
+        callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_after_rollback(session: Session) -> None:
+    session.info.pop(AFTER_COMMIT_KEY, None)

@@ -1,17 +1,36 @@
-"""Beat schedules: what runs when. Times of day are local (``COMMS_TIMEZONE``)."""
+"""Beat schedules: what runs when. Times of day are local (``COMMS_TIMEZONE``).
+
+Celery evaluates crontabs in the app's time zone, so "07:30" is 07:30 in Berlin in
+winter and in summer.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery.schedules import crontab
+
 # Seconds between outbox relays: events reach other services within this delay.
 OUTBOX_RELAY_INTERVAL_SECONDS = 5.0
+# Seconds between sends of due emails (new ones and retries whose wait is over).
+SEND_INTERVAL_SECONDS = 60.0
+BATCH_TIME = {"hour": 7, "minute": 30}
+BATCH_DAYS = "mon-fri"
 
 beat_schedule: dict[str, dict[str, Any]] = {
+    "batch-requests": {
+        "task": "comms.batch_requests",
+        "schedule": crontab(**BATCH_TIME, day_of_week=BATCH_DAYS),
+    },
+    "send-email": {
+        "task": "comms.send_email",
+        "schedule": SEND_INTERVAL_SECONDS,
+        # A run that could not start in time is superseded by the next one.
+        "options": {"expires": SEND_INTERVAL_SECONDS},
+    },
     "relay-outbox": {
         "task": "comms.relay_outbox",
         "schedule": OUTBOX_RELAY_INTERVAL_SECONDS,
-        # A relay that could not run in time is superseded by the next one.
         "options": {"expires": OUTBOX_RELAY_INTERVAL_SECONDS * 2},
     },
 }

@@ -1,5 +1,14 @@
 """Thin Celery tasks, one module per pipeline stage. Importing this registers them all."""
 
-from comms_tasks.tasks import inbound, outbox
+from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
+from comms_tasks.inbox import Applier
+from comms_tasks.tasks import batching, inbound, outbox, responses, sending
 
-__all__ = ["inbound", "outbox"]
+# What applies each inbound message: the tasks use it, and so does a dead-letter replay.
+APPLIERS: dict[str, Applier] = {
+    **inbound.APPLIERS,
+    RECORD_EMAIL_RESPONSE: responses.apply_email_response,
+    QUEUE_EMAIL: responses.apply_queue_email,
+}
+
+__all__ = ["APPLIERS", "batching", "inbound", "outbox", "responses", "sending"]

@@ -30,19 +30,22 @@ APPLIERS: dict[str, Applier] = {
 }
 
 
-def _inbound_task(task_name: str) -> Task:
-    @app.task(
-        name=task_name,
-        bind=True,
-        autoretry_for=TRANSIENT_ERRORS,
-        retry_backoff=True,
-        retry_backoff_max=MAX_BACKOFF_SECONDS,
-        retry_jitter=True,
-        max_retries=MAX_TRANSIENT_RETRIES,
+def inbound_task_options() -> dict[str, Any]:
+    """How every inbound task runs: retried on database outages, ids-only in events."""
+    return {
+        "autoretry_for": TRANSIENT_ERRORS,
+        "retry_backoff": True,
+        "retry_backoff_max": MAX_BACKOFF_SECONDS,
+        "retry_jitter": True,
+        "max_retries": MAX_TRANSIENT_RETRIES,
         # Flower and the worker's events show the message's ids, not its patient data.
-        Request="comms_tasks.privacy:RedactedRequest",
-    )
-    def inbound_task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        "Request": "comms_tasks.privacy:RedactedRequest",
+    }
+
+
+def _inbound_task(task_name: str) -> Task:
+    @app.task(name=task_name, **inbound_task_options())
+    def inbound_task(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return handle_call(task_name, args, kwargs, APPLIERS[task_name]).as_dict()
 
     return inbound_task

@@ -1,0 +1,103 @@
+"""Pure rules of the weekly batch: who may be contacted, and which requests go together.
+
+Plain values in, plain values out: no database, no clock. ``comms.batch_requests``,
+``comms explain`` and ``comms preview`` all decide with these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Sequence
+
+from comms_tasks.models.enums import EmailTemplate, TherapistStatus
+
+SINGLE_REQUEST_TEMPLATE = EmailTemplate.INITIAL_CONTACT
+SEVERAL_REQUESTS_TEMPLATE = EmailTemplate.BATCH_REQUEST
+
+
+@dataclasses.dataclass(frozen=True)
+class TherapistFacts:
+    """What the contact rules need to know about one therapist, now."""
+
+    therapist_id: int
+    status: TherapistStatus
+    has_email: bool
+    deleted: bool = False
+    # An email to them that is queued or being sent (it counts before it is sent).
+    has_unsent_email: bool = False
+    # When the most recent counting email to them was sent, if any.
+    last_sent_at: dt.datetime | None = None
+    # Scheduled calls to them, by time (UTC).
+    scheduled_calls: tuple[dt.datetime, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Contactability:
+    contactable: bool
+    reason: str | None = None
+    # When the blocking reason lapses, if it lapses by itself.
+    contactable_from: dt.datetime | None = None
+
+
+def contactability(
+    facts: TherapistFacts,
+    now: dt.datetime,
+    *,
+    contact_interval: dt.timedelta,
+    call_window: dt.timedelta,
+) -> Contactability:
+    """Whether the therapist may get a new batch email now, and if not, why and from when."""
+    if facts.deleted:
+        return Contactability(False, "deleted by the therapist service")
+    if facts.status is not TherapistStatus.ACTIVE:
+        return Contactability(False, f"status is {facts.status.value}")
+    if not facts.has_email:
+        return Contactability(False, "no email address")
+    if facts.has_unsent_email:
+        return Contactability(False, "an email to them is queued and counts as this week's contact")
+    blocked_until: list[tuple[dt.datetime, str]] = []
+    if facts.last_sent_at is not None and now < facts.last_sent_at + contact_interval:
+        blocked_until.append(
+            (
+                facts.last_sent_at + contact_interval,
+                f"emailed on {facts.last_sent_at:%Y-%m-%d}, at most one email "
+                f"per {contact_interval.days} days",
+            )
+        )
+    upcoming = [at for at in facts.scheduled_calls if now <= at <= now + call_window]
+    if upcoming:
+        call_at = max(upcoming)
+        blocked_until.append((call_at, f"a call is scheduled for {call_at:%Y-%m-%d %H:%M} UTC"))
+    if blocked_until:
+        until, reason = max(blocked_until)
+        return Contactability(False, reason, until)
+    return Contactability(True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenRequest:
+    placement_request_id: int
+    created_at: dt.datetime
+    registered_on: dt.date | None
+
+
+def batch_order(request: OpenRequest) -> tuple[bool, dt.date, dt.datetime, int]:
+    """Oldest patient registration first (missing dates last), then request age, then id."""
+    return (
+        request.registered_on is None,
+        request.registered_on or dt.date.max,
+        request.created_at,
+        request.placement_request_id,
+    )
+
+
+def select_batch(requests: Iterable[OpenRequest], limit: int) -> list[OpenRequest]:
+    """The requests for this week's email, in the order they are asked about."""
+    return sorted(requests, key=batch_order)[:limit]
+
+
+def template_for(requests: Sequence[object]) -> EmailTemplate:
+    if not requests:
+        raise ValueError("a batch needs at least one request")
+    return SINGLE_REQUEST_TEMPLATE if len(requests) == 1 else SEVERAL_REQUESTS_TEMPLATE

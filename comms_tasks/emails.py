@@ -1,0 +1,528 @@
+"""Emails to therapists: the weekly batch, reminders and confirmations, and answers.
+
+Functions take the session and never commit; the tasks own the transactions. Every email
+is created through :func:`queue_email_for`, which renders it, fixes its Message-ID and
+records ``email.queued`` in the same transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session
+
+from comms_tasks import batching
+from comms_tasks.contracts import inbound
+from comms_tasks.contracts.outbound import (
+    EmailQueuedPayload,
+    EmailResponseRecordedPayload,
+    OutcomeRecordedPayload,
+)
+from comms_tasks.inbox import Rejected
+from comms_tasks.mail.message import new_message_id
+from comms_tasks.mail.render import (
+    EarlierEmail,
+    EmailRenderer,
+    PatientEntry,
+    Recipient,
+    RenderedEmail,
+)
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    EmailTemplate,
+    Patient,
+    PhoneCall,
+    PhoneCallStatus,
+    PlacementRequest,
+    PlacementRequestStatus,
+    ResponseOutcome,
+    Therapist,
+    TherapistStatus,
+)
+from comms_tasks.outbox import record_event
+from comms_tasks.settings import Settings
+
+# Emails that ask about requests; a request is "in an email" while one of these is live.
+ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
+# Emails that count towards the weekly limit (confirmations do not).
+COUNTING_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
+UNSENT_STATUSES = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
+DEAD_STATUSES = (EmailStatus.FAILED, EmailStatus.CANCELLED)
+# Requests still waiting for an answer: they may be asked about, or kept in an email.
+PENDING_REQUEST_STATUSES = (PlacementRequestStatus.OPEN, PlacementRequestStatus.IN_PROGRESS)
+
+
+@functools.cache
+def renderer_for(sender_name: str) -> EmailRenderer:
+    """One renderer per process: templates are compiled once."""
+    return EmailRenderer(sender_name=sender_name)
+
+
+def recipient_of(therapist: Therapist) -> Recipient:
+    return Recipient(
+        salutation=therapist.salutation,
+        title=therapist.title,
+        first_name=therapist.first_name,
+        last_name=therapist.last_name,
+    )
+
+
+def recipient_name(therapist: Therapist) -> str:
+    parts = (therapist.title, therapist.first_name, therapist.last_name)
+    return " ".join(part for part in parts if part)
+
+
+# --- who may be contacted ------------------------------------------------------------
+
+
+def therapist_facts(
+    session: Session, therapist_ids: Sequence[int], now: dt.datetime, settings: Settings
+) -> dict[int, batching.TherapistFacts]:
+    """The facts of the contact rules for many therapists, in four queries."""
+    if not therapist_ids:
+        return {}
+    therapists = session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids))).all()
+    unsent = set(
+        session.scalars(
+            select(Email.therapist_id)
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.template.in_(COUNTING_TEMPLATES))
+            .where(Email.status.in_(UNSENT_STATUSES))
+            .distinct()
+        )
+    )
+    window_start = now - dt.timedelta(days=settings.contact_interval_days)
+    last_sent = dict(
+        session.execute(
+            select(Email.therapist_id, func.max(Email.sent_at))
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.template.in_(COUNTING_TEMPLATES))
+            .where(Email.status == EmailStatus.SENT)
+            .where(Email.sent_at >= window_start)
+            .group_by(Email.therapist_id)
+        ).all()
+    )
+    calls: dict[int, list[dt.datetime]] = defaultdict(list)
+    horizon = now + dt.timedelta(days=settings.contact_interval_days)
+    for therapist_id, scheduled_at in session.execute(
+        select(PhoneCall.therapist_id, PhoneCall.scheduled_at)
+        .where(PhoneCall.therapist_id.in_(therapist_ids))
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .where(PhoneCall.scheduled_at.between(now, horizon))
+    ):
+        calls[therapist_id].append(scheduled_at)
+    return {
+        therapist.id: batching.TherapistFacts(
+            therapist_id=therapist.id,
+            status=therapist.status,
+            has_email=bool(therapist.email),
+            deleted=therapist.deleted_at is not None,
+            has_unsent_email=therapist.id in unsent,
+            last_sent_at=last_sent.get(therapist.id),
+            scheduled_calls=tuple(sorted(calls[therapist.id])),
+        )
+        for therapist in therapists
+    }
+
+
+def contactability_of(
+    facts: batching.TherapistFacts, now: dt.datetime, settings: Settings
+) -> batching.Contactability:
+    interval = dt.timedelta(days=settings.contact_interval_days)
+    return batching.contactability(facts, now, contact_interval=interval, call_window=interval)
+
+
+def _in_live_asking_email() -> object:
+    return exists(
+        select(EmailBatch.id)
+        .join(Email, Email.id == EmailBatch.email_id)
+        .where(EmailBatch.placement_request_id == PlacementRequest.id)
+        .where(EmailBatch.included.is_(True))
+        .where(Email.template.in_(ASKING_TEMPLATES))
+        .where(Email.status.not_in(DEAD_STATUSES))
+    )
+
+
+def unasked_requests(
+    session: Session, therapist_ids: Sequence[int] | None = None
+) -> dict[int, list[batching.OpenRequest]]:
+    """Open requests not yet in a live email, per therapist."""
+    query = (
+        select(
+            PlacementRequest.therapist_id,
+            PlacementRequest.id,
+            PlacementRequest.created_at,
+            Patient.registered_on,
+        )
+        .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.status == PlacementRequestStatus.OPEN)
+        .where(~_in_live_asking_email())  # type: ignore[operator]
+    )
+    if therapist_ids is not None:
+        query = query.where(PlacementRequest.therapist_id.in_(therapist_ids))
+    result: dict[int, list[batching.OpenRequest]] = defaultdict(list)
+    for therapist_id, request_id, created_at, registered_on in session.execute(query):
+        result[therapist_id].append(batching.OpenRequest(request_id, created_at, registered_on))
+    return dict(result)
+
+
+def batch_candidates(session: Session) -> list[int]:
+    """Active therapists with an address and open requests not yet in an email."""
+    return list(
+        session.scalars(
+            select(Therapist.id)
+            .where(Therapist.status == TherapistStatus.ACTIVE)
+            .where(Therapist.email.is_not(None))
+            .where(Therapist.deleted_at.is_(None))
+            .where(
+                exists(
+                    select(PlacementRequest.id)
+                    .where(PlacementRequest.therapist_id == Therapist.id)
+                    .where(PlacementRequest.status == PlacementRequestStatus.OPEN)
+                    .where(~_in_live_asking_email())  # type: ignore[operator]
+                )
+            )
+            .order_by(Therapist.id)
+        )
+    )
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def patient_entries(session: Session, request_ids: Sequence[int]) -> list[PatientEntry]:
+    """The patients of ``request_ids``, in that order, as the templates show them."""
+    rows = session.execute(
+        select(PlacementRequest.id, Patient)
+        .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.id.in_(request_ids))
+    ).all()
+    patients = {request_id: patient for request_id, patient in rows}
+    entries = []
+    for position, request_id in enumerate(request_ids, start=1):
+        patient = patients.get(request_id)
+        entries.append(
+            PatientEntry(
+                placement_request_id=request_id,
+                position=position,
+                registered_on=patient.registered_on if patient else None,
+                diagnosis=patient.diagnosis if patient else None,
+                gender=patient.gender if patient else None,
+                time_availability=patient.time_availability if patient else None,
+                symptoms_since=patient.symptoms_since if patient else None,
+                open_to_group_therapy=patient.open_to_group_therapy if patient else None,
+                therapy_experience=patient.therapy_experience if patient else None,
+                current_complaints=patient.current_complaints if patient else None,
+            )
+        )
+    return entries
+
+
+def earlier_of(email: Email | None, settings: Settings) -> EarlierEmail | None:
+    if email is None:
+        return None
+    sent = email.sent_at or email.queued_at or email.created_at
+    return EarlierEmail(subject=email.subject, sent_on=sent.astimezone(settings.zone).date())
+
+
+def render_email(
+    session: Session,
+    therapist: Therapist,
+    template: EmailTemplate,
+    request_ids: Sequence[int],
+    settings: Settings,
+    *,
+    earlier: Email | None = None,
+) -> RenderedEmail:
+    return renderer_for(settings.sender_name).render(
+        template.value,
+        recipient_of(therapist),
+        patient_entries(session, request_ids),
+        earlier=earlier_of(earlier, settings),
+    )
+
+
+# --- creating emails -------------------------------------------------------------------
+
+
+def queue_email_for(
+    session: Session,
+    therapist: Therapist,
+    template: EmailTemplate,
+    request_ids: Sequence[int],
+    *,
+    dedup_key: str,
+    settings: Settings,
+    now: dt.datetime,
+    in_reply_to: Email | None = None,
+) -> Email:
+    """Render and queue one email; ``email.queued`` is recorded with it."""
+    if not therapist.email:
+        raise ValueError(f"therapist {therapist.id} has no email address")
+    rendered = render_email(
+        session, therapist, template, request_ids, settings, earlier=in_reply_to
+    )
+    email = Email(
+        therapist_id=therapist.id,
+        template=template,
+        dedup_key=dedup_key,
+        recipient_email=therapist.email,
+        recipient_name=recipient_name(therapist),
+        sender_email=settings.sender_email,
+        sender_name=settings.sender_name,
+        reply_to=settings.reply_to,
+        subject=rendered.subject,
+        body_html=rendered.body_html,
+        body_text=rendered.body_text,
+        message_id=new_message_id(settings.sender_email),
+        in_reply_to_email_id=in_reply_to.id if in_reply_to else None,
+        status=EmailStatus.QUEUED,
+        queued_at=now,
+        next_attempt_at=now,
+        retry_count=0,
+        batches=[
+            EmailBatch(placement_request_id=request_id, priority=priority)
+            for priority, request_id in enumerate(request_ids, start=1)
+        ],
+    )
+    session.add(email)
+    session.flush()
+    record_event(
+        session,
+        EmailQueuedPayload(
+            email_id=email.id,
+            therapist_id=therapist.id,
+            placement_request_ids=list(request_ids),
+        ),
+        occurred_at=now,
+    )
+    return email
+
+
+@dataclasses.dataclass
+class BatchReport:
+    emails_queued: int = 0
+    requests_asked: int = 0
+    therapists_skipped: int = 0
+    email_ids: list[int] = dataclasses.field(default_factory=list)
+
+
+def lock_therapists(session: Session, therapist_ids: Sequence[int]) -> list[Therapist]:
+    """Lock the therapists of this chunk; ones another run holds are left to that run."""
+    query = select(Therapist).where(Therapist.id.in_(therapist_ids)).order_by(Therapist.id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def batch_chunk(
+    session: Session, therapist_ids: Sequence[int], now: dt.datetime, settings: Settings
+) -> BatchReport:
+    """Queue this week's email for each contactable therapist of ``therapist_ids``."""
+    report = BatchReport()
+    therapists = lock_therapists(session, therapist_ids)
+    locked_ids = [therapist.id for therapist in therapists]
+    # Read after locking: a concurrent run that queued an email for one of them committed
+    # before we got its lock, so we see that email here.
+    facts = therapist_facts(session, locked_ids, now, settings)
+    requests = unasked_requests(session, locked_ids)
+    run_day = now.astimezone(settings.zone).date().isoformat()
+    for therapist in therapists:
+        open_requests = requests.get(therapist.id)
+        if not open_requests:
+            continue
+        if not contactability_of(facts[therapist.id], now, settings).contactable:
+            report.therapists_skipped += 1
+            continue
+        chosen = batching.select_batch(open_requests, settings.max_patients_per_email)
+        request_ids = [request.placement_request_id for request in chosen]
+        email = queue_email_for(
+            session,
+            therapist,
+            batching.template_for(chosen),
+            request_ids,
+            dedup_key=f"batch:{therapist.id}:{run_day}",
+            settings=settings,
+            now=now,
+        )
+        report.emails_queued += 1
+        report.requests_asked += len(request_ids)
+        report.email_ids.append(email.id)
+    return report
+
+
+def preview_batch(
+    session: Session, therapist_id: int, now: dt.datetime, settings: Settings
+) -> tuple[batching.Contactability, EmailTemplate | None, list[int], RenderedEmail | None]:
+    """What the next batch would send this therapist; nothing is stored."""
+    therapist = session.get(Therapist, therapist_id)
+    if therapist is None:
+        raise LookupError(f"therapist {therapist_id} is not known")
+    facts = therapist_facts(session, [therapist_id], now, settings)[therapist_id]
+    verdict = contactability_of(facts, now, settings)
+    open_requests = unasked_requests(session, [therapist_id]).get(therapist_id, [])
+    chosen = batching.select_batch(open_requests, settings.max_patients_per_email)
+    if not chosen:
+        return verdict, None, [], None
+    template = batching.template_for(chosen)
+    request_ids = [request.placement_request_id for request in chosen]
+    rendered = render_email(session, therapist, template, request_ids, settings)
+    return verdict, template, request_ids, rendered
+
+
+# --- answers ----------------------------------------------------------------------------
+
+
+def queue_confirmation(
+    session: Session,
+    therapist: Therapist,
+    request_id: int,
+    now: dt.datetime,
+    settings: Settings,
+    in_reply_to: Email | None = None,
+) -> Email | None:
+    """The confirmation of one accepted request, once; outside the weekly limit."""
+    dedup_key = f"confirmation:{request_id}"
+    if session.scalar(select(Email.id).where(Email.dedup_key == dedup_key)) is not None:
+        return None
+    if not therapist.email:
+        return None
+    return queue_email_for(
+        session,
+        therapist,
+        EmailTemplate.CONFIRMATION,
+        [request_id],
+        dedup_key=dedup_key,
+        settings=settings,
+        now=now,
+        in_reply_to=in_reply_to,
+    )
+
+
+def record_response(
+    session: Session, command: inbound.RecordEmailResponse, now: dt.datetime, settings: Settings
+) -> list[int]:
+    """Apply a therapist's answer; returns the ids of confirmation emails it queued."""
+    email = session.get(Email, command.email_id, with_for_update=True)
+    if email is None:
+        raise Rejected("command.email_id: unknown email", str(command.command_id))
+    batches = {batch.placement_request_id: batch for batch in email.batches}
+    for index, item in enumerate(command.outcomes):
+        if item.placement_request_id not in batches:
+            raise Rejected(
+                f"command.outcomes[{index}].placement_request_id: not asked about in this email",
+                str(command.command_id),
+            )
+    email.response_received = True
+    email.response_date = command.received_at
+    email.response_content = command.content
+    record_event(
+        session,
+        EmailResponseRecordedPayload(
+            email_id=email.id, therapist_id=email.therapist_id, received_at=command.received_at
+        ),
+        occurred_at=now,
+    )
+    therapist = session.get(Therapist, email.therapist_id)
+    confirmations = []
+    for item in command.outcomes:
+        batch = batches[item.placement_request_id]
+        batch.response_outcome = ResponseOutcome(item.outcome)
+        batch.response_notes = item.notes
+        record_event(
+            session,
+            OutcomeRecordedPayload(
+                placement_request_id=item.placement_request_id,
+                therapist_id=email.therapist_id,
+                outcome=item.outcome,
+                via="email",
+                source_id=email.id,
+            ),
+            occurred_at=now,
+        )
+        if item.outcome == ResponseOutcome.ACCEPTED and therapist is not None:
+            confirmation = queue_confirmation(
+                session, therapist, item.placement_request_id, now, settings, in_reply_to=email
+            )
+            if confirmation is not None:
+                confirmations.append(confirmation.id)
+    cancel_follow_up_calls(session, email.id)
+    return confirmations
+
+
+def cancel_follow_up_calls(session: Session, email_id: int) -> int:
+    """An answer makes the follow-up call of its email pointless."""
+    calls = session.scalars(
+        select(PhoneCall)
+        .where(PhoneCall.email_id == email_id)
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .with_for_update()
+    ).all()
+    for call in calls:
+        call.status = PhoneCallStatus.CANCELLED
+        call.notes = "cancelled: the email was answered"
+    return len(calls)
+
+
+def queue_requested_email(
+    session: Session, command: inbound.QueueEmail, now: dt.datetime, settings: Settings
+) -> Email:
+    """``comms.queue_email``: a follow-up or confirmation for given requests."""
+    command_id = str(command.command_id)
+    therapist = session.get(Therapist, command.therapist_id)
+    if therapist is None or therapist.deleted_at is not None:
+        raise Rejected("command.therapist_id: unknown therapist", command_id)
+    if not therapist.email:
+        raise Rejected("command.therapist_id: the therapist has no email address", command_id)
+    found = dict(
+        session.execute(
+            select(PlacementRequest.id, PlacementRequest.therapist_id).where(
+                PlacementRequest.id.in_(command.placement_request_ids)
+            )
+        ).all()
+    )
+    for index, request_id in enumerate(command.placement_request_ids):
+        if found.get(request_id) != therapist.id:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: unknown request of this therapist",
+                command_id,
+            )
+    if len(set(command.placement_request_ids)) != len(command.placement_request_ids):
+        raise Rejected("command.placement_request_ids: contains duplicates", command_id)
+    original = None
+    if command.reply_to_email_id is not None:
+        original = session.get(Email, command.reply_to_email_id)
+        if original is None or original.therapist_id != therapist.id:
+            raise Rejected("command.reply_to_email_id: unknown email of this therapist", command_id)
+    template = EmailTemplate(command.template)
+    if template is EmailTemplate.FOLLOW_UP and original is None:
+        raise Rejected(
+            "command.reply_to_email_id: a follow_up needs the original email", command_id
+        )
+    return queue_email_for(
+        session,
+        therapist,
+        template,
+        list(command.placement_request_ids),
+        dedup_key=f"command:{command_id}",
+        settings=settings,
+        now=now,
+        in_reply_to=original,
+    )
+
+
+def requests_still_pending(session: Session, request_ids: Iterable[int]) -> set[int]:
+    return set(
+        session.scalars(
+            select(PlacementRequest.id)
+            .where(PlacementRequest.id.in_(list(request_ids)))
+            .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
+        )
+    )

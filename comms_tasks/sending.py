@@ -1,0 +1,241 @@
+"""Sending queued emails: claim, re-check, send, and record each result.
+
+A worker claims due emails by moving them to ``sending`` with a lease (``FOR UPDATE SKIP
+LOCKED`` on PostgreSQL, so two workers never claim the same email) and commits; it then
+sends them over one connection and records each result in its own short transaction as
+soon as that email's send returned. An email whose lease ran out (its worker died) is
+due again. Temporary failures wait in the database (``next_attempt_at``), never in a
+Celery countdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+from collections.abc import Sequence
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
+from comms_tasks.emails import (
+    ASKING_TEMPLATES,
+    render_email,
+    requests_still_pending,
+)
+from comms_tasks.mail.message import OutgoingMessage
+from comms_tasks.mail.sender import SendResult
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
+from comms_tasks.outbox import record_event
+from comms_tasks.settings import Settings
+
+# Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
+FIRST_RETRY_DELAY = dt.timedelta(minutes=1)
+MAX_RETRY_DELAY = dt.timedelta(hours=1)
+MAX_ATTEMPTS = 8
+# +-20 %: emails that failed together do not all come back in the same second.
+RETRY_JITTER = 0.2
+# A claim outlives the task's hard time limit, so a live worker never loses its claim.
+LEASE_MARGIN = dt.timedelta(minutes=1)
+MAX_ERROR_LENGTH = 1000
+# Emails whose requests may be withdrawn before sending (a confirmation is about an
+# accepted request, and stays as it is).
+RECHECKED_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
+
+
+def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
+    """The wait before the next attempt after ``failed_attempts`` failures (>= 1)."""
+    base = min(FIRST_RETRY_DELAY * 2 ** (failed_attempts - 1), MAX_RETRY_DELAY)
+    jittered = base * rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+    return min(jittered, MAX_RETRY_DELAY)
+
+
+def lease_duration(settings: Settings) -> dt.timedelta:
+    return dt.timedelta(seconds=settings.task_time_limit) + LEASE_MARGIN
+
+
+def _due(now: dt.datetime) -> object:
+    return or_(
+        (Email.status == EmailStatus.QUEUED)
+        & or_(Email.next_attempt_at.is_(None), Email.next_attempt_at <= now),
+        (Email.status == EmailStatus.SENDING) & (Email.lease_expires_at < now),
+    )
+
+
+def claim_due(
+    session: Session,
+    now: dt.datetime,
+    limit: int,
+    settings: Settings,
+    email_id: int | None = None,
+) -> list[Email]:
+    """Move up to ``limit`` due emails to ``sending`` under a lease; returns them."""
+    query = select(Email).order_by(Email.next_attempt_at, Email.id).limit(limit)
+    if email_id is None:
+        query = query.where(_due(now))  # type: ignore[arg-type]
+    else:
+        # An immediate send of one email does not wait for its retry time.
+        query = query.where(Email.id == email_id).where(
+            (Email.status == EmailStatus.QUEUED)
+            | ((Email.status == EmailStatus.SENDING) & (Email.lease_expires_at < now))
+        )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    emails = list(session.scalars(query))
+    for email in emails:
+        email.status = EmailStatus.SENDING
+        email.lease_expires_at = now + lease_duration(settings)
+    return emails
+
+
+def recheck_requests(session: Session, email: Email, settings: Settings, now: dt.datetime) -> bool:
+    """Drop withdrawn requests from an unsent email; False when nothing is left to send."""
+    if email.template not in RECHECKED_TEMPLATES:
+        return True
+    included = [batch for batch in email.batches if batch.included]
+    pending = requests_still_pending(session, [b.placement_request_id for b in included])
+    withdrawn = [batch for batch in included if batch.placement_request_id not in pending]
+    if not withdrawn:
+        return True
+    for batch in withdrawn:
+        batch.included = False
+    remaining = [batch.placement_request_id for batch in included if batch not in withdrawn]
+    if not remaining:
+        email.status = EmailStatus.CANCELLED
+        email.lease_expires_at = None
+        email.next_attempt_at = None
+        email.error_message = "cancelled: all its requests were withdrawn before sending"
+        return False
+    therapist = session.get(Therapist, email.therapist_id)
+    if therapist is None:
+        return True
+    template = email.template
+    if template in ASKING_TEMPLATES:
+        template = (
+            EmailTemplate.INITIAL_CONTACT if len(remaining) == 1 else EmailTemplate.BATCH_REQUEST
+        )
+    original = (
+        session.get(Email, email.in_reply_to_email_id) if email.in_reply_to_email_id else None
+    )
+    rendered = render_email(session, therapist, template, remaining, settings, earlier=original)
+    email.template = template
+    email.subject = rendered.subject
+    email.body_text = rendered.body_text
+    email.body_html = rendered.body_html
+    return True
+
+
+def outgoing(session: Session, email: Email) -> OutgoingMessage:
+    references: tuple[str, ...] = ()
+    in_reply_to = None
+    if email.in_reply_to_email_id is not None:
+        original = session.get(Email, email.in_reply_to_email_id)
+        if original is not None:
+            in_reply_to = original.message_id
+            references = (original.message_id,)
+    return OutgoingMessage(
+        email_id=email.id,
+        message_id=email.message_id,
+        sender_email=email.sender_email,
+        sender_name=email.sender_name,
+        recipient_email=email.recipient_email,
+        recipient_name=email.recipient_name,
+        reply_to=email.reply_to,
+        subject=email.subject,
+        body_text=email.body_text,
+        body_html=email.body_html,
+        date=email.queued_at or email.created_at,
+        in_reply_to=in_reply_to,
+        references=references,
+    )
+
+
+def prepare_batch(
+    session: Session,
+    now: dt.datetime,
+    limit: int,
+    settings: Settings,
+    email_id: int | None = None,
+) -> list[OutgoingMessage]:
+    """Claim due emails and turn the ones still worth sending into messages."""
+    messages = []
+    for email in claim_due(session, now, limit, settings, email_id):
+        if recheck_requests(session, email, settings, now):
+            messages.append(outgoing(session, email))
+    return messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    email_id: int
+    status: EmailStatus
+
+
+def record_result(
+    session: Session, result: SendResult, now: dt.datetime, rng: random.Random
+) -> Recorded | None:
+    """Store one send's result; None if the email was no longer ours (lease lost)."""
+    email = session.get(Email, result.email_id, with_for_update=True)
+    if email is None or email.status is not EmailStatus.SENDING:
+        return None
+    email.lease_expires_at = None
+    if result.delivered:
+        email.status = EmailStatus.SENT
+        email.sent_at = now
+        email.next_attempt_at = None
+        email.error_message = None
+        record_event(
+            session,
+            EmailSentPayload(
+                email_id=email.id,
+                therapist_id=email.therapist_id,
+                message_id=email.message_id,
+                sent_at=now,
+            ),
+            occurred_at=now,
+        )
+        return Recorded(email.id, email.status)
+    email.error_message = (result.error or "unknown error")[:MAX_ERROR_LENGTH]
+    email.retry_count += 1
+    if result.temporary and email.retry_count < MAX_ATTEMPTS:
+        email.status = EmailStatus.QUEUED
+        email.next_attempt_at = now + retry_delay(email.retry_count, rng)
+        return Recorded(email.id, email.status)
+    email.status = EmailStatus.FAILED
+    email.next_attempt_at = None
+    record_event(
+        session,
+        EmailFailedPayload(
+            email_id=email.id, therapist_id=email.therapist_id, reason=email.error_message
+        ),
+        occurred_at=now,
+    )
+    return Recorded(email.id, email.status)
+
+
+def release(session: Session, email_ids: Sequence[int], now: dt.datetime) -> None:
+    """Give claimed emails back at once (the task stops before sending them)."""
+    session.execute(
+        update(Email)
+        .where(Email.id.in_(email_ids))
+        .where(Email.status == EmailStatus.SENDING)
+        .values(status=EmailStatus.QUEUED, lease_expires_at=None, next_attempt_at=now)
+    )
+
+
+def retry_now(session: Session, email: Email, now: dt.datetime) -> None:
+    """An operator's retry: a failed or waiting email is queued for the next send."""
+    if email.status not in (EmailStatus.FAILED, EmailStatus.QUEUED):
+        raise ValueError(f"email {email.id} is {email.status.value}; only failed or queued retry")
+    email.status = EmailStatus.QUEUED
+    email.next_attempt_at = now
+    email.retry_count = 0
+
+
+def cancel(session: Session, email: Email) -> None:
+    if email.status not in (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.FAILED):
+        raise ValueError(f"email {email.id} is {email.status.value}; it can no longer be cancelled")
+    email.status = EmailStatus.CANCELLED
+    email.next_attempt_at = None
+    email.error_message = "cancelled by an operator"

@@ -1,0 +1,98 @@
+"""Two real workers drain 500 queued emails at once: each reaches the server exactly once."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.orm import Session
+
+from comms_tasks.mail.message import new_message_id
+from comms_tasks.models import Email, EmailStatus, EmailTemplate
+from tests.conftest import REDIS_URL, WorkerProcess, wait_for, worker_environment
+from tests.smtp import SmtpSink
+
+EMAILS = 500
+# A Redis database of its own: the session's worker (file backend) must not take these.
+BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/14"
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    server = SmtpSink()
+    server.start()
+    yield server
+    server.stop()
+
+
+def queue_emails(engine: Engine, count: int) -> None:
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "therapist_id": number,
+            "template": EmailTemplate.INITIAL_CONTACT,
+            "dedup_key": f"load:{number}",
+            "recipient_email": f"praxis{number}@example.org",
+            "recipient_name": f"Praxis {number}",
+            "sender_email": "anfragen@therapievermittlung.example",
+            "sender_name": "Therapievermittlung",
+            "subject": "Anfrage für einen Therapieplatz",
+            "body_html": "<p>Sehr geehrte Damen und Herren,</p>",
+            "body_text": "Sehr geehrte Damen und Herren,",
+            "message_id": new_message_id("anfragen@therapievermittlung.example"),
+            "status": EmailStatus.QUEUED,
+            "queued_at": now,
+            "next_attempt_at": now,
+        }
+        for number in range(1, count + 1)
+    ]
+    with Session(engine) as session, session.begin():
+        session.execute(insert(Email), rows)
+
+
+def test_two_workers_send_each_email_exactly_once(
+    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
+) -> None:
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    queue_emails(committed_db, EMAILS)
+    env = worker_environment(
+        COMMS_DATABASE_URL=committed_url,
+        COMMS_BROKER_URL=BROKER_URL,
+        COMMS_VAR_DIR=str(tmp_path / "var"),
+        COMMS_MAIL_BACKEND="smtp",
+        COMMS_SMTP_HOST=sink.host,
+        COMMS_SMTP_PORT=str(sink.port),
+        COMMS_SMTP_SECURITY="none",
+    )
+    workers = [
+        WorkerProcess(env, tmp_path / f"worker{n}.log", f"--hostname=w{n}@%h") for n in (1, 2)
+    ]
+    app = Celery("operator", broker=BROKER_URL, set_as_current=False)
+    try:
+        for _ in range(6):
+            app.send_task("comms.send_email")
+
+        def all_sent() -> bool:
+            with Session(committed_db) as session:
+                sent = session.scalar(
+                    select(func.count()).select_from(Email).where(Email.status == EmailStatus.SENT)
+                )
+            return sent == EMAILS
+
+        wait_for(all_sent, timeout=120, interval=0.5)
+    finally:
+        for worker in workers:
+            worker.stop()
+        app.close()
+    counts = sink.message_ids()
+    assert len(counts) == EMAILS
+    assert set(counts.values()) == {1}
+    logs = [worker.log() for worker in workers]
+    assert all("comms.send_email" in log and "'sent':" in log for log in logs), (
+        "both workers should have sent a share"
+    )

@@ -1,0 +1,131 @@
+"""The pure rules of the weekly batch, without a database."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from comms_tasks.batching import (
+    OpenRequest,
+    TherapistFacts,
+    batch_order,
+    contactability,
+    select_batch,
+    template_for,
+)
+from comms_tasks.models.enums import EmailTemplate, TherapistStatus
+
+NOW = dt.datetime(2026, 11, 30, 6, 30, tzinfo=dt.UTC)
+WEEK = dt.timedelta(days=7)
+
+
+def facts(**overrides: object) -> TherapistFacts:
+    values: dict[str, object] = {
+        "therapist_id": 1,
+        "status": TherapistStatus.ACTIVE,
+        "has_email": True,
+    }
+    values.update(overrides)
+    return TherapistFacts(**values)  # type: ignore[arg-type]
+
+
+def check(f: TherapistFacts):  # type: ignore[no-untyped-def]
+    return contactability(f, NOW, contact_interval=WEEK, call_window=WEEK)
+
+
+def test_an_active_therapist_with_an_address_and_no_contact_is_contactable() -> None:
+    assert check(facts()).contactable
+
+
+def test_blocked_inactive_deleted_or_without_address_are_never_contactable() -> None:
+    for f, reason in [
+        (facts(status=TherapistStatus.BLOCKED), "status is blocked"),
+        (facts(status=TherapistStatus.INACTIVE), "status is inactive"),
+        (facts(deleted=True), "deleted"),
+        (facts(has_email=False), "no email address"),
+    ]:
+        verdict = check(f)
+        assert not verdict.contactable
+        assert reason in (verdict.reason or "")
+        assert verdict.contactable_from is None
+
+
+def test_a_queued_email_counts_as_this_weeks_contact() -> None:
+    verdict = check(facts(has_unsent_email=True))
+    assert not verdict.contactable
+    assert "queued" in (verdict.reason or "")
+
+
+def test_an_email_sent_within_the_week_blocks_until_a_week_after_it() -> None:
+    sent = NOW - dt.timedelta(days=3)
+    verdict = check(facts(last_sent_at=sent))
+    assert not verdict.contactable
+    assert verdict.contactable_from == sent + WEEK
+    assert check(facts(last_sent_at=NOW - WEEK)).contactable
+
+
+def test_a_call_in_the_next_week_blocks_and_one_later_does_not() -> None:
+    soon = NOW + dt.timedelta(days=2)
+    verdict = check(facts(scheduled_calls=(soon,)))
+    assert not verdict.contactable
+    assert verdict.contactable_from == soon
+    assert check(facts(scheduled_calls=(NOW + dt.timedelta(days=8),))).contactable
+    assert check(facts(scheduled_calls=(NOW - dt.timedelta(hours=1),))).contactable
+
+
+def test_the_later_of_two_blocks_decides_when_contact_is_possible() -> None:
+    sent = NOW - dt.timedelta(days=6)
+    call = NOW + dt.timedelta(days=5)
+    verdict = check(facts(last_sent_at=sent, scheduled_calls=(call,)))
+    assert verdict.contactable_from == call
+
+
+def request(request_id: int, created_day: int, registered: dt.date | None) -> OpenRequest:
+    return OpenRequest(request_id, NOW - dt.timedelta(days=30 - created_day), registered)
+
+
+def test_oldest_registration_first_missing_last_then_age_then_id() -> None:
+    requests = [
+        request(1, 5, None),
+        request(2, 1, dt.date(2026, 9, 1)),
+        request(3, 0, dt.date(2026, 8, 1)),
+        request(4, 0, dt.date(2026, 9, 1)),
+        request(5, 0, None),
+        request(6, 0, dt.date(2026, 9, 1)),
+    ]
+    chosen = select_batch(requests, 5)
+    assert [r.placement_request_id for r in chosen] == [3, 4, 6, 2, 5]
+
+
+def test_at_most_the_limit_and_the_rest_waits() -> None:
+    requests = [request(i, i, dt.date(2026, 1, i)) for i in range(1, 7)]
+    assert [r.placement_request_id for r in select_batch(requests, 5)] == [1, 2, 3, 4, 5]
+
+
+def test_template_by_batch_size() -> None:
+    assert template_for([object()]) is EmailTemplate.INITIAL_CONTACT
+    assert template_for([object(), object()]) is EmailTemplate.BATCH_REQUEST
+
+
+requests_strategy = st.lists(
+    st.builds(
+        OpenRequest,
+        st.integers(1, 10_000),
+        st.datetimes(timezones=st.just(dt.UTC)),
+        st.none() | st.dates(),
+    ),
+    max_size=30,
+    unique_by=lambda r: r.placement_request_id,
+)
+
+
+@given(requests_strategy, st.integers(1, 10))
+def test_selection_is_the_sorted_prefix(requests: list[OpenRequest], limit: int) -> None:
+    chosen = select_batch(requests, limit)
+    assert len(chosen) == min(limit, len(requests))
+    assert chosen == sorted(requests, key=batch_order)[:limit]
+    if chosen:
+        worst = batch_order(chosen[-1])
+        assert all(batch_order(r) >= worst for r in requests if r not in chosen)
