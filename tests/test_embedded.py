@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import make_engine
-from comms_tasks.models import PlacementRequest, Therapist
+from comms_tasks.models import Email, EmailStatus, PlacementRequest, Therapist
 from tests.conftest import PROJECT_ROOT, worker_environment
 
 COMMS = str(Path(sys.executable).parent / "comms")
@@ -30,22 +32,33 @@ def comms(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     return result.stdout
 
 
-def test_demo_flows_through_the_filesystem_broker_into_sqlite(tmp_path: Path) -> None:
+def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_files(
+    tmp_path: Path,
+) -> None:
     env = worker_environment(COMMS_VAR_DIR=str(tmp_path / "var"), COMMS_LOG_LEVEL="WARNING")
     comms(env, "db", "upgrade")
     sent = json.loads(comms(env, "demo", "--json"))["sent"]
     assert sent["therapist.upserted"] >= 25
     assert sent["placement_request.created"] >= 100
 
-    output = comms(env, "run", "--until-idle", "--for", "100", timeout=150)
+    output = comms(env, "run", "--batch-now", "--until-idle", "--for", "100", timeout=150)
 
     engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'comms.db'}")
     with Session(engine) as session:
         therapists = session.scalar(select(func.count()).select_from(Therapist))
         requests = session.scalar(select(func.count()).select_from(PlacementRequest))
+        sent_emails = session.scalars(select(Email).where(Email.status == EmailStatus.SENT)).all()
     engine.dispose()
     assert therapists == sent["therapist.upserted"]
     assert requests == sent["placement_request.created"]
+    files = sorted((tmp_path / "var" / "outbox").glob("*.eml"))
+    assert sent_emails and len(files) == len(sent_emails)
+    first = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+    assert first["Message-ID"] in {row.message_id for row in sent_emails}
+    therapists_emailed = len({row.therapist_id for row in sent_emails})
+    flat = " ".join(output.split())
+    assert f"Sent {len(sent_emails)} emails to {therapists_emailed} therapists." in flat
+    assert f"open {files[0]}" in flat
     assert (
         f"Loaded through messages: {therapists} therapists and {requests} placement requests"
         in " ".join(output.split())
