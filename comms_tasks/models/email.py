@@ -27,6 +27,13 @@ class Email(Base):
         # The send loop looks for due queued emails and for expired "sending" leases.
         Index("ix_emails_status_next_attempt_at", "status", "next_attempt_at"),
         Index("ix_emails_therapist_id_status", "therapist_id", "status"),
+        # The follow-up queue: only emails waiting for a call are indexed.
+        Index(
+            "ix_emails_call_requested_at",
+            "call_requested_at",
+            postgresql_where=text("call_requested_at IS NOT NULL"),
+            sqlite_where=text("call_requested_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
@@ -65,6 +72,8 @@ class Email(Base):
         Boolean, default=False, server_default=text("false")
     )
     follow_up_notes: Mapped[str | None] = mapped_column(Text)
+    # Set by the follow-up check when the email went unanswered: it waits for a call.
+    call_requested_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     body_redacted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
