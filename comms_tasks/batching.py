@@ -46,6 +46,7 @@ def contactability(
     *,
     contact_interval: dt.timedelta,
     call_window: dt.timedelta,
+    zone: dt.tzinfo = dt.UTC,
 ) -> Contactability:
     """Whether the therapist may get a new batch email now, and if not, why and from when."""
     if facts.deleted:
@@ -61,14 +62,15 @@ def contactability(
         blocked_until.append(
             (
                 facts.last_sent_at + contact_interval,
-                f"emailed on {facts.last_sent_at:%Y-%m-%d}, at most one email "
+                f"emailed on {facts.last_sent_at.astimezone(zone):%Y-%m-%d}, at most one email "
                 f"per {contact_interval.days} days",
             )
         )
     upcoming = [at for at in facts.scheduled_calls if now <= at <= now + call_window]
     if upcoming:
         call_at = max(upcoming)
-        blocked_until.append((call_at, f"a call is scheduled for {call_at:%Y-%m-%d %H:%M} UTC"))
+        local_call = call_at.astimezone(zone)
+        blocked_until.append((call_at, f"a call is scheduled for {local_call:%Y-%m-%d %H:%M}"))
     if blocked_until:
         until, reason = max(blocked_until)
         return Contactability(False, reason, until)

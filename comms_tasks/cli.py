@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from typer.exceptions import TyperException
 
 from comms_tasks.settings import ConfigurationError, get_settings
 
@@ -39,6 +41,8 @@ explain_app = typer.Typer(help="Why the service does what it does.", no_args_is_
 preview_app = typer.Typer(
     help="What the service would do next, without doing it.", no_args_is_help=True
 )
+calls_app = typer.Typer(help="Follow-up calls and the day's call sheet.", no_args_is_help=True)
+app.add_typer(calls_app, name="calls")
 app.add_typer(emails_app, name="emails")
 app.add_typer(explain_app, name="explain")
 app.add_typer(preview_app, name="preview")
@@ -51,10 +55,37 @@ _WIDTH = None if sys.stdout.isatty() else 160
 console = Console(width=_WIDTH)
 errors = Console(stderr=True)
 
+USAGE_ERROR = 2
+ABORTED = 130
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
-# Keys of an inbound message whose values may be health data; masked unless --reveal.
-SENSITIVE_KEYS = frozenset({"patient", "content", "notes", "outcome", "reason"})
+# Keys of an inbound message whose values are identifiers or vocabulary, never health
+# data. Everything else in a dead letter is masked unless --reveal: a dead letter is a
+# message in the wrong shape, so its data may sit under any key.
+VISIBLE_KEYS = frozenset(
+    {
+        "event_id",
+        "event_type",
+        "version",
+        "occurred_at",
+        "producer",
+        "command_id",
+        "therapist_id",
+        "placement_request_id",
+        "placement_request_ids",
+        "patient_id",
+        "email_id",
+        "call_id",
+        "reply_to_email_id",
+        "status",
+        "old_status",
+        "new_status",
+        "template",
+        "received_at",
+        "created_at",
+    }
+)
 MASK = "***"
 
 
@@ -112,16 +143,15 @@ def contracts_write(
 # --- dead letters --------------------------------------------------------------------
 
 
-def mask(value: Any) -> Any:
-    """The message with every possibly sensitive value replaced by ``***``."""
+def mask(value: Any, *, visible: bool = False) -> Any:
+    """The message with every value that is not a known id or vocabulary replaced by ***."""
     if isinstance(value, dict):
-        return {
-            key: (MASK if key in SENSITIVE_KEYS and item is not None else mask(item))
-            for key, item in value.items()
-        }
+        return {key: mask(item, visible=key in VISIBLE_KEYS) for key, item in value.items()}
     if isinstance(value, list):
-        return [mask(item) for item in value]
-    return value
+        return [mask(item, visible=visible) for item in value]
+    if value is None or visible:
+        return value
+    return MASK
 
 
 def _letter_dict(letter: Any, *, payload: Any = None) -> dict[str, Any]:
@@ -417,6 +447,169 @@ def emails_examples(
     console.print(f"wrote {len(written)} files to {folder}")
 
 
+# --- calls ---------------------------------------------------------------------------
+
+DateOption = Annotated[
+    str | None, typer.Option("--date", help="The local day, YYYY-MM-DD (default: today).")
+]
+
+
+def _day(value: str | None) -> dt.date:
+    if value is None:
+        return dt.datetime.now(get_settings().zone).date()
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise fail("--date: must be a date as YYYY-MM-DD", code=2) from None
+
+
+def _sheet(day: dt.date) -> list[dict[str, Any]]:
+    from comms_tasks.db import transaction
+    from comms_tasks.reports import call_sheet
+
+    with transaction() as session:
+        return call_sheet(session, day)
+
+
+def _patient_line(patient: dict[str, Any]) -> str:
+    facts = [
+        patient["diagnosis"],
+        patient["gender"],
+        patient["time_availability"] and f"Zeit: {patient['time_availability']}",
+        patient["registered_on"] and f"registriert {patient['registered_on']}",
+    ]
+    details = "; ".join(str(fact) for fact in facts if fact)
+    state = patient["request_status"] or "unknown"
+    return f"Nr. {patient['placement_request_id']} ({state}): {details or 'keine Angaben'}"
+
+
+@calls_app.command("today")
+def calls_today(date: DateOption = None, as_json: JsonOption = False) -> None:
+    """The day's call sheet: time, therapist, phone, and the patients to discuss."""
+    day = _day(date)
+    sheet = _sheet(day)
+    if as_json:
+        emit_json({"date": day.isoformat(), "calls": sheet})
+        return
+    table = Table(title=f"Calls on {day:%A, %d.%m.%Y}")
+    for column in ("time", "call", "therapist", "phone", "status", "patients to discuss"):
+        table.add_column(column, overflow="fold")
+    for call in sheet:
+        table.add_row(
+            call["time"],
+            str(call["call_id"]),
+            call["therapist"] or f"therapist {call['therapist_id']}",
+            call["phone"] or "-",
+            call["status"] + (f" (attempt {call['attempt']})" if call["attempt"] > 1 else ""),
+            "\n".join(_patient_line(patient) for patient in call["patients"]),
+        )
+    console.print(table)
+    if not sheet:
+        console.print("no calls on this day")
+
+
+@calls_app.command("ics")
+def calls_ics(
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .ics file to write.")],
+    date: DateOption = None,
+) -> None:
+    """Write the day's calls as an iCalendar file (ids and phone numbers, no health data)."""
+    import icalendar
+
+    day = _day(date)
+    zone = get_settings().zone
+    calendar = icalendar.Calendar()
+    calendar.add("prodid", "-//Therapievermittlung//comms call sheet//DE")
+    calendar.add("version", "2.0")
+    calendar.add("x-wr-calname", f"Rückrufe {day:%d.%m.%Y}")
+    stamp = dt.datetime.now(dt.UTC)
+    sheet = [call for call in _sheet(day) if call["status"] == "scheduled"]
+    for call in sheet:
+        start = dt.datetime.fromisoformat(call["scheduled_at"]).astimezone(zone)
+        event = icalendar.Event()
+        event.add("uid", f"comms-call-{call['call_id']}@therapievermittlung")
+        event.add("dtstamp", stamp)
+        event.add("dtstart", start)
+        event.add("dtend", start + dt.timedelta(minutes=call["duration_minutes"]))
+        event.add("summary", f"Rückruf {call['therapist'] or call['therapist_id']}")
+        requests = ", ".join(f"Nr. {p['placement_request_id']}" for p in call["patients"])
+        event.add(
+            "description",
+            f"Telefon: {call['phone'] or '-'}\nAnfragen: {requests}\n"
+            f"Details: comms calls today --date {day.isoformat()}",
+        )
+        if call["phone"]:
+            event.add("location", call["phone"])
+        calendar.add_component(event)
+    calendar.add_missing_timezones()
+    output.write_bytes(calendar.to_ical())
+    console.print(f"wrote {len(sheet)} calls to {output}")
+
+
+@calls_app.command("outcome")
+def calls_outcome(
+    call_id: Annotated[int, typer.Argument(help="The call's id.")],
+    status_value: Annotated[
+        str, typer.Option("--status", help="completed, failed (no answer) or cancelled.")
+    ],
+    request: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--request",
+            help="REQUEST_ID=accepted|rejected|needs_follow_up|discussed, repeatable.",
+        ),
+    ] = None,
+    notes: Annotated[str | None, typer.Option(help="Notes on the call.")] = None,
+    retry_after: Annotated[
+        str | None, typer.Option(help="For failed: try again on this day or later.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send the outcome of a call to the service, as the record_call_outcome message."""
+    import uuid
+
+    from comms_tasks.app import app as celery_app
+    from comms_tasks.contracts import RECORD_CALL_OUTCOME, ContractViolation, validate_command
+
+    requests = []
+    for item in request or []:
+        request_id, _, outcome = item.partition("=")
+        if not request_id.isdigit() or outcome not in (
+            "accepted",
+            "rejected",
+            "needs_follow_up",
+            "discussed",
+        ):
+            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=2)
+        requests.append(
+            {
+                "placement_request_id": int(request_id),
+                "discussed": True,
+                "outcome": None if outcome == "discussed" else outcome,
+                "notes": None,
+            }
+        )
+    command = {
+        "command_id": str(uuid.uuid4()),
+        "call_id": call_id,
+        "status": status_value,
+        "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
+        "outcome": None,
+        "notes": notes,
+        "retry_after": retry_after,
+        "requests": requests,
+    }
+    try:
+        validate_command(RECORD_CALL_OUTCOME, command)
+    except ContractViolation as exc:
+        raise fail(exc.reason.removeprefix("command."), code=2) from None
+    celery_app.send_task(RECORD_CALL_OUTCOME, kwargs={"command": command})
+    if as_json:
+        emit_json(command)
+    else:
+        console.print(f"sent the outcome of call {call_id} (command {command['command_id']})")
+
+
 # --- explain and preview ---------------------------------------------------------------
 
 
@@ -547,7 +740,16 @@ def print_status(snapshot: dict[str, Any]) -> None:
 
 
 @app.command()
-def demo(as_json: JsonOption = False) -> None:
+def demo(
+    with_history: Annotated[
+        bool,
+        typer.Option(
+            "--history/--no-history",
+            help="Also record a few emails sent nine days ago, still unanswered.",
+        ),
+    ] = True,
+    as_json: JsonOption = False,
+) -> None:
     """Load a realistic sample by sending the public messages other services send."""
     from rich.progress import track
 
@@ -561,11 +763,22 @@ def demo(as_json: JsonOption = False) -> None:
             celery_app.send_task(message.task_name, kwargs=message.kwargs, producer=producer)
             event_type = message.kwargs["event"]["event_type"]
             sent[event_type] = sent.get(event_type, 0) + 1
+    history = 0
+    if with_history:
+        from comms_tasks.db import transaction
+        from comms_tasks.demo_history import past_emails, record_past_emails
+
+        with transaction() as session:
+            history = record_past_emails(
+                session, past_emails(messages), dt.datetime.now(dt.UTC), get_settings()
+            )
     if as_json:
-        emit_json({"sent": sent})
+        emit_json({"sent": sent, "past_emails": history})
         return
     for event_type, count in sent.items():
         console.print(f"sent {count} {event_type} messages")
+    if history:
+        console.print(f"recorded {history} emails sent nine days ago and not yet answered")
 
 
 def _queued_messages() -> int | None:
@@ -586,7 +799,7 @@ def _celery(*arguments: str) -> subprocess.Popen[bytes]:
 
 def _report_run(snapshot: dict[str, Any], settings: Any) -> None:
     from comms_tasks.db import transaction
-    from comms_tasks.models import Email, EmailStatus
+    from comms_tasks.models import Email, EmailStatus, PhoneCall, PhoneCallStatus
 
     console.rule("what happened")
     print_status(snapshot)
@@ -609,6 +822,16 @@ def _report_run(snapshot: dict[str, Any], settings: Any) -> None:
         console.print(
             f"Mail written to {settings.outbox_folder}/; open {files[0]}", highlight=False
         )
+    with transaction() as session:
+        first_call = session.scalar(
+            select(PhoneCall.scheduled_date)
+            .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+            .order_by(PhoneCall.scheduled_at)
+            .limit(1)
+        )
+    if first_call is not None:
+        console.print("Follow-up calls are booked; the first day's call sheet:", highlight=False)
+        calls_today(date=first_call.isoformat(), as_json=False)
 
 
 @app.command()
@@ -646,7 +869,8 @@ def run(
     signal.signal(signal.SIGINT, stop)
     reported: dict[str, Any] | None = None
     quiet_since = time.monotonic()
-    batch_pending = batch_now
+    # The daily pipeline, run at once when asked: the batch, then the follow-up check.
+    kicks = ["comms.batch_requests", "comms.follow_up_check"] if batch_now else []
     try:
         while not stopping and (seconds is None or time.monotonic() - started < seconds):
             time.sleep(1)
@@ -660,10 +884,10 @@ def run(
             # Act once the queue is drained and nothing has changed for a while.
             if time.monotonic() - quiet_since <= 3 or _queued_messages() not in (0, None):
                 continue
-            if batch_pending:
-                console.print("inbox drained: running the weekly batch now", highlight=False)
-                celery_app.send_task("comms.batch_requests")
-                batch_pending = False
+            if kicks:
+                task_name = kicks.pop(0)
+                console.print(f"all quiet: running {task_name} now", highlight=False)
+                celery_app.send_task(task_name)
                 quiet_since = time.monotonic()
                 continue
             _report_run(snapshot, settings)
@@ -689,4 +913,24 @@ def main() -> None:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    try:
+        result = app(standalone_mode=False)
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(ABORTED) from None
+    except SQLAlchemyError as exc:
+        first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        errors.print(
+            f"error: database: {first_line} (is it reachable and migrated? `comms db upgrade`)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(1) from None
+    except TyperException as exc:
+        # Bad arguments: one line naming what is wrong, instead of a usage screen.
+        reason = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        errors.print(f"error: {reason}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(USAGE_ERROR) from None
+    raise SystemExit(result if isinstance(result, int) else 0)

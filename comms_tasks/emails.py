@@ -136,7 +136,9 @@ def contactability_of(
     facts: batching.TherapistFacts, now: dt.datetime, settings: Settings
 ) -> batching.Contactability:
     interval = dt.timedelta(days=settings.contact_interval_days)
-    return batching.contactability(facts, now, contact_interval=interval, call_window=interval)
+    return batching.contactability(
+        facts, now, contact_interval=interval, call_window=interval, zone=settings.zone
+    )
 
 
 def _in_live_asking_email() -> object:
