@@ -14,6 +14,7 @@ from comms_tasks.models import (
     Email,
     EmailStatus,
     OutboxEvent,
+    Patient,
     PhoneCall,
     PhoneCallStatus,
     PlacementRequest,
@@ -59,3 +60,58 @@ def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[st
         )
         or 0,
     }
+
+
+def call_sheet(session: Session, day: dt.date) -> list[dict[str, Any]]:
+    """The calls of one local day, in order, with what the operator needs to discuss."""
+    calls = session.scalars(
+        select(PhoneCall).where(PhoneCall.scheduled_date == day).order_by(PhoneCall.scheduled_at)
+    ).all()
+    therapist_ids = {call.therapist_id for call in calls}
+    therapists = {
+        t.id: t for t in session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids)))
+    }
+    request_ids = {batch.placement_request_id for call in calls for batch in call.batches}
+    rows = session.execute(
+        select(PlacementRequest, Patient)
+        .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.id.in_(request_ids))
+    ).all()
+    requests = {request.id: (request, patient) for request, patient in rows}
+    sheet = []
+    for call in calls:
+        therapist = therapists.get(call.therapist_id)
+        patients = []
+        for batch in call.batches:
+            request, patient = requests.get(batch.placement_request_id, (None, None))
+            patients.append(
+                {
+                    "placement_request_id": batch.placement_request_id,
+                    "request_status": request.status.value if request else None,
+                    "discussed": batch.discussed,
+                    "outcome": batch.outcome.value if batch.outcome else None,
+                    "registered_on": patient.registered_on.isoformat()
+                    if patient and patient.registered_on
+                    else None,
+                    "diagnosis": patient.diagnosis if patient else None,
+                    "gender": patient.gender if patient else None,
+                    "time_availability": patient.time_availability if patient else None,
+                    "open_to_group_therapy": patient.open_to_group_therapy if patient else None,
+                }
+            )
+        sheet.append(
+            {
+                "call_id": call.id,
+                "time": call.scheduled_time.strftime("%H:%M"),
+                "scheduled_at": call.scheduled_at.isoformat(),
+                "duration_minutes": call.duration_minutes,
+                "status": call.status.value,
+                "attempt": call.attempt,
+                "email_id": call.email_id,
+                "therapist_id": call.therapist_id,
+                "therapist": therapist.display_name if therapist else None,
+                "phone": therapist.phone if therapist else None,
+                "patients": patients,
+            }
+        )
+    return sheet
