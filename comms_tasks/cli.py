@@ -797,7 +797,7 @@ def _celery(*arguments: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "celery", "-A", "comms_tasks", *arguments])
 
 
-def _report_run(snapshot: dict[str, Any], settings: Any) -> None:
+def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> None:
     from comms_tasks.db import transaction
     from comms_tasks.models import Email, EmailStatus, PhoneCall, PhoneCallStatus
 
@@ -810,11 +810,13 @@ def _report_run(snapshot: dict[str, Any], settings: Any) -> None:
     )
     with transaction() as session:
         sent = session.execute(
-            select(Email.therapist_id).where(Email.status == EmailStatus.SENT)
+            select(Email.therapist_id)
+            .where(Email.status == EmailStatus.SENT)
+            .where(Email.sent_at >= since)
         ).all()
     if sent:
         console.print(
-            f"Sent {len(sent)} emails to {len({row[0] for row in sent})} therapists.",
+            f"Sent {len(sent)} emails to {len({row[0] for row in sent})} therapists in this run.",
             highlight=False,
         )
     files = sorted(settings.outbox_folder.glob("*.eml"))
@@ -859,6 +861,7 @@ def run(
     worker = _celery("worker", f"--loglevel={log_level}", f"--concurrency={concurrency}")
     beat = _celery("beat", f"--loglevel={log_level}")
     started = time.monotonic()
+    run_started = dt.datetime.now(dt.UTC)
     stopping = False
 
     def stop(*_args: Any) -> None:
@@ -890,7 +893,7 @@ def run(
                 celery_app.send_task(task_name)
                 quiet_since = time.monotonic()
                 continue
-            _report_run(snapshot, settings)
+            _report_run(snapshot, settings, run_started)
             quiet_since = float("inf")
             if until_idle:
                 break

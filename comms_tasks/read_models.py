@@ -11,6 +11,7 @@ import datetime as dt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from comms_tasks.calls import withdraw_request_from_calls
 from comms_tasks.contracts import inbound
 from comms_tasks.contracts.common import availability_to_json
 from comms_tasks.inbox import Rejected
@@ -201,6 +202,9 @@ def change_request_status(
     request.status = PlacementRequestStatus(new_status)
     request.status_reason = reason
     request.last_event_at = occurred_at
+    if not request.status.is_pending:
+        # Unsent emails drop it when they are sent; a call about nothing is cancelled now.
+        withdraw_request_from_calls(session, request.id)
 
 
 def open_requests_of(session: Session, therapist_id: int) -> list[PlacementRequest]:

@@ -16,11 +16,17 @@ OUTBOX_RELAY_INTERVAL_SECONDS = 5.0
 SEND_INTERVAL_SECONDS = 60.0
 BATCH_TIME = {"hour": 7, "minute": 30}
 BATCH_DAYS = "mon-fri"
+FOLLOW_UP_TIME = {"hour": 9, "minute": 0}
 
 beat_schedule: dict[str, dict[str, Any]] = {
     "batch-requests": {
         "task": "comms.batch_requests",
         "schedule": crontab(**BATCH_TIME, day_of_week=BATCH_DAYS),
+    },
+    "follow-up-check": {
+        # Ends by starting comms.schedule_calls, which books the calls.
+        "task": "comms.follow_up_check",
+        "schedule": crontab(**FOLLOW_UP_TIME),
     },
     "send-email": {
         "task": "comms.send_email",
@@ -28,6 +34,7 @@ beat_schedule: dict[str, dict[str, Any]] = {
         # A run that could not start in time is superseded by the next one.
         "options": {"expires": SEND_INTERVAL_SECONDS},
     },
+    # The retention purge (redacting old email bodies) joins here as a nightly entry.
     "relay-outbox": {
         "task": "comms.relay_outbox",
         "schedule": OUTBOX_RELAY_INTERVAL_SECONDS,

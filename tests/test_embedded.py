@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import json
@@ -13,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import make_engine
-from comms_tasks.models import Email, EmailStatus, PlacementRequest, Therapist
+from comms_tasks.models import Email, EmailStatus, PhoneCall, PlacementRequest, Therapist
 from tests.conftest import PROJECT_ROOT, worker_environment
 
 COMMS = str(Path(sys.executable).parent / "comms")
@@ -37,7 +38,8 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
 ) -> None:
     env = worker_environment(COMMS_VAR_DIR=str(tmp_path / "var"), COMMS_LOG_LEVEL="WARNING")
     comms(env, "db", "upgrade")
-    sent = json.loads(comms(env, "demo", "--json"))["sent"]
+    demo = json.loads(comms(env, "demo", "--json"))
+    sent = demo["sent"]
     assert sent["therapist.upserted"] >= 25
     assert sent["placement_request.created"] >= 100
 
@@ -47,7 +49,13 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
     with Session(engine) as session:
         therapists = session.scalar(select(func.count()).select_from(Therapist))
         requests = session.scalar(select(func.count()).select_from(PlacementRequest))
-        sent_emails = session.scalars(select(Email).where(Email.status == EmailStatus.SENT)).all()
+        # The demo's past (sent nine days ago) was never written as files.
+        sent_emails = session.scalars(
+            select(Email)
+            .where(Email.status == EmailStatus.SENT)
+            .where(Email.sent_at > dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+        ).all()
+        calls = session.scalars(select(PhoneCall)).all()
     engine.dispose()
     assert therapists == sent["therapist.upserted"]
     assert requests == sent["placement_request.created"]
@@ -57,7 +65,11 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
     assert first["Message-ID"] in {row.message_id for row in sent_emails}
     therapists_emailed = len({row.therapist_id for row in sent_emails})
     flat = " ".join(output.split())
-    assert f"Sent {len(sent_emails)} emails to {therapists_emailed} therapists." in flat
+    assert f"Sent {len(sent_emails)} emails to {therapists_emailed} therapists in this run." in flat
+    # The demo's unanswered past emails got follow-up calls, and the sheet is shown.
+    assert demo["past_emails"] > 0
+    assert len(calls) == demo["past_emails"]
+    assert "the first day's call sheet" in flat
     assert f"open {files[0]}" in flat
     assert (
         f"Loaded through messages: {therapists} therapists and {requests} placement requests"

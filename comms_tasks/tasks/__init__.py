@@ -1,14 +1,21 @@
 """Thin Celery tasks, one module per pipeline stage. Importing this registers them all."""
 
-from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
+from comms_tasks.contracts import (
+    QUEUE_EMAIL,
+    RECORD_CALL_OUTCOME,
+    RECORD_EMAIL_RESPONSE,
+    SCHEDULE_CALL,
+)
 from comms_tasks.inbox import Applier
-from comms_tasks.tasks import batching, inbound, outbox, responses, sending
+from comms_tasks.tasks import batching, calls, inbound, outbox, responses, sending
 
 # What applies each inbound message: the tasks use it, and so does a dead-letter replay.
 APPLIERS: dict[str, Applier] = {
     **inbound.APPLIERS,
     RECORD_EMAIL_RESPONSE: responses.apply_email_response,
     QUEUE_EMAIL: responses.apply_queue_email,
+    SCHEDULE_CALL: calls.apply_schedule_call,
+    RECORD_CALL_OUTCOME: calls.apply_call_outcome,
 }
 
-__all__ = ["APPLIERS", "batching", "inbound", "outbox", "responses", "sending"]
+__all__ = ["APPLIERS", "batching", "calls", "inbound", "outbox", "responses", "sending"]

@@ -1,0 +1,532 @@
+"""Follow-up phone calls: who gets one, when, and what a call's outcome changes.
+
+Functions take the session and never commit. Booking is serialized: every transaction
+that books calls first takes :func:`lock_booking` (a PostgreSQL advisory lock; SQLite
+serializes writers anyway), then reads the live calls into a :class:`BookedCalls` index,
+so the operator capacity per 5-minute block holds across workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+from collections.abc import Sequence
+
+from sqlalchemy import exists, select, text
+from sqlalchemy.orm import Session
+
+from comms_tasks import emails as email_rules
+from comms_tasks.contracts import inbound
+from comms_tasks.contracts.outbound import (
+    CallCompletedPayload,
+    CallFailedPayload,
+    CallScheduledPayload,
+    CallUnschedulablePayload,
+    OutcomeRecordedPayload,
+)
+from comms_tasks.inbox import Rejected
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    EmailTemplate,
+    PhoneCall,
+    PhoneCallBatch,
+    PhoneCallStatus,
+    PlacementRequest,
+    ResponseOutcome,
+    Therapist,
+    TherapistStatus,
+)
+from comms_tasks.outbox import record_event
+from comms_tasks.settings import Settings
+from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
+
+# A call that was not answered is tried again, up to this many attempts in all.
+MAX_CALL_ATTEMPTS = 3
+# Any constant works; it only has to be the same for every process booking calls.
+BOOKING_LOCK_KEY = 0x636F6D6D73  # "comms"
+
+
+def slot_rules(settings: Settings) -> SlotRules:
+    return SlotRules(
+        zone=settings.zone,
+        lead_time=dt.timedelta(minutes=settings.call_lead_time_minutes),
+        horizon=dt.timedelta(days=settings.call_horizon_days),
+        block=dt.timedelta(minutes=settings.call_slot_minutes),
+        duration=dt.timedelta(minutes=settings.call_duration_minutes),
+        calls_per_slot=settings.calls_per_slot,
+        holiday_state=settings.holiday_state,
+    )
+
+
+@functools.cache
+def holidays_for(state: str | None) -> Holidays:
+    return Holidays(state)
+
+
+def lock_booking(session: Session) -> None:
+    """Serialize booking across workers until this transaction ends."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": BOOKING_LOCK_KEY})
+
+
+def booked_calls(session: Session, now: dt.datetime, settings: Settings) -> BookedCalls:
+    """Every live call from now to the end of the horizon, indexed."""
+    rules = slot_rules(settings)
+    index = BookedCalls(rules.block)
+    rows = session.execute(
+        select(PhoneCall.therapist_id, PhoneCall.scheduled_at, PhoneCall.duration_minutes)
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .where(PhoneCall.scheduled_at >= now - rules.duration)
+        .where(PhoneCall.scheduled_at <= now + rules.horizon + rules.duration)
+    )
+    for therapist_id, start, minutes in rows:
+        index.add(therapist_id, start, start + dt.timedelta(minutes=minutes))
+    return index
+
+
+@dataclasses.dataclass
+class Booking:
+    """The state one booking transaction works with."""
+
+    session: Session
+    settings: Settings
+    now: dt.datetime
+    booked: BookedCalls
+
+    @classmethod
+    def start(cls, session: Session, settings: Settings, now: dt.datetime) -> Booking:
+        lock_booking(session)
+        return cls(session, settings, now, booked_calls(session, now, settings))
+
+    def find_slot(
+        self, therapist: Therapist, not_before: dt.datetime | None = None
+    ) -> dt.datetime | None:
+        availability = parse_availability(therapist.phone_availability)
+        if not therapist.phone or not availability:
+            return None
+        return first_free_slot(
+            therapist.id,
+            availability,
+            self.booked,
+            self.now,
+            slot_rules(self.settings),
+            holidays_for(self.settings.holiday_state),
+            not_before=not_before,
+        )
+
+    def is_free(self, therapist_id: int, start: dt.datetime) -> bool:
+        end = start + dt.timedelta(minutes=self.settings.call_duration_minutes)
+        return (
+            self.booked.therapist_is_free(therapist_id, start, end)
+            and self.booked.load(start, end) < self.settings.calls_per_slot
+        )
+
+    def book(
+        self,
+        therapist: Therapist,
+        start: dt.datetime,
+        request_ids: Sequence[int],
+        *,
+        dedup_key: str,
+        email_id: int | None = None,
+        previous: PhoneCall | None = None,
+        notes: str | None = None,
+    ) -> PhoneCall:
+        local = start.astimezone(self.settings.zone)
+        duration = self.settings.call_duration_minutes
+        call = PhoneCall(
+            therapist_id=therapist.id,
+            email_id=email_id,
+            previous_call_id=previous.id if previous else None,
+            attempt=previous.attempt + 1 if previous else 1,
+            dedup_key=dedup_key,
+            scheduled_date=local.date(),
+            scheduled_time=local.time().replace(tzinfo=None),
+            scheduled_at=start,
+            duration_minutes=duration,
+            status=PhoneCallStatus.SCHEDULED,
+            notes=notes,
+            batches=[
+                PhoneCallBatch(placement_request_id=request_id, priority=priority)
+                for priority, request_id in enumerate(request_ids, start=1)
+            ],
+        )
+        self.session.add(call)
+        self.session.flush()
+        self.booked.add(therapist.id, start, start + dt.timedelta(minutes=duration))
+        record_event(
+            self.session,
+            CallScheduledPayload(
+                call_id=call.id,
+                therapist_id=therapist.id,
+                scheduled_at=start,
+                placement_request_ids=list(request_ids),
+            ),
+            occurred_at=self.now,
+        )
+        return call
+
+
+# --- the follow-up check ------------------------------------------------------------------
+
+
+def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settings) -> int:
+    """Mark unanswered emails (sent long enough ago) as waiting for a call; returns how many."""
+    due_before = now - dt.timedelta(days=settings.follow_up_after_days)
+    has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
+    emails = session.scalars(
+        select(Email)
+        .where(Email.template.in_(email_rules.ASKING_TEMPLATES))
+        .where(Email.status == EmailStatus.SENT)
+        .where(Email.sent_at <= due_before)
+        .where(Email.response_received.is_(False))
+        .where(Email.follow_up_required.is_(False))
+        .where(Email.call_requested_at.is_(None))
+        .where(~has_call)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for email in emails:
+        email.call_requested_at = now
+    return len(emails)
+
+
+def waiting_for_call(session: Session, limit: int) -> list[int]:
+    """Emails the follow-up check marked that have no call yet, oldest first."""
+    has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
+    return list(
+        session.scalars(
+            select(Email.id)
+            .where(Email.call_requested_at.is_not(None))
+            .where(Email.follow_up_required.is_(False))
+            .where(Email.response_received.is_(False))
+            .where(~has_call)
+            .order_by(Email.call_requested_at, Email.id)
+            .limit(limit)
+        )
+    )
+
+
+@dataclasses.dataclass
+class ScheduleReport:
+    scheduled: int = 0
+    unschedulable: int = 0
+    nothing_left: int = 0
+
+
+def pending_requests_of(session: Session, email: Email) -> list[int]:
+    included = [b.placement_request_id for b in email.batches if b.included]
+    pending = email_rules.requests_still_pending(session, included)
+    return [request_id for request_id in included if request_id in pending]
+
+
+def schedule_follow_ups(
+    session: Session, email_ids: Sequence[int], now: dt.datetime, settings: Settings
+) -> ScheduleReport:
+    """One call per waiting email, in the first free slot; else a reminder and a flag."""
+    report = ScheduleReport()
+    booking = Booking.start(session, settings, now)
+    for email_id in email_ids:
+        email = session.get(Email, email_id)
+        if email is None or email.response_received or email.follow_up_required:
+            continue
+        if session.scalar(select(PhoneCall.id).where(PhoneCall.email_id == email.id)):
+            continue
+        request_ids = pending_requests_of(session, email)
+        if not request_ids:
+            # Every request was decided or withdrawn meanwhile: nothing to call about.
+            email.call_requested_at = None
+            report.nothing_left += 1
+            continue
+        therapist = session.get(Therapist, email.therapist_id)
+        reason = _why_not_callable(therapist)
+        start = booking.find_slot(therapist) if therapist and reason is None else None
+        if therapist is not None and start is not None:
+            booking.book(
+                therapist, start, request_ids, dedup_key=f"follow_up:{email.id}", email_id=email.id
+            )
+            report.scheduled += 1
+            continue
+        unschedulable(
+            session,
+            email,
+            therapist,
+            request_ids,
+            reason or f"no free slot within {settings.call_horizon_days} days",
+            now,
+            settings,
+        )
+        report.unschedulable += 1
+    return report
+
+
+def _why_not_callable(therapist: Therapist | None) -> str | None:
+    if therapist is None or therapist.deleted_at is not None:
+        return "the therapist is no longer known"
+    if therapist.status is not TherapistStatus.ACTIVE:
+        return f"the therapist's status is {therapist.status.value}"
+    if not therapist.phone:
+        return "no phone number"
+    if not parse_availability(therapist.phone_availability):
+        return "no phone availability"
+    return None
+
+
+def unschedulable(
+    session: Session,
+    email: Email,
+    therapist: Therapist | None,
+    request_ids: Sequence[int],
+    reason: str,
+    now: dt.datetime,
+    settings: Settings,
+) -> None:
+    """No call: a reminder email once, the email flagged for manual follow-up, an event."""
+    email.follow_up_required = True
+    email.follow_up_notes = f"no follow-up call: {reason}"
+    dedup_key = f"reminder:{email.id}"
+    already = session.scalar(select(Email.id).where(Email.dedup_key == dedup_key))
+    if already is None and therapist is not None and therapist.email:
+        email_rules.queue_email_for(
+            session,
+            therapist,
+            EmailTemplate.FOLLOW_UP,
+            request_ids,
+            dedup_key=dedup_key,
+            settings=settings,
+            now=now,
+            in_reply_to=email,
+        )
+    record_event(
+        session,
+        CallUnschedulablePayload(email_id=email.id, therapist_id=email.therapist_id, reason=reason),
+        occurred_at=now,
+    )
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def _check_requests(
+    session: Session, therapist_id: int, request_ids: Sequence[int], command_id: str
+) -> None:
+    owners = dict(
+        session.execute(
+            select(PlacementRequest.id, PlacementRequest.therapist_id).where(
+                PlacementRequest.id.in_(list(request_ids))
+            )
+        ).all()
+    )
+    for index, request_id in enumerate(request_ids):
+        if owners.get(request_id) != therapist_id:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: unknown request of this therapist",
+                command_id,
+            )
+    if len(set(request_ids)) != len(request_ids):
+        raise Rejected("command.placement_request_ids: contains duplicates", command_id)
+
+
+def schedule_requested_call(
+    session: Session, command: inbound.ScheduleCall, now: dt.datetime, settings: Settings
+) -> PhoneCall:
+    """``comms.schedule_call``: at the given time, or in the first free slot."""
+    command_id = str(command.command_id)
+    therapist = session.get(Therapist, command.therapist_id)
+    if therapist is None or therapist.deleted_at is not None:
+        raise Rejected("command.therapist_id: unknown therapist", command_id)
+    if not therapist.phone:
+        raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
+    _check_requests(session, therapist.id, command.placement_request_ids, command_id)
+    booking = Booking.start(session, settings, now)
+    if command.at is not None:
+        start = command.at.astimezone(dt.UTC)
+        if start <= now:
+            raise Rejected("command.at: lies in the past", command_id)
+        if not booking.is_free(therapist.id, start):
+            raise Rejected("command.at: the therapist or the operators are busy then", command_id)
+    else:
+        found = booking.find_slot(therapist)
+        if found is None:
+            raise Rejected(
+                f"command.at: no free slot within {settings.call_horizon_days} days", command_id
+            )
+        start = found
+    return booking.book(
+        therapist,
+        start,
+        command.placement_request_ids,
+        dedup_key=f"command:{command_id}",
+        notes=command.notes,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CallOutcomeResult:
+    confirmations: list[int]
+    next_call_id: int | None = None
+
+
+def record_call_outcome(
+    session: Session, command: inbound.RecordCallOutcome, now: dt.datetime, settings: Settings
+) -> CallOutcomeResult:
+    command_id = str(command.command_id)
+    call = session.get(PhoneCall, command.call_id, with_for_update=True)
+    if call is None:
+        raise Rejected("command.call_id: unknown call", command_id)
+    if call.status is not PhoneCallStatus.SCHEDULED:
+        raise Rejected(f"command.call_id: the call is already {call.status.value}", command_id)
+    batches = {batch.placement_request_id: batch for batch in call.batches}
+    for index, item in enumerate(command.requests):
+        if item.placement_request_id not in batches:
+            raise Rejected(
+                f"command.requests[{index}].placement_request_id: not part of this call",
+                command_id,
+            )
+    local = command.occurred_at.astimezone(settings.zone)
+    call.actual_date = local.date()
+    call.actual_time = local.time().replace(tzinfo=None, microsecond=0)
+    call.outcome = command.outcome
+    if command.notes is not None:
+        call.notes = command.notes
+    call.retry_after = command.retry_after
+    if command.status == "cancelled":
+        call.status = PhoneCallStatus.CANCELLED
+        return CallOutcomeResult([])
+    if command.status == "completed":
+        return _completed(session, call, command, batches, now, settings)
+    return _failed(session, call, command, now, settings)
+
+
+def _completed(
+    session: Session,
+    call: PhoneCall,
+    command: inbound.RecordCallOutcome,
+    batches: dict[int, PhoneCallBatch],
+    now: dt.datetime,
+    settings: Settings,
+) -> CallOutcomeResult:
+    call.status = PhoneCallStatus.COMPLETED
+    record_event(
+        session,
+        CallCompletedPayload(call_id=call.id, therapist_id=call.therapist_id),
+        occurred_at=now,
+    )
+    therapist = session.get(Therapist, call.therapist_id)
+    confirmations = []
+    for item in command.requests:
+        batch = batches[item.placement_request_id]
+        batch.discussed = item.discussed
+        batch.outcome = ResponseOutcome(item.outcome) if item.outcome else None
+        batch.follow_up_notes = item.notes
+        batch.follow_up_required = item.outcome == ResponseOutcome.NEEDS_FOLLOW_UP
+        if item.outcome is None:
+            continue
+        record_event(
+            session,
+            OutcomeRecordedPayload(
+                placement_request_id=item.placement_request_id,
+                therapist_id=call.therapist_id,
+                outcome=item.outcome,
+                via="call",
+                source_id=call.id,
+            ),
+            occurred_at=now,
+        )
+        if item.outcome == ResponseOutcome.ACCEPTED and therapist is not None:
+            confirmation = email_rules.queue_confirmation(
+                session, therapist, item.placement_request_id, now, settings
+            )
+            if confirmation is not None:
+                confirmations.append(confirmation.id)
+    return CallOutcomeResult(confirmations)
+
+
+def _failed(
+    session: Session,
+    call: PhoneCall,
+    command: inbound.RecordCallOutcome,
+    now: dt.datetime,
+    settings: Settings,
+) -> CallOutcomeResult:
+    call.status = PhoneCallStatus.FAILED
+    next_call = None
+    reason = f"not answered {call.attempt} times"
+    if call.attempt < MAX_CALL_ATTEMPTS:
+        next_call, reason = _retry(session, call, command.retry_after, now, settings)
+    if next_call is None:
+        call.follow_up_required = True
+        call.follow_up_notes = f"manual follow-up: {reason}"
+        if call.email_id is not None:
+            email = session.get(Email, call.email_id)
+            if email is not None:
+                email.follow_up_required = True
+                email.follow_up_notes = call.follow_up_notes
+    record_event(
+        session,
+        CallFailedPayload(
+            call_id=call.id,
+            therapist_id=call.therapist_id,
+            attempt=call.attempt,
+            next_call_id=next_call.id if next_call else None,
+        ),
+        occurred_at=now,
+    )
+    return CallOutcomeResult([], next_call.id if next_call else None)
+
+
+def _retry(
+    session: Session,
+    call: PhoneCall,
+    retry_after: dt.date | None,
+    now: dt.datetime,
+    settings: Settings,
+) -> tuple[PhoneCall | None, str]:
+    """The next attempt: on ``retry_after`` or later, else from the next local day."""
+    therapist = session.get(Therapist, call.therapist_id)
+    reason = _why_not_callable(therapist)
+    if therapist is None or reason is not None:
+        return None, reason or "the therapist is no longer known"
+    pending = email_rules.requests_still_pending(
+        session, [batch.placement_request_id for batch in call.batches]
+    )
+    request_ids = [
+        b.placement_request_id for b in call.batches if b.placement_request_id in pending
+    ]
+    if not request_ids:
+        return None, "no request is still open"
+    zone = settings.zone
+    first_day = retry_after or (now.astimezone(zone).date() + dt.timedelta(days=1))
+    not_before = dt.datetime.combine(first_day, dt.time(0, 0), tzinfo=zone).astimezone(dt.UTC)
+    booking = Booking.start(session, settings, now)
+    start = booking.find_slot(therapist, not_before=not_before)
+    if start is None:
+        return None, f"no free slot within {settings.call_horizon_days} days"
+    next_call = booking.book(
+        therapist,
+        start,
+        request_ids,
+        dedup_key=f"retry:{call.id}",
+        email_id=call.email_id,
+        previous=call,
+    )
+    return next_call, ""
+
+
+def withdraw_request_from_calls(session: Session, request_id: int) -> None:
+    """A request that left open/in_progress: a scheduled call with nothing left is cancelled."""
+    calls = session.scalars(
+        select(PhoneCall)
+        .join(PhoneCallBatch, PhoneCallBatch.phone_call_id == PhoneCall.id)
+        .where(PhoneCallBatch.placement_request_id == request_id)
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .with_for_update()
+    ).all()
+    for call in calls:
+        pending = email_rules.requests_still_pending(
+            session, [batch.placement_request_id for batch in call.batches]
+        )
+        if not pending:
+            call.status = PhoneCallStatus.CANCELLED
+            call.notes = "cancelled: all its requests were withdrawn"

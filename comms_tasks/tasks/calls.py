@@ -1,0 +1,82 @@
+"""Follow-up calls: ``comms.follow_up_check`` -> ``comms.schedule_calls``, and the commands
+``comms.schedule_call`` and ``comms.record_call_outcome``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from comms_tasks import calls
+from comms_tasks.app import app
+from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, inbound
+from comms_tasks.db import after_commit, transaction
+from comms_tasks.inbox import handle_call
+from comms_tasks.models.base import utcnow
+from comms_tasks.settings import get_settings
+from comms_tasks.tasks.inbound import inbound_task_options
+
+FOLLOW_UP_CHECK = "comms.follow_up_check"
+SCHEDULE_CALLS = "comms.schedule_calls"
+# Emails per booking transaction: the booking lock is held for one chunk at a time.
+EMAILS_PER_CHUNK = 500
+
+
+@app.task(name=FOLLOW_UP_CHECK)
+def follow_up_check() -> dict[str, Any]:
+    """Mark unanswered emails as waiting for a call, then schedule the calls."""
+    with transaction() as session:
+        marked = calls.request_follow_up_calls(session, utcnow(), get_settings())
+    schedule_calls.delay()
+    return {"marked": marked}
+
+
+@app.task(name=SCHEDULE_CALLS)
+def schedule_calls() -> dict[str, Any]:
+    """Book a call for every email waiting for one; safe to run at any frequency."""
+    settings = get_settings()
+    totals = calls.ScheduleReport()
+    while True:
+        with transaction() as session:
+            email_ids = calls.waiting_for_call(session, EMAILS_PER_CHUNK)
+            if not email_ids:
+                break
+            report = calls.schedule_follow_ups(session, email_ids, utcnow(), settings)
+        totals.scheduled += report.scheduled
+        totals.unschedulable += report.unschedulable
+        totals.nothing_left += report.nothing_left
+    if totals.unschedulable:
+        from comms_tasks.tasks.sending import send_email
+
+        send_email.delay()
+    return {
+        "scheduled": totals.scheduled,
+        "unschedulable": totals.unschedulable,
+        "nothing_left": totals.nothing_left,
+    }
+
+
+def _send_soon(session: Session) -> None:
+    from comms_tasks.tasks.sending import send_email
+
+    after_commit(session, send_email.delay)
+
+
+def apply_schedule_call(session: Session, command: inbound.ScheduleCall) -> None:
+    calls.schedule_requested_call(session, command, utcnow(), get_settings())
+
+
+def apply_call_outcome(session: Session, command: inbound.RecordCallOutcome) -> None:
+    result = calls.record_call_outcome(session, command, utcnow(), get_settings())
+    if result.confirmations:
+        _send_soon(session)
+
+
+@app.task(name=SCHEDULE_CALL, **inbound_task_options())
+def schedule_call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return handle_call(SCHEDULE_CALL, args, kwargs, apply_schedule_call).as_dict()
+
+
+@app.task(name=RECORD_CALL_OUTCOME, **inbound_task_options())
+def record_call_outcome(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return handle_call(RECORD_CALL_OUTCOME, args, kwargs, apply_call_outcome).as_dict()
