@@ -101,11 +101,7 @@ def relay(
     published = 0
     error: str | None = None
     try:
-        # The filesystem transport has no host; saying so spares a warning per relay.
-        host = {"hostname": "localhost"} if broker_url.startswith("filesystem://") else {}
-        connection = Connection(
-            broker_url, transport_options=transport_options, connect_timeout=5, **host
-        )
+        connection = Connection(broker_url, transport_options=transport_options, connect_timeout=5)
         with connection as conn:
             conn.ensure_connection(max_retries=1, interval_start=0.2, timeout=10)
             producer = conn.Producer(serializer="json")

@@ -14,7 +14,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import make_engine
-from comms_tasks.models import Email, EmailStatus, PhoneCall, PlacementRequest, Therapist
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    OutboxEvent,
+    PhoneCall,
+    PlacementRequest,
+    Therapist,
+)
 from tests.conftest import PROJECT_ROOT, worker_environment
 
 COMMS = str(Path(sys.executable).parent / "comms")
@@ -56,6 +63,12 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
             .where(Email.sent_at > dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
         ).all()
         calls = session.scalars(select(PhoneCall)).all()
+        # Beat's relay published events through the filesystem broker.
+        relayed = session.scalar(
+            select(func.count())
+            .select_from(OutboxEvent)
+            .where(OutboxEvent.published_at.is_not(None))
+        )
     engine.dispose()
     assert therapists == sent["therapist.upserted"]
     assert requests == sent["placement_request.created"]
@@ -67,6 +80,7 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
     flat = " ".join(output.split())
     assert f"Sent {len(sent_emails)} emails to {therapists_emailed} therapists in this run." in flat
     # The demo's unanswered past emails got follow-up calls, and the sheet is shown.
+    assert relayed
     assert demo["past_emails"] > 0
     assert len(calls) == demo["past_emails"]
     assert "the first day's call sheet" in flat
