@@ -22,6 +22,8 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.retention import erase_patient_from_emails
+from comms_tasks.settings import get_settings
 
 SUMMARY_FIELDS = (
     "registered_on",
@@ -117,6 +119,9 @@ def apply_patient_event(session: Session, event: inbound.Envelope) -> None:
         _apply_summary(session, event.payload.patient_id, event.payload.patient, event.occurred_at)
     elif isinstance(event, inbound.PatientErased):
         erase_patient(session, event.payload.patient_id, event.occurred_at)
+        erase_patient_from_emails(
+            session, event.payload.patient_id, event.occurred_at, get_settings()
+        )
     else:
         raise TypeError(type(event).__name__)
 

@@ -100,21 +100,29 @@ def recheck_requests(session: Session, email: Email, settings: Settings, now: dt
         return True
     for batch in withdrawn:
         batch.included = False
-    remaining = [batch.placement_request_id for batch in included if batch not in withdrawn]
+    return rerender_or_cancel(
+        session, email, settings, "cancelled: all its requests were withdrawn before sending"
+    )
+
+
+def rerender_or_cancel(
+    session: Session, email: Email, settings: Settings, cancel_reason: str
+) -> bool:
+    """Render an unsent email again for its still-included requests, or cancel it."""
+    remaining = [batch.placement_request_id for batch in email.batches if batch.included]
     if not remaining:
         email.status = EmailStatus.CANCELLED
         email.lease_expires_at = None
         email.next_attempt_at = None
-        email.error_message = "cancelled: all its requests were withdrawn before sending"
+        email.error_message = cancel_reason
         return False
     therapist = session.get(Therapist, email.therapist_id)
     if therapist is None:
         return True
     template = email.template
     if template in ASKING_TEMPLATES:
-        template = (
-            EmailTemplate.INITIAL_CONTACT if len(remaining) == 1 else EmailTemplate.BATCH_REQUEST
-        )
+        several = len(remaining) > 1
+        template = EmailTemplate.BATCH_REQUEST if several else EmailTemplate.INITIAL_CONTACT
     original = (
         session.get(Email, email.in_reply_to_email_id) if email.in_reply_to_email_id else None
     )

@@ -17,6 +17,8 @@ SEND_INTERVAL_SECONDS = 60.0
 BATCH_TIME = {"hour": 7, "minute": 30}
 BATCH_DAYS = "mon-fri"
 FOLLOW_UP_TIME = {"hour": 9, "minute": 0}
+# Email bodies past the retention period are redacted once a night.
+RETENTION_TIME = {"hour": 3, "minute": 15}
 
 beat_schedule: dict[str, dict[str, Any]] = {
     "batch-requests": {
@@ -34,7 +36,10 @@ beat_schedule: dict[str, dict[str, Any]] = {
         # A run that could not start in time is superseded by the next one.
         "options": {"expires": SEND_INTERVAL_SECONDS},
     },
-    # The retention purge (redacting old email bodies) joins here as a nightly entry.
+    "purge-expired": {
+        "task": "comms.purge_expired",
+        "schedule": crontab(**RETENTION_TIME),
+    },
     "relay-outbox": {
         "task": "comms.relay_outbox",
         "schedule": OUTBOX_RELAY_INTERVAL_SECONDS,

@@ -7,7 +7,7 @@ from comms_tasks.contracts import (
     SCHEDULE_CALL,
 )
 from comms_tasks.inbox import Applier
-from comms_tasks.tasks import batching, calls, inbound, outbox, responses, sending
+from comms_tasks.tasks import batching, calls, inbound, outbox, responses, retention, sending
 
 # What applies each inbound message: the tasks use it, and so does a dead-letter replay.
 APPLIERS: dict[str, Applier] = {
@@ -18,4 +18,13 @@ APPLIERS: dict[str, Applier] = {
     RECORD_CALL_OUTCOME: calls.apply_call_outcome,
 }
 
-__all__ = ["APPLIERS", "batching", "calls", "inbound", "outbox", "responses", "sending"]
+__all__ = [
+    "APPLIERS",
+    "batching",
+    "calls",
+    "inbound",
+    "outbox",
+    "responses",
+    "retention",
+    "sending",
+]

@@ -1,0 +1,86 @@
+"""Health data does not stay longer than it must (SPEC §10).
+
+- ``patient.erased``: the patient's summary leaves the read model, and every stored email
+  body that showed it is redacted; an unsent email drops the patient, or is cancelled.
+- Retention: email bodies are redacted once the email has been quiet for
+  ``COMMS_RETENTION_DAYS``.
+
+The email rows stay (status, dates, ids, the requests they asked about), marked with
+``body_redacted_at``. Both operations are idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from comms_tasks.models import Email, EmailBatch, EmailStatus, PlacementRequest
+from comms_tasks.sending import RECHECKED_TEMPLATES, rerender_or_cancel
+from comms_tasks.settings import Settings
+
+REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
+REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
+UNSENT = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
+
+
+def redact(email: Email, now: dt.datetime) -> None:
+    email.body_text = REDACTED_TEXT
+    email.body_html = REDACTED_HTML
+    email.response_content = None
+    email.body_redacted_at = now
+
+
+def erase_patient_from_emails(
+    session: Session, patient_id: int, now: dt.datetime, settings: Settings
+) -> int:
+    """Redact or rewrite every email that asked about the patient; returns how many."""
+    asked_about = (
+        select(EmailBatch.email_id)
+        .join(PlacementRequest, PlacementRequest.id == EmailBatch.placement_request_id)
+        .where(PlacementRequest.patient_id == patient_id)
+    )
+    emails = session.scalars(
+        select(Email)
+        .where(Email.id.in_(asked_about))
+        .where(Email.body_redacted_at.is_(None))
+        .order_by(Email.id)
+        .with_for_update()
+    ).all()
+    if not emails:
+        return 0
+    request_ids = set(
+        session.scalars(
+            select(PlacementRequest.id).where(PlacementRequest.patient_id == patient_id)
+        )
+    )
+    changed = 0
+    for email in emails:
+        if email.status in UNSENT and email.template in RECHECKED_TEMPLATES:
+            for batch in email.batches:
+                if batch.placement_request_id in request_ids:
+                    batch.included = False
+            # Rendered again from the read model, which no longer holds the summary.
+            rerender_or_cancel(session, email, settings, "cancelled: its only patient was erased")
+        else:
+            redact(email, now)
+        changed += 1
+    return changed
+
+
+def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit: int) -> int:
+    """Redact up to ``limit`` bodies of emails quiet for longer than the retention period."""
+    cutoff = now - dt.timedelta(days=retention_days)
+    emails = session.scalars(
+        select(Email)
+        .where(Email.body_redacted_at.is_(None))
+        .where(Email.status.not_in(UNSENT))
+        .where(Email.updated_at < cutoff)
+        .order_by(Email.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for email in emails:
+        redact(email, now)
+    return len(emails)
