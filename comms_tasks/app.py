@@ -7,6 +7,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
+import comms_tasks.logs  # noqa: F401 - connects the logging signals
+
 app = Celery("comms_tasks")
 app.config_from_object("celeryconfig")
 

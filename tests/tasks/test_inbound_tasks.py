@@ -82,7 +82,7 @@ def test_the_same_event_twice_is_applied_once(
     send(sender, THERAPIST, second)
     wait_for(lambda: (t := therapist(committed_db, 31)) and t.email == "zweite@praxis.de")
     send(sender, THERAPIST, first)
-    duplicate = f"'result': 'duplicate', 'message_id': '{first['event_id']}'"
+    duplicate = f"result=duplicate message_id={first['event_id']}"
     wait_for(lambda: duplicate in worker.log())
     current = therapist(committed_db, 31)
     assert current is not None
