@@ -7,7 +7,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
-import comms_tasks.logs  # noqa: F401 - connects the logging signals
+import comms_tasks.logs
+import comms_tasks.task_runs  # noqa: F401 - records when scheduled tasks ran
 
 app = Celery("comms_tasks")
 app.config_from_object("celeryconfig")

@@ -731,9 +731,17 @@ def print_status(snapshot: dict[str, Any]) -> None:
         table.add_section()
     age = snapshot["oldest_queued_email_age_seconds"]
     table.add_row("oldest queued email", "-" if age is None else f"{age} s")
+    table.add_row("retries due now", str(snapshot["retries_due"]))
+    table.add_row("retries waiting", str(snapshot["retries_waiting"]))
     table.add_row("outbox pending", str(snapshot["outbox_pending"]))
     table.add_row("dead letters pending", str(snapshot["dead_letters_pending"]))
     console.print(table)
+    runs = Table(title="Scheduled tasks")
+    for column in ("task", "last finished", "state"):
+        runs.add_column(column)
+    for name, run in snapshot["last_runs"].items():
+        runs.add_row(name, (run["last_finished_at"] or "never")[:19], run["last_state"] or "-")
+    console.print(runs)
 
 
 # --- demo and run --------------------------------------------------------------------

@@ -34,6 +34,8 @@ def _counts(session: Session, column: Any, values: list[Any], *where: Any) -> di
 def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[str, Any]:
     """Counts per status and the backlogs, as one JSON-ready mapping with a stable shape."""
     now = now or utcnow()
+    from comms_tasks.task_runs import last_runs
+
     oldest_queued = session.scalar(
         select(func.min(Email.queued_at)).where(Email.status == EmailStatus.QUEUED)
     )
@@ -49,6 +51,22 @@ def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[st
         "oldest_queued_email_age_seconds": (
             None if oldest_queued is None else int((now - oldest_queued).total_seconds())
         ),
+        "retries_due": session.scalar(
+            select(func.count())
+            .select_from(Email)
+            .where(Email.status == EmailStatus.QUEUED)
+            .where(Email.retry_count > 0)
+            .where(Email.next_attempt_at <= now)
+        )
+        or 0,
+        "retries_waiting": session.scalar(
+            select(func.count())
+            .select_from(Email)
+            .where(Email.status == EmailStatus.QUEUED)
+            .where(Email.retry_count > 0)
+            .where(Email.next_attempt_at > now)
+        )
+        or 0,
         "outbox_pending": session.scalar(
             select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
         )
@@ -59,6 +77,7 @@ def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[st
             .where(DeadLetter.status == DeadLetterStatus.PENDING)
         )
         or 0,
+        "last_runs": last_runs(session),
     }
 
 

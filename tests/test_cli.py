@@ -252,8 +252,20 @@ def test_status_counts_everything_in_a_stable_shape(comms: Run, committed_db: En
             "cancelled": 0,
         },
         "phone_calls": {"scheduled": 1, "completed": 1, "failed": 0, "cancelled": 0},
+        "retries_due": 0,
+        "retries_waiting": 0,
         "outbox_pending": outbox,
         "dead_letters_pending": 1,
+        "last_runs": {
+            name: {"last_finished_at": None, "last_state": None}
+            for name in (
+                "comms.batch_requests",
+                "comms.follow_up_check",
+                "comms.purge_expired",
+                "comms.relay_outbox",
+                "comms.send_email",
+            )
+        },
     }
     assert email_row(committed_db, email_id).status is EmailStatus.QUEUED
 
@@ -276,8 +288,11 @@ def test_status_of_an_empty_database_has_the_same_keys(comms: Run) -> None:
         "emails",
         "phone_calls",
         "oldest_queued_email_age_seconds",
+        "retries_due",
+        "retries_waiting",
         "outbox_pending",
         "dead_letters_pending",
+        "last_runs",
     ]
     assert snapshot["oldest_queued_email_age_seconds"] is None
     assert snapshot["emails"]["queued"] == 0

@@ -25,6 +25,7 @@ EXPECTED_TABLES = {
     "outbox",
     "processed_messages",
     "dead_letters",
+    "task_runs",
 }
 
 

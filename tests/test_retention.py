@@ -117,3 +117,17 @@ def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
     assert MARKER in load(committed_db, waiting).body_text
     with Session(committed_db) as session:
         assert session.scalar(select(Email.status).where(Email.id == old)) is EmailStatus.SENT
+
+
+def test_scheduled_tasks_record_their_last_run(committed_db: Engine) -> None:
+    from comms_tasks.reports import status_snapshot
+    from comms_tasks.task_runs import record_run
+
+    with transaction() as session:
+        record_run(session, "comms.purge_expired", "SUCCESS")
+        record_run(session, "comms.purge_expired", "FAILURE")
+    with Session(committed_db) as session:
+        runs = status_snapshot(session)["last_runs"]
+    assert runs["comms.purge_expired"]["last_state"] == "FAILURE"
+    assert runs["comms.purge_expired"]["last_finished_at"] is not None
+    assert runs["comms.batch_requests"] == {"last_finished_at": None, "last_state": None}

@@ -67,3 +67,14 @@ class DeadLetter(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     replayed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class TaskRun(Base):
+    """When each scheduled task last finished, for ``comms status``."""
+
+    __tablename__ = "task_runs"
+
+    task_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_finished_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_state: Mapped[str] = mapped_column(String(20))
+    runs: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))

@@ -1,0 +1,61 @@
+"""When each scheduled task last finished: recorded by the worker, shown by ``comms status``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from comms_tasks.models import TaskRun
+from comms_tasks.models.base import utcnow
+from schedules import beat_schedule
+
+log = logging.getLogger(__name__)
+
+SCHEDULED_TASKS = frozenset(entry["task"] for entry in beat_schedule.values())
+
+
+def record_run(session: Session, task_name: str, state: str) -> None:
+    """Upsert the task's last run; one row per task, however many workers."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    now = utcnow()
+    statement = insert(TaskRun).values(task_name=task_name, last_finished_at=now, last_state=state)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[TaskRun.task_name],
+            set_={"last_finished_at": now, "last_state": state, "runs": TaskRun.runs + 1},
+        )
+    )
+
+
+def last_runs(session: Session) -> dict[str, dict[str, Any]]:
+    runs = {row.task_name: row for row in session.scalars(select(TaskRun))}
+    return {
+        name: {
+            "last_finished_at": runs[name].last_finished_at.isoformat() if name in runs else None,
+            "last_state": runs[name].last_state if name in runs else None,
+        }
+        for name in sorted(SCHEDULED_TASKS)
+    }
+
+
+@signals.task_postrun.connect
+def _remember_scheduled_run(task: Any = None, state: str | None = None, **_kwargs: Any) -> None:
+    name = getattr(task, "name", None)
+    if not isinstance(name, str) or name not in SCHEDULED_TASKS:
+        return
+    from comms_tasks.db import transaction
+
+    try:
+        with transaction() as session:
+            record_run(session, name, state or "UNKNOWN")
+    except SQLAlchemyError:
+        # Bookkeeping only: a failure here must not turn a task's success into an error.
+        log.warning("could not record the run of %s", name, exc_info=True)
