@@ -31,7 +31,7 @@ from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
 from comms_tasks.tasks.calls import follow_up_check, schedule_calls
 from tests import factories as f
-from tests.conftest import worker_environment
+from tests.conftest import WorkerProcess, wait_for, worker_environment
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -352,3 +352,36 @@ def test_the_call_sheet_and_its_calendar(
     assert event.decoded("dtend") - start == dt.timedelta(minutes=5)
     assert calendar.walk("VTIMEZONE")
     assert "Depressive" not in ics.read_text() and "F32.1" not in ics.read_text()
+
+
+def test_calls_outcome_sends_the_public_message(
+    worker: WorkerProcess, committed_db: Engine, committed_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    sent_email(14)
+    follow_up_check()
+    schedule_calls()
+    [call] = calls_of(committed_db)
+    env = worker_environment(
+        COMMS_DATABASE_URL=committed_url, COMMS_BROKER_URL=redis_url, COMMS_VAR_DIR=str(tmp_path)
+    )
+    bad = subprocess.run(
+        [COMMS, "calls", "outcome", str(call.id), "--status", "finished"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: status: Input should be 'completed', 'failed' or 'cancelled'"
+    ]
+    subprocess.run(
+        [COMMS, "calls", "outcome", str(call.id), "--status", "failed", "--notes", "AB"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    wait_for(lambda: len(calls_of(committed_db)) == 2)
+    first, retry = calls_of(committed_db)
+    assert first.status is PhoneCallStatus.FAILED
+    assert first.notes == "AB"
+    assert retry.attempt == 2
