@@ -36,6 +36,16 @@ worker: $(STAMP)
 beat: $(STAMP)
 	$(BIN)/celery -A comms_tasks beat --loglevel=INFO
 
+# Flower on FLOWER_PORT, behind basic auth: refuses to start without FLOWER_BASIC_AUTH
+# (user:password). The check comes before the install, so nothing starts without it;
+# the password is quoted for the shell and not echoed.
+FLOWER_PORT ?= 5555
+flower:
+	@$(if $(strip $(FLOWER_BASIC_AUTH)),true,echo "set FLOWER_BASIC_AUTH=user:password" >&2; exit 2)
+	@$(MAKE) --no-print-directory $(STAMP)
+	@echo "$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --basic-auth=***"
+	@$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --basic-auth='$(subst ','\'',$(FLOWER_BASIC_AUTH))'
+
 schemas: $(STAMP)
 	$(BIN)/comms contracts write
 

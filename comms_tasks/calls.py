@@ -23,7 +23,6 @@ from comms_tasks.contracts.outbound import (
     CallFailedPayload,
     CallScheduledPayload,
     CallUnschedulablePayload,
-    OutcomeRecordedPayload,
 )
 from comms_tasks.inbox import Rejected
 from comms_tasks.models import (
@@ -33,7 +32,6 @@ from comms_tasks.models import (
     PhoneCall,
     PhoneCallBatch,
     PhoneCallStatus,
-    PlacementRequest,
     ResponseOutcome,
     Therapist,
     TherapistStatus,
@@ -308,26 +306,6 @@ def unschedulable(
 # --- commands -----------------------------------------------------------------------------
 
 
-def _check_requests(
-    session: Session, therapist_id: int, request_ids: Sequence[int], command_id: str
-) -> None:
-    owners = dict(
-        session.execute(
-            select(PlacementRequest.id, PlacementRequest.therapist_id).where(
-                PlacementRequest.id.in_(list(request_ids))
-            )
-        ).all()
-    )
-    for index, request_id in enumerate(request_ids):
-        if owners.get(request_id) != therapist_id:
-            raise Rejected(
-                f"command.placement_request_ids[{index}]: unknown request of this therapist",
-                command_id,
-            )
-    if len(set(request_ids)) != len(request_ids):
-        raise Rejected("command.placement_request_ids: contains duplicates", command_id)
-
-
 def schedule_requested_call(
     session: Session, command: inbound.ScheduleCall, now: dt.datetime, settings: Settings
 ) -> PhoneCall:
@@ -338,7 +316,7 @@ def schedule_requested_call(
         raise Rejected("command.therapist_id: unknown therapist", command_id)
     if not therapist.phone:
         raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
-    _check_requests(session, therapist.id, command.placement_request_ids, command_id)
+    email_rules.check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
     booking = Booking.start(session, settings, now)
     if command.at is not None:
         start = command.at.astimezone(dt.UTC)
@@ -423,23 +401,19 @@ def _completed(
         batch.follow_up_required = item.outcome == ResponseOutcome.NEEDS_FOLLOW_UP
         if item.outcome is None:
             continue
-        record_event(
+        confirmation = email_rules.record_outcome(
             session,
-            OutcomeRecordedPayload(
-                placement_request_id=item.placement_request_id,
-                therapist_id=call.therapist_id,
-                outcome=item.outcome,
-                via="call",
-                source_id=call.id,
-            ),
-            occurred_at=now,
+            call.therapist_id,
+            therapist,
+            item.placement_request_id,
+            ResponseOutcome(item.outcome),
+            via="call",
+            source_id=call.id,
+            now=now,
+            settings=settings,
         )
-        if item.outcome == ResponseOutcome.ACCEPTED and therapist is not None:
-            confirmation = email_rules.queue_confirmation(
-                session, therapist, item.placement_request_id, now, settings
-            )
-            if confirmation is not None:
-                confirmations.append(confirmation.id)
+        if confirmation is not None:
+            confirmations.append(confirmation)
     return CallOutcomeResult(confirmations)
 
 

@@ -102,6 +102,17 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def send_message(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
+    """Send a public message as other services do, showing only its ids in task events."""
+    from comms_tasks.app import app as celery_app
+    from comms_tasks.privacy import identifying_repr
+
+    argsrepr, kwargsrepr = identifying_repr([], kwargs)
+    celery_app.send_task(
+        task_name, kwargs=kwargs, argsrepr=argsrepr, kwargsrepr=kwargsrepr, **options
+    )
+
+
 # --- db ------------------------------------------------------------------------------
 
 
@@ -568,7 +579,6 @@ def calls_outcome(
     """Send the outcome of a call to the service, as the record_call_outcome message."""
     import uuid
 
-    from comms_tasks.app import app as celery_app
     from comms_tasks.contracts import RECORD_CALL_OUTCOME, ContractViolation, validate_command
 
     requests = []
@@ -603,7 +613,7 @@ def calls_outcome(
         validate_command(RECORD_CALL_OUTCOME, command)
     except ContractViolation as exc:
         raise fail(exc.reason.removeprefix("command."), code=2) from None
-    celery_app.send_task(RECORD_CALL_OUTCOME, kwargs={"command": command})
+    send_message(RECORD_CALL_OUTCOME, {"command": command})
     if as_json:
         emit_json(command)
     else:
@@ -613,23 +623,28 @@ def calls_outcome(
 # --- explain and preview ---------------------------------------------------------------
 
 
-@explain_app.command("therapist")
-def explain_therapist(
-    therapist_id: Annotated[int, typer.Argument(help="The therapist's id.")],
-    as_json: JsonOption = False,
-) -> None:
-    """Whether the next batch would email this therapist, and if not, why and from when."""
+def _preview(therapist_id: int) -> Any:
+    """What the next batch would do for the therapist, computed and rolled back."""
     from comms_tasks.db import transaction
     from comms_tasks.emails import preview_batch
     from comms_tasks.models.base import utcnow
 
     with transaction() as session:
         try:
-            verdict, template, request_ids, _ = preview_batch(
-                session, therapist_id, utcnow(), get_settings()
-            )
+            result = preview_batch(session, therapist_id, utcnow(), get_settings())
         except LookupError as exc:
             raise fail(str(exc)) from None
+        session.rollback()
+    return result
+
+
+@explain_app.command("therapist")
+def explain_therapist(
+    therapist_id: Annotated[int, typer.Argument(help="The therapist's id.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Whether the next batch would email this therapist, and if not, why and from when."""
+    verdict, template, request_ids, _ = _preview(therapist_id)
     zone = get_settings().zone
     data = {
         "therapist_id": therapist_id,
@@ -670,18 +685,7 @@ def preview_therapist(
     as_json: JsonOption = False,
 ) -> None:
     """The email the next batch would send this therapist; nothing is sent or stored."""
-    from comms_tasks.db import transaction
-    from comms_tasks.emails import preview_batch
-    from comms_tasks.models.base import utcnow
-
-    with transaction() as session:
-        try:
-            verdict, template, request_ids, rendered = preview_batch(
-                session, therapist_id, utcnow(), get_settings()
-            )
-        except LookupError as exc:
-            raise fail(str(exc)) from None
-        session.rollback()
+    verdict, template, request_ids, rendered = _preview(therapist_id)
     if rendered is None or template is None:
         raise fail(f"therapist {therapist_id} has no request waiting for an email")
     if as_json:
@@ -768,7 +772,7 @@ def demo(
     sent: dict[str, int] = {}
     with celery_app.producer_or_acquire() as producer:
         for message in track(messages, description="sending demo messages", console=errors):
-            celery_app.send_task(message.task_name, kwargs=message.kwargs, producer=producer)
+            send_message(message.task_name, message.kwargs, producer=producer)
             event_type = message.kwargs["event"]["event_type"]
             sent[event_type] = sent.get(event_type, 0) + 1
     history = 0

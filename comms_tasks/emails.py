@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
@@ -408,6 +409,60 @@ def queue_confirmation(
     )
 
 
+def record_outcome(
+    session: Session,
+    therapist_id: int,
+    therapist: Therapist | None,
+    request_id: int,
+    outcome: ResponseOutcome,
+    *,
+    via: Literal["email", "call"],
+    source_id: int,
+    now: dt.datetime,
+    settings: Settings,
+    in_reply_to: Email | None = None,
+) -> int | None:
+    """Publish one request's outcome; an acceptance queues its confirmation (its id)."""
+    record_event(
+        session,
+        OutcomeRecordedPayload(
+            placement_request_id=request_id,
+            therapist_id=therapist_id,
+            outcome=outcome.value,
+            via=via,
+            source_id=source_id,
+        ),
+        occurred_at=now,
+    )
+    if outcome is not ResponseOutcome.ACCEPTED or therapist is None:
+        return None
+    confirmation = queue_confirmation(
+        session, therapist, request_id, now, settings, in_reply_to=in_reply_to
+    )
+    return confirmation.id if confirmation else None
+
+
+def check_requests_of(
+    session: Session, therapist_id: int, request_ids: Sequence[int], command_id: str
+) -> None:
+    """Every id names a distinct request of this therapist, or the command is rejected."""
+    owners = dict(
+        session.execute(
+            select(PlacementRequest.id, PlacementRequest.therapist_id).where(
+                PlacementRequest.id.in_(list(request_ids))
+            )
+        ).all()
+    )
+    for index, request_id in enumerate(request_ids):
+        if owners.get(request_id) != therapist_id:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: unknown request of this therapist",
+                command_id,
+            )
+    if len(set(request_ids)) != len(request_ids):
+        raise Rejected("command.placement_request_ids: contains duplicates", command_id)
+
+
 def record_response(
     session: Session, command: inbound.RecordEmailResponse, now: dt.datetime, settings: Settings
 ) -> list[int]:
@@ -438,23 +493,20 @@ def record_response(
         batch = batches[item.placement_request_id]
         batch.response_outcome = ResponseOutcome(item.outcome)
         batch.response_notes = item.notes
-        record_event(
+        confirmation = record_outcome(
             session,
-            OutcomeRecordedPayload(
-                placement_request_id=item.placement_request_id,
-                therapist_id=email.therapist_id,
-                outcome=item.outcome,
-                via="email",
-                source_id=email.id,
-            ),
-            occurred_at=now,
+            email.therapist_id,
+            therapist,
+            item.placement_request_id,
+            ResponseOutcome(item.outcome),
+            via="email",
+            source_id=email.id,
+            now=now,
+            settings=settings,
+            in_reply_to=email,
         )
-        if item.outcome == ResponseOutcome.ACCEPTED and therapist is not None:
-            confirmation = queue_confirmation(
-                session, therapist, item.placement_request_id, now, settings, in_reply_to=email
-            )
-            if confirmation is not None:
-                confirmations.append(confirmation.id)
+        if confirmation is not None:
+            confirmations.append(confirmation)
     cancel_follow_up_calls(session, email.id)
     return confirmations
 
@@ -483,21 +535,7 @@ def queue_requested_email(
         raise Rejected("command.therapist_id: unknown therapist", command_id)
     if not therapist.email:
         raise Rejected("command.therapist_id: the therapist has no email address", command_id)
-    found = dict(
-        session.execute(
-            select(PlacementRequest.id, PlacementRequest.therapist_id).where(
-                PlacementRequest.id.in_(command.placement_request_ids)
-            )
-        ).all()
-    )
-    for index, request_id in enumerate(command.placement_request_ids):
-        if found.get(request_id) != therapist.id:
-            raise Rejected(
-                f"command.placement_request_ids[{index}]: unknown request of this therapist",
-                command_id,
-            )
-    if len(set(command.placement_request_ids)) != len(command.placement_request_ids):
-        raise Rejected("command.placement_request_ids: contains duplicates", command_id)
+    check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
     original = None
     if command.reply_to_email_id is not None:
         original = session.get(Email, command.reply_to_email_id)

@@ -181,7 +181,10 @@ class BookedCalls:
 
     def load(self, start: dt.datetime, end: dt.datetime) -> int:
         """The most calls touching any one capacity block that [start, end) touches."""
-        return max((self._per_block.get(block, 0) for block in self._blocks(start, end)), default=0)
+        blocks = self._blocks(start, end)
+        if len(blocks) == 1:  # the usual case: a call on the grid, one block long
+            return self._per_block.get(blocks[0], 0)
+        return max((self._per_block.get(block, 0) for block in blocks), default=0)
 
     def __len__(self) -> int:
         return self._count
@@ -218,30 +221,28 @@ def free_slots(
     latest_end = _as_utc(now, "now") + rules.horizon
     if earliest + rules.duration > latest_end:
         return
-    zone = rules.zone
-    wall_times = _wall_times(
+    candidates = _candidates(
         _day_windows(availability),
-        earliest.astimezone(zone).date(),
-        latest_end.astimezone(zone).date(),
-        rules.block,
+        earliest.astimezone(rules.zone).date(),
+        latest_end.astimezone(rules.zone).date(),
+        earliest,
+        rules,
         holidays,
     )
     # Wall times come in increasing order, but in an autumn fold the instants they name go
     # back in time: found slots wait here until no later wall time can name an earlier one.
     # Distinct wall times name distinct instants, so nothing is found twice.
     pending: list[dt.datetime] = []
-    for wall, opens, closes in wall_times:
-        instants, lower_bound = _instants(wall, zone)
+    for lower_bound, starts in candidates:
         while pending and pending[0] < lower_bound:
             yield heapq.heappop(pending)
         if lower_bound + rules.duration > latest_end:
             break
-        for start in instants:
+        for start in starts:
             end = start + rules.duration
             if (
                 start >= earliest
                 and end <= latest_end
-                and _fits(start, end, opens, closes, zone)
                 and booked.therapist_is_free(therapist_id, start, end)
                 and booked.load(start, end) < rules.calls_per_slot
             ):
@@ -300,32 +301,70 @@ def _since_midnight(clock: dt.time) -> dt.timedelta:
     )
 
 
-def _wall_times(
+def _candidates(
     windows_by_weekday: Mapping[int, Sequence[_DayWindow]],
     first_day: dt.date,
     last_day: dt.date,
-    block: dt.timedelta,
+    earliest: dt.datetime,
+    rules: SlotRules,
     holidays: Holidays,
-) -> Iterator[tuple[dt.datetime, dt.datetime, dt.datetime]]:
-    """(wall time, window opens, window closes) for each grid time in a window, in order.
+) -> Iterator[tuple[dt.datetime, tuple[dt.datetime, ...]]]:
+    """Each grid wall time inside a window, in increasing order, as (bound, starts).
 
-    Naive local datetimes: the grid is counted in wall-clock time from local midnight.
+    ``starts`` are the instants the wall time names whose call fits inside its window;
+    ``bound`` is an instant that no later wall time names anything before. The grid is
+    counted in wall-clock time from local midnight.
     """
     if not windows_by_weekday:
         return
+    zone, block, duration = rules.zone, rules.block, rules.duration
     day = first_day
     while day <= last_day:
         windows = windows_by_weekday.get(day.weekday())
         if windows and day not in holidays:
             midnight = dt.datetime.combine(day, dt.time.min)
+            offset = _steady_offset(midnight, zone)
             for window_start, window_end in windows:
-                opens, closes = midnight + window_start, midnight + window_end
                 # The first multiple of the block at or after the window's start.
-                offset = -(-window_start // block) * block
-                while offset < window_end:
-                    yield midnight + offset, opens, closes
-                    offset += block
+                grid = -(-window_start // block) * block
+                if offset is not None:
+                    # Clocks do not change today: wall times and instants move in step.
+                    day_start = (midnight - offset).replace(tzinfo=dt.UTC)
+                    grid = max(grid, -(-(earliest - day_start) // block) * block)
+                    while grid + duration <= window_end:
+                        start = day_start + grid
+                        yield start, (start,)
+                        grid += block
+                    continue
+                opens, closes = midnight + window_start, midnight + window_end
+                while grid < window_end:
+                    wall = midnight + grid
+                    grid += block
+                    instants, bound = _instants(wall, zone)
+                    yield (
+                        bound,
+                        tuple(s for s in instants if _fits(s, s + duration, opens, closes, zone)),
+                    )
         day += ONE_DAY
+
+
+def _steady_offset(midnight: dt.datetime, zone: dt.tzinfo) -> dt.timedelta | None:
+    """The day's one UTC offset, or None when the clocks change during it (or at its ends).
+
+    Clocks never change twice within one day, so equal offsets at both midnights (in both
+    readings of each) mean no change in between.
+    """
+    next_midnight = midnight + ONE_DAY
+    offsets = {
+        _utcoffset(zone, moment)
+        for moment in (
+            midnight,
+            midnight.replace(fold=1),
+            next_midnight,
+            next_midnight.replace(fold=1),
+        )
+    }
+    return offsets.pop() if len(offsets) == 1 else None
 
 
 def _instants(wall: dt.datetime, zone: dt.tzinfo) -> tuple[tuple[dt.datetime, ...], dt.datetime]:

@@ -64,7 +64,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 30,
+    interval: float = 0.1,
+    explain: Callable[[], str] | None = None,
+) -> Any:
     """Poll until ``condition()`` is truthy; return its value or fail the test."""
     deadline = time.monotonic() + timeout
     while True:
@@ -72,7 +77,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30, interval: float 
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
+            details = f"\n{explain()}" if explain else ""
+            pytest.fail(f"condition not met within {timeout} s{details}")
         time.sleep(interval)
 
 
@@ -202,6 +208,13 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def tail(self, lines: int = 60) -> str:
+        return "worker log (tail):\n" + "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_for(self, condition: Callable[[], Any], timeout: float = 30) -> Any:
+        """Like :func:`wait_for`, with the end of this worker's log if it fails."""
+        return wait_for(condition, timeout=timeout, explain=self.tail)
 
     def stop(self) -> None:
         if self.process.poll() is None:

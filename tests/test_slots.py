@@ -344,9 +344,54 @@ def booked_calls(draw: st.DrawFn, now: dt.datetime) -> list[Call]:
 
 
 @st.composite
+def calls_in_windows(
+    draw: st.DrawFn,
+    now: dt.datetime,
+    zone: zoneinfo.ZoneInfo,
+    windows: Mapping[int, Sequence[Window]],
+) -> list[Call]:
+    """Calls at any second in and around the windows of the next days: they meet the slots."""
+    first_day = now.astimezone(zone).date()
+    days = [
+        day
+        for day in (first_day + dt.timedelta(days=n) for n in range(HORIZON.days + 1))
+        if day.weekday() in windows
+    ]
+    calls = []
+    for _ in range(draw(st.integers(0, 10)) if days else 0):
+        day = draw(st.sampled_from(days))
+        opens, closes = draw(st.sampled_from(windows[day.weekday()]))
+        span = dt.datetime.combine(day, closes) - dt.datetime.combine(day, opens)
+        wall = dt.datetime.combine(day, opens) + dt.timedelta(
+            seconds=draw(st.integers(-int(BLOCK.total_seconds()), int(span.total_seconds())))
+        )
+        start = wall.replace(tzinfo=zone).astimezone(dt.UTC)
+        length = dt.timedelta(minutes=draw(st.integers(1, 12)), seconds=draw(st.integers(0, 59)))
+        who = draw(st.sampled_from((THERAPIST, THERAPIST, *OTHER_THERAPISTS)))
+        calls.append((who, start, start + length))
+    return calls
+
+
+@st.composite
 def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     zone = draw(st.one_of(st.just(BERLIN), st.sampled_from(OTHER_ZONES)))
-    now = draw(moments(zone))
+    json = draw(availability_json())
+    changes = clock_changes(zone)
+    around_a_change = draw(st.booleans())
+    if changes and around_a_change:
+        # The clocks change within the horizon, inside a window of that day.
+        change = draw(st.sampled_from(changes))
+        now = change - draw(st.integers(0, int(HORIZON / MINUTE))) * MINUTE
+        now += dt.timedelta(seconds=draw(st.integers(0, 59)))
+        after_change = (change + dt.timedelta(hours=1)).astimezone(zone)
+        minute = after_change.hour * 60 + after_change.minute
+        opens = max(0, minute - draw(st.integers(0, 150)))
+        closes = min(LAST_MINUTE_OF_DAY, minute + draw(st.integers(1, 150)))
+        day = WEEKDAYS[after_change.weekday()]
+        json.setdefault(day, []).append({"start": clock_time(opens), "end": clock_time(closes)})
+    else:
+        now = draw(moments(zone))
+    windows = parse_availability(json)
     rules = make_rules(
         zone=zone,
         calls_per_slot=draw(st.integers(1, 3)),
@@ -356,12 +401,14 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
     not_before = draw(
         st.one_of(
             st.none(),
+            st.none(),
             st.integers(0, int(HORIZON / MINUTE)).map(lambda minutes: now + minutes * MINUTE),
         )
     )
+    calls = draw(booked_calls(now)) + draw(calls_in_windows(now, zone, windows))
     return {
-        "windows": parse_availability(draw(availability_json())),
-        "calls": draw(booked_calls(now)),
+        "windows": windows,
+        "calls": calls,
         "now": now,
         "rules": rules,
         "not_before": not_before,

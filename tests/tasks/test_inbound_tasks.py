@@ -62,7 +62,7 @@ def test_a_bad_message_from_another_process_becomes_a_dead_letter_and_the_next_a
     )
     subprocess.run([sys.executable, "-c", script], check=True, env=worker_environment())
 
-    wait_for(lambda: therapist(committed_db, 22))
+    worker.wait_for(lambda: therapist(committed_db, 22))
     letters = wait_for(lambda: comms_json(committed_url, "dead-letters", "list"))
     assert len(letters) == 1
     assert letters[0]["task_name"] == THERAPIST
