@@ -56,6 +56,7 @@ console = Console(width=_WIDTH)
 errors = Console(stderr=True)
 
 USAGE_ERROR = 2
+PURGE_CHUNK = 1000
 ABORTED = 130
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -706,6 +707,33 @@ def preview_therapist(
         errors.print(f"note: not contactable now ({verdict.reason})", markup=False)
     console.print(f"Subject: {rendered.subject}\n", markup=False, highlight=False)
     console.print(rendered.body_html if html else rendered.body_text, markup=False, highlight=False)
+
+
+@app.command("purge-expired")
+def purge_expired_command(as_json: JsonOption = False) -> None:
+    """Redact email bodies past the retention period now (beat does it nightly)."""
+    from rich.progress import Progress
+
+    from comms_tasks.db import transaction
+    from comms_tasks.models.base import utcnow
+    from comms_tasks.retention import purge_expired
+
+    settings = get_settings()
+    now = utcnow()
+    redacted = 0
+    with Progress(console=errors, transient=True) as progress:
+        bar = progress.add_task("redacting", total=None)
+        while True:
+            with transaction() as session:
+                count = purge_expired(session, now, settings.retention_days, PURGE_CHUNK)
+            redacted += count
+            progress.update(bar, advance=count)
+            if count < PURGE_CHUNK:
+                break
+    if as_json:
+        emit_json({"redacted": redacted})
+    else:
+        console.print(f"redacted {redacted} email bodies older than {settings.retention_days} days")
 
 
 # --- status --------------------------------------------------------------------------

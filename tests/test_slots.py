@@ -33,11 +33,18 @@ from comms_tasks.slots import (
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 # Other zones, to exercise the rules where clocks change at other times and by other amounts:
-# a 30-minute change (Lord Howe), a change at 02:00 local going to the previous hour
-# (New York), and a 45-minute offset without daylight saving (Kathmandu).
+# at 02:00 to the previous hour (New York), by 30 minutes (Lord Howe), at midnight (Havana,
+# and Santiago, where Saturday 24:00 becomes Saturday 23:00), and a 45-minute offset
+# without daylight saving (Kathmandu).
 OTHER_ZONES = tuple(
     zoneinfo.ZoneInfo(name)
-    for name in ("America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu")
+    for name in (
+        "America/New_York",
+        "Australia/Lord_Howe",
+        "America/Havana",
+        "America/Santiago",
+        "Asia/Kathmandu",
+    )
 )
 BLOCK = dt.timedelta(minutes=5)
 DURATION = dt.timedelta(minutes=5)
@@ -524,6 +531,16 @@ def test_fall_back_the_repeated_hour_gives_slots_in_both_passes() -> None:
     assert {s.astimezone(BERLIN).fold for s in second_pass} == {1}
     # The last call of the first pass ends exactly when the clocks go back.
     assert first_pass[-1] == dt.datetime(2026, 10, 25, 0, 55, tzinfo=dt.UTC)
+
+
+def test_a_horizon_ending_in_the_repeated_hour_cuts_the_second_pass() -> None:
+    # The horizon ends at 2026-10-25 01:32 UTC, 02:32 local in the second pass.
+    now = dt.datetime(2026, 10, 11, 1, 32, tzinfo=dt.UTC)
+    found = slots(availability(sunday=[("02:00", "03:00")]), now, make_rules())
+
+    on_the_day = [s for s in found if s.date() == dt.date(2026, 10, 25)]
+    assert len(on_the_day) == 12 + 6
+    assert on_the_day[-1] == dt.datetime(2026, 10, 25, 1, 25, tzinfo=dt.UTC)
 
 
 # --- Holidays ------------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""The whole pipeline with planted markers in every patient field: the markers reach the
+therapist's email and nothing else — not the worker's log, not an event, not a dead
+letter's reason, not a task's result."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from comms_tasks.models import DeadLetter, Email, EmailStatus, OutboxEvent, PlacementRequest
+from tests import factories as f
+from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.smtp import SmtpSink
+
+BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/10"
+MARK = "PIPEMARK"
+SUMMARY_FIELDS = (
+    "diagnosis",
+    "gender",
+    "time_availability",
+    "symptoms_since",
+    "therapy_experience",
+    "current_complaints",
+)
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    server = SmtpSink()
+    server.start()
+    yield server
+    server.stop()
+
+
+def marked_summary(tag: str) -> dict[str, Any]:
+    return {field: f"{MARK}-{tag}-{field}" for field in SUMMARY_FIELDS}
+
+
+def test_patient_data_goes_into_the_email_and_nowhere_else(
+    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
+) -> None:
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    env = worker_environment(
+        COMMS_DATABASE_URL=committed_url,
+        COMMS_BROKER_URL=BROKER_URL,
+        COMMS_VAR_DIR=str(tmp_path / "var"),
+        COMMS_MAIL_BACKEND="smtp",
+        COMMS_SMTP_HOST=sink.host,
+        COMMS_SMTP_PORT=str(sink.port),
+        COMMS_SMTP_SECURITY="none",
+        COMMS_LOG_LEVEL="DEBUG",
+    )
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    app = Celery("other-services", broker=BROKER_URL, set_as_current=False)
+    results: list[Any] = []
+    try:
+        app.send_task("comms.handle_therapist_event", kwargs={"event": f.therapist_upserted(1)})
+        for request_id in (1, 2, 3):
+            event = f.request_created(
+                request_id,
+                patient_id=100 + request_id,
+                therapist_id=1,
+                **marked_summary(f"r{request_id}"),
+            )
+            app.send_task("comms.handle_matching_event", kwargs={"event": event})
+        broken = f.request_created(4, patient_id=104, **marked_summary("broken"))
+        broken["payload"]["patient"]["open_to_group_therapy"] = f"{MARK}-not-a-bool"
+        broken["payload"]["patient"]["hobby"] = f"{MARK}-unknown-field"
+        app.send_task("comms.handle_matching_event", kwargs={"event": broken})
+
+        def requests_applied() -> bool:
+            with Session(committed_db) as session:
+                count = session.scalar(select(func.count()).select_from(PlacementRequest))
+                letters = session.scalar(select(func.count()).select_from(DeadLetter))
+            return count == 3 and letters == 1
+
+        worker.wait_for(requests_applied)
+        app.send_task("comms.batch_requests")
+        worker.wait_for(lambda: len(sink.accepted) == 1)
+        with Session(committed_db) as session:
+            email = session.scalars(select(Email)).one()
+        assert email.status is EmailStatus.SENT
+        response = {
+            "command_id": str(uuid.uuid4()),
+            "email_id": email.id,
+            "received_at": "2026-12-01T10:00:00+01:00",
+            "content": f"{MARK}-reply: gern für die Patientin mit {MARK}-r1-diagnosis",
+            "outcomes": [
+                {"placement_request_id": 1, "outcome": "accepted", "notes": f"{MARK}-note"}
+            ],
+        }
+        app.send_task("comms.record_email_response", kwargs={"command": response})
+        worker.wait_for(lambda: len(sink.accepted) == 2)
+        results.append(app.send_task("comms.relay_outbox"))
+
+        def relayed() -> bool:
+            with Session(committed_db) as session:
+                return not session.scalar(
+                    select(func.count())
+                    .select_from(OutboxEvent)
+                    .where(OutboxEvent.published_at.is_(None))
+                )
+
+        worker.wait_for(relayed)
+    finally:
+        worker.stop()
+        app.close()
+
+    # The therapist got the summaries: the markers were really in play.
+    body = sink.accepted[0].get_body(("plain",))
+    assert body is not None and f"{MARK}-r1-diagnosis" in body.get_content()
+
+    log = worker.log()
+    assert "comms.batch_requests" in log and "comms.send_email" in log
+    assert MARK not in log
+    with Session(committed_db) as session:
+        envelopes = [row.envelope for row in session.scalars(select(OutboxEvent))]
+        reasons = [row.reason for row in session.scalars(select(DeadLetter))]
+    assert {e["event_type"] for e in envelopes} >= {
+        "email.queued",
+        "email.sent",
+        "email.response_recorded",
+        "placement_request.outcome_recorded",
+    }
+    assert MARK not in json.dumps(envelopes)
+    assert reasons and MARK not in " ".join(reasons)
