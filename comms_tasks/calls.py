@@ -311,9 +311,7 @@ def schedule_requested_call(
 ) -> PhoneCall:
     """``comms.schedule_call``: at the given time, or in the first free slot."""
     command_id = str(command.command_id)
-    therapist = session.get(Therapist, command.therapist_id)
-    if therapist is None or therapist.deleted_at is not None:
-        raise Rejected("command.therapist_id: unknown therapist", command_id)
+    therapist = email_rules.known_therapist(session, command.therapist_id, command_id)
     if not therapist.phone:
         raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
     email_rules.check_requests_of(session, therapist.id, command.placement_request_ids, command_id)

@@ -442,6 +442,14 @@ def record_outcome(
     return confirmation.id if confirmation else None
 
 
+def known_therapist(session: Session, therapist_id: int, command_id: str) -> Therapist:
+    """The therapist a command names, or the command is rejected."""
+    therapist = session.get(Therapist, therapist_id)
+    if therapist is None or therapist.deleted_at is not None:
+        raise Rejected("command.therapist_id: unknown therapist", command_id)
+    return therapist
+
+
 def check_requests_of(
     session: Session, therapist_id: int, request_ids: Sequence[int], command_id: str
 ) -> None:
@@ -530,9 +538,7 @@ def queue_requested_email(
 ) -> Email:
     """``comms.queue_email``: a follow-up or confirmation for given requests."""
     command_id = str(command.command_id)
-    therapist = session.get(Therapist, command.therapist_id)
-    if therapist is None or therapist.deleted_at is not None:
-        raise Rejected("command.therapist_id: unknown therapist", command_id)
+    therapist = known_therapist(session, command.therapist_id, command_id)
     if not therapist.email:
         raise Rejected("command.therapist_id: the therapist has no email address", command_id)
     check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
