@@ -215,10 +215,11 @@ def free_slots(
     (and ``not_before``) and ends by ``now + horizon``; it overlaps no call of the
     therapist, and every block it touches has room for one more call.
     """
-    earliest = _as_utc(now, "now") + rules.lead_time
+    now = _as_utc(now, "now")
+    earliest = now + rules.lead_time
     if not_before is not None:
         earliest = max(earliest, _as_utc(not_before, "not_before"))
-    latest_end = _as_utc(now, "now") + rules.horizon
+    latest_end = now + rules.horizon
     if earliest + rules.duration > latest_end:
         return
     candidates = _candidates(

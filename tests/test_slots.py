@@ -60,6 +60,8 @@ PROPERTY_SETTINGS = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
+SCENARIO_DURATIONS = (DURATION, DURATION, dt.timedelta(minutes=7), dt.timedelta(minutes=10))
+
 THERAPIST = 1
 OTHER_THERAPISTS = (2, 3)
 
@@ -74,13 +76,14 @@ def make_rules(
     holiday_state: str | None = None,
     lead_time: dt.timedelta = LEAD_TIME,
     horizon: dt.timedelta = HORIZON,
+    duration: dt.timedelta = DURATION,
 ) -> SlotRules:
     return SlotRules(
         zone=zone,
         lead_time=lead_time,
         horizon=horizon,
         block=BLOCK,
-        duration=DURATION,
+        duration=duration,
         calls_per_slot=calls_per_slot,
         holiday_state=holiday_state,
     )
@@ -196,11 +199,14 @@ def window_of(
     start: dt.datetime, windows: Mapping[int, Sequence[Window]], rules: SlotRules
 ) -> Window | None:
     """The window on the slot's local day that holds every local reading of the call."""
-    day = start.astimezone(rules.zone).date()
-    readings = walls_during(start, start + rules.duration, rules.zone)
+    wall = start.astimezone(rules.zone).replace(tzinfo=None)
+    day = wall.date()
     for opens, closes in windows.get(day.weekday(), ()):
         low, high = dt.datetime.combine(day, opens), dt.datetime.combine(day, closes)
-        if all(low <= reading <= high for reading in readings):
+        if low <= wall <= high and all(
+            low <= reading <= high
+            for reading in walls_during(start, start + rules.duration, rules.zone)
+        ):
             return opens, closes
     return None
 
@@ -392,8 +398,12 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         now += dt.timedelta(seconds=draw(st.integers(0, 59)))
         after_change = (change + dt.timedelta(hours=1)).astimezone(zone)
         minute = after_change.hour * 60 + after_change.minute
-        opens = max(0, minute - draw(st.integers(0, 150)))
-        closes = min(LAST_MINUTE_OF_DAY, minute + draw(st.integers(1, 150)))
+        # Either edge may fall just before, inside or just after the hour that is skipped
+        # or repeated.
+        opens = max(0, minute + draw(st.integers(-150, 45)))
+        closes = min(LAST_MINUTE_OF_DAY, minute + draw(st.integers(-45, 150)))
+        if closes <= opens:
+            closes = min(LAST_MINUTE_OF_DAY, opens + draw(st.integers(1, 90)))
         day = WEEKDAYS[after_change.weekday()]
         json.setdefault(day, []).append({"start": clock_time(opens), "end": clock_time(closes)})
     else:
@@ -404,6 +414,9 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         calls_per_slot=draw(st.integers(1, 3)),
         holiday_state=draw(st.sampled_from(STATES)),
         lead_time=draw(st.sampled_from((LEAD_TIME, dt.timedelta(0), dt.timedelta(minutes=37)))),
+        # Calls longer than a block, or off its multiples, touch several blocks and may
+        # straddle a clock change.
+        duration=draw(st.sampled_from(SCENARIO_DURATIONS)),
     )
     not_before = draw(
         st.one_of(
@@ -541,6 +554,33 @@ def test_a_horizon_ending_in_the_repeated_hour_cuts_the_second_pass() -> None:
     on_the_day = [s for s in found if s.date() == dt.date(2026, 10, 25)]
     assert len(on_the_day) == 12 + 6
     assert on_the_day[-1] == dt.datetime(2026, 10, 25, 1, 25, tzinfo=dt.UTC)
+
+
+def test_a_call_may_straddle_a_clock_change_when_every_minute_of_it_is_in_the_window() -> None:
+    seven_minutes = make_rules(duration=dt.timedelta(minutes=7))
+    # Spring: 01:55 local + 7 minutes of real time ends at 03:02 local.
+    spring = slots(
+        availability(sunday=[("01:30", "03:30")]), local(2026, 3, 28, 12, 0), seven_minutes
+    )
+    assert local(2026, 3, 29, 1, 55) in spring
+    spring = slots(
+        availability(sunday=[("01:30", "03:01")]), local(2026, 3, 28, 12, 0), seven_minutes
+    )
+    assert local(2026, 3, 29, 1, 50) in spring
+    assert local(2026, 3, 29, 1, 55) not in spring
+
+    # Autumn: 02:55 (first pass) + 7 minutes ends at 02:02 of the second pass.
+    first_pass_0255 = local(2026, 10, 25, 2, 55, fold=0)
+    autumn = slots(
+        availability(sunday=[("02:00", "03:00")]), local(2026, 10, 24, 12, 0), seven_minutes
+    )
+    assert first_pass_0255 in autumn
+    # From 02:30 on, the two minutes after the clocks went back (02:00-02:02) are outside.
+    autumn = slots(
+        availability(sunday=[("02:30", "03:00")]), local(2026, 10, 24, 12, 0), seven_minutes
+    )
+    assert first_pass_0255 not in autumn
+    assert local(2026, 10, 25, 2, 50, fold=0) in autumn
 
 
 # --- Holidays ------------------------------------------------------------------------------
