@@ -1,0 +1,229 @@
+"""Redis and PostgreSQL restarted under a running worker: nothing accepted is lost.
+
+Each test starts private servers on free ports (never the machine's shared ones) and a real
+``celery worker``. Redis runs with ``--save ""``: its data is gone after a restart, so a
+message published before the stop and not yet consumed may be lost. That is the broker's
+contract, not the service's; the Redis test therefore counts only what was accepted while
+Redis was up: the first half before the stop (all applied before it), the second after.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from kombu import Connection, Consumer, Queue
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from comms_tasks import migrate
+from comms_tasks.contracts.outbound import EmailQueuedPayload
+from comms_tasks.db import make_engine, transaction
+from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
+from comms_tasks.outbox import events_exchange, record_event
+from tests import factories as f
+from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.reliability.servers import PrivatePostgres
+from tests.servers import PrivateRedis
+
+pytestmark = pytest.mark.reliability
+
+THERAPIST = "comms.handle_therapist_event"
+RELAY = "comms.relay_outbox"
+REDIS_EVENTS = 50
+OUTBOX_EVENTS_WHILE_DOWN = 20
+POSTGRES_EVENTS = 100
+POSTGRES_DOWN_SECONDS = 5
+POSTGRES_BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/8"
+TIMEOUT = 90
+
+
+def make_sender(url: str) -> Celery:
+    app = Celery("other-service", broker=url, set_as_current=False)
+    app.conf.task_serializer = "json"
+    return app
+
+
+def count(engine: Engine, model: type, *where: object) -> int:
+    with Session(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def safe_count(engine: Engine, model: type, *where: object) -> int:
+    """Like :func:`count`, but -1 while the database is unreachable."""
+    try:
+        return count(engine, model, *where)
+    except OperationalError:
+        return -1
+
+
+def send_therapists(app: Celery, ids: range) -> None:
+    for therapist_id in ids:
+        app.send_task(THERAPIST, kwargs={"event": f.therapist_upserted(therapist_id)})
+
+
+def drain(url: str, queue: Queue) -> list[dict[str, object]]:
+    received: list[dict[str, object]] = []
+    with Connection(url) as connection:
+
+        def on_message(body: dict[str, object], message: object) -> None:
+            received.append(body)
+            message.ack()  # type: ignore[attr-defined]
+
+        with Consumer(connection, queues=[queue], callbacks=[on_message], accept=["json"]):
+            while True:
+                try:
+                    connection.drain_events(timeout=2)
+                except TimeoutError:
+                    break
+    return received
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    server.start()
+    yield server
+    server.close()
+
+
+def test_redis_restart_mid_pipeline(
+    private_redis: PrivateRedis,
+    committed_db: Engine,
+    committed_url: str,
+    worker_log_dir: Path,
+) -> None:
+    env = worker_environment(
+        COMMS_DATABASE_URL=committed_url,
+        COMMS_BROKER_URL=private_redis.url,
+        COMMS_VAR_DIR=str(worker_log_dir / "var-redis-restart"),
+    )
+    worker = WorkerProcess(env, worker_log_dir / "worker-redis-restart.log")
+    sender = make_sender(private_redis.url)
+    half = REDIS_EVENTS // 2
+    try:
+        send_therapists(sender, range(1, half + 1))
+        worker.wait_for(lambda: count(committed_db, ProcessedMessage) >= half, timeout=TIMEOUT)
+
+        private_redis.stop()
+        with transaction() as session:
+            recorded = [
+                record_event(
+                    session,
+                    EmailQueuedPayload(
+                        email_id=email_id, therapist_id=1, placement_request_ids=[2]
+                    ),
+                )
+                for email_id in range(1, OUTBOX_EVENTS_WHILE_DOWN + 1)
+            ]
+        time.sleep(3)
+        assert worker.process.poll() is None, worker.tail()
+
+        private_redis.start()
+        restarted = time.monotonic()
+        send_therapists(sender, range(half + 1, REDIS_EVENTS + 1))
+        worker.wait_for(lambda: count(committed_db, ProcessedMessage) > half, timeout=TIMEOUT)
+        recovered = time.monotonic() - restarted
+        worker.wait_for(
+            lambda: count(committed_db, ProcessedMessage) >= REDIS_EVENTS, timeout=TIMEOUT
+        )
+
+        queue = Queue("restart-consumer", exchange=events_exchange, routing_key="#", durable=True)
+        with Connection(private_redis.url) as connection:
+            queue(connection.default_channel).declare()
+
+        def relayed() -> bool:
+            if count(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
+                return True
+            sender.send_task(RELAY)
+            time.sleep(1)
+            return False
+
+        worker.wait_for(relayed, timeout=TIMEOUT)
+        received = drain(private_redis.url, queue)
+
+        applied = count(committed_db, ProcessedMessage)
+        therapists = count(committed_db, Therapist)
+        with Session(committed_db) as session:
+            outbox_ids = set(session.scalars(select(OutboxEvent.event_id)).all())
+        counts = Counter(str(body["event_id"]) for body in received)
+        print(
+            f"RELIABILITY redis_restart: events={REDIS_EVENTS} applied={applied} "
+            f"therapists={therapists} outbox={len(outbox_ids)} relayed={sum(counts.values())} "
+            f"distinct_relayed={len(counts)} recover_seconds={recovered:.1f}"
+        )
+        assert applied == REDIS_EVENTS
+        assert therapists == REDIS_EVENTS
+        assert count(committed_db, DeadLetter) == 0
+        assert set(recorded) <= outbox_ids
+        assert counts == Counter({event_id: 1 for event_id in outbox_ids})
+        assert worker.process.poll() is None, worker.tail()
+    finally:
+        sender.close()
+        worker.stop()
+
+
+def test_postgres_restart_mid_pipeline(
+    private_postgres: PrivatePostgres, worker_log_dir: Path
+) -> None:
+    url = private_postgres.create_database("comms")
+    migrate.upgrade(url)
+    engine = make_engine(url, connect_args={"connect_timeout": 2})
+    redis.Redis.from_url(POSTGRES_BROKER_URL).flushdb()
+    env = worker_environment(
+        COMMS_DATABASE_URL=url,
+        COMMS_BROKER_URL=POSTGRES_BROKER_URL,
+        COMMS_VAR_DIR=str(worker_log_dir / "var-postgres-restart"),
+    )
+    worker = WorkerProcess(env, worker_log_dir / "worker-postgres-restart.log")
+    sender = make_sender(POSTGRES_BROKER_URL)
+    try:
+        send_therapists(sender, range(1, POSTGRES_EVENTS + 1))
+        worker.wait_for(lambda: count(engine, ProcessedMessage) >= 10, timeout=TIMEOUT)
+        applied_at_stop = count(engine, ProcessedMessage)
+        engine.dispose()
+        private_postgres.stop()
+        stopped = time.monotonic()
+        time.sleep(POSTGRES_DOWN_SECONDS)
+        private_postgres.start()
+        applied_at_restart = count(engine, ProcessedMessage)
+        restarted = time.monotonic()
+        worker.wait_for(
+            lambda: safe_count(engine, ProcessedMessage) >= POSTGRES_EVENTS, timeout=TIMEOUT
+        )
+        recovered = time.monotonic() - restarted
+        time.sleep(2)  # a late duplicate would show up here
+
+        applied = count(engine, ProcessedMessage)
+        therapists = count(engine, Therapist)
+        dead = count(engine, DeadLetter)
+        retries = sum("retry" in line.lower() for line in worker.log().splitlines())
+        print(
+            f"RELIABILITY postgres_restart: events={POSTGRES_EVENTS} "
+            f"applied_at_stop={applied_at_stop} applied_at_restart={applied_at_restart}"
+            f" applied={applied} "
+            f"therapists={therapists} dead_letters={dead} retries_logged={retries} "
+            f"down_seconds={restarted - stopped:.1f} recover_seconds={recovered:.1f}"
+        )
+        assert applied == POSTGRES_EVENTS
+        assert therapists == POSTGRES_EVENTS
+        assert dead == 0
+        assert worker.process.poll() is None, worker.tail()
+    finally:
+        sender.close()
+        worker.stop()
+        engine.dispose()
