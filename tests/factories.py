@@ -6,9 +6,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
+from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
-from comms_tasks.models import Therapist, TherapistStatus
+from comms_tasks.mail.message import new_message_id
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist, TherapistStatus
 
 BASE_TIME = dt.datetime(2026, 11, 2, 9, 0, tzinfo=dt.UTC)
 
@@ -173,3 +175,34 @@ def make_therapist(session: Session, therapist_id: int = 1, **overrides: Any) ->
     session.add(therapist)
     session.flush()
     return therapist
+
+
+def queue_plain_emails(engine: Engine, count: int, prefix: str) -> list[str]:
+    """``count`` queued, due emails to distinct addresses, inserted in one statement.
+
+    For tests that are about sending, not about what is sent. Returns the Message-IDs.
+    """
+    now = dt.datetime.now(dt.UTC)
+    sender = "anfragen@therapievermittlung.example"
+    rows = [
+        {
+            "therapist_id": number,
+            "template": EmailTemplate.INITIAL_CONTACT,
+            "dedup_key": f"{prefix}:{number}",
+            "recipient_email": f"praxis{number}@example.org",
+            "recipient_name": f"Praxis {number}",
+            "sender_email": sender,
+            "sender_name": "Therapievermittlung",
+            "subject": "Anfrage für einen Therapieplatz",
+            "body_html": "<p>Sehr geehrte Damen und Herren,</p>",
+            "body_text": "Sehr geehrte Damen und Herren,",
+            "message_id": new_message_id(sender),
+            "status": EmailStatus.QUEUED,
+            "queued_at": now,
+            "next_attempt_at": now,
+        }
+        for number in range(1, count + 1)
+    ]
+    with Session(engine) as session, session.begin():
+        session.execute(insert(Email), rows)
+    return [str(row["message_id"]) for row in rows]

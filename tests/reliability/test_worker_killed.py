@@ -11,7 +11,6 @@ reach the server twice only if it was in flight (``sending``) at the moment of t
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import signal
 import subprocess
@@ -23,11 +22,11 @@ import pytest
 import redis
 from aiosmtpd.smtp import Envelope
 from celery import Celery
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.mail.message import new_message_id
-from comms_tasks.models import Email, EmailStatus, EmailTemplate
+from comms_tasks.models import Email, EmailStatus
+from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, wait_for, worker_environment
 from tests.smtp import SmtpSink
 
@@ -57,31 +56,6 @@ def sink() -> Iterator[SlowSink]:
     server.start()
     yield server
     server.stop()
-
-
-def queue_emails(engine: Engine, count: int) -> None:
-    now = dt.datetime.now(dt.UTC)
-    rows = [
-        {
-            "therapist_id": number,
-            "template": EmailTemplate.INITIAL_CONTACT,
-            "dedup_key": f"kill:{number}",
-            "recipient_email": f"praxis{number}@example.org",
-            "recipient_name": f"Praxis {number}",
-            "sender_email": "anfragen@therapievermittlung.example",
-            "sender_name": "Therapievermittlung",
-            "subject": "Anfrage für einen Therapieplatz",
-            "body_html": "<p>Sehr geehrte Damen und Herren,</p>",
-            "body_text": "Sehr geehrte Damen und Herren,",
-            "message_id": new_message_id("anfragen@therapievermittlung.example"),
-            "status": EmailStatus.QUEUED,
-            "queued_at": now,
-            "next_attempt_at": now,
-        }
-        for number in range(1, count + 1)
-    ]
-    with Session(engine) as session, session.begin():
-        session.execute(insert(Email), rows)
 
 
 def count_status(engine: Engine, status: EmailStatus) -> int:
@@ -120,7 +94,7 @@ def test_worker_killed_mid_send_loses_no_email(
     committed_db: Engine, committed_url: str, sink: SlowSink, tmp_path: Path
 ) -> None:
     redis.Redis.from_url(BROKER_URL).flushdb()
-    queue_emails(committed_db, EMAILS)
+    f.queue_plain_emails(committed_db, EMAILS, "kill")
     env = worker_environment(
         COMMS_DATABASE_URL=committed_url,
         COMMS_BROKER_URL=BROKER_URL,

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.mail.message import new_message_id
-from comms_tasks.models import Email, EmailStatus, EmailTemplate
+from comms_tasks.models import Email, EmailStatus
+from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, wait_for, worker_environment
 from tests.smtp import SmtpSink
 
@@ -30,36 +29,11 @@ def sink() -> Iterator[SmtpSink]:
     server.stop()
 
 
-def queue_emails(engine: Engine, count: int) -> None:
-    now = dt.datetime.now(dt.UTC)
-    rows = [
-        {
-            "therapist_id": number,
-            "template": EmailTemplate.INITIAL_CONTACT,
-            "dedup_key": f"load:{number}",
-            "recipient_email": f"praxis{number}@example.org",
-            "recipient_name": f"Praxis {number}",
-            "sender_email": "anfragen@therapievermittlung.example",
-            "sender_name": "Therapievermittlung",
-            "subject": "Anfrage für einen Therapieplatz",
-            "body_html": "<p>Sehr geehrte Damen und Herren,</p>",
-            "body_text": "Sehr geehrte Damen und Herren,",
-            "message_id": new_message_id("anfragen@therapievermittlung.example"),
-            "status": EmailStatus.QUEUED,
-            "queued_at": now,
-            "next_attempt_at": now,
-        }
-        for number in range(1, count + 1)
-    ]
-    with Session(engine) as session, session.begin():
-        session.execute(insert(Email), rows)
-
-
 def test_two_workers_send_each_email_exactly_once(
     committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
     redis.Redis.from_url(BROKER_URL).flushdb()
-    queue_emails(committed_db, EMAILS)
+    f.queue_plain_emails(committed_db, EMAILS, "load")
     env = worker_environment(
         COMMS_DATABASE_URL=committed_url,
         COMMS_BROKER_URL=BROKER_URL,
