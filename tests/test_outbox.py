@@ -7,16 +7,16 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from kombu import Connection, Consumer, Queue
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.outbound import EmailQueuedPayload, published_event_model
 from comms_tasks.db import transaction
 from comms_tasks.models import OutboxEvent
-from comms_tasks.outbox import events_exchange, record_event
+from comms_tasks.outbox import record_event
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.outbox import relay_outbox
+from tests.events import bind_queue, drain
 from tests.servers import PrivateRedis
 
 
@@ -46,30 +46,6 @@ def record(count: int, first_email_id: int) -> list[str]:
             )
             for email_id in range(first_email_id, first_email_id + count)
         ]
-
-
-def bind_queue(url: str) -> Queue:
-    queue = Queue("test-consumer", exchange=events_exchange, routing_key="#", durable=True)
-    with Connection(url) as connection:
-        queue(connection.default_channel).declare()
-    return queue
-
-
-def drain(url: str, queue: Queue) -> list[dict[str, object]]:
-    received: list[dict[str, object]] = []
-    with Connection(url) as connection:
-
-        def on_message(body: dict[str, object], message: object) -> None:
-            received.append(body)
-            message.ack()  # type: ignore[attr-defined]
-
-        with Consumer(connection, queues=[queue], callbacks=[on_message], accept=["json"]):
-            while True:
-                try:
-                    connection.drain_events(timeout=1)
-                except TimeoutError:
-                    break
-    return received
 
 
 def pending(engine: Engine) -> list[OutboxEvent]:
@@ -106,9 +82,7 @@ def test_events_wait_while_redis_is_down_and_arrive_once_after(
 
 
 def test_routing_key_is_the_event_type(events_broker: PrivateRedis, committed_db: Engine) -> None:
-    only_sent = Queue("only-sent", exchange=events_exchange, routing_key="email.sent")
-    with Connection(events_broker.url) as connection:
-        only_sent(connection.default_channel).declare()
+    only_sent = bind_queue(events_broker.url, "only-sent", routing_key="email.sent")
     record(2, first_email_id=1)
     assert relay_outbox()["published"] == 2
     assert drain(events_broker.url, only_sent) == []

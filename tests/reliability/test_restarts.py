@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection, Consumer, Queue
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -26,9 +25,10 @@ from comms_tasks import migrate
 from comms_tasks.contracts.outbound import EmailQueuedPayload
 from comms_tasks.db import make_engine, transaction
 from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
-from comms_tasks.outbox import events_exchange, record_event
+from comms_tasks.outbox import record_event
 from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.events import bind_queue, drain
 from tests.reliability.servers import PrivatePostgres
 from tests.servers import PrivateRedis
 
@@ -66,23 +66,6 @@ def safe_count(engine: Engine, model: type, *where: object) -> int:
 def send_therapists(app: Celery, ids: range) -> None:
     for therapist_id in ids:
         app.send_task(THERAPIST, kwargs={"event": f.therapist_upserted(therapist_id)})
-
-
-def drain(url: str, queue: Queue) -> list[dict[str, object]]:
-    received: list[dict[str, object]] = []
-    with Connection(url) as connection:
-
-        def on_message(body: dict[str, object], message: object) -> None:
-            received.append(body)
-            message.ack()  # type: ignore[attr-defined]
-
-        with Consumer(connection, queues=[queue], callbacks=[on_message], accept=["json"]):
-            while True:
-                try:
-                    connection.drain_events(timeout=2)
-                except TimeoutError:
-                    break
-    return received
 
 
 @pytest.fixture
@@ -142,9 +125,7 @@ def test_redis_restart_mid_pipeline(
             lambda: count(committed_db, ProcessedMessage) >= REDIS_EVENTS, timeout=TIMEOUT
         )
 
-        queue = Queue("restart-consumer", exchange=events_exchange, routing_key="#", durable=True)
-        with Connection(private_redis.url) as connection:
-            queue(connection.default_channel).declare()
+        queue = bind_queue(private_redis.url, "restart-consumer")
 
         def relayed() -> bool:
             if count(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
@@ -154,7 +135,7 @@ def test_redis_restart_mid_pipeline(
             return False
 
         worker.wait_for(relayed, timeout=TIMEOUT)
-        received = drain(private_redis.url, queue)
+        received = drain(private_redis.url, queue, idle_seconds=2)
 
         applied = count(committed_db, ProcessedMessage)
         therapists = count(committed_db, Therapist)

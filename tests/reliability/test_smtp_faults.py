@@ -106,10 +106,7 @@ def test_smtp_faults_follow_the_retry_rules(
         COMMS_DATABASE_URL=committed_url,
         COMMS_BROKER_URL=BROKER_URL,
         COMMS_VAR_DIR=str(tmp_path / "var"),
-        COMMS_MAIL_BACKEND="smtp",
-        COMMS_SMTP_HOST=sink.host,
-        COMMS_SMTP_PORT=str(sink.port),
-        COMMS_SMTP_SECURITY="none",
+        **sink.worker_settings(),
         COMMS_SMTP_TIMEOUT="2",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")

@@ -83,10 +83,7 @@ def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
         COMMS_BROKER_URL=BROKER_URL,
         COMMS_REDBEAT_REDIS_URL=REDBEAT_URL,
         COMMS_VAR_DIR=str(tmp_path / "var"),
-        COMMS_MAIL_BACKEND="smtp",
-        COMMS_SMTP_HOST=sink.host,
-        COMMS_SMTP_PORT=str(sink.port),
-        COMMS_SMTP_SECURITY="none",
+        **sink.worker_settings(),
     )
     workers = [
         WorkerProcess(env, tmp_path / f"worker{n}.log", f"--hostname=w{n}@%h") for n in (1, 2)

@@ -99,10 +99,7 @@ def test_worker_killed_mid_send_loses_no_email(
         COMMS_DATABASE_URL=committed_url,
         COMMS_BROKER_URL=BROKER_URL,
         COMMS_VAR_DIR=str(tmp_path / "var"),
-        COMMS_MAIL_BACKEND="smtp",
-        COMMS_SMTP_HOST=sink.host,
-        COMMS_SMTP_PORT=str(sink.port),
-        COMMS_SMTP_SECURITY="none",
+        **sink.worker_settings(),
         COMMS_TASK_TIME_LIMIT=str(TASK_TIME_LIMIT),
         COMMS_TASK_SOFT_TIME_LIMIT=str(TASK_SOFT_TIME_LIMIT),
     )

@@ -53,10 +53,7 @@ def test_patient_data_goes_into_the_email_and_nowhere_else(
         COMMS_DATABASE_URL=committed_url,
         COMMS_BROKER_URL=BROKER_URL,
         COMMS_VAR_DIR=str(tmp_path / "var"),
-        COMMS_MAIL_BACKEND="smtp",
-        COMMS_SMTP_HOST=sink.host,
-        COMMS_SMTP_PORT=str(sink.port),
-        COMMS_SMTP_SECURITY="none",
+        **sink.worker_settings(),
         COMMS_LOG_LEVEL="DEBUG",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")

@@ -38,10 +38,7 @@ def test_two_workers_send_each_email_exactly_once(
         COMMS_DATABASE_URL=committed_url,
         COMMS_BROKER_URL=BROKER_URL,
         COMMS_VAR_DIR=str(tmp_path / "var"),
-        COMMS_MAIL_BACKEND="smtp",
-        COMMS_SMTP_HOST=sink.host,
-        COMMS_SMTP_PORT=str(sink.port),
-        COMMS_SMTP_SECURITY="none",
+        **sink.worker_settings(),
     )
     workers = [
         WorkerProcess(env, tmp_path / f"worker{n}.log", f"--hostname=w{n}@%h") for n in (1, 2)
