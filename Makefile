@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install demo worker beat flower schemas clean
+.PHONY: run test lint install demo worker beat flower schemas bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ flower:
 	@$(MAKE) --no-print-directory $(STAMP)
 	@echo "$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --basic-auth=***"
 	@$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --basic-auth='$(subst ','\'',$(FLOWER_BASIC_AUTH))'
+
+# The benchmark (SPEC §11): seeds PostgreSQL, runs a real worker against baselines measured in
+# the same run; report in var/bench/. BENCH_SIZE=tiny proves it works in a minute.
+BENCH_SIZE ?= full
+bench: $(STAMP)
+	$(BIN)/python -m bench --size $(BENCH_SIZE)
 
 schemas: $(STAMP)
 	$(BIN)/comms contracts write

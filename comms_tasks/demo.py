@@ -251,7 +251,7 @@ def demo_messages(
     # Distinct last names while they last, so that email addresses differ too.
     last_names = rng.sample(LAST_NAMES, len(LAST_NAMES))
     profiles = [
-        _therapist(rng, therapist_id, last_names[(therapist_id - 1) % len(last_names)])
+        therapist_profile(rng, therapist_id, last_names[(therapist_id - 1) % len(last_names)])
         for therapist_id in range(1, therapists + 1)
     ]
     _assign_statuses(rng, profiles)
@@ -303,7 +303,7 @@ def _weighted(rng: random.Random, weights: dict[T, int]) -> T:
 # --- Therapists --------------------------------------------------------------------
 
 
-def _therapist(rng: random.Random, therapist_id: int, last_name: str) -> dict[str, Any]:
+def therapist_profile(rng: random.Random, therapist_id: int, last_name: str) -> dict[str, Any]:
     """An active therapist with email, phone and office hours (the mix comes later)."""
     female = rng.random() < len(FEMALE_FIRST_NAMES) / (
         len(FEMALE_FIRST_NAMES) + len(MALE_FIRST_NAMES)
@@ -522,7 +522,7 @@ def _patient_summaries(
     unregistered = rng.sample(patient_ids, round(len(patient_ids) * MISSING_REGISTRATION_SHARE))
     summaries: dict[int, dict[str, Any]] = {}
     for patient_id in patient_ids:
-        summary = _summary(rng, now)
+        summary = patient_summary(rng, now)
         if patient_id not in unregistered:
             days_before = rng.randint(*REGISTERED_DAYS_BEFORE_FIRST_REQUEST)
             registered_on = first_request[patient_id].date() - dt.timedelta(days=days_before)
@@ -534,7 +534,7 @@ def _patient_summaries(
     return summaries
 
 
-def _summary(rng: random.Random, now: dt.datetime) -> dict[str, Any]:
+def patient_summary(rng: random.Random, now: dt.datetime) -> dict[str, Any]:
     diagnosis = rng.choice(list(COMPLAINTS_BY_DIAGNOSIS))
     return {
         "diagnosis": diagnosis,

@@ -1,0 +1,620 @@
+"""``make bench``: seed PostgreSQL, run the real tasks on a real worker, compare with baselines.
+
+The service runs as it does in production: ``celery -A comms_tasks worker`` with two pool
+processes, a Redis broker of its own (a private ``redis-server``), PostgreSQL, and an SMTP
+sink in its own process. The bench plays beat: it sends the scheduled tasks by name and
+waits for their effects in the database. Times come from the database where the service
+wrote them (``task_runs.last_finished_at``, ``emails.sent_at``, ``phone_calls.created_at``),
+so polling does not add to them.
+
+Baselines run in the same run, after the worker has stopped, on the same machine:
+
+- batching: the email and batch rows the service wrote, inserted again in bulk into a
+  second database seeded the same way (one transaction, ``executemany``);
+- sending: the same messages, built beforehand, sent with plain ``smtplib`` over one
+  reused connection to the same sink.
+
+``python -m bench --size full`` (``make bench``) or ``--size tiny`` (CI: proves it works;
+targets are shown but not judged at that size). The report goes to
+``var/bench/report-<size>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy.orm import Session
+
+from bench.memory import StagePeak
+from bench.seed import Size, read_model_rows, recreate_database, seed
+from comms_tasks.emails import ASKING_TEMPLATES
+from comms_tasks.mail.message import build_mime
+from comms_tasks.mail.message import ascii_address
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    EmailTemplate,
+    PhoneCall,
+    PhoneCallBatch,
+    TaskRun,
+)
+from comms_tasks.models.base import utcnow
+from comms_tasks.sending import outgoing
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+OUT = PROJECT_ROOT / "var" / "bench"
+SIZES = {
+    "full": Size("full", therapists=10_000, requests=50_000, calls=(1_000, 10_000)),
+    "tiny": Size("tiny", therapists=40, requests=200, calls=(10, 40)),
+}
+DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+SERVICE_DATABASE = "comms_bench"
+BASELINE_DATABASE = "comms_bench_baseline"
+# Enough operators that every follow-up call fits the horizon: the stage measures
+# booking, not a full call centre (which would end in reminder emails instead).
+CALLS_PER_SLOT = 40
+BATCHING_TARGET, BATCHING_AIM = 3.0, 2.0
+SENDING_TARGET, SENDING_AIM = 0.8, 1.0
+GROWTH_TARGET = 12.0
+MEMORY_LIMIT_MB = 300.0
+STAGE_TIMEOUT = 900.0
+# Beat sends comms.send_email every minute; the bench does the same while it waits.
+SEND_EMAIL_EVERY = 60.0
+FOLLOW_UP_AGE = dt.timedelta(days=8)
+POLL_SECONDS = 0.05
+
+
+class BenchError(RuntimeError):
+    """The bench could not run a stage (not a missed target)."""
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, tick: Callable[[], None] | None = None
+) -> None:
+    deadline = time.monotonic() + STAGE_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {STAGE_TIMEOUT:.0f} s waiting for {what}")
+        if tick is not None:
+            tick()
+        time.sleep(POLL_SECONDS)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the processes --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as output:
+        child = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def wait_for_log(
+    child: subprocess.Popen[bytes], log: Path, marker: str, timeout: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout
+    while marker not in log.read_text(errors="replace"):
+        if child.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise BenchError(f"{child.args!r} did not start:\n{tail}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    port = free_port()
+    command = [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+    ]
+    command += ["--save", "", "--appendonly", "no"]
+    log = OUT / "redis.log"
+    with process(command, log) as child:
+        wait_for_log(child, log, "Ready to accept connections")
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def smtp_sink(stats: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    command = [sys.executable, "-m", "bench.sink", "--port", str(port), "--stats", str(stats)]
+    log = OUT / "sink.log"
+    with process(command, log) as child:
+        wait_for_log(child, log, "ready")
+        yield "127.0.0.1", port
+
+
+def worker_environment(database_url: str, broker_url: str, smtp: tuple[str, int]) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COMMS_")}
+    env.update(
+        COMMS_DATABASE_URL=database_url,
+        COMMS_BROKER_URL=broker_url,
+        COMMS_VAR_DIR=str(OUT / "var"),
+        COMMS_MAIL_BACKEND="smtp",
+        COMMS_SMTP_HOST=smtp[0],
+        COMMS_SMTP_PORT=str(smtp[1]),
+        COMMS_SMTP_SECURITY="none",
+        COMMS_CALLS_PER_SLOT=str(CALLS_PER_SLOT),
+    )
+    return env
+
+
+@contextlib.contextmanager
+def worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-m", "celery", "-A", "comms_tasks", "worker", "--loglevel=INFO"]
+    command += ["--concurrency=2", "--pool=prefork", "--without-mingle", "--without-gossip"]
+    log = OUT / "worker.log"
+    with process(command, log, env) as child:
+        wait_for_log(child, log, " ready.")
+        yield child
+
+
+# --- reading the service's database ------------------------------------------------------
+
+
+def scalar(engine: Engine, query: Any) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(query).scalar()
+
+
+def task_runs(engine: Engine, name: str) -> tuple[int, dt.datetime | None]:
+    with Session(engine) as session:
+        run = session.get(TaskRun, name)
+        return (run.runs, run.last_finished_at) if run else (0, None)
+
+
+def count_emails(engine: Engine, *statuses: EmailStatus) -> int:
+    query = select(func.count(Email.id)).where(Email.template.in_(ASKING_TEMPLATES))
+    if statuses:
+        query = query.where(Email.status.in_(statuses))
+    return int(scalar(engine, query))
+
+
+# --- stages -----------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, size: Size, service: Engine, celery: Celery, worker_pid: int) -> None:
+        self.size = size
+        self.service = service
+        self.celery = celery
+        self.peak = StagePeak(worker_pid)
+        self._last_send = 0.0
+
+    def _play_beat_send(self) -> None:
+        if time.monotonic() - self._last_send >= SEND_EMAIL_EVERY:
+            self.celery.send_task("comms.send_email")
+            self._last_send = time.monotonic()
+
+    def batching_and_sending(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """comms.batch_requests, then the comms.send_email it starts, to the last email sent."""
+        self.peak.start()
+        started = utcnow()
+        self.celery.send_task("comms.batch_requests")
+        wait_until(
+            lambda: task_runs(self.service, "comms.batch_requests")[0] >= 1, "comms.batch_requests"
+        )
+        batch_memory = self.peak.stop()
+        self.peak.start()
+        finished = task_runs(self.service, "comms.batch_requests")[1]
+        assert finished is not None
+        queued = count_emails(self.service)
+        batch_rows = int(scalar(self.service, select(func.count(EmailBatch.id))))
+        if queued != self.size.emails or batch_rows != self.size.requests:
+            raise BenchError(f"batching queued {queued} emails with {batch_rows} requests")
+        # comms.batch_requests sends comms.send_email as it ends; beat would repeat it.
+        self._last_send = time.monotonic()
+        wait_until(
+            lambda: count_emails(self.service, EmailStatus.SENT, EmailStatus.FAILED) == queued,
+            "every email to be sent",
+            tick=self._play_beat_send,
+        )
+        send_memory = self.peak.stop()
+        failed = count_emails(self.service, EmailStatus.FAILED)
+        if failed:
+            raise BenchError(f"{failed} emails failed; see {OUT / 'worker.log'}")
+        last_sent = scalar(self.service, select(func.max(Email.sent_at)))
+        batching = {
+            "therapists": self.size.therapists,
+            "open_requests": self.size.requests,
+            "emails_queued": queued,
+            "seconds": (finished - started).total_seconds(),
+            "peak_rss_mb": batch_memory,
+        }
+        seconds = (last_sent - finished).total_seconds()
+        sending = {
+            "emails": queued,
+            "seconds": seconds,
+            "emails_per_second": queued / seconds,
+            "peak_rss_mb": send_memory,
+        }
+        return batching, sending
+
+    def reset_calls(self, sent_at: dt.datetime, unanswered: int) -> list[int]:
+        """No calls, no reminders, every email sent at ``sent_at`` but ``unanswered`` of them."""
+        asking = Email.template.in_(ASKING_TEMPLATES)
+        with Session(self.service) as session, session.begin():
+            session.execute(PhoneCallBatch.__table__.delete())
+            session.execute(PhoneCall.__table__.delete())
+            reminders = select(Email.id).where(Email.template == EmailTemplate.FOLLOW_UP)
+            session.execute(EmailBatch.__table__.delete().where(EmailBatch.email_id.in_(reminders)))
+            session.execute(
+                Email.__table__.delete().where(Email.template == EmailTemplate.FOLLOW_UP)
+            )
+            session.execute(
+                Email.__table__.update()
+                .where(asking)
+                .values(
+                    sent_at=sent_at,
+                    call_requested_at=None,
+                    follow_up_required=False,
+                    follow_up_notes=None,
+                )
+            )
+            ids = list(
+                session.scalars(select(Email.id).where(asking).order_by(Email.id).limit(unanswered))
+            )
+            session.execute(
+                Email.__table__.update()
+                .where(Email.id.in_(ids))
+                .values(sent_at=sent_at - FOLLOW_UP_AGE)
+            )
+        with self.service.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("VACUUM ANALYZE"))
+        return ids
+
+    def scheduling(self, unanswered: int, sent_at: dt.datetime) -> dict[str, Any]:
+        """comms.follow_up_check -> comms.schedule_calls for ``unanswered`` emails."""
+        ids = self.reset_calls(sent_at, unanswered)
+        called = select(func.count(func.distinct(PhoneCall.email_id))).where(
+            PhoneCall.email_id.in_(ids)
+        )
+        flagged = select(func.count(Email.id)).where(
+            Email.id.in_(ids), Email.follow_up_required.is_(True)
+        )
+
+        def resolved() -> bool:
+            return (
+                int(scalar(self.service, called)) + int(scalar(self.service, flagged)) == unanswered
+            )
+
+        self.peak.start()
+        started = utcnow()
+        self.celery.send_task("comms.follow_up_check")
+        wait_until(resolved, f"{unanswered} follow-up calls")
+        memory = self.peak.stop()
+        last_call = scalar(self.service, select(func.max(PhoneCall.created_at)))
+        last_flag = scalar(
+            self.service,
+            select(func.max(Email.updated_at)).where(
+                Email.id.in_(ids), Email.follow_up_required.is_(True)
+            ),
+        )
+        finished = max(moment for moment in (last_call, last_flag) if moment is not None)
+        scheduled = int(scalar(self.service, called))
+        seconds = (finished - started).total_seconds()
+        # Reminders to the unschedulable go out before the next run resets the emails.
+        wait_until(
+            lambda: (
+                int(
+                    scalar(
+                        self.service,
+                        select(func.count(Email.id)).where(
+                            Email.status.in_((EmailStatus.QUEUED, EmailStatus.SENDING))
+                        ),
+                    )
+                )
+                == 0
+            ),
+            "reminders to be sent",
+            tick=self._play_beat_send,
+        )
+        return {
+            "unanswered_emails": unanswered,
+            "calls_scheduled": scheduled,
+            "unschedulable": unanswered - scheduled,
+            "seconds": seconds,
+            "calls_per_second": scheduled / seconds if seconds else None,
+            "peak_rss_mb": memory,
+        }
+
+
+# --- baselines ----------------------------------------------------------------------------
+
+
+def batching_baseline(service: Engine, baseline: Engine) -> float:
+    """The service's email and batch rows, inserted again in bulk: seconds."""
+    emails_table, batches_table = Email.__table__, EmailBatch.__table__
+    with service.connect() as connection:
+        emails = [
+            dict(row._mapping)
+            for row in connection.execute(
+                select(emails_table).where(Email.template.in_(ASKING_TEMPLATES)).order_by(Email.id)
+            )
+        ]
+        batches = [dict(row._mapping) for row in connection.execute(select(batches_table))]
+    for row in emails:
+        # As the batch wrote them: queued, not yet sent.
+        row.update(
+            status=EmailStatus.QUEUED,
+            sent_at=None,
+            lease_expires_at=None,
+            next_attempt_at=row["queued_at"],
+        )
+        row.update(call_requested_at=None, follow_up_required=False, follow_up_notes=None)
+    started = time.perf_counter()
+    with baseline.begin() as connection:
+        connection.execute(insert(emails_table), emails)
+        connection.execute(insert(batches_table), batches)
+    return time.perf_counter() - started
+
+
+def sending_baseline(service: Engine, smtp: tuple[str, int]) -> tuple[int, float]:
+    """The same messages over one reused ``smtplib`` connection: (messages, seconds)."""
+    with Session(service) as session:
+        emails = session.scalars(
+            select(Email).where(Email.template.in_(ASKING_TEMPLATES)).order_by(Email.id)
+        ).all()
+        prepared = [
+            (
+                build_mime(outgoing(session, email)),
+                ascii_address(email.sender_email),
+                ascii_address(email.recipient_email),
+            )
+            for email in emails
+        ]
+    started = time.perf_counter()
+    connection = smtplib.SMTP(*smtp)
+    for message, sender, recipient in prepared:
+        connection.send_message(message, from_addr=sender, to_addrs=[recipient])
+    connection.quit()
+    return len(prepared), time.perf_counter() - started
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def verdict(
+    value: float, target: float, aim: float | None, higher_is_better: bool
+) -> dict[str, Any]:
+    def ok(limit: float) -> bool:
+        return value >= limit if higher_is_better else value <= limit
+
+    sign = ">=" if higher_is_better else "<="
+    result: dict[str, Any] = {"target": f"{sign} {target}", "met": ok(target)}
+    if aim is not None:
+        result.update(aim=f"{sign} {aim}", aim_met=ok(aim))
+    return result
+
+
+def build_report(
+    size: Size,
+    batching: dict[str, Any],
+    sending: dict[str, Any],
+    runs: list[dict[str, Any]],
+    baseline_batching: float,
+    baseline_sending: tuple[int, float],
+    sink: dict[str, Any],
+    postgres_version: str,
+) -> dict[str, Any]:
+    batching["baseline_seconds"] = baseline_batching
+    batching["ratio"] = batching["seconds"] / baseline_batching
+    batching.update(
+        verdict(batching["ratio"], BATCHING_TARGET, BATCHING_AIM, higher_is_better=False)
+    )
+    baseline_rate = baseline_sending[0] / baseline_sending[1]
+    sending["baseline_emails_per_second"] = baseline_rate
+    sending["ratio"] = sending["emails_per_second"] / baseline_rate
+    sending.update(verdict(sending["ratio"], SENDING_TARGET, SENDING_AIM, higher_is_better=True))
+    small, large = runs
+    growth = large["seconds"] / small["seconds"]
+    scheduling = {
+        "runs": runs,
+        "growth": growth,
+        "linear_growth_would_be": large["unanswered_emails"] / small["unanswered_emails"],
+        **verdict(growth, GROWTH_TARGET, None, higher_is_better=False),
+    }
+    peaks = {
+        "batching": batching["peak_rss_mb"],
+        "sending": sending["peak_rss_mb"],
+        **{f"scheduling_{run['unanswered_emails']}": run["peak_rss_mb"] for run in runs},
+    }
+    highest = max(mb for stage in peaks.values() for mb in stage.values())
+    memory = {
+        "per_stage_mb": peaks,
+        "highest_mb": highest,
+        **verdict(highest, MEMORY_LIMIT_MB, None, False),
+    }
+    judged = size.name == "full"
+    met = all(part["met"] for part in (batching, sending, scheduling, memory))
+    return {
+        "size": size.name,
+        "judged": judged,
+        "all_targets_met": met if judged else None,
+        "measured_at": utcnow().isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "postgresql": postgres_version,
+            "worker": "celery prefork, 2 processes; broker: private redis-server",
+        },
+        "batching": batching,
+        "sending": sending,
+        "scheduling": scheduling,
+        "memory": memory,
+        "sink": sink,
+    }
+
+
+def print_table(report: dict[str, Any], console: Console) -> None:
+    judged = report["judged"]
+
+    def mark(part: dict[str, Any]) -> str:
+        if not judged:
+            return "not judged"
+        return "[green]met[/]" if part["met"] else "[red]MISSED[/]"
+
+    batching, sending, scheduling, memory = (
+        report[name] for name in ("batching", "sending", "scheduling", "memory")
+    )
+    table = Table(title=f"comms bench ({report['size']})")
+    for column in ("stage", "service", "baseline", "figure", "target", ""):
+        table.add_column(column)
+    table.add_row(
+        "batching",
+        f"{batching['seconds']:.2f} s",
+        f"{batching['baseline_seconds']:.2f} s",
+        f"{batching['ratio']:.2f}x the time",
+        batching["target"],
+        mark(batching),
+    )
+    table.add_row(
+        "sending",
+        f"{sending['emails_per_second']:.0f}/s",
+        f"{sending['baseline_emails_per_second']:.0f}/s",
+        f"{sending['ratio']:.2f}x the rate",
+        sending["target"],
+        mark(sending),
+    )
+    small, large = scheduling["runs"]
+    table.add_row(
+        "scheduling",
+        f"{small['unanswered_emails']}: {small['seconds']:.2f} s; "
+        f"{large['unanswered_emails']}: {large['seconds']:.2f} s "
+        f"({large['calls_per_second'] or 0:.0f} calls/s)",
+        "-",
+        f"{scheduling['growth']:.1f}x the time for {scheduling['linear_growth_would_be']:.0f}x the calls",
+        scheduling["target"],
+        mark(scheduling),
+    )
+    table.add_row(
+        "memory",
+        f"{memory['highest_mb']:.0f} MB peak",
+        "-",
+        "per process",
+        memory["target"],
+        mark(memory),
+    )
+    console.print(table)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    service_url, baseline_url = f"{postgres}/{SERVICE_DATABASE}", f"{postgres}/{BASELINE_DATABASE}"
+    console.print(f"seeding {size.therapists} therapists, {size.requests} open requests (twice)")
+    rows = read_model_rows(size, utcnow())
+    for url in (service_url, baseline_url):
+        recreate_database(url)
+    service, baseline = create_engine(service_url), create_engine(baseline_url)
+    try:
+        for engine in (service, baseline):
+            seed(engine, rows)
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(text("VACUUM ANALYZE"))
+        postgres_version = str(scalar(service, text("SHOW server_version")))
+        stats = OUT / "sink.json"
+        with private_redis() as broker, smtp_sink(stats) as smtp:
+            celery = Celery("bench", broker=broker, set_as_current=False)
+            env = worker_environment(service_url, broker, smtp)
+            with worker(env) as worker_process:
+                bench = Bench(size, service, celery, worker_process.pid)
+                console.print("batching and sending")
+                batching, sending = bench.batching_and_sending()
+                sent_at = utcnow()
+                runs = []
+                for unanswered in size.calls:
+                    console.print(f"scheduling: {unanswered} unanswered emails")
+                    runs.append(bench.scheduling(unanswered, sent_at))
+            celery.close()
+            console.print("baselines (worker stopped)")
+            baseline_batching = batching_baseline(service, baseline)
+            baseline_sending = sending_baseline(service, smtp)
+        sink = json.loads(stats.read_text())
+        expected = size.emails + baseline_sending[0]
+        if sink["messages"] < expected:
+            raise BenchError(f"the sink accepted {sink['messages']} messages, expected {expected}")
+        return build_report(
+            size,
+            batching,
+            sending,
+            runs,
+            baseline_batching,
+            baseline_sending,
+            sink,
+            postgres_version,
+        )
+    finally:
+        service.dispose()
+        baseline.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("BENCH_POSTGRES", DEFAULT_POSTGRES),
+        help="server URL without a database; the bench creates its own two",
+    )
+    parser.add_argument("--report", type=Path, help="default: var/bench/report-<size>.json")
+    args = parser.parse_args(argv)
+    console = Console()
+    size = SIZES[args.size]
+    try:
+        report = run(size, args.postgres.rstrip("/"), console)
+    except BenchError as exc:
+        console.print(f"[red]bench failed:[/] {exc}")
+        return 2
+    path = args.report or OUT / f"report-{size.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    print_table(report, console)
+    console.print(f"report: {path}")
+    if report["judged"] and not report["all_targets_met"]:
+        return 1
+    return 0
