@@ -35,19 +35,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
+from rich import table as rich_table
 from rich.console import Console
-from rich.table import Table
-from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy import Engine, Table, create_engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from bench.memory import StagePeak
 from bench.seed import Size, read_model_rows, recreate_database, seed
 from comms_tasks.emails import ASKING_TEMPLATES
-from comms_tasks.mail.message import build_mime
-from comms_tasks.mail.message import ascii_address
+from comms_tasks.mail.message import ascii_address, build_mime
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -81,6 +80,10 @@ STAGE_TIMEOUT = 900.0
 SEND_EMAIL_EVERY = 60.0
 FOLLOW_UP_AGE = dt.timedelta(days=8)
 POLL_SECONDS = 0.05
+
+
+def table(model: type) -> Table:
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
 
 
 class BenchError(RuntimeError):
@@ -276,15 +279,14 @@ class Bench:
         """No calls, no reminders, every email sent at ``sent_at`` but ``unanswered`` of them."""
         asking = Email.template.in_(ASKING_TEMPLATES)
         with Session(self.service) as session, session.begin():
-            session.execute(PhoneCallBatch.__table__.delete())
-            session.execute(PhoneCall.__table__.delete())
+            session.execute(table(PhoneCallBatch).delete())
+            session.execute(table(PhoneCall).delete())
             reminders = select(Email.id).where(Email.template == EmailTemplate.FOLLOW_UP)
-            session.execute(EmailBatch.__table__.delete().where(EmailBatch.email_id.in_(reminders)))
+            session.execute(table(EmailBatch).delete().where(EmailBatch.email_id.in_(reminders)))
+            session.execute(table(Email).delete().where(Email.template == EmailTemplate.FOLLOW_UP))
             session.execute(
-                Email.__table__.delete().where(Email.template == EmailTemplate.FOLLOW_UP)
-            )
-            session.execute(
-                Email.__table__.update()
+                table(Email)
+                .update()
                 .where(asking)
                 .values(
                     sent_at=sent_at,
@@ -297,7 +299,8 @@ class Bench:
                 session.scalars(select(Email.id).where(asking).order_by(Email.id).limit(unanswered))
             )
             session.execute(
-                Email.__table__.update()
+                table(Email)
+                .update()
                 .where(Email.id.in_(ids))
                 .values(sent_at=sent_at - FOLLOW_UP_AGE)
             )
@@ -366,7 +369,7 @@ class Bench:
 
 def batching_baseline(service: Engine, baseline: Engine) -> float:
     """The service's email and batch rows, inserted again in bulk: seconds."""
-    emails_table, batches_table = Email.__table__, EmailBatch.__table__
+    emails_table, batches_table = table(Email), table(EmailBatch)
     with service.connect() as connection:
         emails = [
             dict(row._mapping)
@@ -499,10 +502,10 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     batching, sending, scheduling, memory = (
         report[name] for name in ("batching", "sending", "scheduling", "memory")
     )
-    table = Table(title=f"comms bench ({report['size']})")
+    grid = rich_table.Table(title=f"comms bench ({report['size']})")
     for column in ("stage", "service", "baseline", "figure", "target", ""):
-        table.add_column(column)
-    table.add_row(
+        grid.add_column(column)
+    grid.add_row(
         "batching",
         f"{batching['seconds']:.2f} s",
         f"{batching['baseline_seconds']:.2f} s",
@@ -510,7 +513,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         batching["target"],
         mark(batching),
     )
-    table.add_row(
+    grid.add_row(
         "sending",
         f"{sending['emails_per_second']:.0f}/s",
         f"{sending['baseline_emails_per_second']:.0f}/s",
@@ -519,17 +522,18 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         mark(sending),
     )
     small, large = scheduling["runs"]
-    table.add_row(
+    grid.add_row(
         "scheduling",
         f"{small['unanswered_emails']}: {small['seconds']:.2f} s; "
         f"{large['unanswered_emails']}: {large['seconds']:.2f} s "
         f"({large['calls_per_second'] or 0:.0f} calls/s)",
         "-",
-        f"{scheduling['growth']:.1f}x the time for {scheduling['linear_growth_would_be']:.0f}x the calls",
+        f"{scheduling['growth']:.1f}x the time for "
+        f"{scheduling['linear_growth_would_be']:.0f}x the calls",
         scheduling["target"],
         mark(scheduling),
     )
-    table.add_row(
+    grid.add_row(
         "memory",
         f"{memory['highest_mb']:.0f} MB peak",
         "-",
@@ -537,7 +541,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         memory["target"],
         mark(memory),
     )
-    console.print(table)
+    console.print(grid)
 
 
 # --- main ---------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def read_model_rows(size: Size, now: dt.datetime) -> dict[type, list[dict[str, A
     Request ``r`` goes to therapist ``r % therapists + 1``, so every therapist has
     ``requests / therapists`` open requests; patient ``r // 2 + 1`` asks two therapists.
     """
-    rng = random.Random(SEED)  # noqa: S311 - benchmark data, reproducible on purpose
+    rng = random.Random(SEED)
     therapists = []
     for therapist_id in range(1, size.therapists + 1):
         profile = demo.therapist_profile(

@@ -22,7 +22,7 @@ class CountingHandler:
         self.messages = 0
         self.connections = 0
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802 - aiosmtpd's hook name
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.messages += 1
         return "250 OK"
 
