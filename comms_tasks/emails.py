@@ -1,7 +1,7 @@
 """Emails to therapists: the weekly batch, reminders and confirmations, and answers.
 
 Functions take the session and never commit; the tasks own the transactions. Every email
-is created through :func:`queue_email_for`, which renders it, fixes its Message-ID and
+is created through :func:`queue_emails`, which renders it, fixes its Message-ID and
 records ``email.queued`` in the same transaction.
 """
 
@@ -200,14 +200,20 @@ def batch_candidates(session: Session) -> list[int]:
 # --- rendering ---------------------------------------------------------------------------
 
 
-def patient_entries(session: Session, request_ids: Sequence[int]) -> list[PatientEntry]:
-    """The patients of ``request_ids``, in that order, as the templates show them."""
+def patients_of(session: Session, request_ids: Iterable[int]) -> dict[int, Patient | None]:
+    """The patient of each request (None when its summary has not arrived), in one query."""
     rows = session.execute(
         select(PlacementRequest.id, Patient)
         .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
-        .where(PlacementRequest.id.in_(request_ids))
+        .where(PlacementRequest.id.in_(list(request_ids)))
     ).all()
-    patients = {request_id: patient for request_id, patient in rows}
+    return {request_id: patient for request_id, patient in rows}
+
+
+def entries_for(
+    request_ids: Sequence[int], patients: dict[int, Patient | None]
+) -> list[PatientEntry]:
+    """The patients of ``request_ids``, in that order, as the templates show them."""
     entries = []
     for position, request_id in enumerate(request_ids, start=1):
         patient = patients.get(request_id)
@@ -247,12 +253,83 @@ def render_email(
     return renderer_for(settings.sender_name).render(
         template.value,
         recipient_of(therapist),
-        patient_entries(session, request_ids),
+        entries_for(request_ids, patients_of(session, request_ids)),
         earlier=earlier_of(earlier, settings),
     )
 
 
 # --- creating emails -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """One email to queue: to whom, which template, about which requests."""
+
+    therapist: Therapist
+    template: EmailTemplate
+    request_ids: Sequence[int]
+    dedup_key: str
+    in_reply_to: Email | None = None
+
+
+def queue_emails(
+    session: Session, drafts: Sequence[Draft], *, settings: Settings, now: dt.datetime
+) -> list[Email]:
+    """Render and queue emails; ``email.queued`` is recorded with each.
+
+    One query for all their patients and one flush for all the rows, however many.
+    """
+    patients = patients_of(session, [rid for draft in drafts for rid in draft.request_ids])
+    renderer = renderer_for(settings.sender_name)
+    emails = []
+    for draft in drafts:
+        therapist = draft.therapist
+        if not therapist.email:
+            raise ValueError(f"therapist {therapist.id} has no email address")
+        rendered = renderer.render(
+            draft.template.value,
+            recipient_of(therapist),
+            entries_for(draft.request_ids, patients),
+            earlier=earlier_of(draft.in_reply_to, settings),
+        )
+        emails.append(
+            Email(
+                therapist_id=therapist.id,
+                template=draft.template,
+                dedup_key=draft.dedup_key,
+                recipient_email=therapist.email,
+                recipient_name=recipient_name(therapist),
+                sender_email=settings.sender_email,
+                sender_name=settings.sender_name,
+                reply_to=settings.reply_to,
+                subject=rendered.subject,
+                body_html=rendered.body_html,
+                body_text=rendered.body_text,
+                message_id=new_message_id(settings.sender_email),
+                in_reply_to_email_id=draft.in_reply_to.id if draft.in_reply_to else None,
+                status=EmailStatus.QUEUED,
+                queued_at=now,
+                next_attempt_at=now,
+                retry_count=0,
+                batches=[
+                    EmailBatch(placement_request_id=request_id, priority=priority)
+                    for priority, request_id in enumerate(draft.request_ids, start=1)
+                ],
+            )
+        )
+    session.add_all(emails)
+    session.flush()
+    for email, draft in zip(emails, drafts, strict=True):
+        record_event(
+            session,
+            EmailQueuedPayload(
+                email_id=email.id,
+                therapist_id=draft.therapist.id,
+                placement_request_ids=list(draft.request_ids),
+            ),
+            occurred_at=now,
+        )
+    return emails
 
 
 def queue_email_for(
@@ -267,46 +344,8 @@ def queue_email_for(
     in_reply_to: Email | None = None,
 ) -> Email:
     """Render and queue one email; ``email.queued`` is recorded with it."""
-    if not therapist.email:
-        raise ValueError(f"therapist {therapist.id} has no email address")
-    rendered = render_email(
-        session, therapist, template, request_ids, settings, earlier=in_reply_to
-    )
-    email = Email(
-        therapist_id=therapist.id,
-        template=template,
-        dedup_key=dedup_key,
-        recipient_email=therapist.email,
-        recipient_name=recipient_name(therapist),
-        sender_email=settings.sender_email,
-        sender_name=settings.sender_name,
-        reply_to=settings.reply_to,
-        subject=rendered.subject,
-        body_html=rendered.body_html,
-        body_text=rendered.body_text,
-        message_id=new_message_id(settings.sender_email),
-        in_reply_to_email_id=in_reply_to.id if in_reply_to else None,
-        status=EmailStatus.QUEUED,
-        queued_at=now,
-        next_attempt_at=now,
-        retry_count=0,
-        batches=[
-            EmailBatch(placement_request_id=request_id, priority=priority)
-            for priority, request_id in enumerate(request_ids, start=1)
-        ],
-    )
-    session.add(email)
-    session.flush()
-    record_event(
-        session,
-        EmailQueuedPayload(
-            email_id=email.id,
-            therapist_id=therapist.id,
-            placement_request_ids=list(request_ids),
-        ),
-        occurred_at=now,
-    )
-    return email
+    draft = Draft(therapist, template, request_ids, dedup_key, in_reply_to)
+    return queue_emails(session, [draft], settings=settings, now=now)[0]
 
 
 @dataclasses.dataclass
@@ -337,6 +376,7 @@ def batch_chunk(
     facts = therapist_facts(session, locked_ids, now, settings)
     requests = unasked_requests(session, locked_ids)
     run_day = now.astimezone(settings.zone).date().isoformat()
+    drafts = []
     for therapist in therapists:
         open_requests = requests.get(therapist.id)
         if not open_requests:
@@ -345,18 +385,17 @@ def batch_chunk(
             report.therapists_skipped += 1
             continue
         chosen = batching.select_batch(open_requests, settings.max_patients_per_email)
-        request_ids = [request.placement_request_id for request in chosen]
-        email = queue_email_for(
-            session,
-            therapist,
-            batching.template_for(chosen),
-            request_ids,
-            dedup_key=f"batch:{therapist.id}:{run_day}",
-            settings=settings,
-            now=now,
+        drafts.append(
+            Draft(
+                therapist,
+                batching.template_for(chosen),
+                [request.placement_request_id for request in chosen],
+                dedup_key=f"batch:{therapist.id}:{run_day}",
+            )
         )
+    for email in queue_emails(session, drafts, settings=settings, now=now):
         report.emails_queued += 1
-        report.requests_asked += len(request_ids)
+        report.requests_asked += len(email.batches)
         report.email_ids.append(email.id)
     return report
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import re
 import textwrap
 from collections.abc import Callable, Sequence
@@ -122,15 +123,28 @@ def wrap_text(text: str, indent: str = "", hanging: str = "") -> str:
 
     A trailing newline is kept, so a ``{% filter %}`` block in a template keeps its line.
     """
-    filled = textwrap.fill(
-        text.strip(),
+    stripped = text.strip()
+    if len(indent) + len(stripped) <= TEXT_WIDTH and not _OTHER_WHITESPACE.search(stripped):
+        # Fits on one line: what textwrap would return, without its cost (most fields).
+        filled = indent + stripped if stripped else ""
+    else:
+        filled = _wrapper(indent, hanging).fill(stripped)
+    return filled + "\n" if text.endswith("\n") else filled
+
+
+# textwrap turns each of these into a space; a text with one of them takes the slow path.
+_OTHER_WHITESPACE = re.compile(r"[^\S ]")
+
+
+@functools.cache
+def _wrapper(indent: str, hanging: str) -> textwrap.TextWrapper:
+    return textwrap.TextWrapper(
         width=TEXT_WIDTH,
         initial_indent=indent,
         subsequent_indent=indent + hanging,
         break_long_words=False,
         break_on_hyphens=False,
     )
-    return filled + "\n" if text.endswith("\n") else filled
 
 
 def _field_value(value: str | bool | None) -> str:

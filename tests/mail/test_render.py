@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import html
 import re
+import textwrap
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import css_inline
 import jinja2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from comms_tasks.mail.examples import render_examples
 from comms_tasks.mail.render import (
@@ -29,6 +32,7 @@ from comms_tasks.mail.render import (
     german_date,
     greeting,
     make_environment,
+    wrap_text,
 )
 
 DOCS_EMAILS = PROJECT_ROOT / "docs" / "emails"
@@ -398,3 +402,23 @@ def test_examples_show_escaping() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; mehr" in examples["batch_request.html"]
     assert HOSTILE in examples["batch_request.txt"]
     assert examples["batch_request.txt"].startswith("Subject: Anfrage für 3 Therapieplätze\n\n")
+
+
+@given(
+    text=st.text(alphabet=st.sampled_from("ab cdé\t\n\r\x0b-.x\u00a0"), max_size=200),
+    indent=st.sampled_from(["", "  ", "    "]),
+    hanging=st.sampled_from(["", "   "]),
+)
+def test_wrap_text_fills_exactly_like_textwrap(text: str, indent: str, hanging: str) -> None:
+    """The one-line shortcut gives what textwrap.fill gives, for every text."""
+    expected = textwrap.fill(
+        text.strip(),
+        width=TEXT_WIDTH,
+        initial_indent=indent,
+        subsequent_indent=indent + hanging,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    if text.endswith("\n"):
+        expected += "\n"
+    assert wrap_text(text, indent, hanging) == expected
