@@ -13,8 +13,8 @@ import datetime as dt
 import functools
 from collections.abc import Sequence
 
-from sqlalchemy import exists, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, select, text, update
+from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks import emails as email_rules
 from comms_tasks.contracts import inbound
@@ -44,6 +44,8 @@ from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot,
 MAX_CALL_ATTEMPTS = 3
 # Any constant works; it only has to be the same for every process booking calls.
 BOOKING_LOCK_KEY = 0x636F6D6D73  # "comms"
+# Emails marked as waiting for a call per UPDATE statement (bounded IN lists).
+MARK_PER_STATEMENT = 5_000
 
 
 def slot_rules(settings: Settings) -> SlotRules:
@@ -92,6 +94,8 @@ class Booking:
     settings: Settings
     now: dt.datetime
     booked: BookedCalls
+    # Calls added since the last record(): their ids and events come with the next one.
+    _unrecorded: list[tuple[PhoneCall, list[int]]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def start(cls, session: Session, settings: Settings, now: dt.datetime) -> Booking:
@@ -152,19 +156,25 @@ class Booking:
             ],
         )
         self.session.add(call)
-        self.session.flush()
         self.booked.add(therapist.id, start, start + dt.timedelta(minutes=duration))
-        record_event(
-            self.session,
-            CallScheduledPayload(
-                call_id=call.id,
-                therapist_id=therapist.id,
-                scheduled_at=start,
-                placement_request_ids=list(request_ids),
-            ),
-            occurred_at=self.now,
-        )
+        self._unrecorded.append((call, list(request_ids)))
         return call
+
+    def record(self) -> None:
+        """Write the calls booked so far (one flush) and record their ``call.scheduled``."""
+        self.session.flush()
+        for call, request_ids in self._unrecorded:
+            record_event(
+                self.session,
+                CallScheduledPayload(
+                    call_id=call.id,
+                    therapist_id=call.therapist_id,
+                    scheduled_at=call.scheduled_at,
+                    placement_request_ids=request_ids,
+                ),
+                occurred_at=self.now,
+            )
+        self._unrecorded.clear()
 
 
 # --- the follow-up check ------------------------------------------------------------------
@@ -174,20 +184,28 @@ def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settin
     """Mark unanswered emails (sent long enough ago) as waiting for a call; returns how many."""
     due_before = now - dt.timedelta(days=settings.follow_up_after_days)
     has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
-    emails = session.scalars(
-        select(Email)
-        .where(Email.template.in_(email_rules.ASKING_TEMPLATES))
-        .where(Email.status == EmailStatus.SENT)
-        .where(Email.sent_at <= due_before)
-        .where(Email.response_received.is_(False))
-        .where(Email.follow_up_required.is_(False))
-        .where(Email.call_requested_at.is_(None))
-        .where(~has_call)
-        .with_for_update(skip_locked=True)
-    ).all()
-    for email in emails:
-        email.call_requested_at = now
-    return len(emails)
+    # Ids only: the emails' bodies stay in the database.
+    email_ids = list(
+        session.scalars(
+            select(Email.id)
+            .where(Email.template.in_(email_rules.ASKING_TEMPLATES))
+            .where(Email.status == EmailStatus.SENT)
+            .where(Email.sent_at <= due_before)
+            .where(Email.response_received.is_(False))
+            .where(Email.follow_up_required.is_(False))
+            .where(Email.call_requested_at.is_(None))
+            .where(~has_call)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    for start in range(0, len(email_ids), MARK_PER_STATEMENT):
+        session.execute(
+            update(Email)
+            .where(Email.id.in_(email_ids[start : start + MARK_PER_STATEMENT]))
+            .values(call_requested_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return len(email_ids)
 
 
 def waiting_for_call(session: Session, limit: int) -> list[int]:
@@ -213,31 +231,52 @@ class ScheduleReport:
     nothing_left: int = 0
 
 
-def pending_requests_of(session: Session, email: Email) -> list[int]:
-    included = [b.placement_request_id for b in email.batches if b.included]
-    pending = email_rules.requests_still_pending(session, included)
-    return [request_id for request_id in included if request_id in pending]
-
-
 def schedule_follow_ups(
     session: Session, email_ids: Sequence[int], now: dt.datetime, settings: Settings
 ) -> ScheduleReport:
-    """One call per waiting email, in the first free slot; else a reminder and a flag."""
+    """One call per waiting email, in the first free slot; else a reminder and a flag.
+
+    Reads the emails (without bodies), their requests, calls and therapists in five
+    queries, however many emails; the calls are written in one flush.
+    """
     report = ScheduleReport()
     booking = Booking.start(session, settings, now)
+    emails = {
+        email.id: email
+        for email in session.scalars(
+            select(Email)
+            .where(Email.id.in_(email_ids))
+            .options(defer(Email.body_html), defer(Email.body_text), selectinload(Email.batches))
+        )
+    }
+    with_call = set(
+        session.scalars(select(PhoneCall.email_id).where(PhoneCall.email_id.in_(email_ids)))
+    )
+    included = {
+        email.id: [batch.placement_request_id for batch in email.batches if batch.included]
+        for email in emails.values()
+    }
+    pending = email_rules.requests_still_pending(
+        session, [request_id for ids in included.values() for request_id in ids]
+    )
+    therapist_ids = {email.therapist_id for email in emails.values()}
+    therapists = {
+        therapist.id: therapist
+        for therapist in session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids)))
+    }
     for email_id in email_ids:
-        email = session.get(Email, email_id)
+        email = emails.get(email_id)
         if email is None or email.response_received or email.follow_up_required:
             continue
-        if session.scalar(select(PhoneCall.id).where(PhoneCall.email_id == email.id)):
+        if email.id in with_call:
             continue
-        request_ids = pending_requests_of(session, email)
+        request_ids = [request_id for request_id in included[email.id] if request_id in pending]
         if not request_ids:
             # Every request was decided or withdrawn meanwhile: nothing to call about.
             email.call_requested_at = None
             report.nothing_left += 1
             continue
-        therapist = session.get(Therapist, email.therapist_id)
+        therapist = therapists.get(email.therapist_id)
         reason = _why_not_callable(therapist)
         start = booking.find_slot(therapist) if therapist and reason is None else None
         if therapist is not None and start is not None:
@@ -256,6 +295,7 @@ def schedule_follow_ups(
             settings,
         )
         report.unschedulable += 1
+    booking.record()
     return report
 
 
@@ -329,13 +369,15 @@ def schedule_requested_call(
                 f"command.at: no free slot within {settings.call_horizon_days} days", command_id
             )
         start = found
-    return booking.book(
+    call = booking.book(
         therapist,
         start,
         command.placement_request_ids,
         dedup_key=f"command:{command_id}",
         notes=command.notes,
     )
+    booking.record()
+    return call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,6 +525,7 @@ def _retry(
         email_id=call.email_id,
         previous=call,
     )
+    booking.record()
     return next_call, ""
 
 

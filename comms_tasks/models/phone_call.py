@@ -28,6 +28,7 @@ class PhoneCall(Base):
     __table_args__ = (
         Index("ix_phone_calls_status_scheduled_at", "status", "scheduled_at"),
         Index("ix_phone_calls_therapist_id_scheduled_at", "therapist_id", "scheduled_at"),
+        Index("ix_phone_calls_email_id", "email_id"),
     )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
