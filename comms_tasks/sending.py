@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
@@ -71,7 +71,12 @@ def claim_due(
     email_id: int | None = None,
 ) -> list[Email]:
     """Move up to ``limit`` due emails to ``sending`` under a lease; returns them."""
-    query = select(Email).order_by(Email.next_attempt_at, Email.id).limit(limit)
+    query = (
+        select(Email)
+        .options(selectinload(Email.batches))
+        .order_by(Email.next_attempt_at, Email.id)
+        .limit(limit)
+    )
     if email_id is None:
         query = query.where(_due(now))  # type: ignore[arg-type]
     else:
@@ -89,12 +94,14 @@ def claim_due(
     return emails
 
 
-def recheck_requests(session: Session, email: Email, settings: Settings, now: dt.datetime) -> bool:
-    """Drop withdrawn requests from an unsent email; False when nothing is left to send."""
+def recheck_requests(session: Session, email: Email, pending: set[int], settings: Settings) -> bool:
+    """Drop withdrawn requests from an unsent email; False when nothing is left to send.
+
+    ``pending`` holds the requests still open or in progress, read for a whole claim.
+    """
     if email.template not in RECHECKED_TEMPLATES:
         return True
     included = [batch for batch in email.batches if batch.included]
-    pending = requests_still_pending(session, [b.placement_request_id for b in included])
     withdrawn = [batch for batch in included if batch.placement_request_id not in pending]
     if not withdrawn:
         return True
@@ -167,9 +174,20 @@ def prepare_batch(
     email_id: int | None = None,
 ) -> list[OutgoingMessage]:
     """Claim due emails and turn the ones still worth sending into messages."""
+    emails = claim_due(session, now, limit, settings, email_id)
+    pending = requests_still_pending(
+        session,
+        [
+            batch.placement_request_id
+            for email in emails
+            if email.template in RECHECKED_TEMPLATES
+            for batch in email.batches
+            if batch.included
+        ],
+    )
     messages = []
-    for email in claim_due(session, now, limit, settings, email_id):
-        if recheck_requests(session, email, settings, now):
+    for email in emails:
+        if recheck_requests(session, email, pending, settings):
             messages.append(outgoing(session, email))
     return messages
 
@@ -180,13 +198,45 @@ class Recorded:
     status: EmailStatus
 
 
+def record_results(
+    session: Session, results: Sequence[tuple[SendResult, dt.datetime]], rng: random.Random
+) -> list[Recorded]:
+    """Store several sends' results (each with when it came) at once.
+
+    Emails no longer ours are skipped: our lease ran out and another send claimed them,
+    or an operator cancelled them.
+    """
+    if not results:
+        return []
+    emails = {
+        email.id: email
+        for email in session.scalars(
+            select(Email)
+            .where(Email.id.in_([result.email_id for result, _ in results]))
+            .options(defer(Email.body_html), defer(Email.body_text))
+            .order_by(Email.id)
+            .with_for_update()
+        )
+    }
+    recorded = []
+    for result, at in results:
+        email = emails.get(result.email_id)
+        if email is not None and email.status is EmailStatus.SENDING:
+            recorded.append(_record(session, email, result, at, rng))
+    return recorded
+
+
 def record_result(
     session: Session, result: SendResult, now: dt.datetime, rng: random.Random
 ) -> Recorded | None:
     """Store one send's result; None if the email was no longer ours (lease lost)."""
-    email = session.get(Email, result.email_id, with_for_update=True)
-    if email is None or email.status is not EmailStatus.SENDING:
-        return None
+    recorded = record_results(session, [(result, now)], rng)
+    return recorded[0] if recorded else None
+
+
+def _record(
+    session: Session, email: Email, result: SendResult, now: dt.datetime, rng: random.Random
+) -> Recorded:
     email.lease_expires_at = None
     if result.delivered:
         email.status = EmailStatus.SENT

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Extra CA bundle to verify the relay's certificate with (e.g. a private CA); the
     # system's trust store otherwise. Verification itself cannot be turned off.
     smtp_ca_file: Path | None = None
+    # Connections a backlog is sent over at once (each a task of its own; a relay may
+    # limit how many it accepts from one client).
+    smtp_connections: int = Field(default=2, ge=1, le=20)
     sender_email: str = "anfragen@therapievermittlung.example"
     sender_name: str = "Therapievermittlung"
     reply_to: str | None = None

@@ -16,17 +16,30 @@ THERAPISTS_PER_CHUNK = 500
 
 
 @app.task(name=BATCH_REQUESTS)
-def batch_requests() -> dict[str, Any]:
-    """Queue the emails, then hand them to ``comms.send_email``."""
+def batch_requests(helper: bool = False) -> dict[str, Any]:
+    """Queue the emails, then hand them to ``comms.send_email``.
+
+    A run with more than one chunk starts a helper that works through the same
+    therapists from the other end, so two processes render at once. They cannot do a
+    therapist twice: a chunk locks its therapists (``SKIP LOCKED``: the other run leaves
+    them), and a request already in an email is no longer asked about.
+    """
     from comms_tasks.tasks.sending import send_email
 
     settings = get_settings()
     now = utcnow()
     with transaction() as session:
         candidates = emails.batch_candidates(session)
+    chunks = [
+        candidates[start : start + THERAPISTS_PER_CHUNK]
+        for start in range(0, len(candidates), THERAPISTS_PER_CHUNK)
+    ]
+    if helper:
+        chunks.reverse()
+    elif len(chunks) > 1:
+        batch_requests.apply_async(kwargs={"helper": True})
     total = emails.BatchReport()
-    for start in range(0, len(candidates), THERAPISTS_PER_CHUNK):
-        chunk = candidates[start : start + THERAPISTS_PER_CHUNK]
+    for chunk in chunks:
         with transaction() as session:
             report = emails.batch_chunk(session, chunk, now, settings)
         total.emails_queued += report.emails_queued
