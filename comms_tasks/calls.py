@@ -13,7 +13,7 @@ import datetime as dt
 import functools
 from collections.abc import Sequence
 
-from sqlalchemy import exists, select, text, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks import emails as email_rules
@@ -71,19 +71,52 @@ def lock_booking(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": BOOKING_LOCK_KEY})
 
 
-def booked_calls(session: Session, now: dt.datetime, settings: Settings) -> BookedCalls:
-    """Every live call from now to the end of the horizon, indexed."""
+# How long a task may keep extending the calls it read instead of reading them again.
+KNOWN_CALLS_VALID = dt.timedelta(hours=1)
+
+
+@dataclasses.dataclass
+class KnownCalls:
+    """The live calls one task has read, kept across its booking transactions.
+
+    Every call is inserted under the booking lock, so call ids grow in the order calls
+    become visible: a later transaction of the task reads only the calls after
+    ``last_id`` (those other workers booked meanwhile). A call cancelled meanwhile stays
+    in the index, so its slot is not offered again by this task: never an overbooking.
+    """
+
+    booked: BookedCalls
+    last_id: int
+    read_at: dt.datetime
+
+    def usable_at(self, now: dt.datetime) -> bool:
+        return self.read_at <= now < self.read_at + KNOWN_CALLS_VALID
+
+
+def read_calls(
+    session: Session, now: dt.datetime, settings: Settings, known: KnownCalls | None = None
+) -> KnownCalls:
+    """Every live call from now to the end of the horizon, indexed; or those after ``known``."""
     rules = slot_rules(settings)
-    index = BookedCalls(rules.block)
-    rows = session.execute(
+    last_id = session.scalar(select(func.max(PhoneCall.id))) or 0
+    query = (
         select(PhoneCall.therapist_id, PhoneCall.scheduled_at, PhoneCall.duration_minutes)
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .where(PhoneCall.scheduled_at >= now - rules.duration)
-        .where(PhoneCall.scheduled_at <= now + rules.horizon + rules.duration)
+        .where(PhoneCall.id <= last_id)
     )
-    for therapist_id, start, minutes in rows:
-        index.add(therapist_id, start, start + dt.timedelta(minutes=minutes))
-    return index
+    if known is not None and known.usable_at(now):
+        query = query.where(PhoneCall.id > known.last_id)
+    else:
+        # The window covers every booking this index may serve while it is usable.
+        window_end = now + rules.horizon + rules.duration + KNOWN_CALLS_VALID
+        query = query.where(PhoneCall.scheduled_at >= now - rules.duration).where(
+            PhoneCall.scheduled_at <= window_end
+        )
+        known = KnownCalls(BookedCalls(rules.block), last_id=0, read_at=now)
+    for therapist_id, start, minutes in session.execute(query):
+        known.booked.add(therapist_id, start, start + dt.timedelta(minutes=minutes))
+    known.last_id = last_id
+    return known
 
 
 @dataclasses.dataclass
@@ -93,14 +126,25 @@ class Booking:
     session: Session
     settings: Settings
     now: dt.datetime
-    booked: BookedCalls
+    known: KnownCalls
     # Calls added since the last record(): their ids and events come with the next one.
     _unrecorded: list[tuple[PhoneCall, list[int]]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def start(cls, session: Session, settings: Settings, now: dt.datetime) -> Booking:
+    def start(
+        cls,
+        session: Session,
+        settings: Settings,
+        now: dt.datetime,
+        known: KnownCalls | None = None,
+    ) -> Booking:
+        """Take the booking lock and read the calls (only the new ones, given ``known``)."""
         lock_booking(session)
-        return cls(session, settings, now, booked_calls(session, now, settings))
+        return cls(session, settings, now, read_calls(session, now, settings, known))
+
+    @property
+    def booked(self) -> BookedCalls:
+        return self.known.booked
 
     def find_slot(
         self, therapist: Therapist, not_before: dt.datetime | None = None
@@ -163,6 +207,9 @@ class Booking:
     def record(self) -> None:
         """Write the calls booked so far (one flush) and record their ``call.scheduled``."""
         self.session.flush()
+        for call, _ in self._unrecorded:
+            # Ours are in the index already; read_calls must not add them again.
+            self.known.last_id = max(self.known.last_id, call.id)
         for call, request_ids in self._unrecorded:
             record_event(
                 self.session,
@@ -208,8 +255,8 @@ def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settin
     return len(email_ids)
 
 
-def waiting_for_call(session: Session, limit: int) -> list[int]:
-    """Emails the follow-up check marked that have no call yet, oldest first."""
+def waiting_for_call(session: Session) -> list[int]:
+    """Emails the follow-up check marked that have no call yet, oldest first (ids only)."""
     has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
     return list(
         session.scalars(
@@ -219,7 +266,6 @@ def waiting_for_call(session: Session, limit: int) -> list[int]:
             .where(Email.response_received.is_(False))
             .where(~has_call)
             .order_by(Email.call_requested_at, Email.id)
-            .limit(limit)
         )
     )
 
@@ -229,18 +275,24 @@ class ScheduleReport:
     scheduled: int = 0
     unschedulable: int = 0
     nothing_left: int = 0
+    # The calls read and booked, for the task's next chunk.
+    known: KnownCalls | None = None
 
 
 def schedule_follow_ups(
-    session: Session, email_ids: Sequence[int], now: dt.datetime, settings: Settings
+    session: Session,
+    email_ids: Sequence[int],
+    now: dt.datetime,
+    settings: Settings,
+    known: KnownCalls | None = None,
 ) -> ScheduleReport:
     """One call per waiting email, in the first free slot; else a reminder and a flag.
 
     Reads the emails (without bodies), their requests, calls and therapists in five
     queries, however many emails; the calls are written in one flush.
     """
-    report = ScheduleReport()
-    booking = Booking.start(session, settings, now)
+    booking = Booking.start(session, settings, now, known)
+    report = ScheduleReport(known=booking.known)
     emails = {
         email.id: email
         for email in session.scalars(

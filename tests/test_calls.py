@@ -15,7 +15,7 @@ import icalendar
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails
+from comms_tasks import calls, emails
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, RECORD_EMAIL_RESPONSE, SCHEDULE_CALL
 from comms_tasks.db import transaction
 from comms_tasks.inbox import handle
@@ -26,6 +26,7 @@ from comms_tasks.models import (
     OutboxEvent,
     PhoneCall,
     PhoneCallStatus,
+    Therapist,
 )
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
@@ -385,3 +386,33 @@ def test_calls_outcome_sends_the_public_message(
     assert first.status is PhoneCallStatus.FAILED
     assert first.notes == "AB"
     assert retry.attempt == 2
+
+
+def test_a_task_reads_only_the_calls_booked_since_its_last_chunk(committed_db: Engine) -> None:
+    """Between two chunks of one task another worker books a call: the next chunk counts
+    it, and counts the first chunk's own call once, not twice."""
+    settings = get_settings()
+    first, other = sent_email(201), sent_email(202)
+    at = now()
+    with transaction() as session:
+        report = calls.schedule_follow_ups(session, [first.id], at, settings)
+    assert report.scheduled == 1 and report.known is not None
+    known = report.known
+    [ours] = calls_of(committed_db)
+    ours_end = ours.scheduled_at + dt.timedelta(minutes=ours.duration_minutes)
+    with transaction() as session:  # another worker, with its own fresh read
+        booking = calls.Booking.start(session, settings, at)
+        therapist = session.get(Therapist, other.therapist_id)
+        assert therapist is not None
+        start = booking.find_slot(therapist)
+        assert start is not None and start != ours.scheduled_at
+        booking.book(therapist, start, [2020], dedup_key="test:other")
+        booking.record()
+    with transaction() as session:
+        again = calls.read_calls(session, at, settings, known)
+    assert again is known, "the index is extended, not read again"
+    assert known.booked.load(ours.scheduled_at, ours_end) == 1
+    assert known.booked.load(start, start + dt.timedelta(minutes=5)) == 1
+    assert not known.booked.therapist_is_free(
+        other.therapist_id, start, start + dt.timedelta(minutes=5)
+    )

@@ -36,15 +36,24 @@ def schedule_calls() -> dict[str, Any]:
     """Book a call for every email waiting for one; safe to run at any frequency."""
     settings = get_settings()
     totals = calls.ScheduleReport()
+    known: calls.KnownCalls | None = None
+    previous: list[int] = []
     while True:
         with transaction() as session:
-            email_ids = calls.waiting_for_call(session, EMAILS_PER_CHUNK)
-            if not email_ids:
-                break
-            report = calls.schedule_follow_ups(session, email_ids, utcnow(), settings)
-        totals.scheduled += report.scheduled
-        totals.unschedulable += report.unschedulable
-        totals.nothing_left += report.nothing_left
+            waiting = calls.waiting_for_call(session)
+        if not waiting or waiting == previous:
+            # Done, or nothing this pass could change (never loop on the same emails).
+            break
+        previous = waiting
+        for start in range(0, len(waiting), EMAILS_PER_CHUNK):
+            with transaction() as session:
+                report = calls.schedule_follow_ups(
+                    session, waiting[start : start + EMAILS_PER_CHUNK], utcnow(), settings, known
+                )
+            known = report.known
+            totals.scheduled += report.scheduled
+            totals.unschedulable += report.unschedulable
+            totals.nothing_left += report.nothing_left
     if totals.unschedulable:
         from comms_tasks.tasks.sending import send_email
 
