@@ -17,11 +17,10 @@ import smtplib
 import ssl
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Literal, Protocol
 
-from comms_tasks.mail.message import MIME_POLICY, OutgoingMessage, ascii_address, build_mime
+from comms_tasks.mail.message import OutgoingMessage, ascii_address, build_mime
 from comms_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -174,15 +173,15 @@ class SmtpSender:
                 self._quit(connection)
 
     def _send_one(
-        self, connection: smtplib.SMTP, message: OutgoingMessage, mime: EmailMessage
+        self, connection: smtplib.SMTP, message: OutgoingMessage, mime: bytes
     ) -> tuple[SendResult, bool]:
         """The result, and whether the connection can carry the next message."""
         try:
             # The envelope comes from the message's fields, never parsed from headers.
-            connection.send_message(
+            connection.sendmail(
+                ascii_address(message.sender_email),
+                [ascii_address(message.recipient_email)],
                 mime,
-                from_addr=ascii_address(message.sender_email),
-                to_addrs=[ascii_address(message.recipient_email)],
             )
         except (
             smtplib.SMTPRecipientsRefused,
@@ -288,9 +287,7 @@ class FileSender:
     def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
         for message in messages:
             try:
-                self._write(
-                    self.path_for(message), build_mime(message).as_bytes(policy=MIME_POLICY)
-                )
+                self._write(self.path_for(message), build_mime(message))
             except (OSError, ValueError) as exc:
                 yield _failure(message, exc)
             else:

@@ -9,16 +9,20 @@ import email.message
 import email.policy
 import itertools
 import logging
+import re
 import smtplib
 import socket
 import ssl
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from comms_tasks.mail.message import OutgoingMessage, build_mime, new_message_id
 from comms_tasks.mail.sender import (
@@ -140,7 +144,7 @@ def ca_file(certificates: tuple[Path, Path, Path]) -> Path:
 def test_mime_round_trip_keeps_parts_names_and_text_exact() -> None:
     message = outgoing(reply_to="antworten@therapievermittlung.example")
 
-    parsed = parse(build_mime(message).as_bytes(policy=email.policy.SMTP))
+    parsed = parse(build_mime(message))
 
     assert parsed.get_content_type() == "multipart/alternative"
     assert parsed["MIME-Version"] == "1.0"
@@ -166,7 +170,7 @@ def test_mime_round_trip_keeps_parts_names_and_text_exact() -> None:
 
 
 def test_mime_is_seven_bit_with_crlf_and_encoded_headers() -> None:
-    raw = build_mime(outgoing(body_text="x" * 300 + "\nÄ\n")).as_bytes(policy=email.policy.SMTP)
+    raw = build_mime(outgoing(body_text="x" * 300 + "\nÄ\n"))
 
     assert raw.isascii()
     assert b"\n" not in raw.replace(b"\r\n", b"")
@@ -174,13 +178,44 @@ def test_mime_is_seven_bit_with_crlf_and_encoded_headers() -> None:
     assert b"=?utf-8?" in raw  # RFC 2047 for the umlauts in names and subject
 
 
+_BODY_TEXT = st.lists(
+    st.one_of(
+        st.sampled_from([" ", "\t", "\n", "\r\n", "\r", ".", "=", "-", "From ", "--", "=_"]),
+        st.text(max_size=90),
+    ),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_BODY_TEXT, html=_BODY_TEXT, subject=st.text(min_size=1, max_size=120))
+def test_any_body_and_subject_survive_the_wire_exactly(text: str, html: str, subject: str) -> None:
+    """Whatever the bodies hold (dots, '=', 'From ', trailing spaces, bare CRs, any
+    character), the wire form is 7-bit with short CRLF lines, parses without defects,
+    and gives the same texts back."""
+    if any(c in subject for c in "\r\n") or any(
+        unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in subject
+    ):
+        return  # refused on purpose; test_line_breaks_in_header_values_are_refused
+    raw = build_mime(outgoing(body_text=text, body_html=html, subject=subject))
+    assert raw.isascii()
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    parsed = parse(raw)
+    assert parsed.defects == []
+    plain, rich = parsed.iter_parts()
+    assert plain.defects == [] and rich.defects == []
+    # Every line end (CRLF, LF, a lone CR) travels as CRLF.
+    assert text_of(plain) == re.sub(r"\r\n?", "\n", text)
+    assert text_of(rich) == re.sub(r"\r\n?", "\n", html)
+    assert str(parsed["Subject"]) == subject
+
+
 def test_reply_to_only_when_set_and_threading_headers_for_follow_ups() -> None:
     original = new_message_id(SENDER)
     earlier = new_message_id(SENDER)
 
-    parsed = parse(
-        build_mime(outgoing(in_reply_to=original, references=(earlier, original))).as_bytes()
-    )
+    parsed = parse(build_mime(outgoing(in_reply_to=original, references=(earlier, original))))
 
     assert parsed["Reply-To"] is None
     assert parsed["In-Reply-To"] == original
