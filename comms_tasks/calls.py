@@ -13,7 +13,7 @@ import datetime as dt
 import functools
 from collections.abc import Sequence
 
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import exists, func, insert, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks import emails as email_rules
@@ -36,7 +36,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.outbox import record_event
+from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
 
@@ -194,10 +194,6 @@ class Booking:
             duration_minutes=duration,
             status=PhoneCallStatus.SCHEDULED,
             notes=notes,
-            batches=[
-                PhoneCallBatch(placement_request_id=request_id, priority=priority)
-                for priority, request_id in enumerate(request_ids, start=1)
-            ],
         )
         self.session.add(call)
         self.booked.add(therapist.id, start, start + dt.timedelta(minutes=duration))
@@ -205,22 +201,41 @@ class Booking:
         return call
 
     def record(self) -> None:
-        """Write the calls booked so far (one flush) and record their ``call.scheduled``."""
+        """Write the calls booked so far and their requests, and record ``call.scheduled``.
+
+        One flush for the calls (their ids), one statement for all their request rows and
+        one for all their events.
+        """
+        if not self._unrecorded:
+            return
         self.session.flush()
         for call, _ in self._unrecorded:
             # Ours are in the index already; read_calls must not add them again.
             self.known.last_id = max(self.known.last_id, call.id)
-        for call, request_ids in self._unrecorded:
-            record_event(
-                self.session,
+        self.session.execute(
+            insert(PhoneCallBatch),
+            [
+                {"phone_call_id": call.id, "placement_request_id": request_id, "priority": rank}
+                for call, request_ids in self._unrecorded
+                for rank, request_id in enumerate(request_ids, start=1)
+            ],
+        )
+        record_events(
+            self.session,
+            [
                 CallScheduledPayload(
                     call_id=call.id,
                     therapist_id=call.therapist_id,
                     scheduled_at=call.scheduled_at,
                     placement_request_ids=request_ids,
-                ),
-                occurred_at=self.now,
-            )
+                )
+                for call, request_ids in self._unrecorded
+            ],
+            occurred_at=self.now,
+        )
+        for call, _ in self._unrecorded:
+            # The rows were written around the ORM: the next access reads them.
+            self.session.expire(call, ["batches"])
         self._unrecorded.clear()
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kombu import Connection, Exchange, Producer
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.common import Contract
@@ -46,6 +46,22 @@ def record_event(
         )
     )
     return str(envelope["event_id"])
+
+
+def record_events(session: Session, payloads: Sequence[Contract], occurred_at: dt.datetime) -> None:
+    """Add many events to the current transaction in one statement, in this order."""
+    rows = []
+    for payload in payloads:
+        envelope = build_event(payload, occurred_at=occurred_at)
+        rows.append(
+            {
+                "event_id": envelope["event_id"],
+                "event_type": envelope["event_type"],
+                "envelope": envelope,
+            }
+        )
+    if rows:
+        session.execute(insert(OutboxEvent), rows)
 
 
 @dataclasses.dataclass(frozen=True)
