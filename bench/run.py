@@ -3,9 +3,9 @@
 The service runs as it does in production: ``celery -A comms_tasks worker`` with two pool
 processes, a Redis broker of its own (a private ``redis-server``), PostgreSQL, and an SMTP
 sink in its own process. The bench plays beat: it sends the scheduled tasks by name and
-waits for their effects in the database. Times come from the database where the service
-wrote them (``task_runs.last_finished_at``, ``emails.sent_at``, ``phone_calls.created_at``),
-so polling does not add to them.
+waits for their effects in the database. A stage ends when the service wrote the last of
+its events (``outbox.created_at`` of ``email.queued``, ``email.sent``, ``call.scheduled``:
+the last statement of each transaction before its commit), so polling does not add to it.
 
 Baselines run in the same run, after the worker has stopped, on the same machine:
 
@@ -54,6 +54,7 @@ from comms_tasks.models import (
     EmailBatch,
     EmailStatus,
     EmailTemplate,
+    OutboxEvent,
     PhoneCall,
     PhoneCallBatch,
     TaskRun,
@@ -244,7 +245,7 @@ class Bench:
         self.celery.send_task("comms.batch_requests")
         wait_until(lambda: count_emails(self.service) >= self.size.emails, "the emails")
         memory = self.peak.stop()
-        finished = scalar(self.service, select(func.max(Email.created_at)))
+        finished = self.last_event(started, "email.queued")
         batch_rows = int(scalar(self.service, select(func.count(EmailBatch.id))))
         queued = count_emails(self.service)
         if queued != self.size.emails or batch_rows != self.size.requests:
@@ -252,7 +253,7 @@ class Bench:
         # comms.batch_requests starts comms.send_email as it ends; beat would repeat it.
         self._last_send = time.monotonic()
         self.wait_until_sent(queued)
-        last_sent = scalar(self.service, select(func.max(Email.sent_at)))
+        last_sent = self.last_event(started, "email.sent")
         return {
             "therapists": self.size.therapists,
             "open_requests": self.size.requests,
@@ -290,13 +291,25 @@ class Bench:
         self._last_send = time.monotonic()
         self.wait_until_sent(emails)
         memory = self.peak.stop()
-        seconds = (scalar(self.service, select(func.max(Email.sent_at))) - started).total_seconds()
+        seconds = (self.last_event(started, "email.sent") - started).total_seconds()
         return {
             "emails": emails,
             "seconds": seconds,
             "emails_per_second": emails / seconds,
             "peak_rss_mb": memory,
         }
+
+    def last_event(self, since: dt.datetime, *event_types: str) -> dt.datetime:
+        """When the last of these events was written: the last statement before its commit."""
+        moment = scalar(
+            self.service,
+            select(func.max(OutboxEvent.created_at))
+            .where(OutboxEvent.event_type.in_(event_types))
+            .where(OutboxEvent.created_at >= since),
+        )
+        if moment is None:
+            raise BenchError(f"no {' or '.join(event_types)} event since {since:%H:%M:%S}")
+        return cast(dt.datetime, moment)
 
     def vacuum(self) -> None:
         with self.service.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
@@ -352,12 +365,7 @@ class Bench:
         self.celery.send_task("comms.follow_up_check")
         wait_until(resolved, f"{unanswered} follow-up calls")
         memory = self.peak.stop()
-        last_call = scalar(self.service, select(func.max(PhoneCall.created_at)))
-        last_flag = scalar(
-            self.service,
-            select(func.max(Email.updated_at)).where(Email.follow_up_required.is_(True)),
-        )
-        finished = max(moment for moment in (last_call, last_flag) if moment is not None)
+        finished = self.last_event(started, "call.scheduled", "call.unschedulable")
         scheduled = int(scalar(self.service, called))
         seconds = (finished - started).total_seconds()
         # Reminders to the unschedulable go out before the next run resets the emails.
