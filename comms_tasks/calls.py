@@ -212,14 +212,13 @@ class Booking:
         for call, _ in self._unrecorded:
             # Ours are in the index already; read_calls must not add them again.
             self.known.last_id = max(self.known.last_id, call.id)
-        self.session.execute(
-            insert(PhoneCallBatch),
-            [
-                {"phone_call_id": call.id, "placement_request_id": request_id, "priority": rank}
-                for call, request_ids in self._unrecorded
-                for rank, request_id in enumerate(request_ids, start=1)
-            ],
-        )
+        rows = [
+            {"phone_call_id": call.id, "placement_request_id": request_id, "priority": rank}
+            for call, request_ids in self._unrecorded
+            for rank, request_id in enumerate(request_ids, start=1)
+        ]
+        if rows:  # an INSERT without rows would write one row of defaults
+            self.session.execute(insert(PhoneCallBatch), rows)
         record_events(
             self.session,
             [

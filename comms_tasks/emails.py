@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, insert, select
 from sqlalchemy.orm import Session
 
 from comms_tasks import batching
@@ -47,7 +47,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.outbox import record_event
+from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 
 # Emails that ask about requests; a request is "in an email" while one of these is live.
@@ -277,8 +277,11 @@ def queue_emails(
 ) -> list[Email]:
     """Render and queue emails; ``email.queued`` is recorded with each.
 
-    One query for all their patients and one flush for all the rows, however many.
+    One query for all their patients, one flush for the emails, one statement each for
+    their batch rows and their events, however many.
     """
+    if not drafts:
+        return []
     patients = patients_of(session, [rid for draft in drafts for rid in draft.request_ids])
     renderer = renderer_for(settings.sender_name)
     emails = []
@@ -311,24 +314,33 @@ def queue_emails(
                 queued_at=now,
                 next_attempt_at=now,
                 retry_count=0,
-                batches=[
-                    EmailBatch(placement_request_id=request_id, priority=priority)
-                    for priority, request_id in enumerate(draft.request_ids, start=1)
-                ],
             )
         )
     session.add_all(emails)
     session.flush()
-    for email, draft in zip(emails, drafts, strict=True):
-        record_event(
-            session,
+    pairs = list(zip(emails, drafts, strict=True))
+    rows = [
+        {"email_id": email.id, "placement_request_id": request_id, "priority": priority}
+        for email, draft in pairs
+        for priority, request_id in enumerate(draft.request_ids, start=1)
+    ]
+    if rows:  # an INSERT without rows would write one row of defaults
+        session.execute(insert(EmailBatch), rows)
+    record_events(
+        session,
+        [
             EmailQueuedPayload(
                 email_id=email.id,
                 therapist_id=draft.therapist.id,
                 placement_request_ids=list(draft.request_ids),
-            ),
-            occurred_at=now,
-        )
+            )
+            for email, draft in pairs
+        ],
+        occurred_at=now,
+    )
+    for email in emails:
+        # The batch rows were written around the ORM: the next access reads them.
+        session.expire(email, ["batches"])
     return emails
 
 
@@ -393,9 +405,10 @@ def batch_chunk(
                 dedup_key=f"batch:{therapist.id}:{run_day}",
             )
         )
-    for email in queue_emails(session, drafts, settings=settings, now=now):
+    queued = queue_emails(session, drafts, settings=settings, now=now)
+    for email, draft in zip(queued, drafts, strict=True):
         report.emails_queued += 1
-        report.requests_asked += len(email.batches)
+        report.requests_asked += len(draft.request_ids)
         report.email_ids.append(email.id)
     return report
 
