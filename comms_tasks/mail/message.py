@@ -13,11 +13,11 @@ import datetime
 import email.errors
 import email.policy
 import email.utils
+import functools
 import re
 import unicodedata
 import uuid
 from email.headerregistry import Address
-from email.message import EmailMessage
 
 # CRLF on the wire; non-ASCII header text as RFC 2047 encoded words.
 MIME_POLICY = email.policy.SMTP
@@ -90,26 +90,31 @@ def build_mime(message: OutgoingMessage) -> bytes:
 
     # "=_" cannot occur in quoted-printable text, so the boundary never collides.
     boundary = f"=_{uuid.uuid4().hex}"
-    headers = EmailMessage(policy=MIME_POLICY)
-    headers["Date"] = email.utils.format_datetime(message.date)
-    headers["Message-ID"] = _message_id("message_id", message.message_id)
-    headers["From"] = _address("sender_email", message.sender_email, message.sender_name)
-    headers["To"] = _address("recipient_email", message.recipient_email, message.recipient_name)
+    # Plain ASCII values (a date, validated Message-IDs, fixed texts) are written as they
+    # are; the rest is encoded and folded by the email package, once per distinct value
+    # (sender, reply address and subject repeat from email to email).
+    lines = [
+        f"Date: {email.utils.format_datetime(message.date)}\r\n".encode("ascii"),
+        f"Message-ID: {_message_id('message_id', message.message_id)}\r\n".encode("ascii"),
+        _address_header("From", "sender_email", message.sender_email, message.sender_name),
+        _address_header("To", "recipient_email", message.recipient_email, message.recipient_name),
+    ]
     if message.reply_to is not None:
-        headers["Reply-To"] = _address("reply_to", message.reply_to)
+        lines.append(_address_header("Reply-To", "reply_to", message.reply_to, ""))
     if message.in_reply_to is not None:
-        headers["In-Reply-To"] = _message_id("in_reply_to", message.in_reply_to)
+        in_reply_to = _message_id("in_reply_to", message.in_reply_to)
+        lines.append(f"In-Reply-To: {in_reply_to}\r\n".encode("ascii"))
     if message.references:
-        headers["References"] = " ".join(
+        references = " ".join(
             _message_id("references", reference) for reference in message.references
         )
-    headers["Subject"] = message.subject
-    headers["MIME-Version"] = "1.0"
-    headers["Content-Type"] = f'multipart/alternative; boundary="{boundary}"'
-    try:
-        head = b"".join(MIME_POLICY.fold_binary(name, value) for name, value in headers.items())
-    except (email.errors.HeaderWriteError, UnicodeError) as exc:
-        raise ValueError(f"a header cannot be written: {exc}") from None
+        lines.append(_folded("References", references))
+    lines.append(_folded("Subject", message.subject))
+    lines.append(b"MIME-Version: 1.0\r\n")
+    lines.append(
+        f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n'.encode("ascii")
+    )
+    head = b"".join(lines)
     return b"".join(
         (
             head,
@@ -119,6 +124,24 @@ def build_mime(message: OutgoingMessage) -> bytes:
             f"--{boundary}--\r\n".encode("ascii"),
         )
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _folded(name: str, value: str) -> bytes:
+    return _fold(name, value)
+
+
+def _fold(name: str, value: str | Address) -> bytes:
+    """One header, encoded (RFC 2047 where needed) and folded, with its CRLF."""
+    try:
+        return MIME_POLICY.fold_binary(name, MIME_POLICY.header_store_parse(name, value)[1])
+    except (email.errors.HeaderWriteError, UnicodeError) as exc:
+        raise ValueError(f"{name} cannot be written: {exc}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_header(name: str, field: str, addr_spec: str, display_name: str) -> bytes:
+    return _fold(name, _address(field, addr_spec, display_name))
 
 
 def _text_part(boundary: str, subtype: str, text: str) -> bytes:
