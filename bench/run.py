@@ -59,7 +59,7 @@ from comms_tasks.models import (
     PhoneCallBatch,
     TaskRun,
 )
-from comms_tasks.models.base import utcnow
+from comms_tasks.models.base import SCHEMA, utcnow
 from comms_tasks.sending import outgoing
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +82,8 @@ STAGE_TIMEOUT = 900.0
 # The 1,000-call run takes under a second: its median of three keeps one slow moment
 # (a garbage collection, a checkpoint) from deciding the growth figure.
 SCHEDULING_REPEATS = 3
+# Baselines are tried this many times and the best counts: the strictest comparison.
+BASELINE_REPEATS = 3
 # Beat sends comms.send_email every minute; the bench does the same while it waits.
 SEND_EMAIL_EVERY = 60.0
 FOLLOW_UP_AGE = dt.timedelta(days=8)
@@ -407,8 +409,8 @@ def median_run(repeats: list[dict[str, Any]]) -> dict[str, Any]:
 # --- baselines ----------------------------------------------------------------------------
 
 
-def batching_baseline(service: Engine, baseline: Engine) -> float:
-    """The service's email and batch rows, inserted again in bulk: seconds."""
+def batching_baseline(service: Engine, baseline: Engine) -> list[float]:
+    """The service's email and batch rows, inserted again in bulk: seconds of each try."""
     emails_table, batches_table = table(Email), table(EmailBatch)
     with service.connect() as connection:
         emails = [
@@ -427,14 +429,19 @@ def batching_baseline(service: Engine, baseline: Engine) -> float:
             next_attempt_at=row["queued_at"],
         )
         row.update(call_requested_at=None, follow_up_required=False, follow_up_notes=None)
-    started = time.perf_counter()
-    with baseline.begin() as connection:
-        connection.execute(insert(emails_table), emails)
-        connection.execute(insert(batches_table), batches)
-    return time.perf_counter() - started
+    times = []
+    for _ in range(BASELINE_REPEATS):
+        with baseline.begin() as connection:
+            connection.execute(text(f"TRUNCATE {SCHEMA}.email_batches, {SCHEMA}.emails CASCADE"))
+        started = time.perf_counter()
+        with baseline.begin() as connection:
+            connection.execute(insert(emails_table), emails)
+            connection.execute(insert(batches_table), batches)
+        times.append(time.perf_counter() - started)
+    return times
 
 
-def sending_baseline(service: Engine, smtp: tuple[str, int]) -> dict[str, float]:
+def sending_baseline(service: Engine, smtp: tuple[str, int]) -> dict[str, Any]:
     """The same messages over one reused ``smtplib`` connection, two ways (emails/s).
 
     ``send_message``: the messages as ``EmailMessage`` objects built beforehand, which
@@ -458,22 +465,26 @@ def sending_baseline(service: Engine, smtp: tuple[str, int]) -> dict[str, float]
         (email.message_from_bytes(raw, policy=email.policy.SMTP), sender, recipient)
         for raw, sender, recipient in prepared
     ]
-    started = time.perf_counter()
-    connection = smtplib.SMTP(*smtp)
-    for message, sender, recipient in objects:
-        connection.send_message(message, from_addr=sender, to_addrs=[recipient])
-    connection.quit()
-    send_message_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    connection = smtplib.SMTP(*smtp)
-    for raw, sender, recipient in prepared:
-        connection.sendmail(sender, [recipient], raw)
-    connection.quit()
-    sendmail_seconds = time.perf_counter() - started
+    send_message_rates, sendmail_rates = [], []
+    for _ in range(BASELINE_REPEATS):
+        started = time.perf_counter()
+        connection = smtplib.SMTP(*smtp)
+        for message, sender, recipient in objects:
+            connection.send_message(message, from_addr=sender, to_addrs=[recipient])
+        connection.quit()
+        send_message_rates.append(len(objects) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        connection = smtplib.SMTP(*smtp)
+        for raw, sender, recipient in prepared:
+            connection.sendmail(sender, [recipient], raw)
+        connection.quit()
+        sendmail_rates.append(len(prepared) / (time.perf_counter() - started))
     return {
         "emails": len(prepared),
-        "send_message_per_second": len(prepared) / send_message_seconds,
-        "sendmail_per_second": len(prepared) / sendmail_seconds,
+        "send_message_per_second": max(send_message_rates),
+        "send_message_each": send_message_rates,
+        "sendmail_per_second": max(sendmail_rates),
+        "sendmail_each": sendmail_rates,
     }
 
 
@@ -498,18 +509,20 @@ def build_report(
     batching: dict[str, Any],
     sending: dict[str, Any],
     runs: list[dict[str, Any]],
-    baseline_batching: float,
-    baseline_sending: dict[str, float],
+    baseline_batching: list[float],
+    baseline_sending: dict[str, Any],
     sink: dict[str, Any],
     postgres_version: str,
 ) -> dict[str, Any]:
-    batching["baseline_seconds"] = baseline_batching
-    batching["ratio"] = batching["seconds"] / baseline_batching
+    batching["baseline_seconds"] = min(baseline_batching)
+    batching["baseline_seconds_each"] = baseline_batching
+    batching["ratio"] = batching["seconds"] / batching["baseline_seconds"]
     batching.update(
         verdict(batching["ratio"], BATCHING_TARGET, BATCHING_AIM, higher_is_better=False)
     )
     baseline_rate = baseline_sending["send_message_per_second"]
     sending["baseline_emails_per_second"] = baseline_rate
+    sending["baseline_emails_per_second_each"] = baseline_sending["send_message_each"]
     sending["ratio"] = sending["emails_per_second"] / baseline_rate
     # For reference: only the SMTP conversation of prebuilt bytes, nothing else timed.
     sending["bare_sendmail_emails_per_second"] = baseline_sending["sendmail_per_second"]
@@ -648,11 +661,12 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
                     ]
                     runs.append(median_run(repeats))
             celery.close()
-            console.print("baselines (worker stopped)")
+            console.print(f"baselines (worker stopped; the best of {BASELINE_REPEATS} tries)")
+            bench.vacuum()  # no autovacuum of the service's churn during the baselines
             baseline_batching = batching_baseline(service, baseline)
             baseline_sending = sending_baseline(service, smtp)
         sink = json.loads(stats.read_text())
-        expected = 2 * size.emails + 2 * int(baseline_sending["emails"])
+        expected = 2 * size.emails + 2 * BASELINE_REPEATS * int(baseline_sending["emails"])
         if sink["messages"] < expected:
             raise BenchError(f"the sink accepted {sink['messages']} messages, expected {expected}")
         return build_report(
