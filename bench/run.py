@@ -57,7 +57,6 @@ from comms_tasks.models import (
     OutboxEvent,
     PhoneCall,
     PhoneCallBatch,
-    TaskRun,
 )
 from comms_tasks.models.base import SCHEMA, utcnow
 from comms_tasks.sending import outgoing
@@ -211,12 +210,6 @@ def scalar(engine: Engine, query: Any) -> Any:
         return connection.execute(query).scalar()
 
 
-def task_runs(engine: Engine, name: str) -> tuple[int, dt.datetime | None]:
-    with Session(engine) as session:
-        run = session.get(TaskRun, name)
-        return (run.runs, run.last_finished_at) if run else (0, None)
-
-
 def count_emails(engine: Engine, *statuses: EmailStatus) -> int:
     query = select(func.count(Email.id)).where(Email.template.in_(ASKING_TEMPLATES))
     if statuses:
@@ -317,7 +310,7 @@ class Bench:
         with self.service.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.execute(text("VACUUM ANALYZE"))
 
-    def reset_calls(self, sent_at: dt.datetime, unanswered: int) -> list[int]:
+    def reset_calls(self, sent_at: dt.datetime, unanswered: int) -> None:
         """No calls, no reminders, every email sent at ``sent_at`` but ``unanswered`` of them."""
         asking = Email.template.in_(ASKING_TEMPLATES)
         with Session(self.service) as session, session.begin():
@@ -347,7 +340,6 @@ class Bench:
                 .values(sent_at=sent_at - FOLLOW_UP_AGE)
             )
         self.vacuum()
-        return ids
 
     def scheduling(self, unanswered: int, sent_at: dt.datetime) -> dict[str, Any]:
         """comms.follow_up_check -> comms.schedule_calls for ``unanswered`` emails."""

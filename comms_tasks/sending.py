@@ -226,14 +226,6 @@ def record_results(
     return recorded
 
 
-def record_result(
-    session: Session, result: SendResult, now: dt.datetime, rng: random.Random
-) -> Recorded | None:
-    """Store one send's result; None if the email was no longer ours (lease lost)."""
-    recorded = record_results(session, [(result, now)], rng)
-    return recorded[0] if recorded else None
-
-
 def _record(
     session: Session, email: Email, result: SendResult, now: dt.datetime, rng: random.Random
 ) -> Recorded:
