@@ -13,7 +13,7 @@ import datetime as dt
 import functools
 from collections.abc import Sequence
 
-from sqlalchemy import exists, func, insert, select, text, update
+from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks import emails as email_rules
@@ -24,6 +24,7 @@ from comms_tasks.contracts.outbound import (
     CallScheduledPayload,
     CallUnschedulablePayload,
 )
+from comms_tasks.db import insert_rows
 from comms_tasks.inbox import Rejected
 from comms_tasks.models import (
     Email,
@@ -212,13 +213,15 @@ class Booking:
         for call, _ in self._unrecorded:
             # Ours are in the index already; read_calls must not add them again.
             self.known.last_id = max(self.known.last_id, call.id)
-        rows = [
-            {"phone_call_id": call.id, "placement_request_id": request_id, "priority": rank}
-            for call, request_ids in self._unrecorded
-            for rank, request_id in enumerate(request_ids, start=1)
-        ]
-        if rows:  # an INSERT without rows would write one row of defaults
-            self.session.execute(insert(PhoneCallBatch), rows)
+        insert_rows(
+            self.session,
+            PhoneCallBatch,
+            [
+                {"phone_call_id": call.id, "placement_request_id": request_id, "priority": rank}
+                for call, request_ids in self._unrecorded
+                for rank, request_id in enumerate(request_ids, start=1)
+            ],
+        )
         record_events(
             self.session,
             [

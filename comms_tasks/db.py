@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from comms_tasks.models.base import SCHEMA
@@ -115,3 +115,14 @@ def _run_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _forget_after_rollback(session: Session) -> None:
     session.info.pop(AFTER_COMMIT_KEY, None)
+
+
+def insert_rows(session: Session, model: type, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert many rows of ``model`` in one statement, past the ORM's objects.
+
+    For rows nothing in the session reads back (batch rows, events); a relationship that
+    holds them must be expired by the caller. No rows, no statement: an ``INSERT``
+    without rows would write one row of defaults.
+    """
+    if rows:
+        session.execute(insert(model), list(rows))

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from sqlalchemy import exists, func, insert, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks import batching
@@ -24,6 +24,7 @@ from comms_tasks.contracts.outbound import (
     EmailResponseRecordedPayload,
     OutcomeRecordedPayload,
 )
+from comms_tasks.db import insert_rows
 from comms_tasks.inbox import Rejected
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import (
@@ -249,11 +250,15 @@ def render_email(
     settings: Settings,
     *,
     earlier: Email | None = None,
+    patients: dict[int, Patient | None] | None = None,
 ) -> RenderedEmail:
+    """The email as the templates make it; ``patients`` when already read for many."""
+    if patients is None:
+        patients = patients_of(session, request_ids)
     return renderer_for(settings.sender_name).render(
         template.value,
         recipient_of(therapist),
-        entries_for(request_ids, patients_of(session, request_ids)),
+        entries_for(request_ids, patients),
         earlier=earlier_of(earlier, settings),
     )
 
@@ -283,17 +288,19 @@ def queue_emails(
     if not drafts:
         return []
     patients = patients_of(session, [rid for draft in drafts for rid in draft.request_ids])
-    renderer = renderer_for(settings.sender_name)
     emails = []
     for draft in drafts:
         therapist = draft.therapist
         if not therapist.email:
             raise ValueError(f"therapist {therapist.id} has no email address")
-        rendered = renderer.render(
-            draft.template.value,
-            recipient_of(therapist),
-            entries_for(draft.request_ids, patients),
-            earlier=earlier_of(draft.in_reply_to, settings),
+        rendered = render_email(
+            session,
+            therapist,
+            draft.template,
+            draft.request_ids,
+            settings,
+            earlier=draft.in_reply_to,
+            patients=patients,
         )
         emails.append(
             Email(
@@ -319,13 +326,15 @@ def queue_emails(
     session.add_all(emails)
     session.flush()
     pairs = list(zip(emails, drafts, strict=True))
-    rows = [
-        {"email_id": email.id, "placement_request_id": request_id, "priority": priority}
-        for email, draft in pairs
-        for priority, request_id in enumerate(draft.request_ids, start=1)
-    ]
-    if rows:  # an INSERT without rows would write one row of defaults
-        session.execute(insert(EmailBatch), rows)
+    insert_rows(
+        session,
+        EmailBatch,
+        [
+            {"email_id": email.id, "placement_request_id": request_id, "priority": priority}
+            for email, draft in pairs
+            for priority, request_id in enumerate(draft.request_ids, start=1)
+        ],
+    )
     record_events(
         session,
         [

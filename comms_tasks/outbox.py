@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from kombu import Connection, Exchange, Producer
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.common import Contract
 from comms_tasks.contracts.outbound import EVENTS_EXCHANGE, build_event
+from comms_tasks.db import insert_rows
 from comms_tasks.models import OutboxEvent
 from comms_tasks.models.base import utcnow
 
@@ -33,35 +34,27 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 MAX_ERROR_LENGTH = 500
 
 
+def _outbox_row(payload: Contract, occurred_at: dt.datetime) -> dict[str, Any]:
+    envelope = build_event(payload, occurred_at=occurred_at)
+    return {
+        "event_id": envelope["event_id"],
+        "event_type": envelope["event_type"],
+        "envelope": envelope,
+    }
+
+
 def record_event(
     session: Session, payload: Contract, occurred_at: dt.datetime | None = None
 ) -> str:
     """Add one event to the current transaction; returns its event id."""
-    envelope = build_event(payload, occurred_at=occurred_at or utcnow())
-    session.add(
-        OutboxEvent(
-            event_id=envelope["event_id"],
-            event_type=envelope["event_type"],
-            envelope=envelope,
-        )
-    )
-    return str(envelope["event_id"])
+    row = _outbox_row(payload, occurred_at or utcnow())
+    session.add(OutboxEvent(**row))
+    return str(row["event_id"])
 
 
 def record_events(session: Session, payloads: Sequence[Contract], occurred_at: dt.datetime) -> None:
     """Add many events to the current transaction in one statement, in this order."""
-    rows = []
-    for payload in payloads:
-        envelope = build_event(payload, occurred_at=occurred_at)
-        rows.append(
-            {
-                "event_id": envelope["event_id"],
-                "event_type": envelope["event_type"],
-                "envelope": envelope,
-            }
-        )
-    if rows:
-        session.execute(insert(OutboxEvent), rows)
+    insert_rows(session, OutboxEvent, [_outbox_row(payload, occurred_at) for payload in payloads])
 
 
 @dataclasses.dataclass(frozen=True)
