@@ -73,11 +73,11 @@ def build_mime(message: OutgoingMessage) -> bytes:
     """The message as it goes on the wire: multipart/alternative (text/plain, then
     text/html), UTF-8, quoted-printable, CRLF line ends, 7-bit throughout.
 
-    The email package encodes and folds the headers (RFC 2047 for non-ASCII text); the two
-    body parts, whose headers never vary, are written here with :mod:`binascii`'s
-    quoted-printable encoder. Building the whole message with the email package took
-    three times as long, most of it re-parsing the fixed part headers
-    (docs/performance.md).
+    The email package encodes and folds the address, subject and references headers
+    (RFC 2047 for non-ASCII text), once per distinct value; plain ASCII headers and the
+    two body parts, whose headers never vary, are written here, the bodies with
+    :mod:`binascii`'s quoted-printable encoder. Building the whole message with the email
+    package took about seven times as long (docs/performance.md).
 
     Raises :class:`ValueError` naming the field when a header value contains a line
     break or control character, an address does not parse, a Message-ID is malformed,
@@ -114,20 +114,16 @@ def build_mime(message: OutgoingMessage) -> bytes:
     lines.append(
         f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n'.encode("ascii")
     )
-    head = b"".join(lines)
-    return b"".join(
-        (
-            head,
-            b"\r\n",
-            _text_part(boundary, "plain", message.body_text),
-            _text_part(boundary, "html", message.body_html),
-            f"--{boundary}--\r\n".encode("ascii"),
-        )
-    )
+    lines.append(b"\r\n")
+    lines.append(_text_part(boundary, "plain", message.body_text))
+    lines.append(_text_part(boundary, "html", message.body_html))
+    lines.append(f"--{boundary}--\r\n".encode("ascii"))
+    return b"".join(lines)
 
 
 @functools.lru_cache(maxsize=1024)
 def _folded(name: str, value: str) -> bytes:
+    """:func:`_fold` of a text value, once per distinct value."""
     return _fold(name, value)
 
 
