@@ -29,16 +29,17 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
+from comms_tasks.contracts import EVENT_ARGUMENT, HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
+
 # --- Message contract --------------------------------------------------------------
 
-THERAPIST_TASK = "comms.handle_therapist_event"
-MATCHING_TASK = "comms.handle_matching_event"
+THERAPIST_TASK = HANDLE_THERAPIST_EVENT
+MATCHING_TASK = HANDLE_MATCHING_EVENT
 THERAPIST_UPSERTED = "therapist.upserted"
 PLACEMENT_REQUEST_CREATED = "placement_request.created"
 THERAPIST_PRODUCER = "therapist-service"
 MATCHING_PRODUCER = "matching-service"
 ENVELOPE_VERSION = 1
-EVENT_ARGUMENT = "event"
 
 # --- Size and mix of the sample ----------------------------------------------------
 

@@ -48,6 +48,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 
@@ -57,8 +58,6 @@ ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
 COUNTING_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
 UNSENT_STATUSES = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
 DEAD_STATUSES = (EmailStatus.FAILED, EmailStatus.CANCELLED)
-# Requests still waiting for an answer: they may be asked about, or kept in an email.
-PENDING_REQUEST_STATUSES = (PlacementRequestStatus.OPEN, PlacementRequestStatus.IN_PROGRESS)
 
 
 @functools.cache

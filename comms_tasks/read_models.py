@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comms_tasks.calls import withdraw_request_from_calls
@@ -210,18 +209,3 @@ def change_request_status(
     if not request.status.is_pending:
         # Unsent emails drop it when they are sent; a call about nothing is cancelled now.
         withdraw_request_from_calls(session, request.id)
-
-
-def open_requests_of(session: Session, therapist_id: int) -> list[PlacementRequest]:
-    return list(
-        session.scalars(
-            select(PlacementRequest)
-            .where(PlacementRequest.therapist_id == therapist_id)
-            .where(
-                PlacementRequest.status.in_(
-                    [PlacementRequestStatus.OPEN, PlacementRequestStatus.IN_PROGRESS]
-                )
-            )
-            .order_by(PlacementRequest.id)
-        )
-    )

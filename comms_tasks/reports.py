@@ -13,7 +13,6 @@ from comms_tasks.models import (
     DeadLetterStatus,
     Email,
     EmailStatus,
-    OutboxEvent,
     Patient,
     PhoneCall,
     PhoneCallStatus,
@@ -23,6 +22,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.base import utcnow
+from comms_tasks.outbox import pending_count
 
 
 def _counts(session: Session, column: Any, values: list[Any], *where: Any) -> dict[str, int]:
@@ -67,10 +67,7 @@ def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[st
             .where(Email.next_attempt_at > now)
         )
         or 0,
-        "outbox_pending": session.scalar(
-            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
-        )
-        or 0,
+        "outbox_pending": pending_count(session),
         "dead_letters_pending": session.scalar(
             select(func.count())
             .select_from(DeadLetter)

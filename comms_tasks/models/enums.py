@@ -21,7 +21,11 @@ class PlacementRequestStatus(enum.StrEnum):
     @property
     def is_pending(self) -> bool:
         """Still waiting for a therapist's answer: may be asked about."""
-        return self in (PlacementRequestStatus.OPEN, PlacementRequestStatus.IN_PROGRESS)
+        return self in PENDING_REQUEST_STATUSES
+
+
+# Requests still waiting for an answer: they may be asked about, or kept in an email.
+PENDING_REQUEST_STATUSES = (PlacementRequestStatus.OPEN, PlacementRequestStatus.IN_PROGRESS)
 
 
 class EmailStatus(enum.StrEnum):

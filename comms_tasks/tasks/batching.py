@@ -9,6 +9,7 @@ from comms_tasks.app import app
 from comms_tasks.db import transaction
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
+from comms_tasks.tasks.sending import send_email
 
 BATCH_REQUESTS = "comms.batch_requests"
 # Therapists per transaction: bounded locks and memory, progress survives a crash.
@@ -24,8 +25,6 @@ def batch_requests(helper: bool = False) -> dict[str, Any]:
     therapist twice: a chunk locks its therapists (``SKIP LOCKED``: the other run leaves
     them), and a request already in an email is no longer asked about.
     """
-    from comms_tasks.tasks.sending import send_email
-
     settings = get_settings()
     now = utcnow()
     with transaction() as session:

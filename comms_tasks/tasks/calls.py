@@ -10,11 +10,12 @@ from sqlalchemy.orm import Session
 from comms_tasks import calls
 from comms_tasks.app import app
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, inbound
-from comms_tasks.db import after_commit, transaction
+from comms_tasks.db import transaction
 from comms_tasks.inbox import handle_call
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.inbound import inbound_task_options
+from comms_tasks.tasks.sending import send_email, send_email_after_commit
 
 FOLLOW_UP_CHECK = "comms.follow_up_check"
 SCHEDULE_CALLS = "comms.schedule_calls"
@@ -55,20 +56,12 @@ def schedule_calls() -> dict[str, Any]:
             totals.unschedulable += report.unschedulable
             totals.nothing_left += report.nothing_left
     if totals.unschedulable:
-        from comms_tasks.tasks.sending import send_email
-
         send_email.delay()
     return {
         "scheduled": totals.scheduled,
         "unschedulable": totals.unschedulable,
         "nothing_left": totals.nothing_left,
     }
-
-
-def _send_soon(session: Session) -> None:
-    from comms_tasks.tasks.sending import send_email
-
-    after_commit(session, send_email.delay)
 
 
 def apply_schedule_call(session: Session, command: inbound.ScheduleCall) -> None:
@@ -78,7 +71,7 @@ def apply_schedule_call(session: Session, command: inbound.ScheduleCall) -> None
 def apply_call_outcome(session: Session, command: inbound.RecordCallOutcome) -> None:
     result = calls.record_call_outcome(session, command, utcnow(), get_settings())
     if result.confirmations:
-        _send_soon(session)
+        send_email_after_commit(session)
 
 
 @app.task(name=SCHEDULE_CALL, **inbound_task_options())

@@ -9,27 +9,21 @@ from sqlalchemy.orm import Session
 from comms_tasks import emails
 from comms_tasks.app import app
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, inbound
-from comms_tasks.db import after_commit
 from comms_tasks.inbox import handle_call
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.inbound import inbound_task_options
-
-
-def _send_soon(session: Session) -> None:
-    from comms_tasks.tasks.sending import send_email
-
-    after_commit(session, send_email.delay)
+from comms_tasks.tasks.sending import send_email_after_commit
 
 
 def apply_email_response(session: Session, command: inbound.RecordEmailResponse) -> None:
     if emails.record_response(session, command, utcnow(), get_settings()):
-        _send_soon(session)
+        send_email_after_commit(session)
 
 
 def apply_queue_email(session: Session, command: inbound.QueueEmail) -> None:
     emails.queue_requested_email(session, command, utcnow(), get_settings())
-    _send_soon(session)
+    send_email_after_commit(session)
 
 
 @app.task(name=RECORD_EMAIL_RESPONSE, **inbound_task_options())

@@ -8,10 +8,11 @@ import time
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session
 
 from comms_tasks import sending
 from comms_tasks.app import app
-from comms_tasks.db import transaction
+from comms_tasks.db import after_commit, transaction
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
@@ -95,3 +96,8 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
         if email_id is not None:
             break
     return counts
+
+
+def send_email_after_commit(session: Session) -> None:
+    """Emails this transaction queues go out as soon as it commits, not at the next beat."""
+    after_commit(session, send_email.delay)
