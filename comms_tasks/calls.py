@@ -128,6 +128,7 @@ class Booking:
     settings: Settings
     now: dt.datetime
     known: KnownCalls
+    rules: SlotRules
     # Calls added since the last record(): their ids and events come with the next one.
     _unrecorded: list[tuple[PhoneCall, list[int]]] = dataclasses.field(default_factory=list)
 
@@ -141,7 +142,8 @@ class Booking:
     ) -> Booking:
         """Take the booking lock and read the calls (only the new ones, given ``known``)."""
         lock_booking(session)
-        return cls(session, settings, now, read_calls(session, now, settings, known))
+        known = read_calls(session, now, settings, known)
+        return cls(session, settings, now, known, slot_rules(settings))
 
     @property
     def booked(self) -> BookedCalls:
@@ -158,17 +160,14 @@ class Booking:
             availability,
             self.booked,
             self.now,
-            slot_rules(self.settings),
-            holidays_for(self.settings.holiday_state),
+            self.rules,
+            holidays_for(self.rules.holiday_state),
             not_before=not_before,
         )
 
     def is_free(self, therapist_id: int, start: dt.datetime) -> bool:
-        end = start + dt.timedelta(minutes=self.settings.call_duration_minutes)
-        return (
-            self.booked.therapist_is_free(therapist_id, start, end)
-            and self.booked.load(start, end) < self.settings.calls_per_slot
-        )
+        end = start + self.rules.duration
+        return self.booked.has_room(therapist_id, start, end, self.rules.calls_per_slot)
 
     def book(
         self,

@@ -179,6 +179,15 @@ class BookedCalls:
         last = bisect.bisect_left(starts, end, lo=first)
         return all(ends[index] <= start for index in range(first, last))
 
+    def has_room(
+        self, therapist_id: int, start: dt.datetime, end: dt.datetime, calls_per_slot: int
+    ) -> bool:
+        """The therapist is free for [start, end) and every block it touches has room."""
+        return (
+            self.therapist_is_free(therapist_id, start, end)
+            and self.load(start, end) < calls_per_slot
+        )
+
     def load(self, start: dt.datetime, end: dt.datetime) -> int:
         """The most calls touching any one capacity block that [start, end) touches."""
         blocks = self._blocks(start, end)
@@ -244,8 +253,7 @@ def free_slots(
             if (
                 start >= earliest
                 and end <= latest_end
-                and booked.therapist_is_free(therapist_id, start, end)
-                and booked.load(start, end) < rules.calls_per_slot
+                and booked.has_room(therapist_id, start, end, rules.calls_per_slot)
             ):
                 heapq.heappush(pending, start)
     while pending:
