@@ -185,6 +185,14 @@ def prepare_batch(
             if batch.included
         ],
     )
+    # The emails replied to (for threading headers), in one query: session.get finds them.
+    originals = {email.in_reply_to_email_id for email in emails} - {None}
+    if originals:
+        session.scalars(
+            select(Email)
+            .where(Email.id.in_(originals))
+            .options(defer(Email.body_html), defer(Email.body_text))
+        ).all()
     messages = []
     for email in emails:
         if recheck_requests(session, email, pending, settings):
