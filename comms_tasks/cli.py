@@ -56,7 +56,6 @@ console = Console(width=_WIDTH)
 errors = Console(stderr=True)
 
 USAGE_ERROR = 2
-PURGE_CHUNK = 1000
 ABORTED = 130
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -714,22 +713,17 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
     """Redact email bodies past the retention period now (beat does it nightly)."""
     from rich.progress import Progress
 
-    from comms_tasks.db import transaction
     from comms_tasks.models.base import utcnow
-    from comms_tasks.retention import purge_expired
+    from comms_tasks.retention import purge_all_expired
 
     settings = get_settings()
-    now = utcnow()
-    redacted = 0
     with Progress(console=errors, transient=True) as progress:
         bar = progress.add_task("redacting", total=None)
-        while True:
-            with transaction() as session:
-                count = purge_expired(session, now, settings.retention_days, PURGE_CHUNK)
-            redacted += count
-            progress.update(bar, advance=count)
-            if count < PURGE_CHUNK:
-                break
+        redacted = purge_all_expired(
+            utcnow(),
+            settings.retention_days,
+            on_chunk=lambda count: progress.update(bar, advance=count),
+        )
     if as_json:
         emit_json({"redacted": redacted})
     else:

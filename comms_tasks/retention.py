@@ -12,10 +12,12 @@ The email rows stay (status, dates, ids, the requests they asked about), marked 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from comms_tasks.db import transaction
 from comms_tasks.models import Email, EmailBatch, EmailStatus, PlacementRequest
 from comms_tasks.sending import RECHECKED_TEMPLATES, rerender_or_cancel
 from comms_tasks.settings import Settings
@@ -23,6 +25,8 @@ from comms_tasks.settings import Settings
 REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
 REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
 UNSENT = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
+# Emails per transaction: short locks, and progress survives an interruption.
+EMAILS_PER_CHUNK = 1000
 
 
 def redact(email: Email, now: dt.datetime) -> None:
@@ -84,3 +88,18 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
     for email in emails:
         redact(email, now)
     return len(emails)
+
+
+def purge_all_expired(
+    now: dt.datetime, retention_days: int, on_chunk: Callable[[int], object] | None = None
+) -> int:
+    """Redact every expired body, a chunk per transaction; ``on_chunk`` hears each count."""
+    redacted = 0
+    while True:
+        with transaction() as session:
+            count = purge_expired(session, now, retention_days, EMAILS_PER_CHUNK)
+        redacted += count
+        if on_chunk is not None:
+            on_chunk(count)
+        if count < EMAILS_PER_CHUNK:
+            return redacted
