@@ -17,10 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comms_tasks.demo import DemoMessage
-from comms_tasks.emails import renderer_for
+from comms_tasks.emails import patient_entry, renderer_for
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import PatientEntry, Recipient
 from comms_tasks.models import Email, EmailBatch, EmailStatus, EmailTemplate
+from comms_tasks.models.read_models import full_name
 from comms_tasks.settings import Settings
 
 HISTORY_THERAPISTS = 5
@@ -62,18 +63,11 @@ def past_emails(messages: Sequence[DemoMessage]) -> list[PastEmail]:
 def _entry(position: int, request: dict[str, Any]) -> PatientEntry:
     patient = request["patient"]
     registered = patient.get("registered_on")
-    return PatientEntry(
-        placement_request_id=request["placement_request_id"],
-        position=position,
-        registered_on=dt.date.fromisoformat(registered) if registered else None,
-        diagnosis=patient.get("diagnosis"),
-        gender=patient.get("gender"),
-        time_availability=patient.get("time_availability"),
-        symptoms_since=patient.get("symptoms_since"),
-        open_to_group_therapy=patient.get("open_to_group_therapy"),
-        therapy_experience=patient.get("therapy_experience"),
-        current_complaints=patient.get("current_complaints"),
-    )
+    summary = {
+        **patient,
+        "registered_on": dt.date.fromisoformat(registered) if registered else None,
+    }
+    return patient_entry(request["placement_request_id"], position, summary)
 
 
 def record_past_emails(
@@ -99,14 +93,15 @@ def record_past_emails(
             therapist["last_name"],
         )
         rendered = renderer.render(template.value, recipient, entries)
-        name_parts = (therapist["title"], therapist["first_name"], therapist["last_name"])
         session.add(
             Email(
                 therapist_id=therapist["therapist_id"],
                 template=template,
                 dedup_key=dedup_key,
                 recipient_email=therapist["email"],
-                recipient_name=" ".join(part for part in name_parts if part),
+                recipient_name=full_name(
+                    therapist["title"], therapist["first_name"], therapist["last_name"]
+                ),
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
                 reply_to=settings.reply_to,

@@ -11,8 +11,8 @@ import dataclasses
 import datetime as dt
 import functools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
@@ -49,6 +49,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
+from comms_tasks.models.read_models import SUMMARY_FIELDS
 from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 
@@ -73,11 +74,6 @@ def recipient_of(therapist: Therapist) -> Recipient:
         first_name=therapist.first_name,
         last_name=therapist.last_name,
     )
-
-
-def recipient_name(therapist: Therapist) -> str:
-    parts = (therapist.title, therapist.first_name, therapist.last_name)
-    return " ".join(part for part in parts if part)
 
 
 # --- who may be contacted ------------------------------------------------------------
@@ -210,6 +206,14 @@ def patients_of(session: Session, request_ids: Iterable[int]) -> dict[int, Patie
     return {request_id: patient for request_id, patient in rows}
 
 
+def patient_entry(
+    request_id: int, position: int, summary: Mapping[str, Any] | None
+) -> PatientEntry:
+    """One patient as the templates show them; a field the summary lacks stays empty."""
+    fields = {field: (summary or {}).get(field) for field in SUMMARY_FIELDS}
+    return PatientEntry(placement_request_id=request_id, position=position, **fields)
+
+
 def entries_for(
     request_ids: Sequence[int], patients: dict[int, Patient | None]
 ) -> list[PatientEntry]:
@@ -217,20 +221,8 @@ def entries_for(
     entries = []
     for position, request_id in enumerate(request_ids, start=1):
         patient = patients.get(request_id)
-        entries.append(
-            PatientEntry(
-                placement_request_id=request_id,
-                position=position,
-                registered_on=patient.registered_on if patient else None,
-                diagnosis=patient.diagnosis if patient else None,
-                gender=patient.gender if patient else None,
-                time_availability=patient.time_availability if patient else None,
-                symptoms_since=patient.symptoms_since if patient else None,
-                open_to_group_therapy=patient.open_to_group_therapy if patient else None,
-                therapy_experience=patient.therapy_experience if patient else None,
-                current_complaints=patient.current_complaints if patient else None,
-            )
-        )
+        summary = {field: getattr(patient, field) for field in SUMMARY_FIELDS} if patient else None
+        entries.append(patient_entry(request_id, position, summary))
     return entries
 
 
@@ -307,7 +299,7 @@ def queue_emails(
                 template=draft.template,
                 dedup_key=draft.dedup_key,
                 recipient_email=therapist.email,
-                recipient_name=recipient_name(therapist),
+                recipient_name=therapist.display_name,
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
                 reply_to=settings.reply_to,

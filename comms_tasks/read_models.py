@@ -21,19 +21,9 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.models.read_models import SUMMARY_FIELDS
 from comms_tasks.retention import erase_patient_from_emails
 from comms_tasks.settings import get_settings
-
-SUMMARY_FIELDS = (
-    "registered_on",
-    "diagnosis",
-    "gender",
-    "time_availability",
-    "symptoms_since",
-    "open_to_group_therapy",
-    "therapy_experience",
-    "current_complaints",
-)
 
 
 def _is_stale(last_applied: dt.datetime | None, occurred_at: dt.datetime) -> bool:

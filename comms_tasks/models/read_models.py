@@ -35,7 +35,25 @@ class Therapist(Base):
 
     @property
     def display_name(self) -> str:
-        return " ".join(part for part in (self.title, self.first_name, self.last_name) if part)
+        return full_name(self.title, self.first_name, self.last_name)
+
+
+def full_name(title: str | None, first_name: str | None, last_name: str | None) -> str:
+    """ "Dr. Anna Wagner": the parts there are, in this order."""
+    return " ".join(part for part in (title, first_name, last_name) if part)
+
+
+# The patient summary's fields, as matching sends them and the templates show them.
+SUMMARY_FIELDS = (
+    "registered_on",
+    "diagnosis",
+    "gender",
+    "time_availability",
+    "symptoms_since",
+    "open_to_group_therapy",
+    "therapy_experience",
+    "current_complaints",
+)
 
 
 class Patient(Base):
