@@ -89,8 +89,13 @@ VISIBLE_KEYS = frozenset(
 MASK = "***"
 
 
-def fail(reason: str, code: int = 1) -> typer.Exit:
+def say_error(reason: str) -> None:
+    """One line on stderr: ``error: <reason>``."""
     errors.print(f"error: {reason}", markup=False, highlight=False, soft_wrap=True)
+
+
+def fail(reason: str, code: int = 1) -> typer.Exit:
+    say_error(reason)
     return typer.Exit(code)
 
 
@@ -258,7 +263,7 @@ def dead_letters_replay(
     from comms_tasks.tasks import APPLIERS
 
     if bool(dead_letter_ids) == replay_all:
-        raise fail("give dead letter ids or --all, not both or neither", code=2)
+        raise fail("give dead letter ids or --all, not both or neither", code=USAGE_ERROR)
     if replay_all:
         with transaction() as session:
             dead_letter_ids = list(
@@ -331,7 +336,7 @@ def emails_list(
             query = query.where(Email.status == EmailStatus(status_filter))
         except ValueError:
             choices = ", ".join(s.value for s in EmailStatus)
-            raise fail(f"--status: must be one of {choices}", code=2) from None
+            raise fail(f"--status: must be one of {choices}", code=USAGE_ERROR) from None
     if therapist is not None:
         query = query.where(Email.therapist_id == therapist)
     with transaction() as session:
@@ -471,7 +476,7 @@ def _day(value: str | None) -> dt.date:
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise fail("--date: must be a date as YYYY-MM-DD", code=2) from None
+        raise fail("--date: must be a date as YYYY-MM-DD", code=USAGE_ERROR) from None
 
 
 def _sheet(day: dt.date) -> list[dict[str, Any]]:
@@ -590,7 +595,7 @@ def calls_outcome(
             "needs_follow_up",
             "discussed",
         ):
-            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=2)
+            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
         requests.append(
             {
                 "placement_request_id": int(request_id),
@@ -612,7 +617,7 @@ def calls_outcome(
     try:
         validate_command(RECORD_CALL_OUTCOME, command)
     except ContractViolation as exc:
-        raise fail(exc.reason.removeprefix("command."), code=2) from None
+        raise fail(exc.reason.removeprefix("command."), code=USAGE_ERROR) from None
     send_message(RECORD_CALL_OUTCOME, {"command": command})
     if as_json:
         emit_json(command)
@@ -947,8 +952,8 @@ def main() -> None:
     try:
         get_settings()
     except ConfigurationError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
+        say_error(str(exc))
+        raise SystemExit(USAGE_ERROR) from None
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         result = app(standalone_mode=False)
@@ -958,16 +963,11 @@ def main() -> None:
         raise SystemExit(ABORTED) from None
     except SQLAlchemyError as exc:
         first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        errors.print(
-            f"error: database: {first_line} (is it reachable and migrated? `comms db upgrade`)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        say_error(f"database: {first_line} (is it reachable and migrated? `comms db upgrade`)")
         raise SystemExit(1) from None
     except TyperException as exc:
         # Bad arguments: one line naming what is wrong, instead of a usage screen.
         reason = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        errors.print(f"error: {reason}", markup=False, highlight=False, soft_wrap=True)
+        say_error(reason)
         raise SystemExit(USAGE_ERROR) from None
     raise SystemExit(result if isinstance(result, int) else 0)
