@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
@@ -32,6 +32,9 @@ from comms_tasks import migrate
 from comms_tasks.db import make_engine, reset_engine
 from comms_tasks.models import SCHEMA, Base
 from comms_tasks.settings import get_settings
+
+if TYPE_CHECKING:
+    from tests.servers import PrivateRedis
 
 POSTGRES_URL = os.environ.get(
     "COMMS_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -245,3 +248,14 @@ def worker(committed_url: str, redis_url: str, worker_log_dir: Path) -> Iterator
     process = WorkerProcess(env, worker_log_dir / "worker.log")
     yield process
     process.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own, for tests that stop or restart it."""
+    from tests.servers import PrivateRedis  # tests.servers imports this module
+
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, select
@@ -18,14 +17,6 @@ from comms_tasks.settings import get_settings
 from comms_tasks.tasks.outbox import relay_outbox
 from tests.events import bind_queue, drain
 from tests.servers import PrivateRedis
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

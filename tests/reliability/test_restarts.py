@@ -69,14 +69,6 @@ def send_therapists(app: Celery, ids: range) -> None:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def private_postgres() -> Iterator[PrivatePostgres]:
     server = PrivatePostgres()
     server.start()
