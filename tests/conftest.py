@@ -173,6 +173,19 @@ def worker_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
+def broker_environment(
+    database_url: str, broker_url: str, var_dir: Path, **settings: str
+) -> dict[str, str]:
+    """A worker's environment on ``broker_url``, whose Redis database is emptied first."""
+    redis.Redis.from_url(broker_url).flushdb()
+    return worker_environment(
+        COMMS_DATABASE_URL=database_url,
+        COMMS_BROKER_URL=broker_url,
+        COMMS_VAR_DIR=str(var_dir),
+        **settings,
+    )
+
+
 class WorkerProcess:
     """A real ``celery -A comms_tasks worker`` in a subprocess, with its log kept."""
 

@@ -47,7 +47,7 @@ from comms_tasks.models import (
 )
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
 
 pytestmark = pytest.mark.reliability
 
@@ -319,11 +319,10 @@ def test_mutated_messages_of_every_task_never_raise_and_leave_nothing_half_appli
 def fuzz_worker(
     committed_db: Engine, committed_url: str, worker_log_dir: Path
 ) -> Iterator[WorkerProcess]:
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(worker_log_dir / "fuzz-var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        worker_log_dir / "fuzz-var",
     )
     process = WorkerProcess(env, worker_log_dir / f"fuzz-worker-{uuid.uuid4().hex}.log")
     yield process

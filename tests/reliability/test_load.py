@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.contracts import HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
 
 pytestmark = pytest.mark.reliability
 
@@ -85,11 +85,10 @@ class RssSampler(threading.Thread):
 def load_worker(
     committed_db: Engine, committed_url: str, worker_log_dir: Path
 ) -> Iterator[WorkerProcess]:
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(worker_log_dir / "load-var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        worker_log_dir / "load-var",
     )
     process = WorkerProcess(env, worker_log_dir / f"load-worker-{uuid.uuid4().hex}.log")
     yield process

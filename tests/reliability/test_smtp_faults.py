@@ -16,14 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.models import Email, EmailStatus, EmailTemplate
-from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
 from tests.smtp import SmtpSink
 
 EMAILS = 20
@@ -98,14 +97,13 @@ def settled(engine: Engine) -> bool:
 def test_smtp_faults_follow_the_retry_rules(
     committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
     message_ids = queue_emails(committed_db, EMAILS)
     sink.refuse_recipient(recipient(REFUSED))
     sink.script(*DATA_SCRIPT)
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(tmp_path / "var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        tmp_path / "var",
         **sink.worker_settings(),
         COMMS_SMTP_TIMEOUT="2",
     )

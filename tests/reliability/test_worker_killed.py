@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from aiosmtpd.smtp import Envelope
 from celery import Celery
 from sqlalchemy import Engine, func, select
@@ -27,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.models import Email, EmailStatus
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, wait_for, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, wait_for
 from tests.smtp import SmtpSink
 
 EMAILS = 500
@@ -93,12 +92,11 @@ def kill_worker(worker: WorkerProcess) -> None:
 def test_worker_killed_mid_send_loses_no_email(
     committed_db: Engine, committed_url: str, sink: SlowSink, tmp_path: Path
 ) -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
     f.queue_plain_emails(committed_db, EMAILS, "kill")
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(tmp_path / "var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        tmp_path / "var",
         **sink.worker_settings(),
         COMMS_TASK_TIME_LIMIT=str(TASK_TIME_LIMIT),
         COMMS_TASK_SOFT_TIME_LIMIT=str(TASK_SOFT_TIME_LIMIT),

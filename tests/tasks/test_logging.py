@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import Patient
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, wait_for, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, wait_for
 
 MARKER = "LOGMARK-9b2e"
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/11"
@@ -30,11 +29,10 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 def test_json_logs_name_task_ids_and_duration_and_no_patient_data(
     committed_db: Engine, committed_url: str, tmp_path: Path
 ) -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(tmp_path / "var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        tmp_path / "var",
         COMMS_LOG_FORMAT="json",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import DeadLetter, Email, EmailStatus, OutboxEvent, PlacementRequest
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
 from tests.smtp import SmtpSink
 
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/10"
@@ -48,11 +47,10 @@ def marked_summary(tag: str) -> dict[str, Any]:
 def test_patient_data_goes_into_the_email_and_nowhere_else(
     committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(tmp_path / "var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        tmp_path / "var",
         **sink.worker_settings(),
         COMMS_LOG_LEVEL="DEBUG",
     )

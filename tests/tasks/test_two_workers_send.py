@@ -6,14 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import Email, EmailStatus
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, wait_for, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, wait_for
 from tests.smtp import SmtpSink
 
 EMAILS = 500
@@ -32,12 +31,11 @@ def sink() -> Iterator[SmtpSink]:
 def test_two_workers_send_each_email_exactly_once(
     committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
-    redis.Redis.from_url(BROKER_URL).flushdb()
     f.queue_plain_emails(committed_db, EMAILS, "load")
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
-        COMMS_VAR_DIR=str(tmp_path / "var"),
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        tmp_path / "var",
         **sink.worker_settings(),
     )
     workers = [
