@@ -303,6 +303,7 @@ def test_two_schedulers_at_once_book_one_call_per_email_within_capacity(
         thread.start()
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a run hung"
     assert errors == []
     booked = calls_of(committed_db)
     assert len(booked) == 10

@@ -211,6 +211,7 @@ def test_two_concurrent_runs_on_postgres_queue_one_email_per_therapist(
         thread.start()
     for thread in threads:
         thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a run hung"
     assert errors == []
     with Session(committed_db) as session:
         per_therapist = session.execute(

@@ -20,7 +20,7 @@ from comms_tasks.inbox import handle
 from comms_tasks.models import Email, EmailStatus, OutboxEvent, PhoneCall, PlacementRequest
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f
-from tests.conftest import PROJECT_ROOT, REDIS_URL, WorkerProcess, wait_for, worker_environment
+from tests.conftest import PROJECT_ROOT, REDIS_URL, WorkerProcess, broker_environment, wait_for
 from tests.smtp import SmtpSink
 
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/3"
@@ -75,14 +75,13 @@ def beat(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
     committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
-    for url in (BROKER_URL, REDBEAT_URL):
-        redis.Redis.from_url(url).flushdb()
+    redis.Redis.from_url(REDBEAT_URL).flushdb()
     seed(committed_db)
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=BROKER_URL,
+    env = broker_environment(
+        committed_url,
+        BROKER_URL,
+        tmp_path / "var",
         COMMS_REDBEAT_REDIS_URL=REDBEAT_URL,
-        COMMS_VAR_DIR=str(tmp_path / "var"),
         **sink.worker_settings(),
     )
     workers = [
