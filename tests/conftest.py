@@ -17,14 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -32,6 +34,7 @@ from comms_tasks import migrate
 from comms_tasks.db import make_engine, reset_engine
 from comms_tasks.models import SCHEMA, Base
 from comms_tasks.settings import get_settings
+from tests.smtp import smtp_sink  # noqa: F401  (the plain SMTP server fixture, for every test)
 
 if TYPE_CHECKING:
     from tests.servers import PrivateRedis
@@ -65,6 +68,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def count_rows(engine: Engine, model: Any, *where: Any) -> int:
+    """Rows of ``model`` (matching ``where``), read in a session of their own."""
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
 
 def wait_for(
@@ -186,50 +195,46 @@ def broker_environment(
     )
 
 
-class WorkerProcess:
-    """A real ``celery -A comms_tasks worker`` in a subprocess, with its log kept."""
+class CeleryProcess:
+    """``celery -A comms_tasks <arguments>`` in a subprocess, its output kept in a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *arguments: str) -> None:
+        self.name = arguments[0]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "comms_tasks",
-                "worker",
-                "--loglevel=INFO",
-                "--concurrency=2",
-                "--without-mingle",
-                "--without-gossip",
-                *extra,
-            ],
+            [sys.executable, "-m", "celery", "-A", "comms_tasks", *arguments],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def wait_until_ready(self, ready: Callable[[], bool], timeout: float) -> None:
+        """Wait for ``ready()``; stop the process if it exits first or never gets there."""
+
+        def alive_and_ready() -> bool:
+            self.check_alive()
+            return ready()
+
         try:
-            wait_for(self._ready, timeout=WORKER_START_TIMEOUT, interval=0.2)
+            self.wait_for(alive_and_ready, timeout=timeout)
         except BaseException:
             self.stop()
             raise
 
-    def _ready(self) -> bool:
+    def check_alive(self) -> None:
         if self.process.poll() is not None:
-            pytest.fail(f"worker exited early:\n{self.log()}")
-        return " ready." in self.log()
+            pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def tail(self, lines: int = 60) -> str:
-        return "worker log (tail):\n" + "\n".join(self.log().splitlines()[-lines:])
+        return f"{self.name} log (tail):\n" + "\n".join(self.log().splitlines()[-lines:])
 
     def wait_for(self, condition: Callable[[], Any], timeout: float = 30) -> Any:
-        """Like :func:`wait_for`, with the end of this worker's log if it fails."""
+        """Like :func:`wait_for`, with the end of this process's log if it fails."""
         return wait_for(condition, timeout=timeout, explain=self.tail)
 
     def stop(self) -> None:
@@ -241,6 +246,50 @@ class WorkerProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+class WorkerProcess(CeleryProcess):
+    """A real ``celery -A comms_tasks worker``, started and ready to take tasks."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
+        super().__init__(
+            env,
+            log_path,
+            "worker",
+            "--loglevel=INFO",
+            "--concurrency=2",
+            "--without-mingle",
+            "--without-gossip",
+            *extra,
+        )
+        self.wait_until_ready(lambda: " ready." in self.log(), WORKER_START_TIMEOUT)
+
+
+@contextmanager
+def worker_on_broker(
+    database_url: str, broker_url: str, log_dir: Path, name: str
+) -> Iterator[WorkerProcess]:
+    """A worker named by ``name`` on a broker database of its own, emptied before and after."""
+    env = broker_environment(database_url, broker_url, log_dir / f"{name}-var")
+    process = WorkerProcess(env, log_dir / f"{name}-worker-{uuid.uuid4().hex}.log")
+    try:
+        yield process
+    finally:
+        process.stop()
+        redis.Redis.from_url(broker_url).flushdb()
+
+
+def start_workers(env: dict[str, str], log_dir: Path, count: int = 2) -> list[WorkerProcess]:
+    """Workers ``w1@…``, ``w2@…``; if one fails to start, those already up are stopped."""
+    workers: list[WorkerProcess] = []
+    try:
+        for n in range(1, count + 1):
+            workers.append(WorkerProcess(env, log_dir / f"worker{n}.log", f"--hostname=w{n}@%h"))
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    return workers
 
 
 @pytest.fixture(scope="session")

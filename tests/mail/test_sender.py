@@ -40,7 +40,6 @@ from tests.conftest import free_port
 from tests.smtp import SilentServer, SmtpSink, make_certificates, server_tls_context
 
 # The shared fixtures of tests/smtp.py.
-smtp_sink = smtp_servers.smtp_sink
 silent_server = smtp_servers.silent_server
 
 pytestmark = pytest.mark.filterwarnings(

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -47,7 +46,7 @@ from comms_tasks.models import (
 )
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_on_broker
 
 pytestmark = pytest.mark.reliability
 
@@ -319,15 +318,8 @@ def test_mutated_messages_of_every_task_never_raise_and_leave_nothing_half_appli
 def fuzz_worker(
     committed_db: Engine, committed_url: str, worker_log_dir: Path
 ) -> Iterator[WorkerProcess]:
-    env = broker_environment(
-        committed_url,
-        BROKER_URL,
-        worker_log_dir / "fuzz-var",
-    )
-    process = WorkerProcess(env, worker_log_dir / f"fuzz-worker-{uuid.uuid4().hex}.log")
-    yield process
-    process.stop()
-    redis.Redis.from_url(BROKER_URL).flushdb()
+    with worker_on_broker(committed_url, BROKER_URL, worker_log_dir, "fuzz") as process:
+        yield process
 
 
 def hostile_calls(hostile_ids: list[int]) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
@@ -450,8 +442,7 @@ def test_a_real_worker_survives_hostile_messages_and_applies_the_next_good_one(
         fuzz_worker.wait_for(good_applied, timeout=60)
 
         def letters() -> int:
-            with Session(committed_db) as session:
-                return session.scalar(select(func.count()).select_from(DeadLetter)) or 0
+            return count_rows(committed_db, DeadLetter)
 
         # The good message may overtake the last hostile ones (concurrency 2).
         fuzz_worker.wait_for(lambda: letters() >= len(calls), timeout=30)

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_on_broker
 
 pytestmark = pytest.mark.reliability
 
@@ -85,15 +83,8 @@ class RssSampler(threading.Thread):
 def load_worker(
     committed_db: Engine, committed_url: str, worker_log_dir: Path
 ) -> Iterator[WorkerProcess]:
-    env = broker_environment(
-        committed_url,
-        BROKER_URL,
-        worker_log_dir / "load-var",
-    )
-    process = WorkerProcess(env, worker_log_dir / f"load-worker-{uuid.uuid4().hex}.log")
-    yield process
-    process.stop()
-    redis.Redis.from_url(BROKER_URL).flushdb()
+    with worker_on_broker(committed_url, BROKER_URL, worker_log_dir, "load") as process:
+        yield process
 
 
 def burst() -> list[tuple[str, dict[str, Any]]]:
@@ -117,11 +108,6 @@ def burst() -> list[tuple[str, dict[str, Any]]]:
     return messages
 
 
-def count(engine: Engine, model: Any) -> int:
-    with Session(engine) as session:
-        return session.scalar(select(func.count()).select_from(model)) or 0
-
-
 def test_a_burst_of_ten_thousand_events_is_applied_in_bounded_time_and_memory(
     load_worker: WorkerProcess, committed_db: Engine
 ) -> None:
@@ -137,7 +123,7 @@ def test_a_burst_of_ten_thousand_events_is_applied_in_bounded_time_and_memory(
                 app.send_task(task, kwargs={"event": event}, producer=producer)
         published = time.monotonic() - started
         load_worker.wait_for(
-            lambda: count(committed_db, ProcessedMessage) >= EVENTS, timeout=APPLY_TIMEOUT
+            lambda: count_rows(committed_db, ProcessedMessage) >= EVENTS, timeout=APPLY_TIMEOUT
         )
         seconds = time.monotonic() - started
     finally:
@@ -145,10 +131,10 @@ def test_a_burst_of_ten_thousand_events_is_applied_in_bounded_time_and_memory(
         app.close()
 
     assert load_worker.process.poll() is None, load_worker.tail()
-    assert count(committed_db, ProcessedMessage) == EVENTS
-    assert count(committed_db, DeadLetter) == 0
-    assert count(committed_db, Therapist) == THERAPISTS
-    assert count(committed_db, PlacementRequest) == REQUESTS
+    assert count_rows(committed_db, ProcessedMessage) == EVENTS
+    assert count_rows(committed_db, DeadLetter) == 0
+    assert count_rows(committed_db, Therapist) == THERAPISTS
+    assert count_rows(committed_db, PlacementRequest) == REQUESTS
     with Session(committed_db) as session:
         names = set(session.scalars(select(Therapist.last_name)).all())
     # Out-of-order delivery (two pool processes) never lets an older update win.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from comms_tasks.db import make_engine, transaction
 from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
 from comms_tasks.outbox import record_event
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_environment
 from tests.events import bind_queue, drain
 from tests.reliability.servers import PrivatePostgres
 from tests.servers import PrivateRedis
@@ -50,15 +50,10 @@ def make_sender(url: str) -> Celery:
     return app
 
 
-def count(engine: Engine, model: type, *where: object) -> int:
-    with Session(engine) as session:
-        return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
-
-
 def safe_count(engine: Engine, model: type, *where: object) -> int:
     """Like :func:`count`, but -1 while the database is unreachable."""
     try:
-        return count(engine, model, *where)
+        return count_rows(engine, model, *where)
     except OperationalError:
         return -1
 
@@ -92,7 +87,7 @@ def test_redis_restart_mid_pipeline(
     half = REDIS_EVENTS // 2
     try:
         send_therapists(sender, range(1, half + 1))
-        worker.wait_for(lambda: count(committed_db, ProcessedMessage) >= half, timeout=TIMEOUT)
+        worker.wait_for(lambda: count_rows(committed_db, ProcessedMessage) >= half, timeout=TIMEOUT)
 
         private_redis.stop()
         with transaction() as session:
@@ -111,16 +106,16 @@ def test_redis_restart_mid_pipeline(
         private_redis.start()
         restarted = time.monotonic()
         send_therapists(sender, range(half + 1, REDIS_EVENTS + 1))
-        worker.wait_for(lambda: count(committed_db, ProcessedMessage) > half, timeout=TIMEOUT)
+        worker.wait_for(lambda: count_rows(committed_db, ProcessedMessage) > half, timeout=TIMEOUT)
         recovered = time.monotonic() - restarted
         worker.wait_for(
-            lambda: count(committed_db, ProcessedMessage) >= REDIS_EVENTS, timeout=TIMEOUT
+            lambda: count_rows(committed_db, ProcessedMessage) >= REDIS_EVENTS, timeout=TIMEOUT
         )
 
         queue = bind_queue(private_redis.url, "restart-consumer")
 
         def relayed() -> bool:
-            if count(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
+            if count_rows(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
                 return True
             sender.send_task(RELAY)
             time.sleep(1)
@@ -129,8 +124,8 @@ def test_redis_restart_mid_pipeline(
         worker.wait_for(relayed, timeout=TIMEOUT)
         received = drain(private_redis.url, queue, idle_seconds=2)
 
-        applied = count(committed_db, ProcessedMessage)
-        therapists = count(committed_db, Therapist)
+        applied = count_rows(committed_db, ProcessedMessage)
+        therapists = count_rows(committed_db, Therapist)
         with Session(committed_db) as session:
             outbox_ids = set(session.scalars(select(OutboxEvent.event_id)).all())
         counts = Counter(str(body["event_id"]) for body in received)
@@ -141,7 +136,7 @@ def test_redis_restart_mid_pipeline(
         )
         assert applied == REDIS_EVENTS
         assert therapists == REDIS_EVENTS
-        assert count(committed_db, DeadLetter) == 0
+        assert count_rows(committed_db, DeadLetter) == 0
         assert set(recorded) <= outbox_ids
         assert counts == Counter({event_id: 1 for event_id in outbox_ids})
         assert worker.process.poll() is None, worker.tail()
@@ -166,14 +161,14 @@ def test_postgres_restart_mid_pipeline(
     sender = make_sender(POSTGRES_BROKER_URL)
     try:
         send_therapists(sender, range(1, POSTGRES_EVENTS + 1))
-        worker.wait_for(lambda: count(engine, ProcessedMessage) >= 10, timeout=TIMEOUT)
-        applied_at_stop = count(engine, ProcessedMessage)
+        worker.wait_for(lambda: count_rows(engine, ProcessedMessage) >= 10, timeout=TIMEOUT)
+        applied_at_stop = count_rows(engine, ProcessedMessage)
         engine.dispose()
         private_postgres.stop()
         stopped = time.monotonic()
         time.sleep(POSTGRES_DOWN_SECONDS)
         private_postgres.start()
-        applied_at_restart = count(engine, ProcessedMessage)
+        applied_at_restart = count_rows(engine, ProcessedMessage)
         restarted = time.monotonic()
         worker.wait_for(
             lambda: safe_count(engine, ProcessedMessage) >= POSTGRES_EVENTS, timeout=TIMEOUT
@@ -181,9 +176,9 @@ def test_postgres_restart_mid_pipeline(
         recovered = time.monotonic() - restarted
         time.sleep(2)  # a late duplicate would show up here
 
-        applied = count(engine, ProcessedMessage)
-        therapists = count(engine, Therapist)
-        dead = count(engine, DeadLetter)
+        applied = count_rows(engine, ProcessedMessage)
+        therapists = count_rows(engine, Therapist)
+        dead = count_rows(engine, DeadLetter)
         retries = sum("retry" in line.lower() for line in worker.log().splitlines())
         print(
             f"RELIABILITY postgres_restart: events={POSTGRES_EVENTS} "

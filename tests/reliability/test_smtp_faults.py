@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,6 @@ DATA_SCRIPT = ("250 OK", "451 4.3.0 Try again later", "250 OK", "drop", "250 OK"
 TEMPORARY = {2: "451", 4: "drop", 7: "hang"}
 DRAIN_TIMEOUT = 60
 RESEND_INTERVAL_SECONDS = 5
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    server = SmtpSink()
-    server.start()
-    yield server
-    server.stop()
 
 
 def recipient(number: int) -> str:
@@ -95,16 +86,16 @@ def settled(engine: Engine) -> bool:
 
 @pytest.mark.reliability
 def test_smtp_faults_follow_the_retry_rules(
-    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
+    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     message_ids = queue_emails(committed_db, EMAILS)
-    sink.refuse_recipient(recipient(REFUSED))
-    sink.script(*DATA_SCRIPT)
+    smtp_sink.refuse_recipient(recipient(REFUSED))
+    smtp_sink.script(*DATA_SCRIPT)
     env = broker_environment(
         committed_url,
         BROKER_URL,
         tmp_path / "var",
-        **sink.worker_settings(),
+        **smtp_sink.worker_settings(),
         COMMS_SMTP_TIMEOUT="2",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
@@ -115,7 +106,7 @@ def test_smtp_faults_follow_the_retry_rules(
         app.send_task("comms.send_email")
         worker.wait_for(lambda: settled(committed_db), timeout=DRAIN_TIMEOUT)
         first_round = emails_by_therapist(committed_db)
-        first_counts = sink.message_ids()
+        first_counts = smtp_sink.message_ids()
         with committed_db.connect() as connection:
             retry_in_future = set(
                 connection.execute(
@@ -168,7 +159,7 @@ def test_smtp_faults_follow_the_retry_rules(
     final = emails_by_therapist(committed_db)
     assert final[REFUSED].status == EmailStatus.FAILED
     assert all(final[n].status == EmailStatus.SENT for n in set(message_ids) - {REFUSED})
-    counts = sink.message_ids()
+    counts = smtp_sink.message_ids()
     assert counts == {message_ids[n]: 1 for n in set(message_ids) - {REFUSED}}
     faults = ", ".join(f"{fault}=retried" for fault in TEMPORARY.values())
     print(

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.inbox import handle
 from comms_tasks.models import Email, EmailStatus, OutboxEvent, PhoneCall, PlacementRequest
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f
-from tests.conftest import PROJECT_ROOT, REDIS_URL, WorkerProcess, broker_environment, wait_for
+from tests.conftest import (
+    REDIS_URL,
+    CeleryProcess,
+    broker_environment,
+    count_rows,
+    start_workers,
+    wait_for,
+)
 from tests.smtp import SmtpSink
 
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/3"
@@ -32,14 +35,6 @@ ALL_WEEK = {
 }
 # Each daily task is started this many times at once, as duplicated beats would.
 RUNS_AT_ONCE = 4
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    server = SmtpSink()
-    server.start()
-    yield server
-    server.stop()
 
 
 def seed(engine: Engine) -> None:
@@ -62,18 +57,8 @@ def seed(engine: Engine) -> None:
             assert outcome.result == "applied"
 
 
-def beat(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "comms_tasks", "beat", "--loglevel=INFO"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
-    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
+    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     redis.Redis.from_url(REDBEAT_URL).flushdb()
     seed(committed_db)
@@ -82,24 +67,19 @@ def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
         BROKER_URL,
         tmp_path / "var",
         COMMS_REDBEAT_REDIS_URL=REDBEAT_URL,
-        **sink.worker_settings(),
+        **smtp_sink.worker_settings(),
     )
-    workers = [
-        WorkerProcess(env, tmp_path / f"worker{n}.log", f"--hostname=w{n}@%h") for n in (1, 2)
-    ]
-    beat_logs = [tmp_path / f"beat{n}.log" for n in (1, 2)]
-    beats = [beat(env, log) for log in beat_logs]
+    workers = start_workers(env, tmp_path)
+    beats: list[CeleryProcess] = []
     app = Celery("duplicated-beats", broker=BROKER_URL, set_as_current=False)
     try:
+        for n in (1, 2):
+            beats.append(CeleryProcess(env, tmp_path / f"beat{n}.log", "beat", "--loglevel=INFO"))
         for _ in range(RUNS_AT_ONCE):
             app.send_task("comms.batch_requests")
 
         def all_sent() -> bool:
-            with Session(committed_db) as session:
-                sent = session.scalar(
-                    select(func.count()).select_from(Email).where(Email.status == EmailStatus.SENT)
-                )
-            return sent == THERAPISTS
+            return count_rows(committed_db, Email, Email.status == EmailStatus.SENT) == THERAPISTS
 
         workers[0].wait_for(all_sent, timeout=120)
         # Make a tenth of the emails old and unanswered, then run the follow-up check
@@ -115,39 +95,31 @@ def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
             app.send_task("comms.schedule_calls")
 
         def calls_booked() -> bool:
-            with Session(committed_db) as session:
-                return session.scalar(select(func.count()).select_from(PhoneCall)) == (
-                    THERAPISTS // 10
-                )
+            return count_rows(committed_db, PhoneCall) == THERAPISTS // 10
 
         workers[0].wait_for(calls_booked, timeout=120)
 
         def beats_ran() -> bool:
-            return any("Sending due task relay-outbox" in log.read_text() for log in beat_logs)
+            return any("Sending due task relay-outbox" in beat.log() for beat in beats)
 
         wait_for(beats_ran, timeout=60)
         # Let the relay run a few rounds while both beats are up.
         wait_for(lambda: _relayed(committed_db), timeout=60)
-        beat_texts = [log.read_text() for log in beat_logs]
+        beat_texts = [beat.log() for beat in beats]
     finally:
-        for process in beats:
-            process.terminate()
-        for process in beats:
-            process.wait(timeout=30)
-        for worker in workers:
-            worker.stop()
+        for process in [*beats, *workers]:
+            process.stop()
         app.close()
 
     with Session(committed_db) as session:
         per_therapist = Counter(session.scalars(select(Email.therapist_id)))
         per_email = Counter(session.scalars(select(PhoneCall.email_id)))
         envelopes = [row.envelope for row in session.scalars(select(OutboxEvent))]
-        requests = session.scalar(select(func.count()).select_from(PlacementRequest))
-    assert requests == THERAPISTS * 2
+    assert count_rows(committed_db, PlacementRequest) == THERAPISTS * 2
     assert set(per_therapist.values()) == {1}, "a therapist got two emails"
     assert len(per_therapist) == THERAPISTS
     assert set(per_email.values()) == {1}, "an email got two calls"
-    assert set(sink.message_ids().values()) == {1}
+    assert set(smtp_sink.message_ids().values()) == {1}
     changes = Counter(_change_of(envelope) for envelope in envelopes)
     assert [change for change, count in changes.items() if count > 1] == []
     # RedBeat: one beat holds the lock and sends; the other waits.
@@ -162,11 +134,7 @@ def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
 
 
 def _relayed(engine: Engine) -> bool:
-    with Session(engine) as session:
-        pending = session.scalar(
-            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
-        )
-    return pending == 0
+    return count_rows(engine, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0
 
 
 def _change_of(envelope: dict[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:

@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.models import Email, EmailStatus
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, wait_for
+from tests.conftest import (
+    REDIS_URL,
+    WorkerProcess,
+    broker_environment,
+    count_rows,
+    start_workers,
+    wait_for,
+)
 from tests.smtp import SmtpSink
 
 EMAILS = 500
@@ -58,11 +65,7 @@ def sink() -> Iterator[SlowSink]:
 
 
 def count_status(engine: Engine, status: EmailStatus) -> int:
-    with Session(engine) as session:
-        return int(
-            session.scalar(select(func.count()).select_from(Email).where(Email.status == status))
-            or 0
-        )
+    return count_rows(engine, Email, Email.status == status)
 
 
 def status_counts(engine: Engine) -> dict[str, int]:
@@ -101,9 +104,7 @@ def test_worker_killed_mid_send_loses_no_email(
         COMMS_TASK_TIME_LIMIT=str(TASK_TIME_LIMIT),
         COMMS_TASK_SOFT_TIME_LIMIT=str(TASK_SOFT_TIME_LIMIT),
     )
-    workers = [
-        WorkerProcess(env, tmp_path / f"worker{n}.log", f"--hostname=w{n}@%h") for n in (1, 2)
-    ]
+    workers = start_workers(env, tmp_path)
     app = Celery("operator", broker=BROKER_URL, set_as_current=False)
     try:
         for _ in range(4):

@@ -19,9 +19,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -34,8 +33,10 @@ from tests import factories as f
 from tests.conftest import (
     PROJECT_ROOT,
     REDIS_URL,
+    CeleryProcess,
     WorkerProcess,
     free_port,
+    wait_for,
     worker_environment,
 )
 
@@ -46,35 +47,22 @@ FLOWER_START_TIMEOUT = 30
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class FlowerProcess:
-    """``celery -A comms_tasks flower`` with basic auth, its output kept in a file."""
+class FlowerProcess(CeleryProcess):
+    """``celery -A comms_tasks flower`` with basic auth on a free port, answering."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.auth = f"ops:{secrets.token_urlsafe(16)}"
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "comms_tasks",
-                "flower",
-                f"--port={self.port}",
-                "--address=127.0.0.1",
-                f"--basic-auth={self.auth}",
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            env,
+            log_path,
+            "flower",
+            f"--port={self.port}",
+            "--address=127.0.0.1",
+            f"--basic-auth={self.auth}",
         )
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        self.wait_until_ready(lambda: self.get("/healthcheck")[0] == 200, FLOWER_START_TIMEOUT)
 
     def get(self, path: str, *, auth: bool = True) -> tuple[int, str]:
         """Status and body of a GET; status 0 while nothing listens."""
@@ -89,20 +77,6 @@ class FlowerProcess:
             return error.code, error.read().decode("utf-8", errors="replace")
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return 0, ""
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            pytest.fail(f"flower exited with {self.process.returncode}:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 @pytest.fixture
@@ -121,21 +95,6 @@ def flower_environment(**overrides: str) -> dict[str, str]:
     return {key: value for key, value in env.items() if not key.startswith("FLOWER_")}
 
 
-def start_flower(env: dict[str, str], log_path: Path) -> FlowerProcess:
-    flower = FlowerProcess(env, log_path)
-
-    def answers() -> bool:
-        flower.check_alive()
-        return flower.get("/healthcheck")[0] == 200
-
-    try:
-        wait_or_explain(answers, "flower answering", FLOWER_START_TIMEOUT, flower=flower.log)
-    except BaseException:
-        flower.stop()
-        raise
-    return flower
-
-
 def datatable_path(search: str = "") -> str:
     """The JSON the tasks page (/tasks) loads its rows from."""
     return "/tasks/datatable?" + urllib.parse.urlencode(
@@ -149,20 +108,6 @@ def datatable_path(search: str = "") -> str:
             "search[value]": search,
         }
     )
-
-
-def wait_or_explain(
-    condition: Callable[[], Any], what: str, timeout: float, **logs: Callable[[], str]
-) -> Any:
-    """Poll ``condition`` like ``wait_for``; a timeout names what was awaited and shows the
-    processes' output."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            output = "\n\n".join(f"--- {name} output:\n{log()}" for name, log in logs.items())
-            pytest.fail(f"{what}: not within {timeout} s\n{output}")
-        time.sleep(0.2)
-    return value
 
 
 def test_flower_shows_inbound_task_by_ids_not_patient_data(
@@ -180,7 +125,7 @@ def test_flower_shows_inbound_task_by_ids_not_patient_data(
     sender = Celery("careless-service", broker=broker_url, set_as_current=False)
     sender.conf.task_serializer = "json"
     try:
-        flower = start_flower(env, tmp_path / "flower.log")
+        flower = FlowerProcess(env, tmp_path / "flower.log")
         fl = flower  # for the closures below
 
         # Flower's event receiver is live once it has seen the worker's heartbeat (every
@@ -190,9 +135,7 @@ def test_flower_shows_inbound_task_by_ids_not_patient_data(
             status, body = fl.get("/metrics")
             return status == 200 and f'flower_worker_online{{worker="{worker_name}"}} 1.0' in body
 
-        wait_or_explain(
-            sees_worker, "flower seeing the worker", 30, flower=flower.log, worker=worker.log
-        )
+        wait_for(sees_worker, explain=lambda: f"{fl.tail()}\n{worker.tail()}")
 
         event = f.request_created(
             91,
@@ -215,14 +158,14 @@ def test_flower_shows_inbound_task_by_ids_not_patient_data(
                 patient = session.get(Patient, 9100)
                 return patient is not None and patient.diagnosis == marker
 
-        wait_or_explain(applied, "the event applied", 30, worker=worker.log)
+        worker.wait_for(applied)
 
         def listed_as_succeeded() -> bool:
             fl.check_alive()
             status, body = fl.get("/api/tasks")
             return status == 200 and task_id in body and '"SUCCESS"' in body
 
-        wait_or_explain(listed_as_succeeded, "task SUCCESS in /api/tasks", 20, flower=flower.log)
+        flower.wait_for(listed_as_succeeded, timeout=20)
 
         datatable = datatable_path()
         pages = {
@@ -282,7 +225,7 @@ def test_flower_shows_no_call_notes_before_a_worker_received_the_outcome(
     """No worker runs (all busy, or down): Flower knows the message from its sent event."""
     marker = "FLOWERMARK-" + uuid.uuid4().hex
     env = flower_environment(COMMS_BROKER_URL=broker_url, COMMS_VAR_DIR=str(tmp_path / "var"))
-    flower = start_flower(env, tmp_path / "flower.log")
+    flower = FlowerProcess(env, tmp_path / "flower.log")
     command = [sys.executable, "-c", "from comms_tasks.cli import main; main()", "calls"]
     command += ["outcome", "1", "--status", "completed", "--notes", marker]
     try:
@@ -300,7 +243,7 @@ def test_flower_shows_no_call_notes_before_a_worker_received_the_outcome(
             )
             return wait_for_listing(flower, "comms.record_call_outcome", timeout=3)
 
-        wait_or_explain(outcome_listed, "the outcome in /api/tasks", 30, flower=flower.log)
+        flower.wait_for(outcome_listed)
         for path in ("/api/tasks", datatable_path()):
             status, body = flower.get(path)
             assert status == 200, body

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from celery import Celery
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import DeadLetter, Email, EmailStatus, OutboxEvent, PlacementRequest
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
+from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, count_rows
 from tests.smtp import SmtpSink
 
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/10"
@@ -32,26 +30,18 @@ SUMMARY_FIELDS = (
 )
 
 
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    server = SmtpSink()
-    server.start()
-    yield server
-    server.stop()
-
-
 def marked_summary(tag: str) -> dict[str, Any]:
     return {field: f"{MARK}-{tag}-{field}" for field in SUMMARY_FIELDS}
 
 
 def test_patient_data_goes_into_the_email_and_nowhere_else(
-    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
+    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     env = broker_environment(
         committed_url,
         BROKER_URL,
         tmp_path / "var",
-        **sink.worker_settings(),
+        **smtp_sink.worker_settings(),
         COMMS_LOG_LEVEL="DEBUG",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
@@ -72,14 +62,14 @@ def test_patient_data_goes_into_the_email_and_nowhere_else(
         app.send_task("comms.handle_matching_event", kwargs={"event": broken})
 
         def requests_applied() -> bool:
-            with Session(committed_db) as session:
-                count = session.scalar(select(func.count()).select_from(PlacementRequest))
-                letters = session.scalar(select(func.count()).select_from(DeadLetter))
-            return count == 3 and letters == 1
+            return (
+                count_rows(committed_db, PlacementRequest) == 3
+                and count_rows(committed_db, DeadLetter) == 1
+            )
 
         worker.wait_for(requests_applied)
         app.send_task("comms.batch_requests")
-        worker.wait_for(lambda: len(sink.accepted) == 1)
+        worker.wait_for(lambda: len(smtp_sink.accepted) == 1)
 
         def email_sent() -> Email | None:
             # Results are committed in groups (docs/performance.md): the
@@ -99,16 +89,11 @@ def test_patient_data_goes_into_the_email_and_nowhere_else(
             ],
         }
         app.send_task("comms.record_email_response", kwargs={"command": response})
-        worker.wait_for(lambda: len(sink.accepted) == 2)
+        worker.wait_for(lambda: len(smtp_sink.accepted) == 2)
         app.send_task("comms.relay_outbox")
 
         def relayed() -> bool:
-            with Session(committed_db) as session:
-                return not session.scalar(
-                    select(func.count())
-                    .select_from(OutboxEvent)
-                    .where(OutboxEvent.published_at.is_(None))
-                )
+            return not count_rows(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None))
 
         worker.wait_for(relayed)
     finally:
@@ -116,7 +101,7 @@ def test_patient_data_goes_into_the_email_and_nowhere_else(
         app.close()
 
     # The therapist got the summaries: the markers were really in play.
-    body = sink.accepted[0].get_body(("plain",))
+    body = smtp_sink.accepted[0].get_body(("plain",))
     assert body is not None and f"{MARK}-r1-diagnosis" in body.get_content()
 
     log = worker.log()
