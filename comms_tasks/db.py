@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, insert
@@ -82,15 +82,9 @@ def reset_engine() -> None:
     _session_factory.cache_clear()
 
 
-@contextlib.contextmanager
-def transaction() -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any error."""
-    session = _session_factory()()
-    try:
-        with session.begin():
-            yield session
-    finally:
-        session.close()
+def transaction() -> contextlib.AbstractContextManager[Session]:
+    """One unit of work: commit on success, roll back on any error; the session is closed."""
+    return _session_factory().begin()
 
 
 AFTER_COMMIT_KEY = "comms_after_commit"
