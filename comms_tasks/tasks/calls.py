@@ -11,10 +11,9 @@ from comms_tasks import calls
 from comms_tasks.app import app
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, inbound
 from comms_tasks.db import transaction
-from comms_tasks.inbox import handle_call
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks.inbound import inbound_task_options
+from comms_tasks.tasks.inbound import inbound_task
 from comms_tasks.tasks.sending import send_email, send_email_after_commit
 
 FOLLOW_UP_CHECK = "comms.follow_up_check"
@@ -74,11 +73,5 @@ def apply_call_outcome(session: Session, command: inbound.RecordCallOutcome) -> 
         send_email_after_commit(session)
 
 
-@app.task(name=SCHEDULE_CALL, **inbound_task_options())
-def schedule_call(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle_call(SCHEDULE_CALL, args, kwargs, apply_schedule_call).as_dict()
-
-
-@app.task(name=RECORD_CALL_OUTCOME, **inbound_task_options())
-def record_call_outcome(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle_call(RECORD_CALL_OUTCOME, args, kwargs, apply_call_outcome).as_dict()
+schedule_call = inbound_task(SCHEDULE_CALL, apply_schedule_call)
+record_call_outcome = inbound_task(RECORD_CALL_OUTCOME, apply_call_outcome)

@@ -43,14 +43,16 @@ def inbound_task_options() -> dict[str, Any]:
     }
 
 
-def _inbound_task(task_name: str) -> Task:
+def inbound_task(task_name: str, applier: Applier) -> Task:
+    """Register the task ``task_name``: validate the message, apply it once, or dead-letter."""
+
     @app.task(name=task_name, **inbound_task_options())
-    def inbound_task(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return handle_call(task_name, args, kwargs, APPLIERS[task_name]).as_dict()
+    def task(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return handle_call(task_name, args, kwargs, applier).as_dict()
 
-    return inbound_task
+    return task
 
 
-handle_therapist_event = _inbound_task(HANDLE_THERAPIST_EVENT)
-handle_matching_event = _inbound_task(HANDLE_MATCHING_EVENT)
-handle_patient_event = _inbound_task(HANDLE_PATIENT_EVENT)
+handle_therapist_event = inbound_task(HANDLE_THERAPIST_EVENT, APPLIERS[HANDLE_THERAPIST_EVENT])
+handle_matching_event = inbound_task(HANDLE_MATCHING_EVENT, APPLIERS[HANDLE_MATCHING_EVENT])
+handle_patient_event = inbound_task(HANDLE_PATIENT_EVENT, APPLIERS[HANDLE_PATIENT_EVENT])

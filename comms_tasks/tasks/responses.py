@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
 from comms_tasks import emails
-from comms_tasks.app import app
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, inbound
-from comms_tasks.inbox import handle_call
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks.inbound import inbound_task_options
+from comms_tasks.tasks.inbound import inbound_task
 from comms_tasks.tasks.sending import send_email_after_commit
 
 
@@ -26,11 +22,5 @@ def apply_queue_email(session: Session, command: inbound.QueueEmail) -> None:
     send_email_after_commit(session)
 
 
-@app.task(name=RECORD_EMAIL_RESPONSE, **inbound_task_options())
-def record_email_response(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle_call(RECORD_EMAIL_RESPONSE, args, kwargs, apply_email_response).as_dict()
-
-
-@app.task(name=QUEUE_EMAIL, **inbound_task_options())
-def queue_email(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return handle_call(QUEUE_EMAIL, args, kwargs, apply_queue_email).as_dict()
+record_email_response = inbound_task(RECORD_EMAIL_RESPONSE, apply_email_response)
+queue_email = inbound_task(QUEUE_EMAIL, apply_queue_email)
