@@ -47,9 +47,17 @@ def last_runs(session: Session) -> dict[str, dict[str, Any]]:
 
 
 @signals.task_postrun.connect
-def _remember_scheduled_run(task: Any = None, state: str | None = None, **_kwargs: Any) -> None:
+def _remember_scheduled_run(
+    task: Any = None,
+    state: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    **_signal: Any,
+) -> None:
     name = getattr(task, "name", None)
     if not isinstance(name, str) or name not in SCHEDULED_TASKS:
+        return
+    if kwargs and kwargs.get("helper"):
+        # A helper a run started to share its work is part of that run, not one of its own.
         return
     from comms_tasks.db import transaction
 

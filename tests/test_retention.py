@@ -131,3 +131,19 @@ def test_scheduled_tasks_record_their_last_run(committed_db: Engine) -> None:
     assert runs["comms.purge_expired"]["last_state"] == "FAILURE"
     assert runs["comms.purge_expired"]["last_finished_at"] is not None
     assert runs["comms.batch_requests"] == {"last_finished_at": None, "last_state": None}
+
+
+def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(committed_db: Engine) -> None:
+    from comms_tasks.reports import status_snapshot
+    from comms_tasks.tasks.batching import batch_requests
+
+    def last_state() -> str | None:
+        with Session(committed_db) as session:
+            runs = status_snapshot(session)["last_runs"]
+        return runs["comms.batch_requests"]["last_state"]
+
+    # Run in this process through Celery's tracer, which sends task_postrun.
+    assert batch_requests.apply(kwargs={"helper": True}).successful()
+    assert last_state() is None
+    assert batch_requests.apply().successful()
+    assert last_state() == "SUCCESS"
