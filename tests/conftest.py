@@ -167,11 +167,16 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+def other_service(broker_url: str) -> Celery:
+    """Another service's Celery app: it knows only task names, never our code."""
+    app = Celery("other-service", broker=broker_url, set_as_current=False)
+    app.conf.task_serializer = "json"
+    return app
+
+
 @pytest.fixture(scope="session")
 def sender(redis_url: str) -> Iterator[Celery]:
-    """Another service's Celery app: it knows only task names, never our code."""
-    app = Celery("other-service", broker=redis_url, set_as_current=False)
-    app.conf.task_serializer = "json"
+    app = other_service(redis_url)
     yield app
     app.close()
 

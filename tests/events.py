@@ -1,10 +1,25 @@
-"""Consuming the exchange ``comms.events`` in tests, as another service would."""
+"""Events in tests: recorded in the outbox, and consumed from the exchange ``comms.events``
+as another service would."""
 
 from __future__ import annotations
 
 from kombu import Connection, Consumer, Queue
 
-from comms_tasks.outbox import events_exchange
+from comms_tasks.contracts.outbound import EmailQueuedPayload
+from comms_tasks.db import transaction
+from comms_tasks.outbox import events_exchange, record_event
+
+
+def record_queued_events(count: int, first_email_id: int = 1) -> list[str]:
+    """``count`` ``email.queued`` events in the outbox, one transaction; their event ids."""
+    with transaction() as session:
+        return [
+            record_event(
+                session,
+                EmailQueuedPayload(email_id=email_id, therapist_id=1, placement_request_ids=[2]),
+            )
+            for email_id in range(first_email_id, first_email_id + count)
+        ]
 
 
 def bind_queue(url: str, name: str = "test-consumer", routing_key: str = "#") -> Queue:

@@ -15,7 +15,7 @@ from comms_tasks.models import OutboxEvent
 from comms_tasks.outbox import record_event
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.outbox import relay_outbox
-from tests.events import bind_queue, drain
+from tests.events import bind_queue, drain, record_queued_events
 from tests.servers import PrivateRedis
 
 
@@ -28,17 +28,6 @@ def events_broker(
     return private_redis
 
 
-def record(count: int, first_email_id: int) -> list[str]:
-    with transaction() as session:
-        return [
-            record_event(
-                session,
-                EmailQueuedPayload(email_id=email_id, therapist_id=1, placement_request_ids=[2]),
-            )
-            for email_id in range(first_email_id, first_email_id + count)
-        ]
-
-
 def pending(engine: Engine) -> list[OutboxEvent]:
     with Session(engine) as session:
         return list(session.scalars(select(OutboxEvent).where(OutboxEvent.published_at.is_(None))))
@@ -47,13 +36,13 @@ def pending(engine: Engine) -> list[OutboxEvent]:
 def test_events_wait_while_redis_is_down_and_arrive_once_after(
     events_broker: PrivateRedis, committed_db: Engine
 ) -> None:
-    before = record(5, first_email_id=1)
+    before = record_queued_events(5, first_email_id=1)
     events_broker.stop()
 
     report = relay_outbox()
     assert report["published"] == 0
     assert report["error"]
-    during = record(3, first_email_id=100)
+    during = record_queued_events(3, first_email_id=100)
     rows = pending(committed_db)
     assert {row.event_id for row in rows} == set(before + during)
     assert max(row.attempts for row in rows) == 1
@@ -74,7 +63,7 @@ def test_events_wait_while_redis_is_down_and_arrive_once_after(
 
 def test_routing_key_is_the_event_type(events_broker: PrivateRedis, committed_db: Engine) -> None:
     only_sent = bind_queue(events_broker.url, "only-sent", routing_key="email.sent")
-    record(2, first_email_id=1)
+    record_queued_events(2, first_email_id=1)
     assert relay_outbox()["published"] == 2
     assert drain(events_broker.url, only_sent) == []
 

@@ -22,13 +22,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from comms_tasks import migrate
-from comms_tasks.contracts.outbound import EmailQueuedPayload
-from comms_tasks.db import make_engine, transaction
+from comms_tasks.db import make_engine
 from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
-from comms_tasks.outbox import record_event
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_environment
-from tests.events import bind_queue, drain
+from tests.conftest import REDIS_URL, WorkerProcess, count_rows, other_service, worker_environment
+from tests.events import bind_queue, drain, record_queued_events
 from tests.reliability.servers import PrivatePostgres
 from tests.servers import PrivateRedis
 
@@ -42,12 +40,6 @@ POSTGRES_EVENTS = 100
 POSTGRES_DOWN_SECONDS = 5
 POSTGRES_BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/8"
 TIMEOUT = 90
-
-
-def make_sender(url: str) -> Celery:
-    app = Celery("other-service", broker=url, set_as_current=False)
-    app.conf.task_serializer = "json"
-    return app
 
 
 def safe_count(engine: Engine, model: type, *where: object) -> int:
@@ -83,23 +75,14 @@ def test_redis_restart_mid_pipeline(
         COMMS_VAR_DIR=str(worker_log_dir / "var-redis-restart"),
     )
     worker = WorkerProcess(env, worker_log_dir / "worker-redis-restart.log")
-    sender = make_sender(private_redis.url)
+    sender = other_service(private_redis.url)
     half = REDIS_EVENTS // 2
     try:
         send_therapists(sender, range(1, half + 1))
         worker.wait_for(lambda: count_rows(committed_db, ProcessedMessage) >= half, timeout=TIMEOUT)
 
         private_redis.stop()
-        with transaction() as session:
-            recorded = [
-                record_event(
-                    session,
-                    EmailQueuedPayload(
-                        email_id=email_id, therapist_id=1, placement_request_ids=[2]
-                    ),
-                )
-                for email_id in range(1, OUTBOX_EVENTS_WHILE_DOWN + 1)
-            ]
+        recorded = record_queued_events(OUTBOX_EVENTS_WHILE_DOWN)
         time.sleep(3)
         assert worker.process.poll() is None, worker.tail()
 
@@ -158,7 +141,7 @@ def test_postgres_restart_mid_pipeline(
         COMMS_VAR_DIR=str(worker_log_dir / "var-postgres-restart"),
     )
     worker = WorkerProcess(env, worker_log_dir / "worker-postgres-restart.log")
-    sender = make_sender(POSTGRES_BROKER_URL)
+    sender = other_service(POSTGRES_BROKER_URL)
     try:
         send_therapists(sender, range(1, POSTGRES_EVENTS + 1))
         worker.wait_for(lambda: count_rows(engine, ProcessedMessage) >= 10, timeout=TIMEOUT)
