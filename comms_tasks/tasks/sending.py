@@ -30,7 +30,11 @@ TIME_BUDGET_FRACTION = 0.8
 
 
 class _Results:
-    """The results of one claim, committed in small groups as they come."""
+    """The results of one claim, committed in small groups as they come.
+
+    Leaving its ``with`` block commits what is waiting, however the block ends: what the
+    server accepted is recorded before anything else happens.
+    """
 
     def __init__(self, email_ids: set[int], counts: dict[str, int], rng: random.Random) -> None:
         self.unrecorded = email_ids
@@ -38,6 +42,12 @@ class _Results:
         self.rng = rng
         self._waiting: list[tuple[SendResult, dt.datetime]] = []
         self._oldest = 0.0
+
+    def __enter__(self) -> _Results:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.commit()
 
     def add(self, result: SendResult) -> None:
         if not self._waiting:
@@ -84,12 +94,11 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
             helpers_started = True
         results = _Results({message.email_id for message in messages}, counts, rng)
         try:
-            for result in sender_from_settings(settings).send(messages):
-                results.add(result)
-            results.commit()
+            with results:
+                for result in sender_from_settings(settings).send(messages):
+                    results.add(result)
         except SoftTimeLimitExceeded:
             # What was sent is recorded; what was not goes back to the queue at once.
-            results.commit()
             with transaction() as session:
                 sending.release(session, sorted(results.unrecorded), utcnow())
             raise
