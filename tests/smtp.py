@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,7 @@ class SmtpSink:
         require_starttls: bool = False,
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
+        accept_delay: float = 0.0,
     ) -> None:
         if (require_starttls or implicit_tls) and tls_context is None:
             raise ValueError("require_starttls and implicit_tls need a tls_context")
@@ -60,6 +62,8 @@ class SmtpSink:
         self.connections = 0
         self.quits = 0
         self._auth = auth
+        # Seconds each accepted message holds the server (and its client) before the reply.
+        self.accept_delay = accept_delay
         self._lock = threading.Lock()
         self._script: collections.deque[str] = collections.deque()
         self._refusals: dict[str, str] = {}
@@ -156,6 +160,8 @@ class SmtpSink:
             return self._refusals.get(address.lower())
 
     def _record(self, envelope: Envelope) -> None:
+        if self.accept_delay:
+            time.sleep(self.accept_delay)
         content = envelope.original_content or b""
         message = email.message_from_bytes(content, policy=email.policy.default)
         with self._lock:

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import Envelope
 from celery import Celery
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -48,17 +47,9 @@ RESEND_INTERVAL_SECONDS = 3
 RECOVERY_TIMEOUT = 240
 
 
-class SlowSink(SmtpSink):
-    """An SmtpSink that takes a moment for each message it accepts."""
-
-    def _record(self, envelope: Envelope) -> None:
-        time.sleep(ACCEPT_DELAY_SECONDS)
-        super()._record(envelope)
-
-
 @pytest.fixture
-def sink() -> Iterator[SlowSink]:
-    server = SlowSink()
+def sink() -> Iterator[SmtpSink]:
+    server = SmtpSink(accept_delay=ACCEPT_DELAY_SECONDS)
     server.start()
     yield server
     server.stop()
@@ -93,7 +84,7 @@ def kill_worker(worker: WorkerProcess) -> None:
 
 @pytest.mark.reliability
 def test_worker_killed_mid_send_loses_no_email(
-    committed_db: Engine, committed_url: str, sink: SlowSink, tmp_path: Path
+    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
     f.queue_plain_emails(committed_db, EMAILS, "kill")
     env = broker_environment(
