@@ -46,7 +46,7 @@ from sqlalchemy import Engine, Table, create_engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from bench.memory import StagePeak
-from bench.seed import Size, read_model_rows, recreate_database, seed
+from bench.seed import Size, fresh_database, read_model_rows, seed
 from comms_tasks.emails import ASKING_TEMPLATES
 from comms_tasks.mail.message import ascii_address, build_mime
 from comms_tasks.models import (
@@ -624,7 +624,7 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
     console.print(f"seeding {size.therapists} therapists, {size.requests} open requests (twice)")
     rows = read_model_rows(size, utcnow())
     for url in (service_url, baseline_url):
-        recreate_database(url)
+        fresh_database(url)
     service, baseline = create_engine(service_url), create_engine(baseline_url)
     try:
         for engine in (service, baseline):

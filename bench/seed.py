@@ -8,11 +8,10 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, insert, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, insert
 
 from comms_tasks import demo
-from comms_tasks.migrate import upgrade
+from comms_tasks.migrate import recreate_database, upgrade
 from comms_tasks.models import (
     Patient,
     PlacementRequest,
@@ -38,17 +37,9 @@ class Size:
         return self.therapists
 
 
-def recreate_database(url: str) -> None:
+def fresh_database(url: str) -> None:
     """Drop and create the database ``url`` names, then migrate it to the head."""
-    parsed = make_url(url)
-    name = parsed.database
-    if not name or not name.replace("_", "").isalnum():
-        raise ValueError(f"database name {name!r}: letters, digits and _ only")
-    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
+    recreate_database(url)
     upgrade(url)
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import Connection, Engine, create_engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -56,12 +56,10 @@ def database_url(name: str) -> str:
 
 
 def recreate_database(name: str) -> str:
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return database_url(name)
+    """An empty database ``name`` on the test server; its URL."""
+    url = database_url(name)
+    migrate.recreate_database(url)
+    return url
 
 
 def free_port() -> int:
