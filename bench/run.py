@@ -205,6 +205,12 @@ def worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
 # --- reading the service's database ------------------------------------------------------
 
 
+def vacuum(engine: Engine) -> None:
+    """VACUUM ANALYZE: no dead rows or stale statistics left over from the last stage."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("VACUUM ANALYZE"))
+
+
 def scalar(engine: Engine, query: Any) -> Any:
     with engine.connect() as connection:
         return connection.execute(query).scalar()
@@ -278,7 +284,7 @@ class Bench:
                 .where(asking)
                 .values(status=EmailStatus.QUEUED, sent_at=None, next_attempt_at=utcnow())
             )
-        self.vacuum()
+        vacuum(self.service)
         emails = count_emails(self.service)
         self.peak.start()
         started = utcnow()
@@ -305,10 +311,6 @@ class Bench:
         if moment is None:
             raise BenchError(f"no {' or '.join(event_types)} event since {since:%H:%M:%S}")
         return cast(dt.datetime, moment)
-
-    def vacuum(self) -> None:
-        with self.service.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text("VACUUM ANALYZE"))
 
     def reset_calls(self, sent_at: dt.datetime, unanswered: int) -> None:
         """No calls, no reminders, every email sent at ``sent_at`` but ``unanswered`` of them."""
@@ -339,7 +341,7 @@ class Bench:
                 .where(Email.id.in_(ids))
                 .values(sent_at=sent_at - FOLLOW_UP_AGE)
             )
-        self.vacuum()
+        vacuum(self.service)
 
     def scheduling(self, unanswered: int, sent_at: dt.datetime) -> dict[str, Any]:
         """comms.follow_up_check -> comms.schedule_calls for ``unanswered`` emails."""
@@ -629,8 +631,7 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
     try:
         for engine in (service, baseline):
             seed(engine, rows)
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                connection.execute(text("VACUUM ANALYZE"))
+            vacuum(engine)
         postgres_version = str(scalar(service, text("SHOW server_version")))
         stats = OUT / "sink.json"
         with private_redis() as broker, smtp_sink(stats) as smtp:
@@ -654,7 +655,7 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
                     runs.append(median_run(repeats))
             celery.close()
             console.print(f"baselines (worker stopped; the best of {BASELINE_REPEATS} tries)")
-            bench.vacuum()  # no autovacuum of the service's churn during the baselines
+            vacuum(service)  # no autovacuum of the service's churn during the baselines
             baseline_batching = batching_baseline(service, baseline)
             baseline_sending = sending_baseline(service, smtp)
         sink = json.loads(stats.read_text())
