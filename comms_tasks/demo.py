@@ -33,8 +33,6 @@ from comms_tasks.contracts import EVENT_ARGUMENT, HANDLE_MATCHING_EVENT, HANDLE_
 
 # --- Message contract --------------------------------------------------------------
 
-THERAPIST_TASK = HANDLE_THERAPIST_EVENT
-MATCHING_TASK = HANDLE_MATCHING_EVENT
 THERAPIST_UPSERTED = "therapist.upserted"
 PLACEMENT_REQUEST_CREATED = "placement_request.created"
 THERAPIST_PRODUCER = "therapist-service"
@@ -261,7 +259,7 @@ def demo_messages(
     for profile in profiles:
         occurred_at += dt.timedelta(seconds=rng.randint(*THERAPIST_EVENT_GAP_SECONDS))
         event = _envelope(rng, THERAPIST_UPSERTED, THERAPIST_PRODUCER, occurred_at, profile)
-        messages.append(DemoMessage(THERAPIST_TASK, {EVENT_ARGUMENT: event}))
+        messages.append(DemoMessage(HANDLE_THERAPIST_EVENT, {EVENT_ARGUMENT: event}))
 
     planned = _plan_requests(rng, now, profiles, requests)
     summaries = _patient_summaries(rng, now, planned)
@@ -276,7 +274,7 @@ def demo_messages(
         event = _envelope(
             rng, PLACEMENT_REQUEST_CREATED, MATCHING_PRODUCER, request.created_at, payload
         )
-        messages.append(DemoMessage(MATCHING_TASK, {EVENT_ARGUMENT: event}))
+        messages.append(DemoMessage(HANDLE_MATCHING_EVENT, {EVENT_ARGUMENT: event}))
     return messages
 
 
