@@ -43,7 +43,7 @@ TIMEOUT = 90
 
 
 def safe_count(engine: Engine, model: type, *where: object) -> int:
-    """Like :func:`count`, but -1 while the database is unreachable."""
+    """Like :func:`count_rows`, but -1 while the database is unreachable."""
     try:
         return count_rows(engine, model, *where)
     except OperationalError:
