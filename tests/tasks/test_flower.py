@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -36,6 +35,7 @@ from tests.conftest import (
     CeleryProcess,
     WorkerProcess,
     free_port,
+    other_service,
     wait_for,
     worker_environment,
 )
@@ -122,8 +122,7 @@ def test_flower_shows_inbound_task_by_ids_not_patient_data(
     worker_name = f"flowertest-{uuid.uuid4().hex[:8]}@localhost"
     worker = WorkerProcess(env, tmp_path / "worker.log", "-n", worker_name)
     flower: FlowerProcess | None = None
-    sender = Celery("careless-service", broker=broker_url, set_as_current=False)
-    sender.conf.task_serializer = "json"
+    sender = other_service(broker_url)
     try:
         flower = FlowerProcess(env, tmp_path / "flower.log")
         fl = flower  # for the closures below
