@@ -95,7 +95,11 @@ def therapist_facts(
             .distinct()
         )
     )
-    window_start = now - dt.timedelta(days=settings.contact_interval_days)
+    # The rules count local days: read what any of the days they look at may hold.
+    today = batching.local_day(now, settings.zone)
+    window_start = batching.local_midnight(
+        today - dt.timedelta(days=settings.contact_interval_days), settings.zone
+    )
     last_sent = dict(
         session.execute(
             select(Email.therapist_id, func.max(Email.sent_at))
@@ -107,12 +111,16 @@ def therapist_facts(
         ).all()
     )
     calls: dict[int, list[dt.datetime]] = defaultdict(list)
-    horizon = now + dt.timedelta(days=settings.contact_interval_days)
+    calls_from = batching.local_midnight(today, settings.zone)
+    calls_until = batching.local_midnight(
+        today + dt.timedelta(days=settings.contact_interval_days), settings.zone
+    )
     for therapist_id, scheduled_at in session.execute(
         select(PhoneCall.therapist_id, PhoneCall.scheduled_at)
         .where(PhoneCall.therapist_id.in_(therapist_ids))
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .where(PhoneCall.scheduled_at.between(now, horizon))
+        .where(PhoneCall.scheduled_at >= calls_from)
+        .where(PhoneCall.scheduled_at < calls_until)
     ):
         calls[therapist_id].append(scheduled_at)
     return {
