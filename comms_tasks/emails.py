@@ -399,6 +399,8 @@ def batch_dedup_keys(
     one is ``...:2``, then ``...:3``. Two runs that race still pick the same key, so the
     unique index keeps "one email per therapist per day" even then.
     """
+    if not therapist_ids:
+        return {}
     day = run_day.isoformat()
     used = set(
         session.scalars(
@@ -429,7 +431,7 @@ def batch_chunk(
     # before we got its lock, so we see that email here.
     facts = therapist_facts(session, locked_ids, now, settings)
     requests = unasked_requests(session, locked_ids)
-    drafts = []
+    chosen: dict[int, list[batching.OpenRequest]] = {}
     for therapist in therapists:
         open_requests = requests.get(therapist.id)
         if not open_requests:
@@ -437,19 +439,18 @@ def batch_chunk(
         if not contactability_of(facts[therapist.id], now, settings).contactable:
             report.therapists_skipped += 1
             continue
-        chosen = batching.select_batch(open_requests, settings.max_patients_per_email)
-        drafts.append(
-            Draft(
-                therapist,
-                batching.template_for(chosen),
-                [request.placement_request_id for request in chosen],
-                dedup_key="",
-            )
+        chosen[therapist.id] = batching.select_batch(open_requests, settings.max_patients_per_email)
+    keys = batch_dedup_keys(session, list(chosen), batching.local_day(now, settings.zone))
+    drafts = [
+        Draft(
+            therapist,
+            batching.template_for(chosen[therapist.id]),
+            [request.placement_request_id for request in chosen[therapist.id]],
+            dedup_key=keys[therapist.id],
         )
-    keys = batch_dedup_keys(
-        session, [draft.therapist.id for draft in drafts], batching.local_day(now, settings.zone)
-    )
-    drafts = [dataclasses.replace(draft, dedup_key=keys[draft.therapist.id]) for draft in drafts]
+        for therapist in therapists
+        if therapist.id in chosen
+    ]
     for email, draft in _queue_each_alone_on_error(session, drafts, settings, now, report):
         report.emails_queued += 1
         report.requests_asked += len(draft.request_ids)
@@ -470,6 +471,8 @@ def _queue_each_alone_on_error(
     their data) then costs only their email: it is logged by therapist id and the others
     of the chunk are queued. The usual case stays one savepoint and one flush.
     """
+    if not drafts:
+        return []
     try:
         with session.begin_nested():
             emails = queue_emails(session, drafts, settings=settings, now=now)
