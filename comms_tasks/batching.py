@@ -36,8 +36,9 @@ class TherapistFacts:
 class Contactability:
     contactable: bool
     reason: str | None = None
-    # When the blocking reason lapses, if it lapses by itself.
-    contactable_from: dt.datetime | None = None
+    # The first local day on which the blocking reason has lapsed, if it lapses by itself:
+    # any batch run on that day or later may email them.
+    contactable_from: dt.date | None = None
 
 
 def contactability(
@@ -48,7 +49,13 @@ def contactability(
     call_window: dt.timedelta,
     zone: dt.tzinfo = dt.UTC,
 ) -> Contactability:
-    """Whether the therapist may get a new batch email now, and if not, why and from when."""
+    """Whether the therapist may get a new batch email now, and if not, why and from when.
+
+    Both limits count whole local calendar days in ``zone``, never instants: emailed on
+    day D, contactable again on day D + ``contact_interval`` whatever minute the email
+    left (so the weekly batch stays on its weekday, across clock changes too); a call on
+    day C blocks the runs of day C and of the ``call_window`` - 1 days before it.
+    """
     if facts.deleted:
         return Contactability(False, "deleted by the therapist service")
     if facts.status is not TherapistStatus.ACTIVE:
@@ -57,24 +64,42 @@ def contactability(
         return Contactability(False, "no email address")
     if facts.has_unsent_email:
         return Contactability(False, "an email to them is queued and counts as this week's contact")
-    blocked_until: list[tuple[dt.datetime, str]] = []
-    if facts.last_sent_at is not None and now < facts.last_sent_at + contact_interval:
+    today = local_day(now, zone)
+    blocked_until: list[tuple[dt.date, str]] = []
+    if facts.last_sent_at is not None:
+        sent_on = local_day(facts.last_sent_at, zone)
+        again_on = sent_on + dt.timedelta(days=contact_interval.days)
+        if today < again_on:
+            blocked_until.append(
+                (
+                    again_on,
+                    f"emailed on {sent_on:%Y-%m-%d}, at most one email "
+                    f"per {contact_interval.days} days",
+                )
+            )
+    window_end = today + dt.timedelta(days=call_window.days)
+    upcoming = [at for at in facts.scheduled_calls if today <= local_day(at, zone) < window_end]
+    if upcoming:
+        local_call = max(upcoming).astimezone(zone)
         blocked_until.append(
             (
-                facts.last_sent_at + contact_interval,
-                f"emailed on {facts.last_sent_at.astimezone(zone):%Y-%m-%d}, at most one email "
-                f"per {contact_interval.days} days",
+                local_call.date() + dt.timedelta(days=1),
+                f"a call is scheduled for {local_call:%Y-%m-%d %H:%M}",
             )
         )
-    upcoming = [at for at in facts.scheduled_calls if now <= at <= now + call_window]
-    if upcoming:
-        call_at = max(upcoming)
-        local_call = call_at.astimezone(zone)
-        blocked_until.append((call_at, f"a call is scheduled for {local_call:%Y-%m-%d %H:%M}"))
     if blocked_until:
         until, reason = max(blocked_until)
         return Contactability(False, reason, until)
     return Contactability(True)
+
+
+def local_day(moment: dt.datetime, zone: dt.tzinfo) -> dt.date:
+    return moment.astimezone(zone).date()
+
+
+def local_midnight(day: dt.date, zone: dt.tzinfo) -> dt.datetime:
+    """The instant (UTC) local ``day`` begins; where midnight is skipped, the first instant."""
+    return dt.datetime.combine(day, dt.time(0, 0), tzinfo=zone).astimezone(dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,9 +95,18 @@ class KnownCalls:
 
 
 def read_calls(
-    session: Session, now: dt.datetime, settings: Settings, known: KnownCalls | None = None
+    session: Session,
+    now: dt.datetime,
+    settings: Settings,
+    known: KnownCalls | None = None,
+    *,
+    since: dt.datetime | None = None,
 ) -> KnownCalls:
-    """Every live call from now to the end of the horizon, indexed; or those after ``known``."""
+    """Every live call from now to the end of the horizon, indexed; or those after ``known``.
+
+    With ``since`` (a booking at or after a later instant: an explicit time, a late
+    ``retry_after``), the calls from ``since`` to a horizon after it, in a fresh index.
+    """
     rules = slot_rules(settings)
     last_id = session.scalar(select(func.max(PhoneCall.id))) or 0
     query = (
@@ -105,12 +114,13 @@ def read_calls(
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
         .where(PhoneCall.id <= last_id)
     )
-    if known is not None and known.usable_at(now):
+    if known is not None and known.usable_at(now) and since is None:
         query = query.where(PhoneCall.id > known.last_id)
     else:
         # The window covers every booking this index may serve while it is usable.
-        window_end = now + rules.horizon + rules.duration + KNOWN_CALLS_VALID
-        query = query.where(PhoneCall.scheduled_at >= now - rules.duration).where(
+        window_start = now if since is None else max(now, since)
+        window_end = window_start + rules.horizon + rules.duration + KNOWN_CALLS_VALID
+        query = query.where(PhoneCall.scheduled_at >= window_start - rules.duration).where(
             PhoneCall.scheduled_at <= window_end
         )
         known = KnownCalls(BookedCalls(rules.block), last_id=0, read_at=now)
@@ -139,10 +149,16 @@ class Booking:
         settings: Settings,
         now: dt.datetime,
         known: KnownCalls | None = None,
+        *,
+        since: dt.datetime | None = None,
     ) -> Booking:
-        """Take the booking lock and read the calls (only the new ones, given ``known``)."""
+        """Take the booking lock and read the calls (only the new ones, given ``known``).
+
+        ``since``: the booking is at or after this instant, which may lie beyond the
+        horizon; the calls around it are read instead of those from now.
+        """
         lock_booking(session)
-        known = read_calls(session, now, settings, known)
+        known = read_calls(session, now, settings, known, since=since)
         return cls(session, settings, now, known, slot_rules(settings))
 
     @property
@@ -150,8 +166,17 @@ class Booking:
         return self.known.booked
 
     def find_slot(
-        self, therapist: Therapist, not_before: dt.datetime | None = None
+        self,
+        therapist: Therapist,
+        not_before: dt.datetime | None = None,
+        *,
+        horizon_from: dt.datetime | None = None,
     ) -> dt.datetime | None:
+        """The first free slot; within the horizon from now, or from ``horizon_from``.
+
+        A search from ``horizon_from`` needs the booking started with ``since`` at or
+        before it, so that the calls of its range are known.
+        """
         availability = parse_availability(therapist.phone_availability)
         if not therapist.phone or not availability:
             return None
@@ -163,6 +188,7 @@ class Booking:
             self.rules,
             holidays_for(self.rules.holiday_state),
             not_before=not_before,
+            horizon_from=horizon_from,
         )
 
     def is_free(self, therapist_id: int, start: dt.datetime) -> bool:
@@ -423,14 +449,19 @@ def schedule_requested_call(
     if not therapist.phone:
         raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
     email_rules.check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
-    booking = Booking.start(session, settings, now)
     if command.at is not None:
         start = command.at.astimezone(dt.UTC)
         if start <= now:
             raise Rejected("command.at: lies in the past", command_id)
+        # Any time, also beyond the horizon: the calls around it are what it must fit.
+        try:
+            booking = Booking.start(session, settings, now, since=start)
+        except OverflowError:
+            raise Rejected("command.at: lies too far ahead", command_id) from None
         if not booking.is_free(therapist.id, start):
             raise Rejected("command.at: the therapist or the operators are busy then", command_id)
     else:
+        booking = Booking.start(session, settings, now)
         found = booking.find_slot(therapist)
         if found is None:
             raise Rejected(
@@ -581,10 +612,16 @@ def _retry(
     zone = settings.zone
     first_day = retry_after or (now.astimezone(zone).date() + dt.timedelta(days=1))
     not_before = dt.datetime.combine(first_day, dt.time(0, 0), tzinfo=zone).astimezone(dt.UTC)
-    booking = Booking.start(session, settings, now)
-    start = booking.find_slot(therapist, not_before=not_before)
+    # The search lasts a horizon from its first day, however far ahead ``retry_after`` is.
+    try:
+        booking = Booking.start(session, settings, now, since=not_before)
+        start = booking.find_slot(therapist, not_before=not_before, horizon_from=not_before)
+    except OverflowError:
+        return None, f"retry_after {first_day:%Y-%m-%d} lies too far ahead"
     if start is None:
-        return None, f"no free slot within {settings.call_horizon_days} days"
+        return None, (
+            f"no free slot within {settings.call_horizon_days} days from {first_day:%Y-%m-%d}"
+        )
     next_call = booking.book(
         therapist,
         start,

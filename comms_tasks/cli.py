@@ -650,17 +650,13 @@ def explain_therapist(
 ) -> None:
     """Whether the next batch would email this therapist, and if not, why and from when."""
     verdict, template, request_ids, _ = _preview(therapist_id)
-    zone = get_settings().zone
+    # A local calendar day: the first batch run on that day or later may email them.
+    since = verdict.contactable_from
     data = {
         "therapist_id": therapist_id,
         "contactable": verdict.contactable,
         "reason": verdict.reason,
-        "contactable_from": _iso(verdict.contactable_from),
-        "contactable_from_local": verdict.contactable_from.astimezone(zone).strftime(
-            "%Y-%m-%d %H:%M"
-        )
-        if verdict.contactable_from
-        else None,
+        "contactable_from": since.isoformat() if since else None,
         "requests_waiting": request_ids,
         "next_template": template.value if template else None,
     }
@@ -675,12 +671,8 @@ def explain_therapist(
     elif verdict.contactable:
         console.print(f"therapist {therapist_id} is contactable, but no request is waiting")
     else:
-        since = (
-            f"; contactable again from {data['contactable_from_local']}"
-            if (data["contactable_from_local"])
-            else ""
-        )
-        console.print(f"therapist {therapist_id} is not contactable: {verdict.reason}{since}")
+        again = f"; contactable again from {since:%Y-%m-%d}" if since else ""
+        console.print(f"therapist {therapist_id} is not contactable: {verdict.reason}{again}")
 
 
 @preview_app.command("therapist")

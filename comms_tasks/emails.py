@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -53,6 +54,8 @@ from comms_tasks.models.read_models import SUMMARY_FIELDS
 from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 
+log = logging.getLogger(__name__)
+
 # Emails that ask about requests; a request is "in an email" while one of these is live.
 ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
 # Emails that count towards the weekly limit (confirmations do not).
@@ -95,7 +98,11 @@ def therapist_facts(
             .distinct()
         )
     )
-    window_start = now - dt.timedelta(days=settings.contact_interval_days)
+    # The rules count local days: read what any of the days they look at may hold.
+    today = batching.local_day(now, settings.zone)
+    window_start = batching.local_midnight(
+        today - dt.timedelta(days=settings.contact_interval_days), settings.zone
+    )
     last_sent = dict(
         session.execute(
             select(Email.therapist_id, func.max(Email.sent_at))
@@ -107,12 +114,16 @@ def therapist_facts(
         ).all()
     )
     calls: dict[int, list[dt.datetime]] = defaultdict(list)
-    horizon = now + dt.timedelta(days=settings.contact_interval_days)
+    calls_from = batching.local_midnight(today, settings.zone)
+    calls_until = batching.local_midnight(
+        today + dt.timedelta(days=settings.contact_interval_days), settings.zone
+    )
     for therapist_id, scheduled_at in session.execute(
         select(PhoneCall.therapist_id, PhoneCall.scheduled_at)
         .where(PhoneCall.therapist_id.in_(therapist_ids))
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .where(PhoneCall.scheduled_at.between(now, horizon))
+        .where(PhoneCall.scheduled_at >= calls_from)
+        .where(PhoneCall.scheduled_at < calls_until)
     ):
         calls[therapist_id].append(scheduled_at)
     return {
@@ -366,6 +377,8 @@ class BatchReport:
     requests_asked: int = 0
     therapists_skipped: int = 0
     email_ids: list[int] = dataclasses.field(default_factory=list)
+    # Therapists whose email could not be written (logged by id; the next run tries again).
+    failed_therapist_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 def lock_therapists(session: Session, therapist_ids: Sequence[int]) -> list[Therapist]:
@@ -374,6 +387,37 @@ def lock_therapists(session: Session, therapist_ids: Sequence[int]) -> list[Ther
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     return list(session.scalars(query))
+
+
+def batch_dedup_keys(
+    session: Session, therapist_ids: Sequence[int], run_day: dt.date
+) -> dict[int, str]:
+    """The key of each therapist's batch email of ``run_day``: the first one still unused.
+
+    The first email of the day is ``batch:<therapist>:<day>``. A therapist is contactable
+    again that day only when it was cancelled or failed (a live one blocks them); the next
+    one is ``...:2``, then ``...:3``. Two runs that race still pick the same key, so the
+    unique index keeps "one email per therapist per day" even then.
+    """
+    if not therapist_ids:
+        return {}
+    day = run_day.isoformat()
+    used = set(
+        session.scalars(
+            select(Email.dedup_key)
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.dedup_key.like(f"batch:%:{day}%"))
+        )
+    )
+    keys = {}
+    for therapist_id in therapist_ids:
+        base = key = f"batch:{therapist_id}:{day}"
+        attempt = 1
+        while key in used:
+            attempt += 1
+            key = f"{base}:{attempt}"
+        keys[therapist_id] = key
+    return keys
 
 
 def batch_chunk(
@@ -387,8 +431,7 @@ def batch_chunk(
     # before we got its lock, so we see that email here.
     facts = therapist_facts(session, locked_ids, now, settings)
     requests = unasked_requests(session, locked_ids)
-    run_day = now.astimezone(settings.zone).date().isoformat()
-    drafts = []
+    chosen: dict[int, list[batching.OpenRequest]] = {}
     for therapist in therapists:
         open_requests = requests.get(therapist.id)
         if not open_requests:
@@ -396,21 +439,76 @@ def batch_chunk(
         if not contactability_of(facts[therapist.id], now, settings).contactable:
             report.therapists_skipped += 1
             continue
-        chosen = batching.select_batch(open_requests, settings.max_patients_per_email)
-        drafts.append(
-            Draft(
-                therapist,
-                batching.template_for(chosen),
-                [request.placement_request_id for request in chosen],
-                dedup_key=f"batch:{therapist.id}:{run_day}",
-            )
+        chosen[therapist.id] = batching.select_batch(open_requests, settings.max_patients_per_email)
+    keys = batch_dedup_keys(session, list(chosen), batching.local_day(now, settings.zone))
+    drafts = [
+        Draft(
+            therapist,
+            batching.template_for(chosen[therapist.id]),
+            [request.placement_request_id for request in chosen[therapist.id]],
+            dedup_key=keys[therapist.id],
         )
-    queued = queue_emails(session, drafts, settings=settings, now=now)
-    for email, draft in zip(queued, drafts, strict=True):
+        for therapist in therapists
+        if therapist.id in chosen
+    ]
+    for email, draft in _queue_each_alone_on_error(session, drafts, settings, now, report):
         report.emails_queued += 1
         report.requests_asked += len(draft.request_ids)
         report.email_ids.append(email.id)
     return report
+
+
+def _queue_each_alone_on_error(
+    session: Session,
+    drafts: Sequence[Draft],
+    settings: Settings,
+    now: dt.datetime,
+    report: BatchReport,
+) -> list[tuple[Email, Draft]]:
+    """All drafts in one flush; if that fails, each in its own savepoint.
+
+    One therapist's problem (a value the database refuses, a template that cannot render
+    their data) then costs only their email: it is logged by therapist id and the others
+    of the chunk are queued. The usual case stays one savepoint and one flush.
+    """
+    if not drafts:
+        return []
+    try:
+        with session.begin_nested():
+            emails = queue_emails(session, drafts, settings=settings, now=now)
+        return list(zip(emails, drafts, strict=True))
+    except Exception as exc:  # noqa: BLE001 - which draft it was is found out one by one below
+        log.warning(
+            "batch: %d emails failed together (%s); queuing them one by one",
+            len(drafts),
+            describe_error(exc),
+        )
+    queued = []
+    for draft in drafts:
+        try:
+            with session.begin_nested():
+                [email] = queue_emails(session, [draft], settings=settings, now=now)
+        except Exception as exc:  # noqa: BLE001 - one therapist must not stop the others
+            report.failed_therapist_ids.append(draft.therapist.id)
+            log.error(
+                "batch: no email for therapist %s: %s", draft.therapist.id, describe_error(exc)
+            )
+            continue
+        queued.append((email, draft))
+    return queued
+
+
+def describe_error(exc: BaseException) -> str:
+    """The error's kind and the constraint it broke; never its message.
+
+    A database's message may quote the refused row (a body, a patient's summary).
+    """
+    name = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return name
+    constraint = getattr(getattr(orig, "diag", None), "constraint_name", None)
+    return f"{name} ({type(orig).__name__}{f' on {constraint}' if constraint else ''})"
 
 
 def preview_batch(

@@ -215,20 +215,24 @@ def free_slots(
     holidays: Holidays,
     *,
     not_before: dt.datetime | None = None,
+    horizon_from: dt.datetime | None = None,
 ) -> Iterator[dt.datetime]:
     """UTC starts of the therapist's free slots, earliest first, computed lazily.
 
     A slot starts at a local wall time on the block grid (counted from local midnight) at or
     after a window's start, on a day that is no public holiday; every instant of the call
     shows a local time inside that window; it starts no earlier than ``now + lead_time``
-    (and ``not_before``) and ends by ``now + horizon``; it overlaps no call of the
-    therapist, and every block it touches has room for one more call.
+    (and ``not_before``) and ends by ``now + horizon`` (by ``horizon_from + horizon`` when
+    that is later: a search that starts in the future looks a horizon's length from there);
+    it overlaps no call of the therapist, and every block it touches has room for one more
+    call.
     """
     now = _as_utc(now, "now")
     earliest = now + rules.lead_time
     if not_before is not None:
         earliest = max(earliest, _as_utc(not_before, "not_before"))
-    latest_end = now + rules.horizon
+    horizon_start = now if horizon_from is None else max(now, _as_utc(horizon_from, "horizon_from"))
+    latest_end = horizon_start + rules.horizon
     if earliest + rules.duration > latest_end:
         return
     candidates = _candidates(
@@ -269,10 +273,18 @@ def first_free_slot(
     holidays: Holidays,
     *,
     not_before: dt.datetime | None = None,
+    horizon_from: dt.datetime | None = None,
 ) -> dt.datetime | None:
     """The earliest free slot (UTC), or None when there is none within the horizon."""
     slots = free_slots(
-        therapist_id, availability, booked, now, rules, holidays, not_before=not_before
+        therapist_id,
+        availability,
+        booked,
+        now,
+        rules,
+        holidays,
+        not_before=not_before,
+        horizon_from=horizon_from,
     )
     return next(slots, None)
 

@@ -847,3 +847,42 @@ def test_parse_availability_refuses_what_validation_should_have_stopped(
 ) -> None:
     with pytest.raises(ValueError, match="availability"):
         parse_availability(data)
+
+
+def test_a_search_from_a_later_day_lasts_a_horizon_from_that_day() -> None:
+    rules = make_rules()
+    now = local(2026, 12, 1, 9, 0)
+    later = local(2026, 12, 21, 0, 0)  # 20 days ahead, beyond the horizon from now
+    mondays = availability(monday=[("09:00", "09:10")])
+    found = list(
+        free_slots(
+            THERAPIST,
+            mondays,
+            BookedCalls(BLOCK),
+            now,
+            rules,
+            holidays_of(None),
+            not_before=later,
+            horizon_from=later,
+        )
+    )
+    assert found == [
+        local(2026, 12, 21, 9, 0),
+        local(2026, 12, 21, 9, 5),
+        local(2026, 12, 28, 9, 0),
+        local(2026, 12, 28, 9, 5),
+    ]
+    assert slots(mondays, now, rules, not_before=later) == []
+    # A start in the past never shortens the horizon from now, nor moves the lead time.
+    earlier = now - dt.timedelta(days=3)
+    assert list(
+        free_slots(
+            THERAPIST,
+            mondays,
+            BookedCalls(BLOCK),
+            now,
+            rules,
+            holidays_of(None),
+            horizon_from=earlier,
+        )
+    ) == slots(mondays, now, rules)

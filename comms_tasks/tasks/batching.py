@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from comms_tasks import emails
@@ -10,6 +11,8 @@ from comms_tasks.db import transaction
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.sending import send_email
+
+log = logging.getLogger(__name__)
 
 BATCH_REQUESTS = "comms.batch_requests"
 # Therapists per transaction: bounded locks and memory, progress survives a crash.
@@ -38,12 +41,26 @@ def batch_requests(helper: bool = False) -> dict[str, Any]:
     elif len(chunks) > 1:
         batch_requests.apply_async(kwargs={"helper": True})
     total = emails.BatchReport()
+    chunks_failed = 0
     for chunk in chunks:
-        with transaction() as session:
-            report = emails.batch_chunk(session, chunk, now, settings)
+        try:
+            with transaction() as session:
+                report = emails.batch_chunk(session, chunk, now, settings)
+        except Exception as exc:  # noqa: BLE001 - the other chunks still run
+            # A therapist's own problem is isolated inside the chunk; this is the chunk's
+            # (e.g. the database went away). Its therapists are asked by the next run.
+            chunks_failed += 1
+            log.error(
+                "batch: the chunk of therapists %s to %s failed: %s",
+                chunk[0],
+                chunk[-1],
+                emails.describe_error(exc),
+            )
+            continue
         total.emails_queued += report.emails_queued
         total.requests_asked += report.requests_asked
         total.therapists_skipped += report.therapists_skipped
+        total.failed_therapist_ids += report.failed_therapist_ids
     if total.emails_queued:
         send_email.delay()
     return {
@@ -51,4 +68,7 @@ def batch_requests(helper: bool = False) -> dict[str, Any]:
         "emails_queued": total.emails_queued,
         "requests_asked": total.requests_asked,
         "therapists_skipped": total.therapists_skipped,
+        # Each failed therapist is logged by id; the count is enough here.
+        "therapists_failed": len(total.failed_therapist_ids),
+        "chunks_failed": chunks_failed,
     }

@@ -1,0 +1,87 @@
+"""Calls booked beyond the usual horizon: an explicit ``at``, a late ``retry_after``.
+
+On real PostgreSQL, through the commands as other services send them. Capacity is the
+default, one call per 5-minute block.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL
+from comms_tasks.models import Email, PhoneCallStatus
+from comms_tasks.settings import get_settings
+from comms_tasks.tasks.calls import follow_up_check, schedule_calls
+from tests.test_calls import apply, calls_of, now, outcome, schedule_command, sent_email
+
+BUSY = "dead_letter: command.at: the therapist or the operators are busy then"
+
+
+def test_an_explicit_time_beyond_the_horizon_is_checked_against_the_calls_then(
+    committed_db: Engine,
+) -> None:
+    sent_email(1, days_ago=1)
+    sent_email(2, days_ago=1)
+    horizon = dt.timedelta(days=get_settings().call_horizon_days)
+    at = (now() + horizon + dt.timedelta(days=6)).replace(minute=0, second=0, microsecond=0)
+
+    assert apply(SCHEDULE_CALL, schedule_command(1, at)) == "applied"
+    assert apply(SCHEDULE_CALL, schedule_command(1, at)) == BUSY  # the same therapist
+    assert apply(SCHEDULE_CALL, schedule_command(2, at)) == BUSY  # the only operator
+    overlapping = at + dt.timedelta(minutes=2)
+    assert apply(SCHEDULE_CALL, schedule_command(2, overlapping)) == BUSY
+    assert apply(SCHEDULE_CALL, schedule_command(2, at + dt.timedelta(minutes=5))) == "applied"
+
+    booked = calls_of(committed_db)
+    assert [(c.therapist_id, c.scheduled_at) for c in booked] == [
+        (1, at),
+        (2, at + dt.timedelta(minutes=5)),
+    ]
+
+
+def fail_with_retry_after(committed_db: Engine, therapist_id: int, day: dt.date) -> None:
+    sent_email(therapist_id)
+    follow_up_check()
+    schedule_calls()
+    [call] = [c for c in calls_of(committed_db) if c.therapist_id == therapist_id]
+    command = outcome(call.id, "failed", retry_after=day.isoformat())
+    assert apply(RECORD_CALL_OUTCOME, command) == "applied"
+
+
+def test_a_retry_after_beyond_the_horizon_is_booked_within_a_horizon_from_that_day(
+    committed_db: Engine,
+) -> None:
+    settings = get_settings()
+    horizon = dt.timedelta(days=settings.call_horizon_days)
+    later = (now() + horizon + dt.timedelta(days=6)).astimezone(settings.zone).date()
+
+    fail_with_retry_after(committed_db, 7, later)
+    # A second therapist asks for the same day: the first retry's call is counted.
+    fail_with_retry_after(committed_db, 8, later)
+
+    first_7, first_8 = (c for c in calls_of(committed_db) if c.attempt == 1)
+    retry_7, retry_8 = (c for c in calls_of(committed_db) if c.attempt == 2)
+    assert (first_7.status, first_8.status) == (PhoneCallStatus.FAILED, PhoneCallStatus.FAILED)
+    assert not first_7.follow_up_required and not first_8.follow_up_required
+    for retry in (retry_7, retry_8):
+        assert retry.status is PhoneCallStatus.SCHEDULED
+        assert later <= retry.scheduled_date <= later + horizon
+    assert retry_7.scheduled_at != retry_8.scheduled_at
+    assert abs(retry_7.scheduled_at - retry_8.scheduled_at) >= dt.timedelta(minutes=5)
+    with Session(committed_db) as session:
+        email = session.get(Email, first_7.email_id)
+        assert email is not None and not email.follow_up_required
+
+
+def test_a_retry_after_at_the_end_of_the_calendar_is_left_for_manual_follow_up(
+    committed_db: Engine,
+) -> None:
+    fail_with_retry_after(committed_db, 9, dt.date.max)
+
+    [call] = calls_of(committed_db)
+    assert call.status is PhoneCallStatus.FAILED
+    assert call.follow_up_required
+    assert call.follow_up_notes == "manual follow-up: retry_after 9999-12-31 lies too far ahead"
