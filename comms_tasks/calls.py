@@ -243,9 +243,21 @@ class Booking:
 # --- the follow-up check ------------------------------------------------------------------
 
 
+def follow_up_due_before(now: dt.datetime, settings: Settings) -> dt.datetime:
+    """Emails sent before this instant are due for a follow-up at ``now``.
+
+    Days are local calendar days (SPEC §5): an email sent on local day D is due from the
+    start of day D + ``follow_up_after_days``, whatever minute it left.
+    """
+    today = now.astimezone(settings.zone).date()
+    first_day_not_due = today - dt.timedelta(days=settings.follow_up_after_days - 1)
+    start = dt.datetime.combine(first_day_not_due, dt.time(0, 0), tzinfo=settings.zone)
+    return start.astimezone(dt.UTC)
+
+
 def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settings) -> int:
     """Mark unanswered emails (sent long enough ago) as waiting for a call; returns how many."""
-    due_before = now - dt.timedelta(days=settings.follow_up_after_days)
+    due_before = follow_up_due_before(now, settings)
     has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
     # Ids only: the emails' bodies stay in the database.
     email_ids = list(
@@ -253,10 +265,11 @@ def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settin
             select(Email.id)
             .where(Email.template.in_(email_rules.ASKING_TEMPLATES))
             .where(Email.status == EmailStatus.SENT)
-            .where(Email.sent_at <= due_before)
+            .where(Email.sent_at < due_before)
             .where(Email.response_received.is_(False))
             .where(Email.follow_up_required.is_(False))
             .where(Email.call_requested_at.is_(None))
+            .where(Email.follow_up_settled_at.is_(None))
             .where(~has_call)
             .with_for_update(skip_locked=True)
         )
@@ -278,6 +291,7 @@ def waiting_for_call(session: Session) -> list[int]:
         session.scalars(
             select(Email.id)
             .where(Email.call_requested_at.is_not(None))
+            .where(Email.follow_up_settled_at.is_(None))
             .where(Email.follow_up_required.is_(False))
             .where(Email.response_received.is_(False))
             .where(~has_call)
@@ -336,12 +350,15 @@ def schedule_follow_ups(
         email = emails.get(email_id)
         if email is None or email.response_received or email.follow_up_required:
             continue
+        if email.follow_up_settled_at is not None:
+            continue
         if email.id in with_call:
             continue
         request_ids = [request_id for request_id in included[email.id] if request_id in pending]
         if not request_ids:
-            # Every request was decided or withdrawn meanwhile: nothing to call about.
-            email.call_requested_at = None
+            # Every request was decided or withdrawn meanwhile: nothing to call about, now
+            # or later. Settled for good, so that the check does not take it up again.
+            email.follow_up_settled_at = now
             report.nothing_left += 1
             continue
         therapist = therapists.get(email.therapist_id)
