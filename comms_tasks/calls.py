@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+from collections import defaultdict
 from collections.abc import Sequence
 
 from sqlalchemy import exists, func, select, text, update
@@ -346,6 +347,7 @@ def schedule_follow_ups(
         therapist.id: therapist
         for therapist in session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids)))
     }
+    no_call: list[NoCall] = []
     for email_id in email_ids:
         email = emails.get(email_id)
         if email is None or email.response_received or email.follow_up_required:
@@ -370,17 +372,17 @@ def schedule_follow_ups(
             )
             report.scheduled += 1
             continue
-        unschedulable(
-            session,
-            email,
-            therapist,
-            request_ids,
-            reason or f"no free slot within {settings.call_horizon_days} days",
-            now,
-            settings,
+        no_call.append(
+            NoCall(
+                email,
+                therapist,
+                request_ids,
+                reason or f"no free slot within {settings.call_horizon_days} days",
+            )
         )
         report.unschedulable += 1
     booking.record()
+    unschedulable(session, no_call, now, settings)
     return report
 
 
@@ -396,34 +398,68 @@ def _why_not_callable(therapist: Therapist | None) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class NoCall:
+    """An email that gets no follow-up call, and why."""
+
+    email: Email
+    therapist: Therapist | None
+    request_ids: Sequence[int]
+    reason: str
+
+
 def unschedulable(
-    session: Session,
-    email: Email,
-    therapist: Therapist | None,
-    request_ids: Sequence[int],
-    reason: str,
-    now: dt.datetime,
-    settings: Settings,
+    session: Session, no_call: Sequence[NoCall], now: dt.datetime, settings: Settings
 ) -> None:
-    """No call: a reminder email once, the email flagged for manual follow-up, an event."""
-    email.follow_up_required = True
-    email.follow_up_notes = f"no follow-up call: {reason}"
-    dedup_key = f"reminder:{email.id}"
-    already = session.scalar(select(Email.id).where(Email.dedup_key == dedup_key))
-    if already is None and therapist is not None and therapist.email:
-        email_rules.queue_email_for(
-            session,
-            therapist,
-            EmailTemplate.FOLLOW_UP,
-            request_ids,
-            dedup_key=dedup_key,
-            settings=settings,
-            now=now,
-            in_reply_to=email,
+    """No call: a reminder email once, the email flagged for manual follow-up, an event.
+
+    A handful of statements however many emails: one lookup of the reminders already
+    queued, one UPDATE per reason for the flags, one
+    :func:`~comms_tasks.emails.queue_emails` for the new reminders, one statement for the
+    events.
+    """
+    if not no_call:
+        return
+    dedup_keys = {item.email.id: f"reminder:{item.email.id}" for item in no_call}
+    already = set(
+        session.scalars(select(Email.dedup_key).where(Email.dedup_key.in_(dedup_keys.values())))
+    )
+    flagged: dict[str, list[int]] = defaultdict(list)
+    drafts = []
+    for item in no_call:
+        flagged[f"no follow-up call: {item.reason}"].append(item.email.id)
+        dedup_key = dedup_keys[item.email.id]
+        therapist = item.therapist
+        if dedup_key in already or therapist is None or not therapist.email:
+            continue
+        drafts.append(
+            email_rules.Draft(
+                therapist,
+                EmailTemplate.FOLLOW_UP,
+                item.request_ids,
+                dedup_key,
+                in_reply_to=item.email,
+            )
         )
-    record_event(
+    # One UPDATE per reason: a flush of the objects would write one row per round trip.
+    for notes, email_ids in flagged.items():
+        session.execute(
+            update(Email)
+            .where(Email.id.in_(email_ids))
+            .values(follow_up_required=True, follow_up_notes=notes)
+            .execution_options(synchronize_session=False)
+        )
+    for item in no_call:
+        session.expire(item.email, ["follow_up_required", "follow_up_notes"])
+    email_rules.queue_emails(session, drafts, settings=settings, now=now)
+    record_events(
         session,
-        CallUnschedulablePayload(email_id=email.id, therapist_id=email.therapist_id, reason=reason),
+        [
+            CallUnschedulablePayload(
+                email_id=item.email.id, therapist_id=item.email.therapist_id, reason=item.reason
+            )
+            for item in no_call
+        ],
         occurred_at=now,
     )
 

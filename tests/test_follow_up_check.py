@@ -9,15 +9,26 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 import zoneinfo
+from collections.abc import Callable
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks import calls, emails, retention
 from comms_tasks.contracts import RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
-from comms_tasks.models import Email, EmailStatus
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    EmailTemplate,
+    OutboxEvent,
+    Patient,
+    PlacementRequest,
+    PlacementRequestStatus,
+    Therapist,
+    TherapistStatus,
+)
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.test_calls import ALL_WEEK, MATCHING, THERAPIST, apply
@@ -144,3 +155,94 @@ def test_an_email_is_due_from_the_seventh_local_calendar_day(
     email_sent_at(1, sent)
     assert check(not_yet)[0] == 0
     assert check(due)[0] == 1
+
+
+# --- the no-slot path in bulk ---------------------------------------------------------------
+
+
+def seed_unanswered(
+    session: Session, therapist_ids: range, sent_at: dt.datetime, availability: object = None
+) -> None:
+    """Therapists (without phone availability unless given), each with one request asked
+    about in an email sent at ``sent_at``."""
+    for therapist_id in therapist_ids:
+        session.add(
+            Therapist(
+                id=therapist_id,
+                salutation="Frau",
+                first_name="Anna",
+                last_name=f"Weber{therapist_id}",
+                email=f"praxis{therapist_id}@weber-therapie.de",
+                phone="+49 30 1234567",
+                phone_availability=availability,
+                status=TherapistStatus.ACTIVE,
+                last_event_at=sent_at,
+            )
+        )
+        session.add(Patient(id=therapist_id, diagnosis="F32.1", summary_event_at=sent_at))
+        session.add(
+            PlacementRequest(
+                id=therapist_id,
+                patient_id=therapist_id,
+                therapist_id=therapist_id,
+                status=PlacementRequestStatus.OPEN,
+                created_at=sent_at,
+                last_event_at=sent_at,
+            )
+        )
+    session.flush()
+    report = emails.batch_chunk(session, list(therapist_ids), sent_at, get_settings())
+    session.execute(
+        update(Email)
+        .where(Email.id.in_(report.email_ids))
+        .values(status=EmailStatus.SENT, sent_at=sent_at)
+    )
+
+
+def count_statements(session: Session, work: Callable[[], object]) -> int:
+    statements = 0
+
+    def count(*_: object) -> None:
+        nonlocal statements
+        statements += 1
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", count)
+    try:
+        work()
+    finally:
+        event.remove(connection, "before_cursor_execute", count)
+    return statements
+
+
+def no_slot_run(session: Session, at: dt.datetime, expected: int) -> int:
+    """Statements of one follow-up check and scheduling run; every email has no slot."""
+
+    def run() -> None:
+        settings = get_settings()
+        calls.request_follow_up_calls(session, at, settings)
+        report = calls.schedule_follow_ups(session, calls.waiting_for_call(session), at, settings)
+        assert report.unschedulable == expected
+
+    return count_statements(session, run)
+
+
+def test_the_no_slot_path_costs_a_few_statements_however_many_emails(db: Session) -> None:
+    sent = local(2026, 11, 2, 8, 0)
+    at = sent + dt.timedelta(days=8)
+    seed_unanswered(db, range(1, 101), sent)
+    hundred = no_slot_run(db, at, 100)
+    seed_unanswered(db, range(1001, 1201), sent)
+    two_hundred = no_slot_run(db, at, 200)
+    # Each email got its reminder, its flag and its event.
+    reminders = db.scalar(
+        select(func.count()).select_from(Email).where(Email.template == EmailTemplate.FOLLOW_UP)
+    )
+    assert reminders == 300
+    unschedulable = db.scalar(
+        select(func.count())
+        .select_from(OutboxEvent)
+        .where(OutboxEvent.event_type == "call.unschedulable")
+    )
+    assert unschedulable == 300
+    assert two_hundred - hundred < 10, (hundred, two_hundred)
