@@ -34,10 +34,12 @@ from comms_tasks.models import (
     PhoneCall,
     PhoneCallBatch,
     PhoneCallStatus,
+    PlacementRequest,
     ResponseOutcome,
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
@@ -324,12 +326,17 @@ def schedule_follow_ups(
     """
     booking = Booking.start(session, settings, now, known)
     report = ScheduleReport(known=booking.known)
+    # Locked in id order, like an answer locks its email (record_response) before it
+    # cancels the email's calls: an answer recorded meanwhile waits for this transaction
+    # and then cancels the call booked here, or this one waits and sees the answer.
     emails = {
         email.id: email
         for email in session.scalars(
             select(Email)
             .where(Email.id.in_(email_ids))
+            .order_by(Email.id)
             .options(defer(Email.body_html), defer(Email.body_text), selectinload(Email.batches))
+            .with_for_update(of=Email)
         )
     }
     with_call = set(
@@ -339,7 +346,7 @@ def schedule_follow_ups(
         email.id: [batch.placement_request_id for batch in email.batches if batch.included]
         for email in emails.values()
     }
-    pending = email_rules.requests_still_pending(
+    pending = lock_pending_requests(
         session, [request_id for ids in included.values() for request_id in ids]
     )
     therapist_ids = {email.therapist_id for email in emails.values()}
@@ -384,6 +391,27 @@ def schedule_follow_ups(
     booking.record()
     unschedulable(session, no_call, now, settings)
     return report
+
+
+def lock_pending_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
+    """Those of ``request_ids`` still pending, share-locked until the booking commits.
+
+    A status change locks its request before it withdraws the request from calls
+    (:func:`withdraw_request_from_calls`): it waits for a booking that read the request as
+    pending, and then sees and cancels its call; or the booking waits for the change and
+    no longer reads the request as pending. In id order, so that bookings never deadlock.
+    """
+    if not request_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(PlacementRequest.id)
+            .where(PlacementRequest.id.in_(sorted(set(request_ids))))
+            .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
+            .order_by(PlacementRequest.id)
+            .with_for_update(read=True)
+        )
+    )
 
 
 def _why_not_callable(therapist: Therapist | None) -> str | None:
@@ -657,7 +685,8 @@ def withdraw_request_from_calls(session: Session, request_id: int) -> None:
         .join(PhoneCallBatch, PhoneCallBatch.phone_call_id == PhoneCall.id)
         .where(PhoneCallBatch.placement_request_id == request_id)
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .with_for_update()
+        .order_by(PhoneCall.id)
+        .with_for_update(of=PhoneCall)
     ).all()
     for call in calls:
         pending = email_rules.requests_still_pending(
