@@ -10,6 +10,7 @@ import datetime as dt
 import uuid
 import zoneinfo
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, select, update
@@ -246,3 +247,24 @@ def test_the_no_slot_path_costs_a_few_statements_however_many_emails(db: Session
     )
     assert unschedulable == 300
     assert two_hundred - hundred < 10, (hundred, two_hundred)
+
+
+def test_the_check_reads_its_candidates_from_their_own_index(db: Session) -> None:
+    """The check's condition implies the partial index's, so that its daily work does not
+    grow with every email ever sent (the planner could never use the index otherwise)."""
+    captured: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().startswith("SELECT") and "FOR UPDATE SKIP LOCKED" in statement:
+            captured.append((statement, parameters))
+
+    connection = db.connection()
+    event.listen(connection, "before_cursor_execute", capture)
+    try:
+        calls.request_follow_up_calls(db, local(2026, 11, 20, 9, 0), get_settings())
+    finally:
+        event.remove(connection, "before_cursor_execute", capture)
+    [(statement, parameters)] = captured
+    connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    plan = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters).scalars().all()
+    assert any("ix_emails_follow_up_due" in line for line in plan), "\n".join(plan)

@@ -23,6 +23,12 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
 from comms_tasks.models.enums import EmailStatus, EmailTemplate, ResponseOutcome
 
+FOLLOW_UP_DUE = (
+    "template IN ('initial_contact', 'batch_request') AND status = 'sent'"
+    " AND response_received IS false AND follow_up_required IS false"
+    " AND call_requested_at IS NULL AND follow_up_settled_at IS NULL"
+)
+
 
 class Email(Base):
     __tablename__ = "emails"
@@ -36,6 +42,15 @@ class Email(Base):
             "call_requested_at",
             postgresql_where=text("call_requested_at IS NOT NULL"),
             sqlite_where=text("call_requested_at IS NOT NULL"),
+        ),
+        # The follow-up check's candidates: sent asking emails not yet answered, marked or
+        # settled. Only the last days' emails are in it, however many were ever sent. The
+        # condition is the check's own (calls.request_follow_up_calls), so that it implies it.
+        Index(
+            "ix_emails_follow_up_due",
+            "sent_at",
+            postgresql_where=text(FOLLOW_UP_DUE),
+            sqlite_where=text(FOLLOW_UP_DUE),
         ),
         # Retention looks for bodies still stored, by their last activity.
         Index(
