@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+from collections import defaultdict
 from collections.abc import Sequence
 
 from sqlalchemy import exists, func, select, text, update
@@ -33,10 +34,12 @@ from comms_tasks.models import (
     PhoneCall,
     PhoneCallBatch,
     PhoneCallStatus,
+    PlacementRequest,
     ResponseOutcome,
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
@@ -269,9 +272,21 @@ class Booking:
 # --- the follow-up check ------------------------------------------------------------------
 
 
+def follow_up_due_before(now: dt.datetime, settings: Settings) -> dt.datetime:
+    """Emails sent before this instant are due for a follow-up at ``now``.
+
+    Days are local calendar days (SPEC §5): an email sent on local day D is due from the
+    start of day D + ``follow_up_after_days``, whatever minute it left.
+    """
+    today = now.astimezone(settings.zone).date()
+    first_day_not_due = today - dt.timedelta(days=settings.follow_up_after_days - 1)
+    start = dt.datetime.combine(first_day_not_due, dt.time(0, 0), tzinfo=settings.zone)
+    return start.astimezone(dt.UTC)
+
+
 def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settings) -> int:
     """Mark unanswered emails (sent long enough ago) as waiting for a call; returns how many."""
-    due_before = now - dt.timedelta(days=settings.follow_up_after_days)
+    due_before = follow_up_due_before(now, settings)
     has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
     # Ids only: the emails' bodies stay in the database.
     email_ids = list(
@@ -279,10 +294,11 @@ def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settin
             select(Email.id)
             .where(Email.template.in_(email_rules.ASKING_TEMPLATES))
             .where(Email.status == EmailStatus.SENT)
-            .where(Email.sent_at <= due_before)
+            .where(Email.sent_at < due_before)
             .where(Email.response_received.is_(False))
             .where(Email.follow_up_required.is_(False))
             .where(Email.call_requested_at.is_(None))
+            .where(Email.follow_up_settled_at.is_(None))
             .where(~has_call)
             .with_for_update(skip_locked=True)
         )
@@ -304,6 +320,7 @@ def waiting_for_call(session: Session) -> list[int]:
         session.scalars(
             select(Email.id)
             .where(Email.call_requested_at.is_not(None))
+            .where(Email.follow_up_settled_at.is_(None))
             .where(Email.follow_up_required.is_(False))
             .where(Email.response_received.is_(False))
             .where(~has_call)
@@ -335,12 +352,17 @@ def schedule_follow_ups(
     """
     booking = Booking.start(session, settings, now, known)
     report = ScheduleReport(known=booking.known)
+    # Locked in id order, like an answer locks its email (record_response) before it
+    # cancels the email's calls: an answer recorded meanwhile waits for this transaction
+    # and then cancels the call booked here, or this one waits and sees the answer.
     emails = {
         email.id: email
         for email in session.scalars(
             select(Email)
             .where(Email.id.in_(email_ids))
+            .order_by(Email.id)
             .options(defer(Email.body_html), defer(Email.body_text), selectinload(Email.batches))
+            .with_for_update(of=Email)
         )
     }
     with_call = set(
@@ -350,7 +372,7 @@ def schedule_follow_ups(
         email.id: [batch.placement_request_id for batch in email.batches if batch.included]
         for email in emails.values()
     }
-    pending = email_rules.requests_still_pending(
+    pending = lock_pending_requests(
         session, [request_id for ids in included.values() for request_id in ids]
     )
     therapist_ids = {email.therapist_id for email in emails.values()}
@@ -358,16 +380,20 @@ def schedule_follow_ups(
         therapist.id: therapist
         for therapist in session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids)))
     }
+    no_call: list[NoCall] = []
     for email_id in email_ids:
         email = emails.get(email_id)
         if email is None or email.response_received or email.follow_up_required:
+            continue
+        if email.follow_up_settled_at is not None:
             continue
         if email.id in with_call:
             continue
         request_ids = [request_id for request_id in included[email.id] if request_id in pending]
         if not request_ids:
-            # Every request was decided or withdrawn meanwhile: nothing to call about.
-            email.call_requested_at = None
+            # Every request was decided or withdrawn meanwhile: nothing to call about, now
+            # or later. Settled for good, so that the check does not take it up again.
+            email.follow_up_settled_at = now
             report.nothing_left += 1
             continue
         therapist = therapists.get(email.therapist_id)
@@ -379,18 +405,39 @@ def schedule_follow_ups(
             )
             report.scheduled += 1
             continue
-        unschedulable(
-            session,
-            email,
-            therapist,
-            request_ids,
-            reason or f"no free slot within {settings.call_horizon_days} days",
-            now,
-            settings,
+        no_call.append(
+            NoCall(
+                email,
+                therapist,
+                request_ids,
+                reason or f"no free slot within {settings.call_horizon_days} days",
+            )
         )
         report.unschedulable += 1
     booking.record()
+    unschedulable(session, no_call, now, settings)
     return report
+
+
+def lock_pending_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
+    """Those of ``request_ids`` still pending, share-locked until the booking commits.
+
+    A status change locks its request before it withdraws the request from calls
+    (:func:`withdraw_request_from_calls`): it waits for a booking that read the request as
+    pending, and then sees and cancels its call; or the booking waits for the change and
+    no longer reads the request as pending. In id order, so that bookings never deadlock.
+    """
+    if not request_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(PlacementRequest.id)
+            .where(PlacementRequest.id.in_(sorted(set(request_ids))))
+            .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
+            .order_by(PlacementRequest.id)
+            .with_for_update(read=True)
+        )
+    )
 
 
 def _why_not_callable(therapist: Therapist | None) -> str | None:
@@ -405,34 +452,68 @@ def _why_not_callable(therapist: Therapist | None) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class NoCall:
+    """An email that gets no follow-up call, and why."""
+
+    email: Email
+    therapist: Therapist | None
+    request_ids: Sequence[int]
+    reason: str
+
+
 def unschedulable(
-    session: Session,
-    email: Email,
-    therapist: Therapist | None,
-    request_ids: Sequence[int],
-    reason: str,
-    now: dt.datetime,
-    settings: Settings,
+    session: Session, no_call: Sequence[NoCall], now: dt.datetime, settings: Settings
 ) -> None:
-    """No call: a reminder email once, the email flagged for manual follow-up, an event."""
-    email.follow_up_required = True
-    email.follow_up_notes = f"no follow-up call: {reason}"
-    dedup_key = f"reminder:{email.id}"
-    already = session.scalar(select(Email.id).where(Email.dedup_key == dedup_key))
-    if already is None and therapist is not None and therapist.email:
-        email_rules.queue_email_for(
-            session,
-            therapist,
-            EmailTemplate.FOLLOW_UP,
-            request_ids,
-            dedup_key=dedup_key,
-            settings=settings,
-            now=now,
-            in_reply_to=email,
+    """No call: a reminder email once, the email flagged for manual follow-up, an event.
+
+    A handful of statements however many emails: one lookup of the reminders already
+    queued, one UPDATE per reason for the flags, one
+    :func:`~comms_tasks.emails.queue_emails` for the new reminders, one statement for the
+    events.
+    """
+    if not no_call:
+        return
+    dedup_keys = {item.email.id: f"reminder:{item.email.id}" for item in no_call}
+    already = set(
+        session.scalars(select(Email.dedup_key).where(Email.dedup_key.in_(dedup_keys.values())))
+    )
+    flagged: dict[str, list[int]] = defaultdict(list)
+    drafts = []
+    for item in no_call:
+        flagged[f"no follow-up call: {item.reason}"].append(item.email.id)
+        dedup_key = dedup_keys[item.email.id]
+        therapist = item.therapist
+        if dedup_key in already or therapist is None or not therapist.email:
+            continue
+        drafts.append(
+            email_rules.Draft(
+                therapist,
+                EmailTemplate.FOLLOW_UP,
+                item.request_ids,
+                dedup_key,
+                in_reply_to=item.email,
+            )
         )
-    record_event(
+    # One UPDATE per reason: a flush of the objects would write one row per round trip.
+    for notes, email_ids in flagged.items():
+        session.execute(
+            update(Email)
+            .where(Email.id.in_(email_ids))
+            .values(follow_up_required=True, follow_up_notes=notes)
+            .execution_options(synchronize_session=False)
+        )
+    for item in no_call:
+        session.expire(item.email, ["follow_up_required", "follow_up_notes"])
+    email_rules.queue_emails(session, drafts, settings=settings, now=now)
+    record_events(
         session,
-        CallUnschedulablePayload(email_id=email.id, therapist_id=email.therapist_id, reason=reason),
+        [
+            CallUnschedulablePayload(
+                email_id=item.email.id, therapist_id=item.email.therapist_id, reason=item.reason
+            )
+            for item in no_call
+        ],
         occurred_at=now,
     )
 
@@ -641,7 +722,8 @@ def withdraw_request_from_calls(session: Session, request_id: int) -> None:
         .join(PhoneCallBatch, PhoneCallBatch.phone_call_id == PhoneCall.id)
         .where(PhoneCallBatch.placement_request_id == request_id)
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .with_for_update()
+        .order_by(PhoneCall.id)
+        .with_for_update(of=PhoneCall)
     ).all()
     for call in calls:
         pending = email_rules.requests_still_pending(

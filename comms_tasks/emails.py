@@ -675,6 +675,7 @@ def cancel_follow_up_calls(session: Session, email_id: int) -> int:
         select(PhoneCall)
         .where(PhoneCall.email_id == email_id)
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .order_by(PhoneCall.id)
         .with_for_update()
     ).all()
     for call in calls:

@@ -80,7 +80,7 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
         select(Email)
         .where(Email.body_redacted_at.is_(None))
         .where(Email.status.not_in(UNSENT))
-        .where(Email.updated_at < cutoff)
+        .where(Email.last_activity_at < cutoff)
         .order_by(Email.id)
         .limit(limit)
         .with_for_update(skip_locked=True)

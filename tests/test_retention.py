@@ -107,7 +107,7 @@ def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
             session.execute(
                 update(Email)
                 .where(Email.id == email_id)
-                .values(updated_at=dt.datetime.now(dt.UTC) - retention - dt.timedelta(days=1))
+                .values(last_activity_at=dt.datetime.now(dt.UTC) - retention - dt.timedelta(days=1))
             )
     assert purge_expired() == {"redacted": 1}
     assert purge_expired() == {"redacted": 0}

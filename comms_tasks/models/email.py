@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -13,12 +14,20 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    inspect,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
 from comms_tasks.models.enums import EmailStatus, EmailTemplate, ResponseOutcome
+
+FOLLOW_UP_DUE = (
+    "template IN ('initial_contact', 'batch_request') AND status = 'sent'"
+    " AND response_received IS false AND follow_up_required IS false"
+    " AND call_requested_at IS NULL AND follow_up_settled_at IS NULL"
+)
 
 
 class Email(Base):
@@ -33,6 +42,22 @@ class Email(Base):
             "call_requested_at",
             postgresql_where=text("call_requested_at IS NOT NULL"),
             sqlite_where=text("call_requested_at IS NOT NULL"),
+        ),
+        # The follow-up check's candidates: sent asking emails not yet answered, marked or
+        # settled. Only the last days' emails are in it, however many were ever sent. The
+        # condition is the check's own (calls.request_follow_up_calls), so that it implies it.
+        Index(
+            "ix_emails_follow_up_due",
+            "sent_at",
+            postgresql_where=text(FOLLOW_UP_DUE),
+            sqlite_where=text(FOLLOW_UP_DUE),
+        ),
+        # Retention looks for bodies still stored, by their last activity.
+        Index(
+            "ix_emails_last_activity_at",
+            "last_activity_at",
+            postgresql_where=text("body_redacted_at IS NULL"),
+            sqlite_where=text("body_redacted_at IS NULL"),
         ),
     )
 
@@ -74,6 +99,14 @@ class Email(Base):
     follow_up_notes: Mapped[str | None] = mapped_column(Text)
     # Set by the follow-up check when the email went unanswered: it waits for a call.
     call_requested_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Set by the follow-up check when no request of the email was left to discuss: the
+    # email gets no call, and the check never takes it up again.
+    follow_up_settled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The retention clock (SPEC §10): when something last happened to the email itself
+    # (queued, an attempt, sent, failed, cancelled, answered; see ACTIVITY_FIELDS).
+    # Housekeeping writes (the follow-up check's marks and flags) leave it alone, unlike
+    # ``updated_at``.
+    last_activity_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     body_redacted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -81,6 +114,18 @@ class Email(Base):
     batches: Mapped[list[EmailBatch]] = relationship(
         back_populates="email", order_by="EmailBatch.priority", cascade="all, delete-orphan"
     )
+
+
+# A change to one of these is activity and moves ``last_activity_at``. A field left out
+# errs on the side of privacy: a body is kept no longer because of it.
+ACTIVITY_FIELDS = ("status", "sent_at", "response_received", "response_date")
+
+
+@event.listens_for(Email, "before_update")
+def _note_activity(mapper: Any, connection: Any, email: Email) -> None:
+    state = inspect(email)
+    if any(state.attrs[name].history.has_changes() for name in ACTIVITY_FIELDS):
+        email.last_activity_at = utcnow()
 
 
 class EmailBatch(Base):
