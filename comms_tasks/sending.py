@@ -21,12 +21,23 @@ from sqlalchemy.orm import Session, defer, selectinload
 from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
     ASKING_TEMPLATES,
+    patients_of,
+    recipient_of,
     render_email,
-    requests_still_pending,
 )
 from comms_tasks.mail.message import OutgoingMessage
+from comms_tasks.mail.render import greeting
 from comms_tasks.mail.sender import SendResult
-from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    EmailTemplate,
+    Patient,
+    PlacementRequest,
+    Therapist,
+    TherapistStatus,
+)
+from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event
 from comms_tasks.settings import Settings
 
@@ -42,6 +53,8 @@ MAX_ERROR_LENGTH = 1000
 # Emails whose requests may be withdrawn before sending (a confirmation is about an
 # accepted request, and stays as it is).
 RECHECKED_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
+UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
+NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
 
 
 def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
@@ -94,38 +107,53 @@ def claim_due(
     return emails
 
 
-def recheck_requests(session: Session, email: Email, pending: set[int], settings: Settings) -> bool:
-    """Drop withdrawn requests from an unsent email; False when nothing is left to send.
+def _cancel_unsent(email: Email, reason: str) -> None:
+    email.status = EmailStatus.CANCELLED
+    email.lease_expires_at = None
+    email.next_attempt_at = None
+    email.error_message = reason
 
-    ``pending`` holds the requests still open or in progress, read for a whole claim.
+
+def why_not_to(therapist: Therapist) -> str | None:
+    """Why an email may not go to this therapist any more (None: it may), without details."""
+    if therapist.deleted_at is not None:
+        return "cancelled: the therapist was deleted"
+    if therapist.status is not TherapistStatus.ACTIVE:
+        return f"cancelled: the therapist is {therapist.status.value}"
+    if not therapist.email:
+        return "cancelled: the therapist has no email address"
+    return None
+
+
+def addressed_as_now(email: Email, therapist: Therapist) -> bool:
+    """Whether the email goes to the therapist's current address, name and greeting.
+
+    The greeting is the first line of every text body (``_base/body.txt``); a changed
+    salutation changes it without changing the address or the name.
     """
-    if email.template not in RECHECKED_TEMPLATES:
-        return True
-    included = [batch for batch in email.batches if batch.included]
-    withdrawn = [batch for batch in included if batch.placement_request_id not in pending]
-    if not withdrawn:
-        return True
-    for batch in withdrawn:
-        batch.included = False
-    return rerender_or_cancel(
-        session, email, settings, "cancelled: all its requests were withdrawn before sending"
+    return (
+        email.recipient_email == therapist.email
+        and email.recipient_name == therapist.display_name
+        and email.body_text.startswith(f"{greeting(recipient_of(therapist))},")
     )
 
 
-def rerender_or_cancel(
-    session: Session, email: Email, settings: Settings, cancel_reason: str
-) -> bool:
-    """Render an unsent email again for its still-included requests, or cancel it."""
+def rerender(
+    session: Session,
+    email: Email,
+    therapist: Therapist,
+    settings: Settings,
+    patients: dict[int, Patient | None] | None = None,
+) -> None:
+    """Address an unsent email to the therapist as they are now, and render it again for
+    its included requests; ``patients`` when already read for many emails."""
     remaining = [batch.placement_request_id for batch in email.batches if batch.included]
+    if therapist.email:
+        email.recipient_email = therapist.email
+    email.recipient_name = therapist.display_name
     if not remaining:
-        email.status = EmailStatus.CANCELLED
-        email.lease_expires_at = None
-        email.next_attempt_at = None
-        email.error_message = cancel_reason
-        return False
-    therapist = session.get(Therapist, email.therapist_id)
-    if therapist is None:
-        return True
+        # Not about any request (written by hand): addressed again, its body kept.
+        return
     template = email.template
     if template in ASKING_TEMPLATES:
         several = len(remaining) > 1
@@ -133,11 +161,26 @@ def rerender_or_cancel(
     original = (
         session.get(Email, email.in_reply_to_email_id) if email.in_reply_to_email_id else None
     )
-    rendered = render_email(session, therapist, template, remaining, settings, earlier=original)
+    rendered = render_email(
+        session, therapist, template, remaining, settings, earlier=original, patients=patients
+    )
     email.template = template
     email.subject = rendered.subject
     email.body_text = rendered.body_text
     email.body_html = rendered.body_html
+
+
+def rerender_or_cancel(
+    session: Session, email: Email, settings: Settings, cancel_reason: str
+) -> bool:
+    """Render an unsent email again for its still-included requests, or cancel it."""
+    if not any(batch.included for batch in email.batches):
+        _cancel_unsent(email, cancel_reason)
+        return False
+    therapist = session.get(Therapist, email.therapist_id)
+    if therapist is None:
+        return True
+    rerender(session, email, therapist, settings)
     return True
 
 
@@ -166,6 +209,37 @@ def outgoing(session: Session, email: Email) -> OutgoingMessage:
     )
 
 
+def requests_to_keep(session: Session, emails: Sequence[Email]) -> set[int]:
+    """The included requests of ``emails`` that may still be shown, in one query.
+
+    A request no longer open or in progress is dropped from the emails that ask about it
+    (:data:`RECHECKED_TEMPLATES`), not from a confirmation, which is about an accepted
+    request.
+    """
+    request_ids = {
+        batch.placement_request_id for email in emails for batch in email.batches if batch.included
+    }
+    if not request_ids:
+        return set()
+    rows = session.execute(
+        select(PlacementRequest.id, PlacementRequest.status).where(
+            PlacementRequest.id.in_(request_ids)
+        )
+    ).all()
+    known = {row.id: row for row in rows}
+    keep = set()
+    for email in emails:
+        for batch in email.batches:
+            row = known.get(batch.placement_request_id)
+            if not batch.included:
+                continue
+            if email.template not in RECHECKED_TEMPLATES or (
+                row is not None and row.status in PENDING_REQUEST_STATUSES
+            ):
+                keep.add(batch.placement_request_id)
+    return keep
+
+
 def prepare_batch(
     session: Session,
     now: dt.datetime,
@@ -173,18 +247,25 @@ def prepare_batch(
     settings: Settings,
     email_id: int | None = None,
 ) -> list[OutgoingMessage]:
-    """Claim due emails and turn the ones still worth sending into messages."""
+    """Claim due emails and turn the ones still worth sending into messages.
+
+    Each claimed email is checked again, whatever its template: its therapist (still
+    active, not deleted, with an address; else it is cancelled), then its requests
+    (withdrawn ones are dropped; it is cancelled when none is left). What goes is
+    rendered again, to the therapist's current address, name and greeting, if any of
+    these or its requests changed. The checks read the whole claim at once: the same
+    handful of queries for one email or a hundred.
+    """
     emails = claim_due(session, now, limit, settings, email_id)
-    pending = requests_still_pending(
-        session,
-        [
-            batch.placement_request_id
-            for email in emails
-            if email.template in RECHECKED_TEMPLATES
-            for batch in email.batches
-            if batch.included
-        ],
-    )
+    if not emails:
+        return []
+    therapists = {
+        therapist.id: therapist
+        for therapist in session.scalars(
+            select(Therapist).where(Therapist.id.in_({email.therapist_id for email in emails}))
+        )
+    }
+    keep = requests_to_keep(session, emails)
     # The emails replied to (for threading headers), in one query: session.get finds them.
     originals = {email.in_reply_to_email_id for email in emails} - {None}
     if originals:
@@ -193,11 +274,39 @@ def prepare_batch(
             .where(Email.id.in_(originals))
             .options(defer(Email.body_html), defer(Email.body_text))
         ).all()
-    messages = []
+    going: list[Email] = []
+    to_render: list[Email] = []
     for email in emails:
-        if recheck_requests(session, email, pending, settings):
-            messages.append(outgoing(session, email))
-    return messages
+        therapist = therapists.get(email.therapist_id)
+        reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
+        if therapist is None or reason is not None:
+            _cancel_unsent(email, reason or UNKNOWN_THERAPIST)
+            continue
+        included = [batch for batch in email.batches if batch.included]
+        dropped = [batch for batch in included if batch.placement_request_id not in keep]
+        if included and len(dropped) == len(included):
+            _cancel_unsent(email, NOTHING_LEFT)
+            for batch in dropped:
+                batch.included = False
+            continue
+        for batch in dropped:
+            batch.included = False
+        if dropped or not addressed_as_now(email, therapist):
+            to_render.append(email)
+        going.append(email)
+    if to_render:
+        patients = patients_of(
+            session,
+            [
+                batch.placement_request_id
+                for email in to_render
+                for batch in email.batches
+                if batch.included
+            ],
+        )
+        for email in to_render:
+            rerender(session, email, therapists[email.therapist_id], settings, patients)
+    return [outgoing(session, email) for email in going]
 
 
 @dataclasses.dataclass(frozen=True)
