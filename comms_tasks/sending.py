@@ -15,12 +15,13 @@ import datetime as dt
 import random
 from collections.abc import Sequence
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
     ASKING_TEMPLATES,
+    COUNTING_TEMPLATES,
     patients_of,
     recipient_of,
     render_email,
@@ -40,6 +41,7 @@ from comms_tasks.models import (
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event
 from comms_tasks.settings import Settings
+from schedules import BATCH_TIME
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
 FIRST_RETRY_DELAY = dt.timedelta(minutes=1)
@@ -53,6 +55,13 @@ MAX_ERROR_LENGTH = 1000
 # Emails whose requests may be withdrawn before sending (a confirmation is about an
 # accepted request, and stays as it is).
 RECHECKED_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
+# No therapist gets two of these on one local day (SPEC §5); confirmations go at once.
+ONE_A_DAY = COUNTING_TEMPLATES
+# A second email of the day waits for the next day's batch time: the hour therapists
+# are written to anyway (schedules.BATCH_TIME, local).
+HELD_UNTIL_TIME = dt.time(BATCH_TIME["hour"], BATCH_TIME["minute"])
+# Claims take this PostgreSQL advisory lock one after another (see lock_claims).
+CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
 UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
 NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
 
@@ -209,6 +218,13 @@ def outgoing(session: Session, email: Email) -> OutgoingMessage:
     )
 
 
+def lock_claims(session: Session) -> None:
+    """Claims one at a time until this transaction ends (PostgreSQL; SQLite's writers queue
+    anyway), so that each claim sees what the one before it took for the same therapist."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+
+
 def requests_to_keep(session: Session, emails: Sequence[Email]) -> set[int]:
     """The included requests of ``emails`` that may still be shown, in one query.
 
@@ -240,6 +256,48 @@ def requests_to_keep(session: Session, emails: Sequence[Email]) -> set[int]:
     return keep
 
 
+def therapists_emailed_today(
+    session: Session, emails: Sequence[Email], now: dt.datetime, settings: Settings
+) -> set[int]:
+    """Therapists of ``emails`` who got an email today (local) or are getting one from
+    another claim; confirmations aside. One query."""
+    therapist_ids = {email.therapist_id for email in emails if email.template in ONE_A_DAY}
+    if not therapist_ids:
+        return set()
+    today = now.astimezone(settings.zone).date()
+    day_start = dt.datetime.combine(today, dt.time(), tzinfo=settings.zone).astimezone(dt.UTC)
+    claimed = [email.id for email in emails]
+    return set(
+        session.scalars(
+            select(Email.therapist_id)
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.template.in_(ONE_A_DAY))
+            .where(Email.id.not_in(claimed))
+            .where(
+                ((Email.status == EmailStatus.SENT) & (Email.sent_at >= day_start))
+                | ((Email.status == EmailStatus.SENDING) & (Email.lease_expires_at >= now))
+            )
+            .distinct()
+        )
+    )
+
+
+def next_day_at_batch_time(now: dt.datetime, settings: Settings) -> dt.datetime:
+    tomorrow = now.astimezone(settings.zone).date() + dt.timedelta(days=1)
+    return dt.datetime.combine(tomorrow, HELD_UNTIL_TIME, tzinfo=settings.zone).astimezone(dt.UTC)
+
+
+def hold_until_tomorrow(email: Email, now: dt.datetime, settings: Settings) -> None:
+    """Back to the queue for the next day, not as a failed attempt (``retry_count`` stays)."""
+    email.status = EmailStatus.QUEUED
+    email.lease_expires_at = None
+    email.next_attempt_at = next_day_at_batch_time(now, settings)
+    local = email.next_attempt_at.astimezone(settings.zone)
+    email.error_message = (
+        f"held until {local:%Y-%m-%d %H:%M}: the therapist already gets an email today"
+    )
+
+
 def prepare_batch(
     session: Session,
     now: dt.datetime,
@@ -249,13 +307,16 @@ def prepare_batch(
 ) -> list[OutgoingMessage]:
     """Claim due emails and turn the ones still worth sending into messages.
 
-    Each claimed email is checked again, whatever its template: its therapist (still
-    active, not deleted, with an address; else it is cancelled), then its requests
-    (withdrawn ones are dropped; it is cancelled when none is left). What goes is
-    rendered again, to the therapist's current address, name and greeting, if any of
-    these or its requests changed. The checks read the whole claim at once: the same
-    handful of queries for one email or a hundred.
+    Each claimed email is checked again, in this order, whatever its template: its
+    therapist (still active, not deleted, with an address; else it is cancelled), its
+    requests (withdrawn ones are dropped; it is cancelled when none is left), and the
+    day: an email that would be the therapist's second of the local day (sent, or being
+    sent by another claim, or earlier in this one) waits for the next day, confirmations
+    aside. What goes is rendered again, to the therapist's current address, name and
+    greeting, if any of these or its requests changed. The checks read the whole claim
+    at once: the same handful of queries for one email or a hundred.
     """
+    lock_claims(session)
     emails = claim_due(session, now, limit, settings, email_id)
     if not emails:
         return []
@@ -266,6 +327,7 @@ def prepare_batch(
         )
     }
     keep = requests_to_keep(session, emails)
+    emailed_today = therapists_emailed_today(session, emails, now, settings)
     # The emails replied to (for threading headers), in one query: session.get finds them.
     originals = {email.in_reply_to_email_id for email in emails} - {None}
     if originals:
@@ -289,6 +351,11 @@ def prepare_batch(
             for batch in dropped:
                 batch.included = False
             continue
+        if email.template in ONE_A_DAY:
+            if email.therapist_id in emailed_today:
+                hold_until_tomorrow(email, now, settings)
+                continue
+            emailed_today.add(email.therapist_id)
         for batch in dropped:
             batch.included = False
         if dropped or not addressed_as_now(email, therapist):

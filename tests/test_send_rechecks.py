@@ -3,7 +3,10 @@
 - The therapist: still active, not deleted, with an address; an email to one who is not
   any more is cancelled, whatever its template, and one whose address or name changed
   goes to the current address with the current greeting.
-It is read for a whole claim at once, never per email.
+- The day: no therapist gets two emails on one local day (confirmations aside); the
+  second waits for the next day, without counting as a failed attempt.
+
+Both are read for a whole claim at once, never per email.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from comms_tasks import emails, sending
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import get_engine, transaction
 from comms_tasks.inbox import handle
-from comms_tasks.models import Email, EmailStatus, OutboxEvent
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
 from comms_tasks.tasks.sending import send_email
+from schedules import BATCH_TIME
 from tests import factories as f
 from tests.smtp import SmtpSink
 from tests.test_email_pipeline import (
@@ -272,3 +276,89 @@ def test_a_claim_checks_its_therapists_in_the_same_queries_for_two_emails_or_twe
     assert blocked == {EmailStatus.CANCELLED}
     moved = {row.recipient_email for row in statuses if row.therapist_id in (1001, 2005)}
     assert moved == {"neu1001@example.org", "neu2005@example.org"}
+
+
+# --- one email a day ------------------------------------------------------------------
+
+
+def next_batch_time(now: dt.datetime) -> dt.datetime:
+    zone = get_settings().zone
+    tomorrow = now.astimezone(zone).date() + dt.timedelta(days=1)
+    return dt.datetime.combine(tomorrow, dt.time(**BATCH_TIME), tzinfo=zone).astimezone(dt.UTC)
+
+
+def test_a_reminder_the_day_of_another_email_waits_for_the_next_day(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    # The original went out today (after its retries); a reminder is queued the same day.
+    change(committed_db, original.id, retry_count=3)
+    reminder = queue_command_email(original, "follow_up")
+
+    started = utcnow()
+    send_email()
+    waiting = load(committed_db, reminder.id)
+    assert waiting.status is EmailStatus.QUEUED
+    assert waiting.retry_count == 0
+    assert waiting.lease_expires_at is None
+    assert waiting.next_attempt_at == next_batch_time(started)
+    assert len(smtp.accepted) == 1
+    assert failed_events(committed_db) == 0
+    # Not due before then, even for a beat that runs every minute.
+    assert send_email() == {}
+
+    # The next day: it goes out.
+    sent_before_today(committed_db, original.id)
+    assert send_email(reminder.id) == {"sent": 1}
+    assert load(committed_db, reminder.id).retry_count == 0
+    assert [m["Message-ID"] for m in smtp.accepted] == [original.message_id, reminder.message_id]
+
+
+def test_two_emails_due_together_send_one_and_the_confirmation(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    sent_before_today(committed_db, original.id)
+    reminder = queue_command_email(original, "follow_up")
+    second_reminder = queue_command_email(original, "follow_up")
+    confirmation = queue_command_email(original, "confirmation")
+
+    assert send_email() == {"sent": 2}
+    assert load(committed_db, reminder.id).status is EmailStatus.SENT
+    assert load(committed_db, confirmation.id).status is EmailStatus.SENT
+    held = load(committed_db, second_reminder.id)
+    assert held.status is EmailStatus.QUEUED
+    assert held.retry_count == 0
+    assert held.next_attempt_at is not None and held.next_attempt_at > utcnow()
+
+
+def test_an_email_another_worker_is_sending_holds_the_second_for_the_day(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    sent_before_today(committed_db, original.id)
+    in_flight = queue_command_email(original, "follow_up")
+    change(
+        committed_db,
+        in_flight.id,
+        status=EmailStatus.SENDING,
+        lease_expires_at=utcnow() + dt.timedelta(minutes=5),
+    )
+    second = queue_command_email(original, "follow_up")
+    assert send_email() == {}
+    assert load(committed_db, second.id).status is EmailStatus.QUEUED
+    assert load(committed_db, second.id).next_attempt_at == next_batch_time(utcnow())
+    assert len(smtp.accepted) == 1
+
+
+def test_a_confirmation_goes_out_the_day_of_another_email(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    confirmation = queue_command_email(original, "confirmation")
+    assert send_email() == {"sent": 1}
+    assert load(committed_db, confirmation.id).template is EmailTemplate.CONFIRMATION
