@@ -64,6 +64,7 @@ HELD_UNTIL_TIME = dt.time(BATCH_TIME["hour"], BATCH_TIME["minute"])
 CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
 UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
 NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
+PATIENT_ERASED = "cancelled: its only patient was erased"
 
 
 def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
@@ -177,6 +178,8 @@ def rerender(
     email.subject = rendered.subject
     email.body_text = rendered.body_text
     email.body_html = rendered.body_html
+    # A fresh body from the read model: an earlier redaction no longer describes it.
+    email.body_redacted_at = None
 
 
 def rerender_or_cancel(
@@ -225,10 +228,13 @@ def lock_claims(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
 
 
-def requests_to_keep(session: Session, emails: Sequence[Email]) -> set[int]:
-    """The included requests of ``emails`` that may still be shown, in one query.
+def requests_to_keep(session: Session, emails: Sequence[Email]) -> tuple[set[int], set[int]]:
+    """The included requests of ``emails`` that may still be shown, and those of erased
+    patients, in one query.
 
-    A request no longer open or in progress is dropped from the emails that ask about it
+    A request whose patient was erased is never shown again, in any email (one claimed
+    at the erasure and sent back to the queue still includes it); one no longer open or
+    in progress is dropped from the emails that ask about it
     (:data:`RECHECKED_TEMPLATES`), not from a confirmation, which is about an accepted
     request.
     """
@@ -236,24 +242,25 @@ def requests_to_keep(session: Session, emails: Sequence[Email]) -> set[int]:
         batch.placement_request_id for email in emails for batch in email.batches if batch.included
     }
     if not request_ids:
-        return set()
+        return set(), set()
     rows = session.execute(
-        select(PlacementRequest.id, PlacementRequest.status).where(
-            PlacementRequest.id.in_(request_ids)
-        )
+        select(PlacementRequest.id, PlacementRequest.status, Patient.erased_at)
+        .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.id.in_(request_ids))
     ).all()
     known = {row.id: row for row in rows}
+    erased = {row.id for row in rows if row.erased_at is not None}
     keep = set()
     for email in emails:
         for batch in email.batches:
             row = known.get(batch.placement_request_id)
-            if not batch.included:
+            if not batch.included or batch.placement_request_id in erased:
                 continue
             if email.template not in RECHECKED_TEMPLATES or (
                 row is not None and row.status in PENDING_REQUEST_STATUSES
             ):
                 keep.add(batch.placement_request_id)
-    return keep
+    return keep, erased
 
 
 def therapists_emailed_today(
@@ -326,7 +333,7 @@ def prepare_batch(
             select(Therapist).where(Therapist.id.in_({email.therapist_id for email in emails}))
         )
     }
-    keep = requests_to_keep(session, emails)
+    keep, erased_requests = requests_to_keep(session, emails)
     emailed_today = therapists_emailed_today(session, emails, now, settings)
     # The emails replied to (for threading headers), in one query: session.get finds them.
     originals = {email.in_reply_to_email_id for email in emails} - {None}
@@ -347,7 +354,13 @@ def prepare_batch(
         included = [batch for batch in email.batches if batch.included]
         dropped = [batch for batch in included if batch.placement_request_id not in keep]
         if included and len(dropped) == len(included):
-            _cancel_unsent(email, NOTHING_LEFT)
+            erased = [b for b in dropped if b.placement_request_id in erased_requests]
+            _cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
+            if erased and email.body_redacted_at is None:
+                # Queued while the erasure ran, with a summary read before it.
+                from comms_tasks.retention import redact  # retention builds on this module
+
+                redact(email, now)
             for batch in dropped:
                 batch.included = False
             continue
@@ -358,7 +371,10 @@ def prepare_batch(
             emailed_today.add(email.therapist_id)
         for batch in dropped:
             batch.included = False
-        if dropped or not addressed_as_now(email, therapist):
+        # A body redacted while a worker had it claimed is rendered again from the read
+        # model before it goes out; it never goes out as the placeholder.
+        redacted = email.body_redacted_at is not None
+        if dropped or redacted or not addressed_as_now(email, therapist):
             to_render.append(email)
         going.append(email)
     if to_render:
