@@ -4,8 +4,11 @@ A worker claims due emails by moving them to ``sending`` with a lease (``FOR UPD
 LOCKED`` on PostgreSQL, so two workers never claim the same email) and commits; it then
 sends them over one connection and records the results in small groups as they come
 (:func:`record_results`; the task decides the groups). An email whose lease ran out (its
-worker died) is due again. Temporary failures wait in the database (``next_attempt_at``), never in a
-Celery countdown.
+worker died) is due again. Temporary failures wait in the database (``next_attempt_at``),
+never in a Celery countdown.
+
+At its claim, each email is checked again (:func:`prepare_batch`): its therapist, its
+requests and patients, and whether the therapist already gets an email that local day.
 """
 
 from __future__ import annotations
@@ -191,7 +194,9 @@ def rerender_or_cancel(
         return False
     therapist = session.get(Therapist, email.therapist_id)
     if therapist is None:
-        return True
+        # Its claim would cancel it anyway; its body is not rendered for no one.
+        _cancel_unsent(email, UNKNOWN_THERAPIST)
+        return False
     rerender(session, email, therapist, settings)
     return True
 

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
 from comms_tasks import sending
@@ -23,7 +23,7 @@ from comms_tasks.db import transaction
 from comms_tasks.inbox import handle
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import sender_from_settings
-from comms_tasks.models import Email, EmailStatus, EmailTemplate
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from comms_tasks.models.base import utcnow
 from comms_tasks.read_models import erase_patient
 from comms_tasks.retention import REDACTED_TEXT
@@ -198,3 +198,14 @@ def test_an_email_queued_with_a_summary_read_before_the_erasure_never_shows_it(
         assert sent == {"sent": 1}
         assert f"{MARKER}-{OTHER}" in text_of(smtp)
         assert MARKER + f"-{ERASED}" not in email.body_text + email.body_html
+
+
+def test_erasure_cancels_an_unsent_email_it_cannot_render_again(committed_db: Engine) -> None:
+    email_id = queued_email(6, [ERASED, OTHER])
+    with Session(committed_db) as session, session.begin():
+        session.execute(delete(Therapist).where(Therapist.id == 6))
+    erase()
+    email = load(committed_db, email_id)
+    assert email.status is EmailStatus.CANCELLED
+    assert email.error_message == "cancelled: the therapist is not known"
+    assert email.body_text == REDACTED_TEXT
