@@ -316,8 +316,11 @@ def prepare_batch(
     limit: int,
     settings: Settings,
     email_id: int | None = None,
+    set_aside: dict[str, int] | None = None,
 ) -> list[OutgoingMessage]:
     """Claim due emails and turn the ones still worth sending into messages.
+
+    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``).
 
     Each claimed email is checked again, in this order, whatever its template: its
     therapist (still active, not deleted, with an address; else it is cancelled), its
@@ -350,11 +353,13 @@ def prepare_batch(
         ).all()
     going: list[Email] = []
     to_render: list[Email] = []
+    tally = set_aside if set_aside is not None else {}
     for email in emails:
         therapist = therapists.get(email.therapist_id)
         reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
         if therapist is None or reason is not None:
             _cancel_unsent(email, reason or UNKNOWN_THERAPIST)
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
             continue
         included = [batch for batch in email.batches if batch.included]
         dropped = [batch for batch in included if batch.placement_request_id not in keep]
@@ -368,10 +373,12 @@ def prepare_batch(
                 redact(email, now)
             for batch in dropped:
                 batch.included = False
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
             continue
         if email.template in ONE_A_DAY:
             if email.therapist_id in emailed_today:
                 hold_until_tomorrow(email, now, settings)
+                tally["held"] = tally.get("held", 0) + 1
                 continue
             emailed_today.add(email.therapist_id)
         for batch in dropped:

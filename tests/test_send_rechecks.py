@@ -151,7 +151,7 @@ def test_a_reminder_to_a_therapist_no_longer_contactable_is_cancelled(
             ),
         )
 
-    assert send_email() == {}
+    assert send_email() == {"cancelled": 1}
     cancelled = load(committed_db, reminder.id)
     assert cancelled.status is EmailStatus.CANCELLED
     assert cancelled.error_message == reason
@@ -170,7 +170,7 @@ def test_a_confirmation_to_a_blocked_therapist_is_cancelled_too(
         THERAPIST,
         f.therapist_upserted(original.therapist_id, occurred_at=f.at(60), status="blocked"),
     )
-    send_email()
+    assert send_email() == {"cancelled": 2}
     assert load(committed_db, confirmation.id).status is EmailStatus.CANCELLED
     assert load(committed_db, original.id).status is EmailStatus.CANCELLED
     assert smtp.accepted == []
@@ -297,7 +297,7 @@ def test_a_reminder_the_day_of_another_email_waits_for_the_next_day(
     reminder = queue_command_email(original, "follow_up")
 
     started = utcnow()
-    send_email()
+    assert send_email() == {"held": 1}
     waiting = load(committed_db, reminder.id)
     assert waiting.status is EmailStatus.QUEUED
     assert waiting.retry_count == 0
@@ -325,7 +325,7 @@ def test_two_emails_due_together_send_one_and_the_confirmation(
     second_reminder = queue_command_email(original, "follow_up")
     confirmation = queue_command_email(original, "confirmation")
 
-    assert send_email() == {"sent": 2}
+    assert send_email() == {"sent": 2, "held": 1}
     assert load(committed_db, reminder.id).status is EmailStatus.SENT
     assert load(committed_db, confirmation.id).status is EmailStatus.SENT
     held = load(committed_db, second_reminder.id)
@@ -348,7 +348,7 @@ def test_an_email_another_worker_is_sending_holds_the_second_for_the_day(
         lease_expires_at=utcnow() + dt.timedelta(minutes=5),
     )
     second = queue_command_email(original, "follow_up")
-    assert send_email() == {}
+    assert send_email() == {"held": 1}
     assert load(committed_db, second.id).status is EmailStatus.QUEUED
     assert load(committed_db, second.id).next_attempt_at == next_batch_time(utcnow())
     assert len(smtp.accepted) == 1
@@ -362,3 +362,19 @@ def test_a_confirmation_goes_out_the_day_of_another_email(
     confirmation = queue_command_email(original, "confirmation")
     assert send_email() == {"sent": 1}
     assert load(committed_db, confirmation.id).template is EmailTemplate.CONFIRMATION
+
+
+def test_a_claim_of_only_held_emails_does_not_end_the_run(
+    committed_db: Engine, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    held = [queue_command_email(original, "follow_up") for _ in range(2)]
+    other = queue_one(committed_db, therapist_id=8)
+    change(committed_db, other.id, next_attempt_at=utcnow())  # due after the reminders
+    monkeypatch.setattr("comms_tasks.tasks.sending.EMAILS_PER_CLAIM", 2)
+
+    # The first claim holds both reminders; the run goes on to the next claim.
+    assert send_email() == {"held": 2, "sent": 1}
+    assert smtp.message_ids()[other.message_id] == 1
+    assert {load(committed_db, email.id).status for email in held} == {EmailStatus.QUEUED}
