@@ -12,6 +12,7 @@ Both are read for a whole claim at once, never per email.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -378,3 +379,30 @@ def test_a_claim_of_only_held_emails_does_not_end_the_run(
     assert send_email() == {"held": 2, "sent": 1}
     assert smtp.message_ids()[other.message_id] == 1
     assert {load(committed_db, email.id).status for email in held} == {EmailStatus.QUEUED}
+
+
+def test_two_claims_at_once_send_one_of_a_therapists_two_emails(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    sent_before_today(committed_db, original.id)
+    reminders = [queue_command_email(original, "follow_up") for _ in range(2)]
+    settings = get_settings()
+    second: list[list[Any]] = []
+
+    def second_claim() -> None:
+        with transaction() as session:
+            second.append(sending.prepare_batch(session, utcnow(), 1, settings))
+
+    # The first claim is still open (not committed) while the second one runs.
+    with transaction() as session:
+        first = sending.prepare_batch(session, utcnow(), 1, settings)
+        other = threading.Thread(target=second_claim)
+        other.start()
+        other.join(timeout=1)
+    other.join(timeout=30)
+    assert not other.is_alive()
+    assert [m.email_id for m in first] == [reminders[0].id]
+    assert second == [[]]
+    assert load(committed_db, reminders[1].id).status is EmailStatus.QUEUED
