@@ -19,12 +19,14 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
 from comms_tasks.models import Email, EmailBatch, EmailStatus, PlacementRequest
-from comms_tasks.sending import RECHECKED_TEMPLATES, rerender_or_cancel
+from comms_tasks.sending import PATIENT_ERASED, rerender_or_cancel
 from comms_tasks.settings import Settings
 
 REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
 REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
 UNSENT = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
+# Unsent and not claimed by a worker: what is stored is what will be sent.
+WAITING = (EmailStatus.DRAFT, EmailStatus.QUEUED)
 # Emails per transaction: short locks, and progress survives an interruption.
 EMAILS_PER_CHUNK = 1000
 
@@ -39,7 +41,18 @@ def redact(email: Email, now: dt.datetime) -> None:
 def erase_patient_from_emails(
     session: Session, patient_id: int, now: dt.datetime, settings: Settings
 ) -> int:
-    """Redact or rewrite every email that asked about the patient; returns how many."""
+    """Redact or rewrite every email that asked about the patient; returns how many.
+
+    - Waiting to be sent (``draft``, ``queued``), whatever its template: the patient's
+      requests are dropped and it is rendered again for the others, or cancelled (and
+      redacted) when no one is left.
+    - Claimed by a worker (``sending``): the message, built before the erasure, may be
+      on the wire, and only the send's result tells. Its status and requests stay for
+      the recorder; its stored body is redacted now. Sent, it is a sent email redacted
+      like any other; back in the queue, its next claim drops the erased patient
+      (:func:`comms_tasks.sending.requests_to_keep`) and renders it again, or cancels it.
+    - Sent, failed or cancelled: the body is redacted.
+    """
     asked_about = (
         select(EmailBatch.email_id)
         .join(PlacementRequest, PlacementRequest.id == EmailBatch.placement_request_id)
@@ -61,12 +74,14 @@ def erase_patient_from_emails(
     )
     changed = 0
     for email in emails:
-        if email.status in UNSENT and email.template in RECHECKED_TEMPLATES:
+        if email.status in WAITING:
             for batch in email.batches:
                 if batch.placement_request_id in request_ids:
                     batch.included = False
-            # Rendered again from the read model, which no longer holds the summary.
-            rerender_or_cancel(session, email, settings, "cancelled: its only patient was erased")
+            # Rendered again from the read model, which no longer holds the summary; a
+            # cancelled one keeps no body that showed the patient.
+            if not rerender_or_cancel(session, email, settings, PATIENT_ERASED):
+                redact(email, now)
         else:
             redact(email, now)
         changed += 1

@@ -4,8 +4,11 @@ A worker claims due emails by moving them to ``sending`` with a lease (``FOR UPD
 LOCKED`` on PostgreSQL, so two workers never claim the same email) and commits; it then
 sends them over one connection and records the results in small groups as they come
 (:func:`record_results`; the task decides the groups). An email whose lease ran out (its
-worker died) is due again. Temporary failures wait in the database (``next_attempt_at``), never in a
-Celery countdown.
+worker died) is due again. Temporary failures wait in the database (``next_attempt_at``),
+never in a Celery countdown.
+
+At its claim, each email is checked again (:func:`prepare_batch`): its therapist, its
+requests and patients, and whether the therapist already gets an email that local day.
 """
 
 from __future__ import annotations
@@ -15,20 +18,33 @@ import datetime as dt
 import random
 from collections.abc import Sequence
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
     ASKING_TEMPLATES,
+    COUNTING_TEMPLATES,
+    patients_of,
+    recipient_of,
     render_email,
-    requests_still_pending,
 )
 from comms_tasks.mail.message import OutgoingMessage
+from comms_tasks.mail.render import greeting
 from comms_tasks.mail.sender import SendResult
-from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    EmailTemplate,
+    Patient,
+    PlacementRequest,
+    Therapist,
+    TherapistStatus,
+)
+from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event
 from comms_tasks.settings import Settings
+from schedules import BATCH_TIME
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
 FIRST_RETRY_DELAY = dt.timedelta(minutes=1)
@@ -42,6 +58,16 @@ MAX_ERROR_LENGTH = 1000
 # Emails whose requests may be withdrawn before sending (a confirmation is about an
 # accepted request, and stays as it is).
 RECHECKED_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
+# No therapist gets two of these on one local day (SPEC §5); confirmations go at once.
+ONE_A_DAY = COUNTING_TEMPLATES
+# A second email of the day waits for the next day's batch time: the hour therapists
+# are written to anyway (schedules.BATCH_TIME, local).
+HELD_UNTIL_TIME = dt.time(BATCH_TIME["hour"], BATCH_TIME["minute"])
+# Claims take this PostgreSQL advisory lock one after another (see lock_claims).
+CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
+UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
+NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
+PATIENT_ERASED = "cancelled: its only patient was erased"
 
 
 def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
@@ -94,38 +120,53 @@ def claim_due(
     return emails
 
 
-def recheck_requests(session: Session, email: Email, pending: set[int], settings: Settings) -> bool:
-    """Drop withdrawn requests from an unsent email; False when nothing is left to send.
+def _cancel_unsent(email: Email, reason: str) -> None:
+    email.status = EmailStatus.CANCELLED
+    email.lease_expires_at = None
+    email.next_attempt_at = None
+    email.error_message = reason
 
-    ``pending`` holds the requests still open or in progress, read for a whole claim.
+
+def why_not_to(therapist: Therapist) -> str | None:
+    """Why an email may not go to this therapist any more (None: it may), without details."""
+    if therapist.deleted_at is not None:
+        return "cancelled: the therapist was deleted"
+    if therapist.status is not TherapistStatus.ACTIVE:
+        return f"cancelled: the therapist is {therapist.status.value}"
+    if not therapist.email:
+        return "cancelled: the therapist has no email address"
+    return None
+
+
+def addressed_as_now(email: Email, therapist: Therapist) -> bool:
+    """Whether the email goes to the therapist's current address, name and greeting.
+
+    The greeting is the first line of every text body (``_base/body.txt``); a changed
+    salutation changes it without changing the address or the name.
     """
-    if email.template not in RECHECKED_TEMPLATES:
-        return True
-    included = [batch for batch in email.batches if batch.included]
-    withdrawn = [batch for batch in included if batch.placement_request_id not in pending]
-    if not withdrawn:
-        return True
-    for batch in withdrawn:
-        batch.included = False
-    return rerender_or_cancel(
-        session, email, settings, "cancelled: all its requests were withdrawn before sending"
+    return (
+        email.recipient_email == therapist.email
+        and email.recipient_name == therapist.display_name
+        and email.body_text.startswith(f"{greeting(recipient_of(therapist))},")
     )
 
 
-def rerender_or_cancel(
-    session: Session, email: Email, settings: Settings, cancel_reason: str
-) -> bool:
-    """Render an unsent email again for its still-included requests, or cancel it."""
+def rerender(
+    session: Session,
+    email: Email,
+    therapist: Therapist,
+    settings: Settings,
+    patients: dict[int, Patient | None] | None = None,
+) -> None:
+    """Address an unsent email to the therapist as they are now, and render it again for
+    its included requests; ``patients`` when already read for many emails."""
     remaining = [batch.placement_request_id for batch in email.batches if batch.included]
+    if therapist.email:
+        email.recipient_email = therapist.email
+    email.recipient_name = therapist.display_name
     if not remaining:
-        email.status = EmailStatus.CANCELLED
-        email.lease_expires_at = None
-        email.next_attempt_at = None
-        email.error_message = cancel_reason
-        return False
-    therapist = session.get(Therapist, email.therapist_id)
-    if therapist is None:
-        return True
+        # Not about any request (written by hand): addressed again, its body kept.
+        return
     template = email.template
     if template in ASKING_TEMPLATES:
         several = len(remaining) > 1
@@ -133,11 +174,30 @@ def rerender_or_cancel(
     original = (
         session.get(Email, email.in_reply_to_email_id) if email.in_reply_to_email_id else None
     )
-    rendered = render_email(session, therapist, template, remaining, settings, earlier=original)
+    rendered = render_email(
+        session, therapist, template, remaining, settings, earlier=original, patients=patients
+    )
     email.template = template
     email.subject = rendered.subject
     email.body_text = rendered.body_text
     email.body_html = rendered.body_html
+    # A fresh body from the read model: an earlier redaction no longer describes it.
+    email.body_redacted_at = None
+
+
+def rerender_or_cancel(
+    session: Session, email: Email, settings: Settings, cancel_reason: str
+) -> bool:
+    """Render an unsent email again for its still-included requests, or cancel it."""
+    if not any(batch.included for batch in email.batches):
+        _cancel_unsent(email, cancel_reason)
+        return False
+    therapist = session.get(Therapist, email.therapist_id)
+    if therapist is None:
+        # Its claim would cancel it anyway; its body is not rendered for no one.
+        _cancel_unsent(email, UNKNOWN_THERAPIST)
+        return False
+    rerender(session, email, therapist, settings)
     return True
 
 
@@ -166,25 +226,123 @@ def outgoing(session: Session, email: Email) -> OutgoingMessage:
     )
 
 
+def lock_claims(session: Session) -> None:
+    """Claims one at a time until this transaction ends (PostgreSQL; SQLite's writers queue
+    anyway), so that each claim sees what the one before it took for the same therapist."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+
+
+def requests_to_keep(session: Session, emails: Sequence[Email]) -> tuple[set[int], set[int]]:
+    """The included requests of ``emails`` that may still be shown, and those of erased
+    patients, in one query.
+
+    A request whose patient was erased is never shown again, in any email (one claimed
+    at the erasure and sent back to the queue still includes it); one no longer open or
+    in progress is dropped from the emails that ask about it
+    (:data:`RECHECKED_TEMPLATES`), not from a confirmation, which is about an accepted
+    request.
+    """
+    request_ids = {
+        batch.placement_request_id for email in emails for batch in email.batches if batch.included
+    }
+    if not request_ids:
+        return set(), set()
+    rows = session.execute(
+        select(PlacementRequest.id, PlacementRequest.status, Patient.erased_at)
+        .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.id.in_(request_ids))
+    ).all()
+    known = {row.id: row for row in rows}
+    erased = {row.id for row in rows if row.erased_at is not None}
+    keep = set()
+    for email in emails:
+        for batch in email.batches:
+            row = known.get(batch.placement_request_id)
+            if not batch.included or batch.placement_request_id in erased:
+                continue
+            if email.template not in RECHECKED_TEMPLATES or (
+                row is not None and row.status in PENDING_REQUEST_STATUSES
+            ):
+                keep.add(batch.placement_request_id)
+    return keep, erased
+
+
+def therapists_emailed_today(
+    session: Session, emails: Sequence[Email], now: dt.datetime, settings: Settings
+) -> set[int]:
+    """Therapists of ``emails`` who got an email today (local) or are getting one from
+    another claim; confirmations aside. One query."""
+    therapist_ids = {email.therapist_id for email in emails if email.template in ONE_A_DAY}
+    if not therapist_ids:
+        return set()
+    today = now.astimezone(settings.zone).date()
+    day_start = dt.datetime.combine(today, dt.time(), tzinfo=settings.zone).astimezone(dt.UTC)
+    claimed = [email.id for email in emails]
+    return set(
+        session.scalars(
+            select(Email.therapist_id)
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.template.in_(ONE_A_DAY))
+            .where(Email.id.not_in(claimed))
+            .where(
+                ((Email.status == EmailStatus.SENT) & (Email.sent_at >= day_start))
+                | ((Email.status == EmailStatus.SENDING) & (Email.lease_expires_at >= now))
+            )
+            .distinct()
+        )
+    )
+
+
+def next_day_at_batch_time(now: dt.datetime, settings: Settings) -> dt.datetime:
+    tomorrow = now.astimezone(settings.zone).date() + dt.timedelta(days=1)
+    return dt.datetime.combine(tomorrow, HELD_UNTIL_TIME, tzinfo=settings.zone).astimezone(dt.UTC)
+
+
+def hold_until_tomorrow(email: Email, now: dt.datetime, settings: Settings) -> None:
+    """Back to the queue for the next day, not as a failed attempt (``retry_count`` stays)."""
+    email.status = EmailStatus.QUEUED
+    email.lease_expires_at = None
+    email.next_attempt_at = next_day_at_batch_time(now, settings)
+    local = email.next_attempt_at.astimezone(settings.zone)
+    email.error_message = (
+        f"held until {local:%Y-%m-%d %H:%M}: the therapist already gets an email today"
+    )
+
+
 def prepare_batch(
     session: Session,
     now: dt.datetime,
     limit: int,
     settings: Settings,
     email_id: int | None = None,
+    set_aside: dict[str, int] | None = None,
 ) -> list[OutgoingMessage]:
-    """Claim due emails and turn the ones still worth sending into messages."""
+    """Claim due emails and turn the ones still worth sending into messages.
+
+    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``).
+
+    Each claimed email is checked again, in this order, whatever its template: its
+    therapist (still active, not deleted, with an address; else it is cancelled), its
+    requests (withdrawn ones are dropped; it is cancelled when none is left), and the
+    day: an email that would be the therapist's second of the local day (sent, or being
+    sent by another claim, or earlier in this one) waits for the next day, confirmations
+    aside. What goes is rendered again, to the therapist's current address, name and
+    greeting, if any of these or its requests changed. The checks read the whole claim
+    at once: the same handful of queries for one email or a hundred.
+    """
+    lock_claims(session)
     emails = claim_due(session, now, limit, settings, email_id)
-    pending = requests_still_pending(
-        session,
-        [
-            batch.placement_request_id
-            for email in emails
-            if email.template in RECHECKED_TEMPLATES
-            for batch in email.batches
-            if batch.included
-        ],
-    )
+    if not emails:
+        return []
+    therapists = {
+        therapist.id: therapist
+        for therapist in session.scalars(
+            select(Therapist).where(Therapist.id.in_({email.therapist_id for email in emails}))
+        )
+    }
+    keep, erased_requests = requests_to_keep(session, emails)
+    emailed_today = therapists_emailed_today(session, emails, now, settings)
     # The emails replied to (for threading headers), in one query: session.get finds them.
     originals = {email.in_reply_to_email_id for email in emails} - {None}
     if originals:
@@ -193,11 +351,57 @@ def prepare_batch(
             .where(Email.id.in_(originals))
             .options(defer(Email.body_html), defer(Email.body_text))
         ).all()
-    messages = []
+    going: list[Email] = []
+    to_render: list[Email] = []
+    tally = set_aside if set_aside is not None else {}
     for email in emails:
-        if recheck_requests(session, email, pending, settings):
-            messages.append(outgoing(session, email))
-    return messages
+        therapist = therapists.get(email.therapist_id)
+        reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
+        if therapist is None or reason is not None:
+            _cancel_unsent(email, reason or UNKNOWN_THERAPIST)
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
+            continue
+        included = [batch for batch in email.batches if batch.included]
+        dropped = [batch for batch in included if batch.placement_request_id not in keep]
+        if included and len(dropped) == len(included):
+            erased = [b for b in dropped if b.placement_request_id in erased_requests]
+            _cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
+            if erased and email.body_redacted_at is None:
+                # Queued while the erasure ran, with a summary read before it.
+                from comms_tasks.retention import redact  # retention builds on this module
+
+                redact(email, now)
+            for batch in dropped:
+                batch.included = False
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
+            continue
+        if email.template in ONE_A_DAY:
+            if email.therapist_id in emailed_today:
+                hold_until_tomorrow(email, now, settings)
+                tally["held"] = tally.get("held", 0) + 1
+                continue
+            emailed_today.add(email.therapist_id)
+        for batch in dropped:
+            batch.included = False
+        # A body redacted while a worker had it claimed is rendered again from the read
+        # model before it goes out; it never goes out as the placeholder.
+        redacted = email.body_redacted_at is not None
+        if dropped or redacted or not addressed_as_now(email, therapist):
+            to_render.append(email)
+        going.append(email)
+    if to_render:
+        patients = patients_of(
+            session,
+            [
+                batch.placement_request_id
+                for email in to_render
+                for batch in email.batches
+                if batch.included
+            ],
+        )
+        for email in to_render:
+            rerender(session, email, therapists[email.therapist_id], settings, patients)
+    return [outgoing(session, email) for email in going]
 
 
 @dataclasses.dataclass(frozen=True)

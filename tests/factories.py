@@ -177,25 +177,49 @@ def make_therapist(session: Session, therapist_id: int = 1, **overrides: Any) ->
     return therapist
 
 
+def plain_therapist_rows(addresses: dict[int, str]) -> list[dict[str, Any]]:
+    """Active therapists "Praxis <number>" at these addresses, as rows to insert.
+
+    Sending checks an email's therapist again, so a plain email needs one.
+    """
+    return [
+        {
+            "id": number,
+            "first_name": "Praxis",
+            "last_name": str(number),
+            "email": address,
+            "status": TherapistStatus.ACTIVE,
+            "last_event_at": BASE_TIME,
+        }
+        for number, address in addresses.items()
+    ]
+
+
+def plain_body(number: int) -> str:
+    """A body with the greeting sending expects for "Praxis <number>"."""
+    return f"Guten Tag Praxis {number},"
+
+
 def queue_plain_emails(engine: Engine, count: int, prefix: str) -> list[str]:
-    """``count`` queued, due emails to distinct addresses, inserted in one statement.
+    """``count`` queued, due emails to distinct therapists, inserted in two statements.
 
     For tests that are about sending, not about what is sent. Returns the Message-IDs.
     """
     now = dt.datetime.now(dt.UTC)
+    addresses = {number: f"praxis{number}@example.org" for number in range(1, count + 1)}
     sender = "anfragen@therapievermittlung.example"
     rows = [
         {
             "therapist_id": number,
             "template": EmailTemplate.INITIAL_CONTACT,
             "dedup_key": f"{prefix}:{number}",
-            "recipient_email": f"praxis{number}@example.org",
+            "recipient_email": addresses[number],
             "recipient_name": f"Praxis {number}",
             "sender_email": sender,
             "sender_name": "Therapievermittlung",
             "subject": "Anfrage für einen Therapieplatz",
-            "body_html": "<p>Sehr geehrte Damen und Herren,</p>",
-            "body_text": "Sehr geehrte Damen und Herren,",
+            "body_html": f"<p>{plain_body(number)}</p>",
+            "body_text": plain_body(number),
             "message_id": new_message_id(sender),
             "status": EmailStatus.QUEUED,
             "queued_at": now,
@@ -204,5 +228,6 @@ def queue_plain_emails(engine: Engine, count: int, prefix: str) -> list[str]:
         for number in range(1, count + 1)
     ]
     with Session(engine) as session, session.begin():
+        session.execute(insert(Therapist), plain_therapist_rows(addresses))
         session.execute(insert(Email), rows)
     return [str(row["message_id"]) for row in rows]

@@ -435,6 +435,8 @@ def test_a_follow_up_command_is_threaded_to_the_original(
 ) -> None:
     original = queue_one(committed_db)
     send_email()
+    # Sent the day before: a reminder the same day would wait for the next day.
+    mark_sent(committed_db, original.id, dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     request_ids = [b.placement_request_id for b in original.batches]
     queue = command(
         therapist_id=original.therapist_id,

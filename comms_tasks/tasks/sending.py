@@ -73,6 +73,10 @@ class _Results:
 def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, Any]:
     """Send due emails (or just ``email_id``, now) until none is due or time is up.
 
+    Returns counts by outcome: ``sent``, ``queued`` (to be retried), ``failed``, and the
+    emails its claims set aside: ``cancelled`` (nothing or no one left to write to) and
+    ``held`` (the therapist's second email of the day, for the next day).
+
     A run that finds a full claim waiting starts ``smtp_connections - 1`` helpers, so a
     backlog goes out over that many connections at once (claims never overlap).
     """
@@ -82,11 +86,17 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
     counts: dict[str, int] = {}
     helpers_started = helper or email_id is not None
     while time.monotonic() < deadline:
+        set_aside: dict[str, int] = {}
         with transaction() as session:
             messages = sending.prepare_batch(
-                session, utcnow(), EMAILS_PER_CLAIM, settings, email_id
+                session, utcnow(), EMAILS_PER_CLAIM, settings, email_id, set_aside
             )
+        for outcome, count in set_aside.items():
+            counts[outcome] = counts.get(outcome, 0) + count
         if not messages:
+            if set_aside and email_id is None:
+                # A claim that cancelled or held all it took: more may be due behind it.
+                continue
             break
         if not helpers_started and len(messages) == EMAILS_PER_CLAIM:
             for _ in range(settings.smtp_connections - 1):

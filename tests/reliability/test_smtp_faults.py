@@ -20,7 +20,8 @@ from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.mail.message import new_message_id
-from comms_tasks.models import Email, EmailStatus, EmailTemplate
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
+from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
 from tests.smtp import SmtpSink
 
@@ -56,8 +57,8 @@ def queue_emails(engine: Engine, count: int) -> dict[int, str]:
             "sender_email": "anfragen@therapievermittlung.example",
             "sender_name": "Therapievermittlung",
             "subject": "Anfrage für einen Therapieplatz",
-            "body_html": "<p>Sehr geehrte Damen und Herren,</p>",
-            "body_text": "Sehr geehrte Damen und Herren,",
+            "body_html": f"<p>{f.plain_body(number)}</p>",
+            "body_text": f.plain_body(number),
             "message_id": message_id,
             "status": EmailStatus.QUEUED,
             "queued_at": now,
@@ -65,7 +66,9 @@ def queue_emails(engine: Engine, count: int) -> dict[int, str]:
         }
         for number, message_id in message_ids.items()
     ]
+    addresses = {number: recipient(number) for number in message_ids}
     with Session(engine) as session, session.begin():
+        session.execute(insert(Therapist), f.plain_therapist_rows(addresses))
         session.execute(insert(Email), rows)
     return message_ids
 
