@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -15,9 +16,9 @@ from pydantic import (
     model_validator,
 )
 
-# Free text shown to a therapist may be long, but not unbounded: a message is not a file.
-MAX_TEXT = 5000
-MAX_NAME = 200
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME, MAX_TEXT
+
+__all__ = ["MAX_EMAIL", "MAX_NAME", "MAX_TEXT"]
 
 
 class Contract(BaseModel):
@@ -26,11 +27,21 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Line and paragraph separators besides CR and LF: NEL (a C1 control), U+2028, U+2029.
+_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# An RFC 2047 encoded word, or anything a lenient decoder might take for one: the email
+# package decodes them in header values and writes a CR/LF they hold back as it is.
+_ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
+
+
 def _single_line(value: str) -> str:
-    if "\r" in value or "\n" in value:
+    """``value`` if it can never become more than one header line, whatever reads it."""
+    if any(char in _LINE_BREAKS for char in value):
         raise ValueError("must not contain a line break")
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
         raise ValueError("must not contain control characters")
+    if _ENCODED_WORD.search(value):
+        raise ValueError("must not contain an encoded word (=?...?=)")
     return value
 
 
@@ -52,7 +63,7 @@ Name = Annotated[
 ]
 EmailAddress = Annotated[
     str,
-    StringConstraints(min_length=3, max_length=254),
+    StringConstraints(min_length=3, max_length=MAX_EMAIL),
     AfterValidator(_email_address),
 ]
 

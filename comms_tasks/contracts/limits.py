@@ -1,0 +1,20 @@
+"""The length limits of stored values, in one place.
+
+The contract (:mod:`comms_tasks.contracts.common`) refuses longer values and the columns
+(:mod:`comms_tasks.models`) are made as wide as these, so that a value the contract
+accepts can always be stored (tests/contracts/test_limits.py checks both).
+"""
+
+from __future__ import annotations
+
+# Free text shown to a therapist may be long, but not unbounded: a message is not a file.
+MAX_TEXT = 5000
+# A name, title, phone number or the producer of an event.
+MAX_NAME = 200
+# "Frau" or "Herr".
+MAX_SALUTATION = 20
+# RFC 5321: at most 254 characters in a forward path.
+MAX_EMAIL = 254
+# The longest display name that can be built from the parts above: salutation, title,
+# first and last name, each separated by a space.
+MAX_DISPLAY_NAME = MAX_SALUTATION + 3 * MAX_NAME + 3
