@@ -16,9 +16,9 @@ from pydantic import (
     model_validator,
 )
 
-from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME, MAX_TEXT
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_ID, MAX_NAME, MAX_TEXT
 
-__all__ = ["MAX_EMAIL", "MAX_NAME", "MAX_TEXT"]
+__all__ = ["MAX_EMAIL", "MAX_ID", "MAX_NAME", "MAX_TEXT"]
 
 
 class Contract(BaseModel):
@@ -76,7 +76,7 @@ def _storable_text(value: str) -> str:
 
 
 FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT), AfterValidator(_storable_text)]
-Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 PlacementRequestStatusValue = Literal["open", "in_progress", "accepted", "rejected", "cancelled"]
 OutcomeValue = Literal["accepted", "rejected", "needs_follow_up"]

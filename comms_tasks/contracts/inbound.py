@@ -19,6 +19,7 @@ from comms_tasks.contracts.common import (
     PlacementRequestStatusValue,
     SingleLine,
 )
+from comms_tasks.contracts.limits import MAX_REQUESTS_PER_MESSAGE
 
 # --- The envelope of every event -------------------------------------------------
 
@@ -157,7 +158,7 @@ class RecordEmailResponse(Command):
     email_id: Id
     received_at: AwareDatetime
     content: FreeText | None
-    outcomes: list[EmailResponseOutcome] = Field(max_length=100)
+    outcomes: list[EmailResponseOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
 
 class CallRequestOutcome(Contract):
@@ -174,18 +175,18 @@ class RecordCallOutcome(Command):
     outcome: FreeText | None
     notes: FreeText | None
     retry_after: dt.date | None
-    requests: list[CallRequestOutcome] = Field(max_length=100)
+    requests: list[CallRequestOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
 
 class QueueEmail(Command):
     therapist_id: Id
     template: Literal["follow_up", "confirmation"]
-    placement_request_ids: list[Id] = Field(min_length=1, max_length=100)
+    placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
     reply_to_email_id: Id | None
 
 
 class ScheduleCall(Command):
     therapist_id: Id
-    placement_request_ids: list[Id] = Field(min_length=1, max_length=100)
+    placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
     at: AwareDatetime | None
     notes: FreeText | None

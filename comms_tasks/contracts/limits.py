@@ -18,3 +18,12 @@ MAX_EMAIL = 254
 # The longest display name that can be built from the parts above: salutation, title,
 # first and last name, each separated by a space.
 MAX_DISPLAY_NAME = MAX_SALUTATION + 3 * MAX_NAME + 3
+# Ids of other services are positive 64-bit integers.
+MAX_ID = 2**63 - 1
+MAX_ID_DIGITS = len(str(MAX_ID))
+# Requests (or outcomes) named in one command.
+MAX_REQUESTS_PER_MESSAGE = 100
+# The longest subject a template can make: a confirmation lists the ids of its requests
+# (up to MAX_REQUESTS_PER_MESSAGE, ", " between them), a follow-up adds "Re: " to the
+# subject it answers; 200 characters leave room for the fixed words.
+MAX_SUBJECT = 200 + MAX_REQUESTS_PER_MESSAGE * (MAX_ID_DIGITS + 2)
