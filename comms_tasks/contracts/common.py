@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import re
 import unicodedata
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -16,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from comms_tasks.contracts.limits import MAX_EMAIL, MAX_ID, MAX_NAME, MAX_TEXT
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_ID, MAX_NAME, MAX_TEXT, MAX_YEAR, MIN_YEAR
 
 __all__ = ["MAX_EMAIL", "MAX_ID", "MAX_NAME", "MAX_TEXT"]
 
@@ -77,6 +78,21 @@ def _storable_text(value: str) -> str:
 
 FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT), AfterValidator(_storable_text)]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+_DateOrTime = TypeVar("_DateOrTime", dt.date, dt.datetime)
+
+
+def _in_year_range(value: _DateOrTime) -> _DateOrTime:
+    # On the value as given: its UTC form may be a day off, which still converts.
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"must be between the years {MIN_YEAR} and {MAX_YEAR}")
+    return value
+
+
+# An instant with its offset, and a calendar day, both in the years MIN_YEAR..MAX_YEAR.
+Instant = Annotated[AwareDatetime, AfterValidator(_in_year_range)]
+Day = Annotated[dt.date, AfterValidator(_in_year_range)]
 
 PlacementRequestStatusValue = Literal["open", "in_progress", "accepted", "rejected", "cancelled"]
 OutcomeValue = Literal["accepted", "rejected", "needs_follow_up"]

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BeforeValidator, Field
+from pydantic import BeforeValidator, Field
 
 from comms_tasks.contracts.common import (
     Availability,
     Contract,
+    Day,
     EmailAddress,
     FreeText,
     Id,
+    Instant,
     Name,
     OutcomeValue,
     PlacementRequestStatusValue,
@@ -35,7 +36,7 @@ class Envelope(Contract):
     event_id: uuid.UUID
     event_type: str
     version: Annotated[Literal[1], BeforeValidator(_integer_only)]
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     producer: SingleLine = Field(min_length=1)
 
 
@@ -74,7 +75,7 @@ class TherapistDeleted(Envelope):
 class PatientSummary(Contract):
     """What a therapist needs to decide. Health data: never logged, never in events."""
 
-    registered_on: dt.date | None = None
+    registered_on: Day | None = None
     diagnosis: FreeText | None = None
     gender: FreeText | None = None
     time_availability: FreeText | None = None
@@ -88,7 +89,7 @@ class PlacementRequestCreatedPayload(Contract):
     placement_request_id: Id
     patient_id: Id
     therapist_id: Id
-    created_at: AwareDatetime
+    created_at: Instant
     patient: PatientSummary
 
 
@@ -156,7 +157,7 @@ class EmailResponseOutcome(Contract):
 
 class RecordEmailResponse(Command):
     email_id: Id
-    received_at: AwareDatetime
+    received_at: Instant
     content: FreeText | None
     outcomes: list[EmailResponseOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
@@ -171,10 +172,10 @@ class CallRequestOutcome(Contract):
 class RecordCallOutcome(Command):
     call_id: Id
     status: Literal["completed", "failed", "cancelled"]
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     outcome: FreeText | None
     notes: FreeText | None
-    retry_after: dt.date | None
+    retry_after: Day | None
     requests: list[CallRequestOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
 
@@ -188,5 +189,5 @@ class QueueEmail(Command):
 class ScheduleCall(Command):
     therapist_id: Id
     placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
-    at: AwareDatetime | None
+    at: Instant | None
     notes: FreeText | None

@@ -27,3 +27,7 @@ MAX_REQUESTS_PER_MESSAGE = 100
 # (up to MAX_REQUESTS_PER_MESSAGE, ", " between them), a follow-up adds "Re: " to the
 # subject it answers; 200 characters leave room for the fixed words.
 MAX_SUBJECT = 200 + MAX_REQUESTS_PER_MESSAGE * (MAX_ID_DIGITS + 2)
+# Dates and times of messages: wide enough for any real registration or appointment,
+# narrow enough that converting to UTC or adding the 14-day horizon never overflows.
+MIN_YEAR = 1900
+MAX_YEAR = 2199
