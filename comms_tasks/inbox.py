@@ -209,6 +209,12 @@ def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
         if _already_processed(message_id):
             return Outcome("duplicate", message_id)
         raise
+    except ContractViolation as violation:
+        # An applier need not know the message's id: every dead letter of a well-formed
+        # message carries it, for the log, the operator and the replay.
+        if violation.message_id is None:
+            violation.message_id = message_id
+        raise
     return Outcome("applied", message_id)
 
 
