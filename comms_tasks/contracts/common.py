@@ -53,6 +53,10 @@ _ADDRESS = re.compile(
 
 def _email_address(value: str) -> str:
     _single_line(value)
+    if not value.isascii():
+        # Mail to a non-ASCII local part needs SMTPUTF8, which we do not use: every email
+        # to it would fail for good. (A non-ASCII domain fails the pattern below too.)
+        raise ValueError("must be an ASCII address (internationalised ones are not supported)")
     if not _ADDRESS.match(value):
         raise ValueError("is not a valid email address")
     return value

@@ -120,3 +120,14 @@ def test_an_accepted_name_has_no_separator_and_no_encoded_word(field: str, value
 )
 def test_ordinary_names_still_pass(value: str) -> None:
     validate_event(THERAPIST, upserted("last_name", value))
+
+
+@pytest.mark.parametrize(
+    "address", ["jörg@example.de", "praxis\u200b@example.de", "a\u202e@example.de", "a@exämple.de"]
+)
+def test_an_address_the_header_writer_cannot_send_to_is_refused_at_the_door(address: str) -> None:
+    # Without SMTPUTF8 a non-ASCII local part cannot be sent: every email to it would
+    # fail for good, week after week. The sender is told now instead.
+    error = refused(upserted("email", address))
+
+    assert "event.payload.email:" in error.reason
