@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import Engine, String
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import inbound
+from comms_tasks.contracts import MAX_MESSAGE_ID, inbound, readable_message_id
 from comms_tasks.contracts.common import Contract
 from comms_tasks.mail.render import EarlierEmail, EmailRenderer, PatientEntry, Recipient
-from comms_tasks.models import Email, EmailStatus, Therapist
+from comms_tasks.models import DeadLetter, Email, EmailStatus, Therapist
 from tests import factories as f
 from tests import test_email_pipeline as pipeline
 
@@ -130,3 +130,10 @@ def test_a_therapist_with_the_longest_values_is_stored_and_asked_on_postgres(
     assert queued.recipient_name == " ".join(
         (values["title"], values["first_name"], values["last_name"])
     )
+
+
+def test_a_readable_message_id_fits_the_dead_letter_column() -> None:
+    assert column_length(DeadLetter.__table__.c.message_id) == MAX_MESSAGE_ID
+    longest = "e" * MAX_MESSAGE_ID
+    assert readable_message_id({"event_id": longest}, "event_id") == longest
+    assert readable_message_id({"event_id": longest + "e"}, "event_id") is None

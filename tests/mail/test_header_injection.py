@@ -168,3 +168,22 @@ def test_a_therapist_row_written_directly_with_an_encoded_line_break_is_never_se
     [failed] = pipeline.all_emails(committed_db)
     assert failed.status is EmailStatus.FAILED
     assert failed.error_message is not None and "encoded word" in failed.error_message
+
+
+NAME_PIECES = st.sampled_from(
+    ['"', "\\", "<", ">", "@", ",", ";", ":", "(", ")", " ", "evil@x.de", "ä", "Weber", "=?", "?="]
+)
+
+
+@given(name=st.lists(NAME_PIECES, max_size=16).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_a_display_name_never_adds_a_recipient(name: str) -> None:
+    try:
+        raw = build_mime(outgoing(recipient_name=name))
+    except HeaderError:
+        return
+    parsed = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    assert [address.addr_spec for address in parsed["To"].addresses] == [
+        "praxis.mueller@example.org"
+    ]
+    assert parsed["Cc"] is None and parsed["Bcc"] is None
