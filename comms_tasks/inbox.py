@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -83,13 +84,18 @@ def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, An
     return kwargs[name]
 
 
-def storable(value: Any) -> Any:
-    """``value`` with every NUL replaced: PostgreSQL cannot store NUL in text or JSON.
+# NUL and lone surrogates (a "\ud800" escape in JSON is no character): PostgreSQL can
+# store neither in text or JSON.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
-    A dead letter must be kept whatever it holds; U+FFFD marks where a NUL was.
+
+def storable(value: Any) -> Any:
+    """``value`` with every NUL and lone surrogate replaced, so that PostgreSQL stores it.
+
+    A dead letter must be kept whatever it holds; U+FFFD marks where such a character was.
     """
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {storable(key): storable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -270,3 +270,28 @@ def test_only_outages_are_transient(committed_db: Engine) -> None:
     assert not inbox.is_transient(duplicate)
     assert not inbox.is_transient(OverflowError("date value out of range"))
     assert not inbox.is_transient(ValueError(str(uuid.uuid4())))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"last_name": "We\ud800ber"},
+        {"phone": "\udcff030 123"},
+        {"title\udc80": "Dr."},
+    ],
+    ids=["name", "phone", "key"],
+)
+def test_a_message_with_a_lone_surrogate_is_kept_as_a_dead_letter(
+    committed_db: Engine, change: dict[str, str]
+) -> None:
+    # JSON may carry "\\ud800" escapes that are no character; PostgreSQL cannot store
+    # them, so the dead letter keeps U+FFFD in their place, as it does for NUL.
+    event = f.therapist_upserted(7010)
+    event["payload"].update(change)
+
+    result = app.tasks[THERAPIST].apply(kwargs={"event": event})
+
+    assert result.successful(), result.traceback
+    [letter] = dead_letters(committed_db)
+    assert letter.message_id == event["event_id"]
+    assert "\ufffd" in json.dumps(letter.payload, ensure_ascii=False)
