@@ -19,8 +19,6 @@ from pydantic import (
 
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_ID, MAX_NAME, MAX_TEXT, MAX_YEAR, MIN_YEAR
 
-__all__ = ["MAX_EMAIL", "MAX_ID", "MAX_NAME", "MAX_TEXT"]
-
 
 class Contract(BaseModel):
     """Every contract model: unknown keys are rejected, values are immutable."""
