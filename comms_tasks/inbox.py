@@ -4,17 +4,23 @@
 contract; if it fails, store a dead letter (not retried, the worker goes on); else apply
 it in one transaction together with a row in ``processed_messages``, so the same
 ``event_id``/``command_id`` is never applied twice, even by two workers at once.
+
+A message that cannot be applied is never dropped either: an outage of the database
+(:func:`is_transient`) is retried by the task, and anything else, or an outage that
+outlives the retries, is stored as a dead letter by :func:`store_failure`, with the
+exception's class as its reason, to be replayed with ``comms dead-letters replay``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import (
@@ -23,6 +29,7 @@ from comms_tasks.contracts import (
     EVENT_ARGUMENT,
     INBOUND_EVENTS,
     ContractViolation,
+    readable_message_id,
     validate_command,
     validate_event,
 )
@@ -77,18 +84,83 @@ def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, An
     return kwargs[name]
 
 
-def storable(value: Any) -> Any:
-    """``value`` with every NUL replaced: PostgreSQL cannot store NUL in text or JSON.
+# NUL and lone surrogates (a "\ud800" escape in JSON is no character): PostgreSQL can
+# store neither in text or JSON.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
-    A dead letter must be kept whatever it holds; U+FFFD marks where a NUL was.
+
+def storable(value: Any) -> Any:
+    """``value`` with every NUL and lone surrogate replaced, so that PostgreSQL stores it.
+
+    A dead letter must be kept whatever it holds; U+FFFD marks where such a character was.
     """
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {storable(key): storable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [storable(item) for item in value]
     return value
+
+
+# SQLSTATEs of an outage: serialization failure, deadlock, lock not available, the server
+# shutting down or starting, too many connections. Class 08 (connection exception) too.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (psycopg 2 and 3), if the server sent one."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is an outage that a later attempt may not meet.
+
+    A lost or refused connection (the connection was invalidated, or the driver raised
+    an ``OperationalError``/``InterfaceError`` without a SQLSTATE from the server), a
+    serialization failure or deadlock, a lock timeout, a server shutting down. Nothing
+    else: a ``DataError``, an ``IntegrityError`` or an ``OverflowError`` fails the same
+    way every time.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    code = sqlstate_of(exc)
+    if code is not None:
+        return code in TRANSIENT_SQLSTATES or code.startswith("08")
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def failure_reason(exc: BaseException, retries: int = 0) -> str:
+    """A dead letter's reason for an exception: its class (and the driver's), no values."""
+    name = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if isinstance(exc, DBAPIError) and orig is not None:
+        name = f"{name} ({type(orig).__name__})"
+    if retries:
+        return f"could not be applied after {retries} retries: {name}"
+    return f"could not be applied: {name}"
+
+
+def _message_id_of_raw(task_name: str, raw: Any) -> str | None:
+    return readable_message_id(raw, "event_id" if task_name in INBOUND_EVENTS else "command_id")
+
+
+def store_failure(
+    task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str
+) -> Outcome:
+    """Keep a message whose application failed for good as a dead letter, for replay."""
+    try:
+        raw = unpack_arguments(task_name, args, kwargs)
+    except ContractViolation:
+        raw = {"args": list(args), "kwargs": kwargs}
+    message_id = _message_id_of_raw(task_name, raw)
+    letter_id = _store_dead_letter(task_name, ContractViolation(reason, message_id), raw)
+    log.error("dead letter %s for %s (message %s): %s", letter_id, task_name, message_id, reason)
+    return Outcome("dead_letter", message_id, letter_id, reason)
 
 
 def _store_dead_letter(task_name: str, violation: ContractViolation, raw: Any) -> int:
@@ -142,6 +214,12 @@ def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
     except IntegrityError:
         if _already_processed(message_id):
             return Outcome("duplicate", message_id)
+        raise
+    except ContractViolation as violation:
+        # An applier need not know the message's id: every dead letter of a well-formed
+        # message carries it, for the log, the operator and the replay.
+        if violation.message_id is None:
+            violation.message_id = message_id
         raise
     return Outcome("applied", message_id)
 
@@ -214,4 +292,13 @@ def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
             outcome = Outcome("dead_letter", None, dead_letter_id, violation.reason)
             _update_dead_letter(dead_letter_id, outcome)
             return outcome
-    return handle(task_name, raw, appliers[task_name], dead_letter_id=dead_letter_id)
+    try:
+        return handle(task_name, raw, appliers[task_name], dead_letter_id=dead_letter_id)
+    except Exception as exc:
+        if is_transient(exc):
+            raise  # the database is away: the letter stays as it is, try again later
+        outcome = Outcome(
+            "dead_letter", _message_id_of_raw(task_name, raw), dead_letter_id, failure_reason(exc)
+        )
+        _update_dead_letter(dead_letter_id, outcome)
+        return outcome

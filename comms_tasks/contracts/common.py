@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Literal
+import unicodedata
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -15,9 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-# Free text shown to a therapist may be long, but not unbounded: a message is not a file.
-MAX_TEXT = 5000
-MAX_NAME = 200
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_ID, MAX_NAME, MAX_TEXT, MAX_YEAR, MIN_YEAR
 
 
 class Contract(BaseModel):
@@ -26,11 +26,21 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Line and paragraph separators besides CR and LF: NEL (a C1 control), U+2028, U+2029.
+_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# An RFC 2047 encoded word, or anything a lenient decoder might take for one: the email
+# package decodes them in header values and writes a CR/LF they hold back as it is.
+_ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
+
+
 def _single_line(value: str) -> str:
-    if "\r" in value or "\n" in value:
+    """``value`` if it can never become more than one header line, whatever reads it."""
+    if any(char in _LINE_BREAKS for char in value):
         raise ValueError("must not contain a line break")
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
         raise ValueError("must not contain control characters")
+    if _ENCODED_WORD.search(value):
+        raise ValueError("must not contain an encoded word (=?...?=)")
     return value
 
 
@@ -41,6 +51,10 @@ _ADDRESS = re.compile(
 
 def _email_address(value: str) -> str:
     _single_line(value)
+    if not value.isascii():
+        # Mail to a non-ASCII local part needs SMTPUTF8, which we do not use: every email
+        # to it would fail for good. (A non-ASCII domain fails the pattern below too.)
+        raise ValueError("must be an ASCII address (internationalised ones are not supported)")
     if not _ADDRESS.match(value):
         raise ValueError("is not a valid email address")
     return value
@@ -52,7 +66,7 @@ Name = Annotated[
 ]
 EmailAddress = Annotated[
     str,
-    StringConstraints(min_length=3, max_length=254),
+    StringConstraints(min_length=3, max_length=MAX_EMAIL),
     AfterValidator(_email_address),
 ]
 
@@ -65,7 +79,22 @@ def _storable_text(value: str) -> str:
 
 
 FreeText = Annotated[str, StringConstraints(max_length=MAX_TEXT), AfterValidator(_storable_text)]
-Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+_DateOrTime = TypeVar("_DateOrTime", dt.date, dt.datetime)
+
+
+def _in_year_range(value: _DateOrTime) -> _DateOrTime:
+    # On the value as given: its UTC form may be a day off, which still converts.
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"must be between the years {MIN_YEAR} and {MAX_YEAR}")
+    return value
+
+
+# An instant with its offset, and a calendar day, both in the years MIN_YEAR..MAX_YEAR.
+Instant = Annotated[AwareDatetime, AfterValidator(_in_year_range)]
+Day = Annotated[dt.date, AfterValidator(_in_year_range)]
 
 PlacementRequestStatusValue = Literal["open", "in_progress", "accepted", "rejected", "cancelled"]
 OutcomeValue = Literal["accepted", "rejected", "needs_follow_up"]

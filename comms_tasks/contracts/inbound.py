@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BeforeValidator, Field
+from pydantic import BeforeValidator, Field
 
 from comms_tasks.contracts.common import (
     Availability,
     Contract,
+    Day,
     EmailAddress,
     FreeText,
     Id,
+    Instant,
     Name,
     OutcomeValue,
     PlacementRequestStatusValue,
     SingleLine,
 )
+from comms_tasks.contracts.limits import MAX_REQUESTS_PER_MESSAGE
 
 # --- The envelope of every event -------------------------------------------------
 
@@ -34,7 +36,7 @@ class Envelope(Contract):
     event_id: uuid.UUID
     event_type: str
     version: Annotated[Literal[1], BeforeValidator(_integer_only)]
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     producer: SingleLine = Field(min_length=1)
 
 
@@ -73,7 +75,7 @@ class TherapistDeleted(Envelope):
 class PatientSummary(Contract):
     """What a therapist needs to decide. Health data: never logged, never in events."""
 
-    registered_on: dt.date | None = None
+    registered_on: Day | None = None
     diagnosis: FreeText | None = None
     gender: FreeText | None = None
     time_availability: FreeText | None = None
@@ -87,7 +89,7 @@ class PlacementRequestCreatedPayload(Contract):
     placement_request_id: Id
     patient_id: Id
     therapist_id: Id
-    created_at: AwareDatetime
+    created_at: Instant
     patient: PatientSummary
 
 
@@ -155,9 +157,9 @@ class EmailResponseOutcome(Contract):
 
 class RecordEmailResponse(Command):
     email_id: Id
-    received_at: AwareDatetime
+    received_at: Instant
     content: FreeText | None
-    outcomes: list[EmailResponseOutcome] = Field(max_length=100)
+    outcomes: list[EmailResponseOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
 
 class CallRequestOutcome(Contract):
@@ -170,22 +172,22 @@ class CallRequestOutcome(Contract):
 class RecordCallOutcome(Command):
     call_id: Id
     status: Literal["completed", "failed", "cancelled"]
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     outcome: FreeText | None
     notes: FreeText | None
-    retry_after: dt.date | None
-    requests: list[CallRequestOutcome] = Field(max_length=100)
+    retry_after: Day | None
+    requests: list[CallRequestOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
 
 class QueueEmail(Command):
     therapist_id: Id
     template: Literal["follow_up", "confirmation"]
-    placement_request_ids: list[Id] = Field(min_length=1, max_length=100)
+    placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
     reply_to_email_id: Id | None
 
 
 class ScheduleCall(Command):
     therapist_id: Id
-    placement_request_ids: list[Id] = Field(min_length=1, max_length=100)
-    at: AwareDatetime | None
+    placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
+    at: Instant | None
     notes: FreeText | None

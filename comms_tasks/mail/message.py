@@ -2,7 +2,11 @@
 
 :func:`build_mime` is the only place where header values meet the wire format, so it is
 also where header injection is refused: every value that ends up in a header must be a
-single line, or the message is not built at all.
+single line, or the message is not built at all. That is checked twice: on the values
+given (no control or line-separator character, no RFC 2047 encoded word, which the email
+package would decode and write back with whatever line break it holds, CVE-2024-6923),
+and on every header as written (one line, or folded lines that each start with white
+space, whose encoded words decode to no line break), whatever the Python version.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import binascii
 import dataclasses
 import datetime
 import email.errors
+import email.header
 import email.policy
 import email.utils
 import functools
@@ -27,6 +32,16 @@ BODY_TRANSFER_ENCODING = "quoted-printable"
 
 _MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
 _LINE_END = re.compile(r"\r\n?")
+# An RFC 2047 encoded word, or anything a lenient decoder might take for one.
+_ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
+_UNSAFE_CATEGORIES = ("Cc", "Zl", "Zp")
+
+
+class HeaderError(ValueError):
+    """A header value that cannot be written as one header: the message is not built.
+
+    A :class:`ValueError`, so the sender treats it as a permanent failure of that email.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +94,22 @@ def build_mime(message: OutgoingMessage) -> bytes:
     :mod:`binascii`'s quoted-printable encoder. Building the whole message with the email
     package took about seven times as long (docs/performance.md).
 
-    Raises :class:`ValueError` naming the field when a header value contains a line
-    break or control character, an address does not parse, a Message-ID is malformed,
-    or the date is naive.
+    Raises :class:`HeaderError` naming the field when a header value contains a line
+    break, control character or encoded word, or a header would not be written as one
+    header; :class:`ValueError` when an address does not parse, a Message-ID is
+    malformed, or the date is naive.
     """
-    for field in ("subject", "sender_name", "recipient_name"):
-        _refuse_line_breaks(field, getattr(message, field))
+    for field in (
+        "subject",
+        "sender_name",
+        "recipient_name",
+        "sender_email",
+        "recipient_email",
+        "reply_to",
+    ):
+        value = getattr(message, field)
+        if value is not None:
+            _refuse_line_breaks(field, value)
     if message.date.tzinfo is None or message.date.utcoffset() is None:
         raise ValueError("date must be timezone-aware")
 
@@ -130,9 +155,42 @@ def _folded(name: str, value: str) -> bytes:
 def _fold(name: str, value: str | Address) -> bytes:
     """One header, encoded (RFC 2047 where needed) and folded, with its CRLF."""
     try:
-        return MIME_POLICY.fold_binary(name, MIME_POLICY.header_store_parse(name, value)[1])
-    except (email.errors.HeaderWriteError, UnicodeError) as exc:
-        raise ValueError(f"{name} cannot be written: {exc}") from None
+        folded = MIME_POLICY.fold_binary(name, MIME_POLICY.header_store_parse(name, value)[1])
+    except (email.errors.MessageError, ValueError, IndexError, TypeError) as exc:
+        # MessageError covers HeaderParseError, and HeaderWriteError where the email
+        # package has it (3.12.5 and later); ValueError covers UnicodeError.
+        raise HeaderError(f"{name} cannot be written: {type(exc).__name__}") from None
+    _check_written(name, folded)
+    return folded
+
+
+def _check_written(name: str, folded: bytes) -> None:
+    """Refuse a written header that is not exactly one header, or decodes to line breaks."""
+    if not folded.startswith(name.encode("ascii") + b":") or not folded.endswith(b"\r\n"):
+        raise HeaderError(f"{name} was not written as one header")
+    lines = folded[:-2].split(b"\r\n")
+    for line in lines:
+        if any((byte < 32 and byte != 9) or byte == 127 for byte in line):
+            raise HeaderError(f"{name} must not contain line breaks or control characters")
+    for line in lines[1:]:
+        # A continuation line starts with white space and holds more than white space;
+        # anything else would be a header of its own, or the end of the headers.
+        if line[:1] not in (b" ", b"\t") or not line.strip():
+            raise HeaderError(f"{name} must not contain line breaks")
+    unfolded = b"".join(lines).decode("ascii", errors="replace").split(":", 1)[1]
+    try:
+        parts = email.header.decode_header(unfolded)
+    except email.errors.HeaderParseError:
+        raise HeaderError(f"{name} cannot be read back") from None
+    for part, charset in parts:
+        if isinstance(part, str):
+            text = part
+        else:
+            try:
+                text = part.decode(charset or "ascii", errors="replace")
+            except LookupError:  # "unknown-8bit" and the like: every byte counts
+                text = part.decode("latin-1")
+        _refuse_line_breaks(name, text, encoded_words=False)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -155,12 +213,15 @@ def _text_part(boundary: str, subtype: str, text: str) -> bytes:
     )
 
 
-def _refuse_line_breaks(field: str, value: str) -> None:
+def _refuse_line_breaks(field: str, value: str, *, encoded_words: bool = True) -> None:
     # Besides CR and LF, any other control or line-separator character could be turned
-    # into a line break by some mail software on the way; none belongs in a header.
+    # into a line break by some mail software on the way; none belongs in a header. Nor
+    # does an encoded word: the email package would decode it, line breaks and all.
     for character in value:
-        if character in "\r\n" or unicodedata.category(character) in ("Cc", "Zl", "Zp"):
-            raise ValueError(f"{field} must not contain line breaks or control characters")
+        if character in "\r\n" or unicodedata.category(character) in _UNSAFE_CATEGORIES:
+            raise HeaderError(f"{field} must not contain line breaks or control characters")
+    if encoded_words and _ENCODED_WORD.search(value):
+        raise HeaderError(f"{field} must not contain an encoded word (=?...?=)")
 
 
 def _address(field: str, addr_spec: str, display_name: str = "") -> Address:

@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from comms_tasks.contracts.limits import MAX_DISPLAY_NAME, MAX_EMAIL, MAX_SUBJECT
 from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
 from comms_tasks.models.enums import EmailStatus, EmailTemplate, ResponseOutcome
 
@@ -67,12 +68,12 @@ class Email(Base):
     # Makes "never twice" a database fact: e.g. one batch email per therapist and run day,
     # one reminder per original email, one confirmation per accepted request.
     dedup_key: Mapped[str] = mapped_column(String(200), unique=True)
-    recipient_email: Mapped[str] = mapped_column(String(254))
-    recipient_name: Mapped[str] = mapped_column(String(300))
-    sender_email: Mapped[str] = mapped_column(String(254))
+    recipient_email: Mapped[str] = mapped_column(String(MAX_EMAIL))
+    recipient_name: Mapped[str] = mapped_column(String(MAX_DISPLAY_NAME))
+    sender_email: Mapped[str] = mapped_column(String(MAX_EMAIL))
     sender_name: Mapped[str] = mapped_column(String(200))
-    reply_to: Mapped[str | None] = mapped_column(String(254))
-    subject: Mapped[str] = mapped_column(String(300))
+    reply_to: Mapped[str | None] = mapped_column(String(MAX_EMAIL))
+    subject: Mapped[str] = mapped_column(String(MAX_SUBJECT))
     body_html: Mapped[str] = mapped_column(Text)
     body_text: Mapped[str] = mapped_column(Text)
     # Fixed when the email is queued, the same on every attempt.

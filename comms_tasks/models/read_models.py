@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Boolean, Date, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME, MAX_SALUTATION
 from comms_tasks.models.base import Base, JSONDocument, UTCDateTime, utcnow, value_enum
 from comms_tasks.models.enums import PlacementRequestStatus, TherapistStatus
 
@@ -20,12 +21,12 @@ class Therapist(Base):
     __tablename__ = "therapists"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    salutation: Mapped[str | None] = mapped_column(String(20))
-    title: Mapped[str | None] = mapped_column(String(50))
-    first_name: Mapped[str] = mapped_column(String(200))
-    last_name: Mapped[str] = mapped_column(String(200))
-    email: Mapped[str | None] = mapped_column(String(254))
-    phone: Mapped[str | None] = mapped_column(String(50))
+    salutation: Mapped[str | None] = mapped_column(String(MAX_SALUTATION))
+    title: Mapped[str | None] = mapped_column(String(MAX_NAME))
+    first_name: Mapped[str] = mapped_column(String(MAX_NAME))
+    last_name: Mapped[str] = mapped_column(String(MAX_NAME))
+    email: Mapped[str | None] = mapped_column(String(MAX_EMAIL))
+    phone: Mapped[str | None] = mapped_column(String(MAX_NAME))
     # Weekday -> list of {"start": "HH:MM", "end": "HH:MM"}, validated and merged.
     phone_availability: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
     status: Mapped[TherapistStatus] = mapped_column(value_enum(TherapistStatus, "therapist_status"))

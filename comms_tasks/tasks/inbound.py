@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
-from sqlalchemy.exc import DBAPIError
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy.exc import IntegrityError
 
 from comms_tasks import read_models
 from comms_tasks.app import app
@@ -14,13 +16,15 @@ from comms_tasks.contracts import (
     HANDLE_PATIENT_EVENT,
     HANDLE_THERAPIST_EVENT,
 )
-from comms_tasks.inbox import Applier, handle_call
+from comms_tasks.inbox import Applier, failure_reason, handle_call, is_transient, store_failure
 
-# The database may be briefly unreachable (restart, failover): such a task is retried
-# with backoff, never dead-lettered. IntegrityError here means a concurrent writer won a
-# race on another row; a retry sees its result.
-TRANSIENT_ERRORS = (DBAPIError,)
+# The database may be briefly unreachable (restart, failover) or a transaction lose a
+# race (serialization failure, deadlock): such a task is retried with backoff, over a
+# few minutes. An IntegrityError usually means a concurrent writer won a race on another
+# row, which a retry sees; it gets a few retries. Anything else fails the same way every
+# time. Whatever still fails after its retries becomes a dead letter: never dropped.
 MAX_TRANSIENT_RETRIES = 12
+MAX_RACE_RETRIES = 3
 MAX_BACKOFF_SECONDS = 120
 
 APPLIERS: dict[str, Applier] = {
@@ -31,13 +35,13 @@ APPLIERS: dict[str, Applier] = {
 
 
 def inbound_task_options() -> dict[str, Any]:
-    """How every inbound task runs: retried on database outages, ids-only in events."""
+    """How every inbound task runs: bound (it retries itself, :func:`run_inbound`),
+    ids-only in events."""
     return {
-        "autoretry_for": TRANSIENT_ERRORS,
-        "retry_backoff": True,
-        "retry_backoff_max": MAX_BACKOFF_SECONDS,
-        "retry_jitter": True,
-        "max_retries": MAX_TRANSIENT_RETRIES,
+        "bind": True,
+        # The retry budgets are :func:`retries_allowed`'s; Celery's own limit is off, so
+        # that a dead letter that cannot be written yet is retried, not lost.
+        "max_retries": None,
         # Flower and the worker's events show the message's ids, not its patient data.
         "Request": "comms_tasks.privacy:RedactedRequest",
     }
@@ -47,10 +51,42 @@ def inbound_task(task_name: str, applier: Applier) -> Task:
     """Register the task ``task_name``: validate the message, apply it once, or dead-letter."""
 
     @app.task(name=task_name, **inbound_task_options())
-    def task(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return handle_call(task_name, args, kwargs, applier).as_dict()
+    def task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return run_inbound(self, task_name, args, kwargs, applier)
 
     return task
+
+
+def retries_allowed(exc: BaseException) -> int:
+    """How many times a message that failed with ``exc`` is tried again."""
+    if is_transient(exc) or isinstance(exc, SoftTimeLimitExceeded):
+        return MAX_TRANSIENT_RETRIES
+    if isinstance(exc, IntegrityError):
+        return MAX_RACE_RETRIES
+    return 0
+
+
+def run_inbound(
+    task: Task, task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], applier: Applier
+) -> dict[str, Any]:
+    """Apply the message; retry an outage; make anything else a dead letter."""
+    retries = task.request.retries or 0
+    try:
+        return handle_call(task_name, args, kwargs, applier).as_dict()
+    except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
+        if retries < retries_allowed(exc):
+            countdown = get_exponential_backoff_interval(
+                factor=1, retries=retries, maximum=MAX_BACKOFF_SECONDS, full_jitter=True
+            )
+            raise task.retry(exc=exc, countdown=countdown) from None
+        reason = failure_reason(exc, retries)
+    try:
+        return store_failure(task_name, args, kwargs, reason).as_dict()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # The database is still away: the message stays in the queue, not lost.
+        raise task.retry(exc=exc, countdown=MAX_BACKOFF_SECONDS) from None
 
 
 handle_therapist_event = inbound_task(HANDLE_THERAPIST_EVENT, APPLIERS[HANDLE_THERAPIST_EVENT])

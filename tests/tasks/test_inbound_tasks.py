@@ -6,16 +6,21 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from celery import Celery
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.inbox import handle
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
+from comms_tasks.tasks import APPLIERS
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for, worker_environment
+from tests.contracts import test_inbound_contracts as contract_examples
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -158,3 +163,52 @@ def test_a_dead_letter_is_replayed_once_its_cause_is_gone(
     history = comms_json(committed_url, "dead-letters", "list", "--all")
     assert history[0]["status"] == "replayed"
     assert history[0]["replay_count"] == 1
+
+
+def test_a_status_change_of_an_unknown_request_is_a_dead_letter_with_its_event_id(
+    worker: WorkerProcess, committed_db: Engine, committed_url: str, sender: Celery
+) -> None:
+    event = f.status_changed(81, "in_progress", occurred_at=f.at(5))
+
+    send(sender, MATCHING, event)
+
+    letters = worker.wait_for(lambda: comms_json(committed_url, "dead-letters", "list"))
+    assert letters[0]["message_id"] == event["event_id"]
+    assert f"(message {event['event_id']})" in worker.log()
+    assert "(message None)" not in worker.log()
+
+
+REJECTED_BY_THE_APPLIER = [
+    pytest.param(MATCHING, lambda: f.status_changed(91, "in_progress"), id="status-changed"),
+    pytest.param(MATCHING, lambda: f.request_cancelled(92), id="cancelled"),
+    pytest.param(
+        "comms.record_email_response",
+        lambda: contract_examples.email_response(),
+        id="email-response",
+    ),
+    pytest.param(
+        "comms.record_call_outcome", lambda: contract_examples.call_outcome(), id="call-outcome"
+    ),
+    pytest.param("comms.queue_email", lambda: contract_examples.queue_email(), id="queue-email"),
+    pytest.param(
+        "comms.schedule_call", lambda: contract_examples.schedule_call(), id="schedule-call"
+    ),
+]
+
+
+@pytest.mark.parametrize(("task_name", "make"), REJECTED_BY_THE_APPLIER)
+def test_every_dead_letter_of_a_well_formed_message_carries_its_id(
+    committed_db: Engine, task_name: str, make: Callable[[], dict[str, Any]]
+) -> None:
+    # Nothing is known yet: each message names an unknown request, email, call or therapist.
+    raw = make()
+
+    outcome = handle(task_name, raw, APPLIERS[task_name])
+
+    assert outcome.result == "dead_letter", outcome
+    expected = raw.get("event_id") or raw["command_id"]
+    assert outcome.message_id == expected
+    with Session(committed_db) as session:
+        letter = session.get(DeadLetter, outcome.dead_letter_id)
+        assert letter is not None
+        assert letter.message_id == expected

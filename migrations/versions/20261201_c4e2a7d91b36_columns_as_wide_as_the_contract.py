@@ -1,0 +1,60 @@
+"""columns as wide as the contract
+
+A title or phone number may be as long as a name (200), the recipient name as long as
+the longest display name (salutation, title, first and last name: 623), the subject as
+long as the longest one a command can make (a confirmation listing 100 ids: 2300).
+Before, a 56-character title was a DataError on PostgreSQL.
+
+Revision ID: c4e2a7d91b36
+Revises: 9a1c3e7b5d20
+Create Date: 2026-12-01 10:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from comms_tasks.models.base import SCHEMA
+
+revision: str = "c4e2a7d91b36"
+down_revision: str | None = "9a1c3e7b5d20"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+# (table, column, length before, length after); written out, not read from the models,
+# so that this migration stays what it was when the models change again.
+WIDENED = (
+    ("therapists", "title", 50, 200),
+    ("therapists", "phone", 50, 200),
+    ("emails", "recipient_name", 300, 623),
+    ("emails", "subject", 300, 2300),
+)
+
+
+def _alter(to_new: bool) -> None:
+    # SQLite has no schemas; its batch mode copies the table, and the copy's rename must
+    # not name one.
+    schema = None if op.get_context().dialect.name == "sqlite" else SCHEMA
+    for table in ("therapists", "emails"):
+        with op.batch_alter_table(table, schema=schema) as batch:
+            for name, column, before, after in WIDENED:
+                if name != table:
+                    continue
+                old, new = (before, after) if to_new else (after, before)
+                batch.alter_column(
+                    column,
+                    existing_type=sa.String(length=old),
+                    type_=sa.String(length=new),
+                    existing_nullable=column in ("title", "phone"),
+                )
+
+
+def upgrade() -> None:
+    _alter(to_new=True)
+
+
+def downgrade() -> None:
+    # Narrowing fails on PostgreSQL if a longer value is stored: that is deliberate,
+    # a downgrade must not cut names.
+    _alter(to_new=False)
