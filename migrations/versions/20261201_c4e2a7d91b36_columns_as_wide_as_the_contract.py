@@ -6,7 +6,7 @@ long as the longest one a command can make (a confirmation listing 100 ids: 2300
 Before, a 56-character title was a DataError on PostgreSQL.
 
 Revision ID: c4e2a7d91b36
-Revises: 9a1c3e7b5d20
+Revises: 5e7d2c41a9b3
 Create Date: 2026-12-01 10:00:00.000000
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from comms_tasks.models.base import SCHEMA
 
 revision: str = "c4e2a7d91b36"
-down_revision: str | None = "9a1c3e7b5d20"
+down_revision: str | None = "5e7d2c41a9b3"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
