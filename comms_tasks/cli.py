@@ -891,10 +891,15 @@ def run(
 ) -> None:
     """Run a worker and beat in the foreground and report what they did."""
     from comms_tasks.app import app as celery_app
-    from comms_tasks.db import transaction
+    from comms_tasks.db import check_database, transaction
     from comms_tasks.reports import status_snapshot
 
     settings = get_settings()
+    try:
+        # Before worker and beat start, so a wrong URL is said once, not by each of them.
+        check_database()
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     log_level = settings.log_level
     worker = _celery("worker", f"--loglevel={log_level}", f"--concurrency={concurrency}")
@@ -962,6 +967,12 @@ def main() -> None:
     except typer.Abort:
         raise SystemExit(ABORTED) from None
     except SQLAlchemyError as exc:
+        from comms_tasks.db import connection_failure
+
+        unreachable = connection_failure(exc, get_settings().effective_database_url)
+        if unreachable is not None:
+            say_error(unreachable)
+            raise SystemExit(1) from None
         first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         say_error(f"database: {first_line} (is it reachable and migrated? `comms db upgrade`)")
         raise SystemExit(1) from None
