@@ -60,32 +60,8 @@ ABORTED = 130
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
-# Keys of an inbound message whose values are identifiers or vocabulary, never health
-# data. Everything else in a dead letter is masked unless --reveal: a dead letter is a
-# message in the wrong shape, so its data may sit under any key.
-VISIBLE_KEYS = frozenset(
-    {
-        "event_id",
-        "event_type",
-        "version",
-        "occurred_at",
-        "producer",
-        "command_id",
-        "therapist_id",
-        "placement_request_id",
-        "placement_request_ids",
-        "patient_id",
-        "email_id",
-        "call_id",
-        "reply_to_email_id",
-        "status",
-        "old_status",
-        "new_status",
-        "template",
-        "received_at",
-        "created_at",
-    }
-)
+# Keys whose values are ids or vocabulary (comms_tasks.dead_letters.VISIBLE_KEYS): every
+# other value of a dead letter is masked unless --reveal.
 MASK = "***"
 
 
@@ -161,6 +137,8 @@ def contracts_write(
 
 def mask(value: Any, *, visible: bool = False) -> Any:
     """The message with every value that is not a known id or vocabulary replaced by ***."""
+    from comms_tasks.dead_letters import VISIBLE_KEYS
+
     if isinstance(value, dict):
         return {key: mask(item, visible=key in VISIBLE_KEYS) for key, item in value.items()}
     if isinstance(value, list):
@@ -180,6 +158,7 @@ def _letter_dict(letter: Any, *, payload: Any = None) -> dict[str, Any]:
         "received_at": _iso(letter.received_at),
         "replay_count": letter.replay_count,
         "replayed_at": _iso(letter.replayed_at),
+        "payload_redacted_at": _iso(letter.payload_redacted_at),
     }
     if payload is not None:
         data["payload"] = payload
@@ -213,7 +192,7 @@ def dead_letters_list(
             item["received_at"][:19],
             item["task_name"],
             item["message_id"] or "-",
-            item["status"],
+            item["status"] + (" (redacted)" if item["payload_redacted_at"] else ""),
             item["reason"],
         )
     console.print(table)
@@ -258,6 +237,7 @@ def dead_letters_replay(
     from rich.progress import track
 
     from comms_tasks.db import transaction
+    from comms_tasks.dead_letters import ensure_replayable
     from comms_tasks.inbox import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
     from comms_tasks.tasks import APPLIERS
@@ -270,6 +250,8 @@ def dead_letters_replay(
                 session.scalars(
                     select(DeadLetter.id)
                     .where(DeadLetter.status == DeadLetterStatus.PENDING)
+                    # A redacted message has nothing left to apply.
+                    .where(DeadLetter.payload_redacted_at.is_(None))
                     .order_by(DeadLetter.id)
                 )
             )
@@ -277,6 +259,8 @@ def dead_letters_replay(
     results = []
     for letter_id in track(ids, description="replaying", console=errors, disable=len(ids) < 10):
         try:
+            with transaction() as session:
+                ensure_replayable(session, letter_id)
             results.append({"id": letter_id, **replay(letter_id, APPLIERS).as_dict()})
         except NotReplayable as exc:
             if not replay_all and len(ids) == 1:
@@ -715,7 +699,8 @@ def preview_therapist(
 
 @app.command("purge-expired")
 def purge_expired_command(as_json: JsonOption = False) -> None:
-    """Redact email bodies past the retention period now (beat does it nightly)."""
+    """Redact email bodies and dead letters past the retention period now (beat does it
+    nightly)."""
     from rich.progress import Progress
 
     from comms_tasks.models.base import utcnow
@@ -730,9 +715,14 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
             on_chunk=lambda count: progress.update(bar, advance=count),
         )
     if as_json:
-        emit_json({"redacted": redacted})
+        emit_json(redacted)
     else:
-        console.print(f"redacted {redacted} email bodies older than {settings.retention_days} days")
+        console.print(
+            f"redacted {redacted['redacted']} email bodies and "
+            f"{redacted['dead_letters_redacted']} dead letters older than "
+            f"{settings.retention_days} days",
+            highlight=False,
+        )
 
 
 # --- status --------------------------------------------------------------------------
