@@ -882,7 +882,7 @@ def run(
     """Run a worker and beat in the foreground and report what they did."""
     from comms_tasks.app import app as celery_app
     from comms_tasks.db import check_database, transaction
-    from comms_tasks.reports import status_snapshot
+    from comms_tasks.reports import activity_counts, describe_changes, status_snapshot
 
     settings = get_settings()
     try:
@@ -904,7 +904,10 @@ def run(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    reported: dict[str, Any] | None = None
+    # Counts of work done: the first run is reported in full once they have settled, then
+    # each change is one line (beat's own bookkeeping every few seconds is no change).
+    counts: dict[str, int] | None = None
+    reported = False
     quiet_since = time.monotonic()
     # The daily pipeline, run at once when asked: the batch, then the follow-up check.
     kicks = ["comms.batch_requests", "comms.follow_up_check"] if batch_now else []
@@ -915,8 +918,15 @@ def run(
                 raise fail("worker or beat exited; see its output above")
             with transaction() as session:
                 snapshot = status_snapshot(session)
-            if snapshot != reported:
-                reported, quiet_since = snapshot, time.monotonic()
+            now_counts = activity_counts(snapshot)
+            if reported:
+                stamp = dt.datetime.now(settings.zone).strftime("%H:%M:%S")
+                for change in describe_changes(counts or {}, now_counts):
+                    console.print(f"{stamp} {change}", highlight=False, markup=False)
+                counts = now_counts
+                continue
+            if now_counts != counts:
+                counts, quiet_since = now_counts, time.monotonic()
                 continue
             # Act once the queue is drained and nothing has changed for a while.
             if time.monotonic() - quiet_since <= 3 or _queued_messages() not in (0, None):
@@ -928,10 +938,10 @@ def run(
                 quiet_since = time.monotonic()
                 continue
             _report_run(snapshot, settings, run_started)
-            quiet_since = float("inf")
+            reported = True
             if until_idle:
                 break
-            console.print("Worker and beat keep running; Ctrl-C stops them.")
+            console.print("Worker and beat keep running; Ctrl-C stops them; changes follow.")
     finally:
         for process in (beat, worker):
             if process.poll() is None:
