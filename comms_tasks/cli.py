@@ -707,7 +707,8 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
     from comms_tasks.retention import purge_all_expired
 
     settings = get_settings()
-    with Progress(console=errors, transient=True) as progress:
+    # Progress is for a person at a terminal; in a pipe it would leave an empty line.
+    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
         bar = progress.add_task("redacting", total=None)
         redacted = purge_all_expired(
             utcnow(),

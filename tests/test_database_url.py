@@ -191,3 +191,25 @@ def test_worker_and_beat_with_a_bad_url_stop_at_start_with_one_line(
     )
 
     assert_one_line_naming_the_variable(result, only_line=False)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "emails list",
+        "dead-letters list",
+        "dead-letters replay --all",
+        "purge-expired",
+        "calls today",
+        "explain therapist 1",
+        "db upgrade",
+        "run --for 5",
+    ],
+)
+def test_every_command_that_reads_the_database_says_the_same_line(
+    tmp_path: Path, command: str
+) -> None:
+    result = run(environment(tmp_path, BAD_URLS["missing database"]), "comms", *command.split())
+
+    assert_one_line_naming_the_variable(result)
+    assert "comms_no_such_db" in result.stderr
