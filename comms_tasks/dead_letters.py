@@ -8,7 +8,8 @@ identifiable (task, reason, event and entity ids) but cannot be replayed any mor
 
 - ``patient.erased`` redacts every dead letter that names the patient: its
   ``patient_id``, or one of its placement requests, anywhere in the message (also inside
-  a message that arrived as a JSON string).
+  a message that arrived as a JSON string). One that arrives after the erasure is
+  stored redacted.
 - Retention redacts dead letters whose last activity (received, or replayed) is older
   than ``COMMS_RETENTION_DAYS``, pending or replayed.
 """
@@ -21,12 +22,13 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, literal, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, event, func, literal, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from comms_tasks.inbox import NotReplayable
-from comms_tasks.models import DeadLetter, PlacementRequest
+from comms_tasks.models import DeadLetter, Patient, PlacementRequest
+from comms_tasks.models.base import utcnow
 
 # Keys of an inbound message whose values are identifiers or vocabulary, never health
 # data. A dead letter is a message in the wrong shape, so its data may sit under any key:
@@ -100,39 +102,53 @@ def _parsed(value: Any, depth: int) -> Any:
     return value
 
 
-def _same_id(value: Any, wanted: Collection[int]) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return value in wanted
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value) in wanted
-    return False
-
-
-def names_patient(
-    value: Any, patient_id: int, request_ids: Collection[int], depth: int = 0
-) -> bool:
-    """Whether the message names the patient or one of its requests, at any depth."""
-    value = _parsed(value, depth)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "patient_id" and _same_id(item, {patient_id}):
-                return True
-            if key == "placement_request_id" and _same_id(item, request_ids):
-                return True
-            if (
-                key == "placement_request_ids"
-                and isinstance(item, list)
-                and any(_same_id(entry, request_ids) for entry in item)
-            ):
-                return True
-            if names_patient(item, patient_id, request_ids, depth + 1):
-                return True
-        return False
+def _as_ids(value: Any) -> set[int]:
+    """The ids a value spells: a number, a digit string (a wrong type), or a list of them."""
     if isinstance(value, list):
-        return any(names_patient(item, patient_id, request_ids, depth + 1) for item in value)
-    return False
+        return {found for item in value if not isinstance(item, list) for found in _as_ids(item)}
+    if isinstance(value, bool):
+        return set()
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, float) and value.is_integer():
+        return {int(value)}
+    if isinstance(value, str) and value.strip().isdigit():
+        return {int(value)}
+    return set()
+
+
+def named_ids(value: Any) -> tuple[set[int], set[int]]:
+    """The patient ids and placement request ids a message names, at any depth.
+
+    Also inside a JSON string (a message sent JSON-encoded), a few levels deep.
+    """
+    patients: set[int] = set()
+    requests: set[int] = set()
+
+    def visit(item: Any, parses: int) -> None:
+        if isinstance(item, str):
+            parsed = _parsed(item, parses)
+            if parsed is not item:
+                visit(parsed, parses + 1)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if key == "patient_id":
+                    patients.update(_as_ids(child))
+                elif key in ("placement_request_id", "placement_request_ids"):
+                    requests.update(_as_ids(child))
+                visit(child, parses)
+        elif isinstance(item, list):
+            for child in item:
+                visit(child, parses)
+
+    visit(value, 0)
+    return patients, requests
+
+
+def names_patient(value: Any, patient_id: int, request_ids: Collection[int]) -> bool:
+    """Whether the message names the patient or one of its requests, at any depth."""
+    patients, requests = named_ids(value)
+    return patient_id in patients or not requests.isdisjoint(request_ids)
 
 
 def _ids_as_json(ids: Iterable[int]) -> list[int | str]:
@@ -251,3 +267,28 @@ def ensure_replayable(session: Session, dead_letter_id: int) -> None:
             f"{redacted_at:%Y-%m-%d} (patient erased or retention period over); "
             "nothing is left to replay"
         )
+
+
+@event.listens_for(DeadLetter, "before_insert")
+def _redact_if_its_patient_was_erased(_mapper: Any, connection: Connection, letter: Any) -> None:
+    """A dead letter about a patient erased before it arrived is stored redacted.
+
+    Erasure is final (docs/decisions.md): a late, malformed message must not bring the
+    patient's data back by way of the dead letters.
+    """
+    try:
+        patients, requests = named_ids(letter.payload)
+    except RecursionError:
+        # Never stand in the way of keeping a message; retention still reaches it.
+        return
+    if not patients and not requests:
+        return
+    of_requests = select(PlacementRequest.patient_id).where(PlacementRequest.id.in_(requests))
+    erased = (
+        select(Patient.id)
+        .where(Patient.erased_at.is_not(None))
+        .where(or_(Patient.id.in_(patients), Patient.id.in_(of_requests)))
+        .limit(1)
+    )
+    if connection.execute(erased).first() is not None:
+        redact_dead_letter(letter, utcnow())

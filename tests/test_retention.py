@@ -368,3 +368,20 @@ def test_dead_letters_past_the_retention_period_lose_their_patient_data(
     assert old.payload_redacted_at is not None
     assert old.payload["payload"]["patient_id"] == 401
     assert old.status is DeadLetterStatus.PENDING
+
+
+def test_a_dead_letter_about_an_erased_patient_is_stored_redacted(committed_db: Engine) -> None:
+    apply(THERAPIST, f.therapist_upserted(1))
+    apply(MATCHING, f.request_created(6001, patient_id=600, therapist_id=1))
+    apply(PATIENT, f.patient_erased(600, occurred_at=f.at(60)))
+
+    late = keep_dead_letters(patient_dead_letters(600, 6001))
+    other = keep_dead_letters(patient_dead_letters(700, 7001))
+
+    for name, letter_id in late.items():
+        letter = stored_letter(committed_db, letter_id)
+        assert f"{MARKER}-600" not in json.dumps(letter.payload, ensure_ascii=False), name
+        assert letter.payload_redacted_at is not None, name
+    for name, letter_id in other.items():
+        letter = stored_letter(committed_db, letter_id)
+        assert f"{MARKER}-700" in json.dumps(letter.payload, ensure_ascii=False), name
