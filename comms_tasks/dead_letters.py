@@ -62,6 +62,8 @@ REDACTED_VALUE = "[redacted]"
 _ID_LIKE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 # Dead letters per transaction of the nightly purge.
 DEAD_LETTERS_PER_CHUNK = 500
+# The largest id a key column holds (BIGINT).
+MAX_ID = 2**63 - 1
 # How deep a message arriving as a JSON string inside a message is looked into.
 _MAX_NESTED_JSON = 3
 
@@ -103,18 +105,23 @@ def _parsed(value: Any, depth: int) -> Any:
 
 
 def _as_ids(value: Any) -> set[int]:
-    """The ids a value spells: a number, a digit string (a wrong type), or a list of them."""
+    """The ids a value spells: a number, a digit string (a wrong type), or a list of them.
+
+    Only values a key column can hold: a hostile number must not make the query that
+    looks them up fail, and with it the storing of the dead letter.
+    """
     if isinstance(value, list):
         return {found for item in value if not isinstance(item, list) for found in _as_ids(item)}
+    number: int | None = None
     if isinstance(value, bool):
-        return set()
-    if isinstance(value, int):
-        return {value}
-    if isinstance(value, float) and value.is_integer():
-        return {int(value)}
-    if isinstance(value, str) and value.strip().isdigit():
-        return {int(value)}
-    return set()
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 19
+    ):
+        number = int(value)
+    return {number} if number is not None and 0 <= number <= MAX_ID else set()
 
 
 def named_ids(value: Any) -> tuple[set[int], set[int]]:

@@ -385,3 +385,28 @@ def test_a_dead_letter_about_an_erased_patient_is_stored_redacted(committed_db: 
     for name, letter_id in other.items():
         letter = stored_letter(committed_db, letter_id)
         assert f"{MARKER}-700" in json.dumps(letter.payload, ensure_ascii=False), name
+
+
+@pytest.mark.parametrize("value", [10**30, -(10**30), "9" * 40, 1e300, [10**25]])
+def test_a_dead_letter_with_an_id_no_column_can_hold_is_still_kept(
+    any_session: Session, value: Any
+) -> None:
+    session = any_session
+    session.add(Patient(id=800, erased_at=T0, summary_event_at=T0))
+    session.flush()
+
+    def keep(patient_id: Any) -> DeadLetter:
+        letter = DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event.payload: bad",
+            payload={"payload": {"patient_id": patient_id, "placement_request_id": patient_id}},
+            status=DeadLetterStatus.PENDING,
+        )
+        session.add(letter)
+        session.flush()
+        return letter
+
+    assert keep(value).payload_redacted_at is None
+    # The same hook redacts one about the erased patient, on either database.
+    assert keep(800).payload_redacted_at is not None
