@@ -209,7 +209,8 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors(include_input=False, include_url=False):
         field = ".".join(str(part) for part in item["loc"])
         name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
-        lines.append(f"{name}: {item['msg']}")
+        # Pydantic prefixes our own validators' messages with "Value error, ".
+        lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 
