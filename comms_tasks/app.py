@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import gc
+import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import beat_init, worker_init, worker_process_init
 
 import comms_tasks.logs
 import comms_tasks.task_runs  # noqa: F401 - records when scheduled tasks ran
@@ -34,3 +35,20 @@ def _lighter_garbage_collection(**_kwargs: Any) -> None:
     # the collector no longer looks at it.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+@worker_init.connect
+@beat_init.connect
+def _stop_unless_the_database_answers(**_kwargs: Any) -> None:
+    # A wrong COMMS_DATABASE_URL stops worker and beat at start with one line naming it,
+    # rather than a traceback from every task (and a supervisor restarting it shows the
+    # line each time). Raised past Celery's signal dispatch, which only catches Exception.
+    from comms_tasks.db import check_database
+    from comms_tasks.settings import ConfigurationError
+
+    try:
+        check_database()
+    except ConfigurationError as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None

@@ -60,32 +60,8 @@ ABORTED = 130
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
-# Keys of an inbound message whose values are identifiers or vocabulary, never health
-# data. Everything else in a dead letter is masked unless --reveal: a dead letter is a
-# message in the wrong shape, so its data may sit under any key.
-VISIBLE_KEYS = frozenset(
-    {
-        "event_id",
-        "event_type",
-        "version",
-        "occurred_at",
-        "producer",
-        "command_id",
-        "therapist_id",
-        "placement_request_id",
-        "placement_request_ids",
-        "patient_id",
-        "email_id",
-        "call_id",
-        "reply_to_email_id",
-        "status",
-        "old_status",
-        "new_status",
-        "template",
-        "received_at",
-        "created_at",
-    }
-)
+# Keys whose values are ids or vocabulary (comms_tasks.dead_letters.VISIBLE_KEYS): every
+# other value of a dead letter is masked unless --reveal.
 MASK = "***"
 
 
@@ -161,6 +137,8 @@ def contracts_write(
 
 def mask(value: Any, *, visible: bool = False) -> Any:
     """The message with every value that is not a known id or vocabulary replaced by ***."""
+    from comms_tasks.dead_letters import VISIBLE_KEYS
+
     if isinstance(value, dict):
         return {key: mask(item, visible=key in VISIBLE_KEYS) for key, item in value.items()}
     if isinstance(value, list):
@@ -180,6 +158,7 @@ def _letter_dict(letter: Any, *, payload: Any = None) -> dict[str, Any]:
         "received_at": _iso(letter.received_at),
         "replay_count": letter.replay_count,
         "replayed_at": _iso(letter.replayed_at),
+        "payload_redacted_at": _iso(letter.payload_redacted_at),
     }
     if payload is not None:
         data["payload"] = payload
@@ -213,7 +192,7 @@ def dead_letters_list(
             item["received_at"][:19],
             item["task_name"],
             item["message_id"] or "-",
-            item["status"],
+            item["status"] + (" (redacted)" if item["payload_redacted_at"] else ""),
             item["reason"],
         )
     console.print(table)
@@ -258,6 +237,7 @@ def dead_letters_replay(
     from rich.progress import track
 
     from comms_tasks.db import transaction
+    from comms_tasks.dead_letters import ensure_replayable
     from comms_tasks.inbox import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
     from comms_tasks.tasks import APPLIERS
@@ -270,6 +250,8 @@ def dead_letters_replay(
                 session.scalars(
                     select(DeadLetter.id)
                     .where(DeadLetter.status == DeadLetterStatus.PENDING)
+                    # A redacted message has nothing left to apply.
+                    .where(DeadLetter.payload_redacted_at.is_(None))
                     .order_by(DeadLetter.id)
                 )
             )
@@ -277,6 +259,8 @@ def dead_letters_replay(
     results = []
     for letter_id in track(ids, description="replaying", console=errors, disable=len(ids) < 10):
         try:
+            with transaction() as session:
+                ensure_replayable(session, letter_id)
             results.append({"id": letter_id, **replay(letter_id, APPLIERS).as_dict()})
         except NotReplayable as exc:
             if not replay_all and len(ids) == 1:
@@ -707,14 +691,16 @@ def preview_therapist(
 
 @app.command("purge-expired")
 def purge_expired_command(as_json: JsonOption = False) -> None:
-    """Redact email bodies past the retention period now (beat does it nightly)."""
+    """Redact email bodies and dead letters past the retention period now (beat does it
+    nightly)."""
     from rich.progress import Progress
 
     from comms_tasks.models.base import utcnow
     from comms_tasks.retention import purge_all_expired
 
     settings = get_settings()
-    with Progress(console=errors, transient=True) as progress:
+    # Progress is for a person at a terminal; in a pipe it would leave an empty line.
+    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
         bar = progress.add_task("redacting", total=None)
         redacted = purge_all_expired(
             utcnow(),
@@ -722,9 +708,14 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
             on_chunk=lambda count: progress.update(bar, advance=count),
         )
     if as_json:
-        emit_json({"redacted": redacted})
+        emit_json(redacted)
     else:
-        console.print(f"redacted {redacted} email bodies older than {settings.retention_days} days")
+        console.print(
+            f"redacted {redacted['redacted']} email bodies and "
+            f"{redacted['dead_letters_redacted']} dead letters older than "
+            f"{settings.retention_days} days",
+            highlight=False,
+        )
 
 
 # --- status --------------------------------------------------------------------------
@@ -883,10 +874,15 @@ def run(
 ) -> None:
     """Run a worker and beat in the foreground and report what they did."""
     from comms_tasks.app import app as celery_app
-    from comms_tasks.db import transaction
-    from comms_tasks.reports import status_snapshot
+    from comms_tasks.db import check_database, transaction
+    from comms_tasks.reports import activity_counts, describe_changes, status_snapshot
 
     settings = get_settings()
+    try:
+        # Before worker and beat start, so a wrong URL is said once, not by each of them.
+        check_database()
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     log_level = settings.log_level
     worker = _celery("worker", f"--loglevel={log_level}", f"--concurrency={concurrency}")
@@ -901,7 +897,10 @@ def run(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    reported: dict[str, Any] | None = None
+    # Counts of work done: the first run is reported in full once they have settled, then
+    # each change is one line (beat's own bookkeeping every few seconds is no change).
+    counts: dict[str, int] | None = None
+    reported = False
     quiet_since = time.monotonic()
     # The daily pipeline, run at once when asked: the batch, then the follow-up check.
     kicks = ["comms.batch_requests", "comms.follow_up_check"] if batch_now else []
@@ -912,8 +911,15 @@ def run(
                 raise fail("worker or beat exited; see its output above")
             with transaction() as session:
                 snapshot = status_snapshot(session)
-            if snapshot != reported:
-                reported, quiet_since = snapshot, time.monotonic()
+            now_counts = activity_counts(snapshot)
+            if reported:
+                stamp = dt.datetime.now(settings.zone).strftime("%H:%M:%S")
+                for change in describe_changes(counts or {}, now_counts):
+                    console.print(f"{stamp} {change}", highlight=False, markup=False)
+                counts = now_counts
+                continue
+            if now_counts != counts:
+                counts, quiet_since = now_counts, time.monotonic()
                 continue
             # Act once the queue is drained and nothing has changed for a while.
             if time.monotonic() - quiet_since <= 3 or _queued_messages() not in (0, None):
@@ -925,10 +931,10 @@ def run(
                 quiet_since = time.monotonic()
                 continue
             _report_run(snapshot, settings, run_started)
-            quiet_since = float("inf")
+            reported = True
             if until_idle:
                 break
-            console.print("Worker and beat keep running; Ctrl-C stops them.")
+            console.print("Worker and beat keep running; Ctrl-C stops them; changes follow.")
     finally:
         for process in (beat, worker):
             if process.poll() is None:
@@ -954,6 +960,12 @@ def main() -> None:
     except typer.Abort:
         raise SystemExit(ABORTED) from None
     except SQLAlchemyError as exc:
+        from comms_tasks.db import connection_failure
+
+        unreachable = connection_failure(exc, get_settings().effective_database_url)
+        if unreachable is not None:
+            say_error(unreachable)
+            raise SystemExit(1) from None
         first_line = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         say_error(f"database: {first_line} (is it reachable and migrated? `comms db upgrade`)")
         raise SystemExit(1) from None

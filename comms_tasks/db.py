@@ -13,10 +13,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from comms_tasks.models.base import SCHEMA
-from comms_tasks.settings import get_settings
+from comms_tasks.settings import (
+    ConfigurationError,
+    database_url_for_driver,
+    get_settings,
+    safe_database_url,
+)
+
+# Seconds to wait for PostgreSQL to answer a new connection: a host that drops packets
+# fails start-up in this time instead of the system's TCP timeout (minutes).
+CONNECT_TIMEOUT_SECONDS = 10
 
 
 def is_sqlite(url: str) -> bool:
@@ -28,7 +38,12 @@ def schema_translation(url: str) -> dict[str | None, str | None]:
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for ``url`` with the schema mapping and per-dialect settings applied."""
+    """An engine for ``url`` with the schema mapping and per-dialect settings applied.
+
+    Every engine of the service is made here, so ``postgresql://`` means the installed
+    driver everywhere (see :func:`~comms_tasks.settings.database_url_for_driver`).
+    """
+    url = database_url_for_driver(url)
     # Statement parameters may be patient data: database errors must not repeat them.
     kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
@@ -43,6 +58,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 5)
         kwargs.setdefault("max_overflow", 5)
+        if "connect_timeout" not in url:
+            kwargs.setdefault("connect_args", {"connect_timeout": CONNECT_TIMEOUT_SECONDS})
         engine = create_engine(url, **kwargs)
     return engine.execution_options(schema_translate_map=schema_translation(url))
 
@@ -72,6 +89,53 @@ def get_engine() -> Engine:
 @functools.cache
 def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+def connection_failure(error: BaseException, url: str) -> str | None:
+    """One line naming ``COMMS_DATABASE_URL`` if ``error`` is a failure to connect, else None.
+
+    A DBAPI error raised while connecting carries no statement; one raised by a
+    statement (a missing table, a constraint) is not about the URL. The password never
+    appears: the URL is shown masked, and the driver's message never quotes it.
+    """
+    if not isinstance(error, DBAPIError) or error.statement is not None:
+        return None
+    lines = str(error.orig or error).strip().splitlines() or ["no reason given"]
+    reason = lines[0].strip()
+    password = _password_of(url)
+    if password:
+        reason = reason.replace(password, "***")
+    return f"COMMS_DATABASE_URL: cannot connect to {safe_database_url(url)}: {reason}"
+
+
+def _password_of(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password
+    except ValueError:
+        return None
+
+
+def check_database() -> None:
+    """Connect once to the configured database; :class:`ConfigurationError` if we cannot.
+
+    Worker, beat and ``comms run`` call it at start-up, so a wrong URL stops them with
+    one line instead of failing every task later.
+    """
+    url = get_settings().effective_database_url
+    try:
+        with get_engine().connect():
+            pass
+    except DBAPIError as exc:
+        reason = connection_failure(exc, url)
+        if reason is None:
+            raise
+        raise ConfigurationError(reason) from None
+    finally:
+        # The check's connection is not kept: a worker forks its pool after this.
+        get_engine().dispose()
+        reset_engine()
 
 
 def reset_engine() -> None:

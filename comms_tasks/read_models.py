@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.calls import withdraw_request_from_calls
 from comms_tasks.contracts import inbound
 from comms_tasks.contracts.common import availability_to_json
+from comms_tasks.dead_letters import erase_patient_from_dead_letters
 from comms_tasks.inbox import Rejected
 from comms_tasks.models import (
     Patient,
@@ -111,6 +112,7 @@ def apply_patient_event(session: Session, event: inbound.Envelope) -> None:
         erase_patient_from_emails(
             session, event.payload.patient_id, event.occurred_at, get_settings()
         )
+        erase_patient_from_dead_letters(session, event.payload.patient_id, event.occurred_at)
     else:
         raise TypeError(type(event).__name__)
 

@@ -78,6 +78,32 @@ def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[st
     }
 
 
+# The parts of a status snapshot that change only when the service did something: not
+# ages, due times or the last runs of scheduled tasks, which move on by themselves.
+_COUNTED_GROUPS = ("therapists", "placement_requests", "emails", "phone_calls")
+_COUNTED_TOTALS = ("retries_waiting", "dead_letters_pending")
+
+
+def activity_counts(snapshot: dict[str, Any]) -> dict[str, int]:
+    """The snapshot's counts that mark work done, by label ("emails sent": 3, ...)."""
+    counts = {
+        f"{group.replace('_', ' ')} {state}": count
+        for group in _COUNTED_GROUPS
+        for state, count in snapshot[group].items()
+    }
+    counts.update({name.replace("_", " "): int(snapshot[name]) for name in _COUNTED_TOTALS})
+    return counts
+
+
+def describe_changes(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """One line per count that changed ("emails sent: 3 → 4"): counts only, no data."""
+    return [
+        f"{label}: {before.get(label, 0)} → {count}"
+        for label, count in after.items()
+        if before.get(label, 0) != count
+    ]
+
+
 def call_sheet(session: Session, day: dt.date) -> list[dict[str, Any]]:
     """The calls of one local day, in order, with what the operator needs to discuss."""
     calls = session.scalars(

@@ -3,7 +3,7 @@
 - ``patient.erased``: the patient's summary leaves the read model, and every stored email
   body that showed it is redacted; an unsent email drops the patient, or is cancelled.
 - Retention: email bodies are redacted once the email has been quiet for
-  ``COMMS_RETENTION_DAYS``.
+  ``COMMS_RETENTION_DAYS``; so are the dead letters' messages (``comms_tasks.dead_letters``).
 
 The email rows stay (status, dates, ids, the requests they asked about), marked with
 ``body_redacted_at``. Both operations are idempotent.
@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
+from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
 from comms_tasks.models import Email, EmailBatch, EmailStatus, PlacementRequest
 from comms_tasks.sending import PATIENT_ERASED, rerender_or_cancel
 from comms_tasks.settings import Settings
@@ -107,8 +108,9 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
 
 def purge_all_expired(
     now: dt.datetime, retention_days: int, on_chunk: Callable[[int], object] | None = None
-) -> int:
-    """Redact every expired body, a chunk per transaction; ``on_chunk`` hears each count."""
+) -> dict[str, int]:
+    """Redact every expired email body, then every expired dead letter, a chunk per
+    transaction; ``on_chunk`` hears each count. Returns how many of each."""
     redacted = 0
     while True:
         with transaction() as session:
@@ -117,4 +119,23 @@ def purge_all_expired(
         if on_chunk is not None:
             on_chunk(count)
         if count < EMAILS_PER_CHUNK:
+            break
+    return {
+        "redacted": redacted,
+        "dead_letters_redacted": purge_all_expired_dead_letters(now, retention_days, on_chunk),
+    }
+
+
+def purge_all_expired_dead_letters(
+    now: dt.datetime, retention_days: int, on_chunk: Callable[[int], object] | None = None
+) -> int:
+    """Redact the health data of every dead letter past the retention period, in chunks."""
+    redacted = 0
+    while True:
+        with transaction() as session:
+            count = purge_expired_dead_letters(session, now, retention_days, DEAD_LETTERS_PER_CHUNK)
+        redacted += count
+        if on_chunk is not None:
+            on_chunk(count)
+        if count < DEAD_LETTERS_PER_CHUNK:
             return redacted

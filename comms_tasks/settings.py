@@ -15,13 +15,59 @@ from typing import Literal
 import holidays
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 ENV_PREFIX = "COMMS_"
 DEFAULT_VAR_DIR = Path("var")
 
+# The PostgreSQL driver installed with the service. A URL without a driver
+# (``postgresql://``, as every PostgreSQL tool prints it) means this one: SQLAlchemy 2.1
+# would pick psycopg 3, which is not installed.
+POSTGRESQL_DRIVER = "psycopg2"
+_SCHEMES_WITHOUT_DRIVER = ("postgresql://", "postgres://")
+DATABASE_URL_EXAMPLES = "postgresql://user@host:5432/dbname or sqlite:///path/to/comms.db"
+
 
 class ConfigurationError(RuntimeError):
     """Raised at start-up when an environment variable holds a value we cannot use."""
+
+
+def database_url_for_driver(url: str) -> str:
+    """``url`` naming the installed driver; :class:`ValueError` if it cannot work.
+
+    ``postgresql://`` and ``postgres://`` become ``postgresql+psycopg2://``. Only
+    PostgreSQL and SQLite are supported, with a driver that can be imported. The
+    error's message never repeats the URL (it may hold a password).
+    """
+    for prefix in _SCHEMES_WITHOUT_DRIVER:
+        if url.startswith(prefix):
+            url = f"postgresql+{POSTGRESQL_DRIVER}://" + url.removeprefix(prefix)
+            break
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL; expected {DATABASE_URL_EXAMPLES}") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite"):
+        raise ValueError(
+            f"unsupported database {backend!r}; expected {DATABASE_URL_EXAMPLES}"
+        ) from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError):
+        raise ValueError(
+            f"no installed driver {parsed.drivername!r}; expected {DATABASE_URL_EXAMPLES}"
+        ) from None
+    return url
+
+
+def safe_database_url(url: str) -> str:
+    """``url`` for a message: the password masked (and nothing at all if unparsable)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(not a URL)"
 
 
 class Settings(BaseSettings):
@@ -36,7 +82,8 @@ class Settings(BaseSettings):
     # Where the embedded default keeps its SQLite file, broker folders and .eml files.
     var_dir: Path = DEFAULT_VAR_DIR
 
-    database_url: str | None = None
+    # May hold a password: kept out of the settings' repr.
+    database_url: str | None = Field(default=None, repr=False)
     broker_url: str | None = None
     # Where published events go; the task broker unless set.
     events_broker_url: str | None = None
@@ -89,6 +136,11 @@ class Settings(BaseSettings):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str | None) -> str | None:
+        return None if value is None else database_url_for_driver(value)
 
     @field_validator("holiday_state", mode="before")
     @classmethod
@@ -157,7 +209,8 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors(include_input=False, include_url=False):
         field = ".".join(str(part) for part in item["loc"])
         name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
-        lines.append(f"{name}: {item['msg']}")
+        # Pydantic prefixes our own validators' messages with "Value error, ".
+        lines.append(f"{name}: {item['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 

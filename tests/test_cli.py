@@ -640,6 +640,57 @@ def test_dead_letter_show_masks_patient_data_in_any_malformed_shape(comms: Run, 
     assert MARKER not in shown
 
 
+def erase_through_the_inbox(patient_id: int) -> None:
+    from comms_tasks.contracts import HANDLE_PATIENT_EVENT
+    from comms_tasks.tasks import APPLIERS
+
+    erased = f.patient_erased(patient_id, occurred_at=f.at(60))
+    assert handle(HANDLE_PATIENT_EVENT, erased, APPLIERS[HANDLE_PATIENT_EVENT]).result == "applied"
+
+
+def test_a_redacted_dead_letter_shows_the_marker_and_is_not_replayed(
+    comms: Run, committed_db: Engine
+) -> None:
+    event = f.request_created(33, patient_id=533, therapist_id="one", diagnosis=MARKER)
+    letter_id = dead_letter(event)
+    erase_through_the_inbox(533)
+
+    revealed = json_of(comms("dead-letters", "show", str(letter_id), "--reveal", "--json"))
+    assert MARKER not in json.dumps(revealed)
+    assert revealed["payload"]["payload"]["patient"]["diagnosis"] == "[redacted]"
+    assert revealed["payload"]["event_id"] == event["event_id"]
+    assert revealed["payload_redacted_at"] is not None
+    assert "[redacted]" in ok(comms("dead-letters", "show", str(letter_id), "--reveal"))
+
+    result = comms("dead-letters", "replay", str(letter_id))
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"error: dead letter {letter_id}: its message was redacted")
+    assert len(result.stderr.splitlines()) == 1
+    assert json_of(comms("dead-letters", "replay", "--all", "--json")) == []
+    with Session(committed_db) as session:
+        letter = session.get(DeadLetter, letter_id)
+        assert letter is not None
+        assert (letter.status, letter.replay_count) == (DeadLetterStatus.PENDING, 0)
+        assert session.get(PlacementRequest, 33) is None
+
+
+def test_purge_expired_redacts_old_dead_letters_too(comms: Run, committed_db: Engine) -> None:
+    from sqlalchemy import update
+
+    letter_id = dead_letter(f.request_created(34, therapist_id="one", diagnosis=MARKER))
+    long_ago = now() - dt.timedelta(days=get_settings().retention_days + 1)
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(DeadLetter).where(DeadLetter.id == letter_id).values(received_at=long_ago)
+        )
+
+    assert json_of(comms("purge-expired", "--json")) == {"redacted": 0, "dead_letters_redacted": 1}
+    printed = ok(comms("purge-expired"))
+    assert "0 email bodies" in printed and "0 dead letters" in printed
+    shown = json_of(comms("dead-letters", "show", str(letter_id), "--reveal", "--json"))
+    assert MARKER not in json.dumps(shown)
+
+
 # --- examples -------------------------------------------------------------------------------
 
 

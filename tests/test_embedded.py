@@ -22,7 +22,8 @@ from comms_tasks.models import (
     PlacementRequest,
     Therapist,
 )
-from tests.conftest import PROJECT_ROOT, worker_environment
+from tests import factories as f
+from tests.conftest import PROJECT_ROOT, wait_for, worker_environment
 
 COMMS = str(Path(sys.executable).parent / "comms")
 
@@ -89,3 +90,56 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
         f"Loaded through messages: {therapists} therapists and {requests} placement requests"
         in " ".join(output.split())
     )
+
+
+SEND = """
+import json, sys
+from comms_tasks.cli import send_message
+for task_name, kwargs in json.loads(sys.argv[1]):
+    send_message(task_name, kwargs)
+"""
+
+
+def test_run_reports_once_then_one_line_per_change(tmp_path: Path) -> None:
+    env = worker_environment(COMMS_VAR_DIR=str(tmp_path / "var"), COMMS_LOG_LEVEL="WARNING")
+    comms(env, "db", "upgrade")
+    log_path, errors_path = tmp_path / "run.out", tmp_path / "run.err"
+    with log_path.open("w") as log, errors_path.open("w") as errors:
+        run = subprocess.Popen(
+            [COMMS, "run", "--for", "45"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=errors,
+            text=True,
+        )
+    try:
+        wait_for(lambda: "keep running" in log_path.read_text(), timeout=60)
+        messages = [
+            ("comms.handle_therapist_event", {"event": f.therapist_upserted(9101)}),
+            # Malformed: a dead letter.
+            ("comms.handle_patient_event", {"event": {"event_id": "not-an-event"}}),
+        ]
+        subprocess.run(
+            [sys.executable, "-c", SEND, json.dumps(messages)],
+            env=env,
+            cwd=PROJECT_ROOT,
+            check=True,
+            timeout=60,
+        )
+        assert run.wait(timeout=90) == 0, errors_path.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = log_path.read_text()
+    lines = output.splitlines()
+
+    # The whole report once, though beat keeps running tasks every few seconds.
+    assert output.count("what happened") == 1, output
+    assert output.count("Communication service") == 1, output
+    after_report = lines[next(i for i, line in enumerate(lines) if "keep running" in line) :]
+    changes = [line for line in after_report if "→" in line]
+    assert any(line.endswith("therapists active: 0 → 1") for line in changes), output
+    assert any(line.endswith("dead letters pending: 0 → 1") for line in changes), output
+    # A line per change, nothing else.
+    assert len(changes) == 2, output

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails
-from comms_tasks.db import transaction
-from comms_tasks.inbox import handle
-from comms_tasks.models import Email, EmailStatus, Patient
+from comms_tasks import emails, migrate
+from comms_tasks.db import make_engine, transaction
+from comms_tasks.dead_letters import REDACTED_VALUE, erase_patient_from_dead_letters
+from comms_tasks.inbox import handle, handle_call
+from comms_tasks.models import (
+    DeadLetter,
+    DeadLetterStatus,
+    Email,
+    EmailStatus,
+    Patient,
+    PlacementRequest,
+    PlacementRequestStatus,
+)
 from comms_tasks.retention import REDACTED_TEXT
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
@@ -109,8 +123,8 @@ def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
                 .where(Email.id == email_id)
                 .values(last_activity_at=dt.datetime.now(dt.UTC) - retention - dt.timedelta(days=1))
             )
-    assert purge_expired() == {"redacted": 1}
-    assert purge_expired() == {"redacted": 0}
+    assert purge_expired()["redacted"] == 1
+    assert purge_expired()["redacted"] == 0
     assert load(committed_db, old).body_text == REDACTED_TEXT
     assert MARKER in load(committed_db, recent).body_text
     # An email still to be sent keeps its body whatever its age.
@@ -147,3 +161,252 @@ def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(committed_db
     assert last_state() is None
     assert batch_requests.apply().successful()
     assert last_state() == "SUCCESS"
+
+
+# --- dead letters ----------------------------------------------------------------------
+
+RESPONSE = "comms.record_email_response"
+
+
+def dead_letter(task: str, raw: Any) -> int:
+    outcome = handle(task, raw, APPLIERS[task])
+    assert outcome.result == "dead_letter", outcome
+    assert outcome.dead_letter_id is not None
+    return outcome.dead_letter_id
+
+
+def stored_letter(engine: Engine, letter_id: int) -> DeadLetter:
+    with Session(engine) as session:
+        letter = session.get(DeadLetter, letter_id)
+        assert letter is not None
+        return letter
+
+
+def patient_dead_letters(patient_id: int, request_id: int) -> dict[str, tuple[str, Any]]:
+    """Malformed messages about one patient, in every shape the inbox keeps; by name."""
+    marker = f"{MARKER}-{patient_id}"
+    created = f.request_created(
+        request_id, patient_id=patient_id, therapist_id="one", diagnosis=marker
+    )
+    updated = f.patient_updated(patient_id, current_complaints=marker)
+    updated["payload"]["patient"]["unknown_key"] = marker
+    as_string = f.patient_updated(patient_id, diagnosis=marker)
+    wrong_call = f.patient_updated(patient_id, therapy_experience=marker)
+    response = {
+        "command_id": str(uuid.uuid4()),
+        # No such email: kept until the operator replays it.
+        "email_id": 999_000 + patient_id,
+        "received_at": f.at(5).isoformat(),
+        "content": marker,
+        "outcomes": [{"placement_request_id": request_id, "outcome": "accepted", "notes": marker}],
+    }
+    return {
+        "created": (MATCHING, created),
+        "updated": (PATIENT, updated),
+        "json string": (PATIENT, json.dumps(as_string)),
+        "wrong call": (PATIENT, wrong_call),
+        "response": (RESPONSE, response),
+    }
+
+
+def keep_dead_letters(messages: dict[str, tuple[str, Any]]) -> dict[str, int]:
+    letters = {}
+    for name, (task, raw) in messages.items():
+        if name == "wrong call":
+            outcome = handle_call(task, (raw,), {}, APPLIERS[task])
+            assert outcome.dead_letter_id is not None
+            letters[name] = outcome.dead_letter_id
+        else:
+            letters[name] = dead_letter(task, raw)
+    return letters
+
+
+def test_erasure_redacts_the_patients_dead_letters_and_keeps_their_ids(
+    committed_db: Engine,
+) -> None:
+    # The request is known, so a response naming it is the patient's too.
+    apply(THERAPIST, f.therapist_upserted(1))
+    apply(MATCHING, f.request_created(1001, patient_id=100, therapist_id=1))
+    erased = keep_dead_letters(patient_dead_letters(100, 1001))
+    kept = keep_dead_letters(patient_dead_letters(200, 2001))
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+
+    for name, letter_id in erased.items():
+        letter = stored_letter(committed_db, letter_id)
+        text = json.dumps(letter.payload, ensure_ascii=False)
+        assert f"{MARKER}-100" not in text, name
+        assert "Antriebslosigkeit" not in text, name
+        assert REDACTED_VALUE in text, name
+        assert letter.payload_redacted_at is not None, name
+        # Still identifiable: the reason, its message id and the ids inside stay.
+        assert letter.reason, name
+    created = stored_letter(committed_db, erased["created"])
+    assert created.message_id is not None
+    assert created.payload["event_id"] == created.message_id
+    assert created.payload["payload"]["patient_id"] == 100
+    assert created.payload["payload"]["placement_request_id"] == 1001
+    assert set(created.payload["payload"]["patient"].values()) == {REDACTED_VALUE}
+    response = stored_letter(committed_db, erased["response"]).payload
+    assert response["outcomes"][0]["placement_request_id"] == 1001
+    assert response["outcomes"][0]["notes"] == REDACTED_VALUE
+
+    for name, letter_id in kept.items():
+        letter = stored_letter(committed_db, letter_id)
+        assert f"{MARKER}-200" in json.dumps(letter.payload, ensure_ascii=False), name
+        assert letter.payload_redacted_at is None, name
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
+    """A session on PostgreSQL (rolled back) or on a migrated SQLite file."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("db")
+        return
+    url = f"sqlite:///{tmp_path / 'comms.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        yield session
+    engine.dispose()
+
+
+def test_erasure_finds_dead_letters_by_patient_id_on_both_databases(
+    any_session: Session,
+) -> None:
+    session = any_session
+    session.add(
+        PlacementRequest(
+            id=31,
+            patient_id=300,
+            therapist_id=1,
+            status=PlacementRequestStatus.OPEN,
+            created_at=T0,
+            last_event_at=T0,
+        )
+    )
+    rows = {
+        "nested": {"payload": {"patient_id": 300, "patient": {"diagnosis": MARKER}}},
+        "as text": {"payload": {"patient_id": "300", "notes": MARKER}},
+        "in a call": {
+            "args": [],
+            "kwargs": {"event": {"payload": {"patient_id": 300, "x": MARKER}}},
+        },
+        "request": {"outcomes": [{"placement_request_id": 31, "notes": MARKER}]},
+        "json string": json.dumps({"payload": {"patient_id": 300, "patient": MARKER}}),
+        "other patient": {"payload": {"patient_id": 3000, "patient": {"diagnosis": MARKER}}},
+        "other request": {"outcomes": [{"placement_request_id": 310, "notes": MARKER}]},
+        "digits elsewhere": {"payload": {"therapist_id": 300, "notes": MARKER}},
+    }
+    letters = {
+        name: DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event.payload: bad",
+            payload=payload,
+            status=DeadLetterStatus.PENDING,
+        )
+        for name, payload in rows.items()
+    }
+    session.add_all(letters.values())
+    session.flush()
+
+    assert erase_patient_from_dead_letters(session, 300, T0) == 5
+    assert erase_patient_from_dead_letters(session, 300, T0) == 0
+
+    session.expire_all()
+    redacted = {
+        name
+        for name, letter in letters.items()
+        if MARKER not in json.dumps(letter.payload) and letter.payload_redacted_at is not None
+    }
+    assert redacted == {"nested", "as text", "in a call", "request", "json string"}
+
+
+def test_dead_letters_past_the_retention_period_lose_their_patient_data(
+    committed_db: Engine,
+) -> None:
+    letters = keep_dead_letters(
+        {
+            "old": (PATIENT, f.patient_updated(401, diagnosis=MARKER) | {"extra": 1}),
+            "old, replayed lately": (PATIENT, f.patient_updated(402, diagnosis=MARKER) | {"x": 1}),
+            "old, replayed long ago": (
+                PATIENT,
+                f.patient_updated(403, diagnosis=MARKER) | {"y": 1},
+            ),
+            "recent": (PATIENT, f.patient_updated(404, diagnosis=MARKER) | {"z": 1}),
+        }
+    )
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=get_settings().retention_days + 1)
+    with Session(committed_db) as session, session.begin():
+        for name in ("old", "old, replayed lately", "old, replayed long ago"):
+            session.execute(
+                update(DeadLetter)
+                .where(DeadLetter.id == letters[name])
+                .values(received_at=long_ago)
+            )
+        for name, replayed_at in (
+            ("old, replayed lately", dt.datetime.now(dt.UTC)),
+            ("old, replayed long ago", long_ago),
+        ):
+            session.execute(
+                update(DeadLetter)
+                .where(DeadLetter.id == letters[name])
+                .values(status=DeadLetterStatus.REPLAYED, replayed_at=replayed_at)
+            )
+
+    assert purge_expired() == {"redacted": 0, "dead_letters_redacted": 2}
+    assert purge_expired() == {"redacted": 0, "dead_letters_redacted": 0}
+
+    redacted = {
+        name
+        for name, letter_id in letters.items()
+        if MARKER not in json.dumps(stored_letter(committed_db, letter_id).payload)
+    }
+    assert redacted == {"old", "old, replayed long ago"}
+    old = stored_letter(committed_db, letters["old"])
+    assert old.payload_redacted_at is not None
+    assert old.payload["payload"]["patient_id"] == 401
+    assert old.status is DeadLetterStatus.PENDING
+
+
+def test_a_dead_letter_about_an_erased_patient_is_stored_redacted(committed_db: Engine) -> None:
+    apply(THERAPIST, f.therapist_upserted(1))
+    apply(MATCHING, f.request_created(6001, patient_id=600, therapist_id=1))
+    apply(PATIENT, f.patient_erased(600, occurred_at=f.at(60)))
+
+    late = keep_dead_letters(patient_dead_letters(600, 6001))
+    other = keep_dead_letters(patient_dead_letters(700, 7001))
+
+    for name, letter_id in late.items():
+        letter = stored_letter(committed_db, letter_id)
+        assert f"{MARKER}-600" not in json.dumps(letter.payload, ensure_ascii=False), name
+        assert letter.payload_redacted_at is not None, name
+    for name, letter_id in other.items():
+        letter = stored_letter(committed_db, letter_id)
+        assert f"{MARKER}-700" in json.dumps(letter.payload, ensure_ascii=False), name
+
+
+@pytest.mark.parametrize("value", [10**30, -(10**30), "9" * 40, 1e300, [10**25]])
+def test_a_dead_letter_with_an_id_no_column_can_hold_is_still_kept(
+    any_session: Session, value: Any
+) -> None:
+    session = any_session
+    session.add(Patient(id=800, erased_at=T0, summary_event_at=T0))
+    session.flush()
+
+    def keep(patient_id: Any) -> DeadLetter:
+        letter = DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event.payload: bad",
+            payload={"payload": {"patient_id": patient_id, "placement_request_id": patient_id}},
+            status=DeadLetterStatus.PENDING,
+        )
+        session.add(letter)
+        session.flush()
+        return letter
+
+    assert keep(value).payload_redacted_at is None
+    # The same hook redacts one about the erased patient, on either database.
+    assert keep(800).payload_redacted_at is not None

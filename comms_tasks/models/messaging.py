@@ -48,7 +48,11 @@ class ProcessedMessage(Base):
 
 
 class DeadLetter(Base):
-    """An inbound message that failed validation, kept whole so it can be replayed."""
+    """An inbound message that failed validation, kept whole so it can be replayed.
+
+    Its health data goes with the patient's erasure and after the retention period
+    (``comms_tasks.dead_letters``).
+    """
 
     __tablename__ = "dead_letters"
     __table_args__ = (Index("ix_dead_letters_status_id", "status", "id"),)
@@ -67,6 +71,9 @@ class DeadLetter(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     replayed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Set when the payload's health data was removed (patient erased, retention): the
+    # ids stay, the message can no longer be replayed.
+    payload_redacted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class TaskRun(Base):

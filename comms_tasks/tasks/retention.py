@@ -1,4 +1,5 @@
-"""``comms.purge_expired``: redact email bodies past the retention period (nightly)."""
+"""``comms.purge_expired``: redact email bodies and dead letters past the retention period
+(nightly)."""
 
 from __future__ import annotations
 
@@ -15,4 +16,4 @@ PURGE_EXPIRED = "comms.purge_expired"
 @app.task(name=PURGE_EXPIRED)
 def purge_expired() -> dict[str, Any]:
     settings = get_settings()
-    return {"redacted": retention.purge_all_expired(utcnow(), settings.retention_days)}
+    return retention.purge_all_expired(utcnow(), settings.retention_days)

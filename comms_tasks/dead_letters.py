@@ -1,0 +1,301 @@
+"""Health data in dead letters: erased with the patient, redacted after the retention period.
+
+A dead letter keeps the message as received, so that an operator can replay it once the
+cause is fixed; that message may hold a patient summary, a therapist's answer or notes.
+Redaction replaces every value that is not an id or vocabulary (:data:`VISIBLE_KEYS`,
+in the shape of one) with :data:`REDACTED_VALUE`, in place: the dead letter stays
+identifiable (task, reason, event and entity ids) but cannot be replayed any more.
+
+- ``patient.erased`` redacts every dead letter that names the patient: its
+  ``patient_id``, or one of its placement requests, anywhere in the message (also inside
+  a message that arrived as a JSON string). One that arrives after the erasure is
+  stored redacted.
+- Retention redacts dead letters whose last activity (received, or replayed) is older
+  than ``COMMS_RETENTION_DAYS``, pending or replayed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, event, func, literal, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from comms_tasks.inbox import NotReplayable
+from comms_tasks.models import DeadLetter, Patient, PlacementRequest
+from comms_tasks.models.base import utcnow
+
+# Keys of an inbound message whose values are identifiers or vocabulary, never health
+# data. A dead letter is a message in the wrong shape, so its data may sit under any key:
+# everything else is masked by `comms dead-letters show` and removed by redaction.
+VISIBLE_KEYS = frozenset(
+    {
+        "event_id",
+        "event_type",
+        "version",
+        "occurred_at",
+        "producer",
+        "command_id",
+        "therapist_id",
+        "placement_request_id",
+        "placement_request_ids",
+        "patient_id",
+        "email_id",
+        "call_id",
+        "reply_to_email_id",
+        "status",
+        "old_status",
+        "new_status",
+        "template",
+        "received_at",
+        "created_at",
+    }
+)
+REDACTED_VALUE = "[redacted]"
+# What a kept value of a visible key looks like: an id, a UUID, a time, an enum value.
+# Anything else there (a wrong message may put a name under "therapist_id") goes.
+_ID_LIKE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
+# Dead letters per transaction of the nightly purge.
+DEAD_LETTERS_PER_CHUNK = 500
+# The largest id a key column holds (BIGINT).
+MAX_ID = 2**63 - 1
+# How deep a message arriving as a JSON string inside a message is looked into.
+_MAX_NESTED_JSON = 3
+
+
+class RedactedDeadLetter(NotReplayable):
+    """The dead letter's message was redacted: there is nothing left to replay."""
+
+
+def redacted(value: Any, *, visible: bool = False) -> Any:
+    """``value`` with every value that is not an id or vocabulary replaced by the marker."""
+    if isinstance(value, dict):
+        return {key: redacted(item, visible=key in VISIBLE_KEYS) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redacted(item, visible=visible) for item in value]
+    if value is None:
+        return None
+    if visible and (
+        isinstance(value, bool | int | float)
+        or (isinstance(value, str) and _ID_LIKE.fullmatch(value))
+    ):
+        return value
+    return REDACTED_VALUE
+
+
+def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
+    # A message that arrived JSON-encoded keeps its ids too.
+    letter.payload = redacted(_parsed(letter.payload, 0))
+    letter.payload_redacted_at = now
+
+
+def _parsed(value: Any, depth: int) -> Any:
+    """A JSON string as the document it holds (a message sent JSON-encoded), else itself."""
+    if depth < _MAX_NESTED_JSON and isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _as_ids(value: Any) -> set[int]:
+    """The ids a value spells: a number, a digit string (a wrong type), or a list of them.
+
+    Only values a key column can hold: a hostile number must not make the query that
+    looks them up fail, and with it the storing of the dead letter.
+    """
+    if isinstance(value, list):
+        return {found for item in value if not isinstance(item, list) for found in _as_ids(item)}
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 19
+    ):
+        number = int(value)
+    return {number} if number is not None and 0 <= number <= MAX_ID else set()
+
+
+def named_ids(value: Any) -> tuple[set[int], set[int]]:
+    """The patient ids and placement request ids a message names, at any depth.
+
+    Also inside a JSON string (a message sent JSON-encoded), a few levels deep.
+    """
+    patients: set[int] = set()
+    requests: set[int] = set()
+
+    def visit(item: Any, parses: int) -> None:
+        if isinstance(item, str):
+            parsed = _parsed(item, parses)
+            if parsed is not item:
+                visit(parsed, parses + 1)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if key == "patient_id":
+                    patients.update(_as_ids(child))
+                elif key in ("placement_request_id", "placement_request_ids"):
+                    requests.update(_as_ids(child))
+                visit(child, parses)
+        elif isinstance(item, list):
+            for child in item:
+                visit(child, parses)
+
+    visit(value, 0)
+    return patients, requests
+
+
+def names_patient(value: Any, patient_id: int, request_ids: Collection[int]) -> bool:
+    """Whether the message names the patient or one of its requests, at any depth."""
+    patients, requests = named_ids(value)
+    return patient_id in patients or not requests.isdisjoint(request_ids)
+
+
+def _ids_as_json(ids: Iterable[int]) -> list[int | str]:
+    # A wrong message may carry an id as a string: both spellings are looked for.
+    return [form for value in ids for form in (value, str(value))]
+
+
+def _candidates(session: Session, patient_id: int, request_ids: list[int]) -> ColumnElement[bool]:
+    """Dead letters that may name the patient, found by the database; checked in Python.
+
+    A key ``patient_id`` (or ``placement_request_id``) with the patient's (request's)
+    value anywhere in the message, or a string that may hold a JSON message.
+    """
+    patients = _ids_as_json([patient_id])
+    requests = _ids_as_json(request_ids)
+    if session.get_bind().dialect.name == "postgresql":
+        # Numbers and strings are compared apart: in a strict path, comparing a number
+        # with a string is an error, which would make the whole filter unknown.
+        variables = literal(
+            {
+                "patient": [patient_id],
+                "patient_text": [str(patient_id)],
+                "requests": list(request_ids),
+                "requests_text": [str(value) for value in request_ids],
+            },
+            JSONB,
+        )
+
+        def names(path: str, key: str) -> ColumnElement[bool]:
+            matches = (
+                f'(@.type() == "number" && @ == ${key}[*])'
+                f' || (@.type() == "string" && @ == ${key}_text[*])'
+            )
+            return func.jsonb_path_exists(
+                DeadLetter.payload, f"strict {path} ? ({matches})", variables, True
+            ).is_(True)
+
+        return or_(
+            names("$.**.patient_id", "patient"),
+            names("$.**.placement_request_id", "requests"),
+            names("$.**.placement_request_ids[*]", "requests"),
+            func.jsonb_path_exists(
+                DeadLetter.payload,
+                'strict $.** ? (@.type() == "string" && @ starts with "{")',
+                variables,
+                True,
+            ).is_(True),
+        )
+    node = func.json_tree(DeadLetter.payload).table_valued("key", "atom", "type").alias("node")
+    parent = func.json_tree(DeadLetter.payload).table_valued("key", "atom", "path").alias("item")
+    return or_(
+        select(node.c.key)
+        .where(
+            or_(
+                and_(node.c.key == "patient_id", node.c.atom.in_(patients)),
+                and_(node.c.key == "placement_request_id", node.c.atom.in_(requests)),
+                and_(node.c.type == "text", node.c.atom.like("{%")),
+            )
+        )
+        .exists(),
+        select(parent.c.key)
+        .where(parent.c.path.like("%.placement_request_ids"))
+        .where(parent.c.atom.in_(requests))
+        .exists(),
+    )
+
+
+def erase_patient_from_dead_letters(session: Session, patient_id: int, now: dt.datetime) -> int:
+    """Redact every dead letter that names the patient; returns how many (idempotent)."""
+    request_ids = list(
+        session.scalars(
+            select(PlacementRequest.id).where(PlacementRequest.patient_id == patient_id)
+        )
+    )
+    letters = session.scalars(
+        select(DeadLetter)
+        .where(DeadLetter.payload_redacted_at.is_(None))
+        .where(_candidates(session, patient_id, request_ids))
+        .order_by(DeadLetter.id)
+        .with_for_update()
+    ).all()
+    changed = 0
+    for letter in letters:
+        if names_patient(letter.payload, patient_id, set(request_ids)):
+            redact_dead_letter(letter, now)
+            changed += 1
+    return changed
+
+
+def purge_expired_dead_letters(
+    session: Session, now: dt.datetime, retention_days: int, limit: int
+) -> int:
+    """Redact up to ``limit`` dead letters quiet for longer than the retention period."""
+    cutoff = now - dt.timedelta(days=retention_days)
+    letters = session.scalars(
+        select(DeadLetter)
+        .where(DeadLetter.payload_redacted_at.is_(None))
+        .where(func.coalesce(DeadLetter.replayed_at, DeadLetter.received_at) < cutoff)
+        .order_by(DeadLetter.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for letter in letters:
+        redact_dead_letter(letter, now)
+    return len(letters)
+
+
+def ensure_replayable(session: Session, dead_letter_id: int) -> None:
+    """Raise :class:`RedactedDeadLetter` if the dead letter's message was redacted."""
+    redacted_at = session.scalar(
+        select(DeadLetter.payload_redacted_at).where(DeadLetter.id == dead_letter_id)
+    )
+    if redacted_at is not None:
+        raise RedactedDeadLetter(
+            f"dead letter {dead_letter_id}: its message was redacted on "
+            f"{redacted_at:%Y-%m-%d} (patient erased or retention period over); "
+            "nothing is left to replay"
+        )
+
+
+@event.listens_for(DeadLetter, "before_insert")
+def _redact_if_its_patient_was_erased(_mapper: Any, connection: Connection, letter: Any) -> None:
+    """A dead letter about a patient erased before it arrived is stored redacted.
+
+    Erasure is final (docs/decisions.md): a late, malformed message must not bring the
+    patient's data back by way of the dead letters.
+    """
+    try:
+        patients, requests = named_ids(letter.payload)
+    except RecursionError:
+        # Never stand in the way of keeping a message; retention still reaches it.
+        return
+    if not patients and not requests:
+        return
+    of_requests = select(PlacementRequest.patient_id).where(PlacementRequest.id.in_(requests))
+    erased = (
+        select(Patient.id)
+        .where(Patient.erased_at.is_not(None))
+        .where(or_(Patient.id.in_(patients), Patient.id.in_(of_requests)))
+        .limit(1)
+    )
+    if connection.execute(erased).first() is not None:
+        redact_dead_letter(letter, utcnow())
