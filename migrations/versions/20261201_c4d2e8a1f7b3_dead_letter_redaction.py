@@ -4,7 +4,7 @@ A dead letter's payload loses its health data when the patient is erased or the
 retention period is over; ``payload_redacted_at`` says when, and stops its replay.
 
 Revision ID: c4d2e8a1f7b3
-Revises: 9a1c3e7b5d20
+Revises: c4e2a7d91b36
 Create Date: 2026-12-01 10:00:00.000000
 """
 
@@ -16,7 +16,7 @@ from alembic import op
 from comms_tasks.models.base import SCHEMA
 
 revision: str = "c4d2e8a1f7b3"
-down_revision: str | None = "9a1c3e7b5d20"
+down_revision: str | None = "c4e2a7d91b36"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
