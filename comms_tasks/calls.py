@@ -666,8 +666,39 @@ class CallOutcomeResult:
 def record_call_outcome(
     session: Session, command: inbound.RecordCallOutcome, now: dt.datetime, settings: Settings
 ) -> CallOutcomeResult:
+    """Apply a call's outcome.
+
+    Locks in the order every writer uses (booking lock -> emails -> requests -> calls), so
+    that an answer to the call's email (email, then its calls) or a status change of its
+    requests (request, then its calls) never deadlocks with it: a failed call, which may
+    book its retry, takes the booking lock, then its email, then share-locks its pending
+    requests, then the call. A call's email and requests never change, so they are read
+    before the call is locked.
+    """
     command_id = str(command.command_id)
-    call = session.get(PhoneCall, command.call_id, with_for_update=True)
+    found = session.execute(
+        select(PhoneCall.id, PhoneCall.email_id).where(PhoneCall.id == command.call_id)
+    ).first()
+    if found is None:
+        raise Rejected("command.call_id: unknown call", command_id)
+    email_id = found.email_id
+    pending: set[int] = set()
+    if command.status == "failed":
+        lock_booking(session)
+    if email_id is not None:
+        session.get(Email, email_id, with_for_update=True, populate_existing=True)
+    if command.status == "failed":
+        pending = lock_pending_requests(
+            session,
+            list(
+                session.scalars(
+                    select(PhoneCallBatch.placement_request_id).where(
+                        PhoneCallBatch.phone_call_id == command.call_id
+                    )
+                )
+            ),
+        )
+    call = session.get(PhoneCall, command.call_id, with_for_update=True, populate_existing=True)
     if call is None:
         raise Rejected("command.call_id: unknown call", command_id)
     if call.status is not PhoneCallStatus.SCHEDULED:
@@ -691,7 +722,7 @@ def record_call_outcome(
         return CallOutcomeResult([])
     if command.status == "completed":
         return _completed(session, call, command, batches, now, settings)
-    return _failed(session, call, command, now, settings)
+    return _failed(session, call, command, pending, now, settings)
 
 
 def _completed(
@@ -738,14 +769,20 @@ def _failed(
     session: Session,
     call: PhoneCall,
     command: inbound.RecordCallOutcome,
+    pending: set[int],
     now: dt.datetime,
     settings: Settings,
 ) -> CallOutcomeResult:
+    """No answer: the next attempt, or manual follow-up.
+
+    ``pending``: the call's requests still pending, share-locked by the caller (after the
+    booking lock and the call's email, before the call).
+    """
     call.status = PhoneCallStatus.FAILED
     next_call = None
     reason = f"not answered {call.attempt} times"
     if call.attempt < MAX_CALL_ATTEMPTS:
-        next_call, reason = _retry(session, call, command.retry_after, now, settings)
+        next_call, reason = _retry(session, call, command.retry_after, pending, now, settings)
     if next_call is None:
         call.follow_up_required = True
         call.follow_up_notes = f"manual follow-up: {reason}"
@@ -771,17 +808,22 @@ def _retry(
     session: Session,
     call: PhoneCall,
     retry_after: dt.date | None,
+    pending: set[int],
     now: dt.datetime,
     settings: Settings,
 ) -> tuple[PhoneCall | None, str]:
-    """The next attempt: on ``retry_after`` or later, else from the next local day."""
+    """The next attempt: on ``retry_after`` or later, else from the next local day.
+
+    ``pending`` are the requests locked as pending (see :func:`record_call_outcome`): a
+    withdrawal that comes meanwhile waits and then cancels the call booked here.
+    """
     therapist = session.get(Therapist, call.therapist_id)
     reason = _why_not_callable(therapist)
     if therapist is None or reason is not None:
         return None, reason or "the therapist is no longer known"
-    pending = email_rules.requests_still_pending(
-        session, [batch.placement_request_id for batch in call.batches]
-    )
+    email = session.get(Email, call.email_id) if call.email_id is not None else None
+    if email is not None and email.response_received:
+        return None, "the email was answered"
     request_ids = [
         b.placement_request_id for b in call.batches if b.placement_request_id in pending
     ]
