@@ -534,6 +534,12 @@ def schedule_requested_call(
     """
     command_id = str(command.command_id)
     therapist = email_rules.known_therapist(session, command.therapist_id, command_id)
+    if therapist.status is not TherapistStatus.ACTIVE:
+        # As for follow-up calls (_why_not_callable): only active therapists are called.
+        raise Rejected(
+            f"command.therapist_id: the therapist's status is {therapist.status.value}",
+            command_id,
+        )
     if not therapist.phone:
         raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
     request_ids = list(command.placement_request_ids)

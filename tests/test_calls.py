@@ -362,6 +362,21 @@ def test_schedule_call_is_refused_for_a_decided_request(committed_db: Engine) ->
     assert calls_of(committed_db) == []
 
 
+def test_schedule_call_is_refused_for_a_therapist_who_is_not_active(committed_db: Engine) -> None:
+    sent_email(16, days_ago=1)
+    blocked = f.therapist_upserted(
+        16, occurred_at=f.at(60), status="blocked", phone_availability=ALL_WEEK
+    )
+    assert apply(THERAPIST, blocked) == "applied"
+    assert apply(SCHEDULE_CALL, schedule_command(16, None)) == (
+        "dead_letter: command.therapist_id: the therapist's status is blocked"
+    )
+    assert apply(SCHEDULE_CALL, schedule_command(16, local_slot(3))) == (
+        "dead_letter: command.therapist_id: the therapist's status is blocked"
+    )
+    assert calls_of(committed_db) == []
+
+
 def test_two_schedulers_at_once_book_one_call_per_email_within_capacity(
     committed_db: Engine,
 ) -> None:
