@@ -524,40 +524,143 @@ def unschedulable(
 def schedule_requested_call(
     session: Session, command: inbound.ScheduleCall, now: dt.datetime, settings: Settings
 ) -> PhoneCall:
-    """``comms.schedule_call``: at the given time, or in the first free slot."""
+    """``comms.schedule_call``: at the given time, or in the first free slot.
+
+    An explicit time must be a slot the search could offer (on the grid, after the lead
+    time, not on a holiday, inside the therapist's availability, free), except that it may
+    lie beyond the horizon. Requests already in a scheduled call are not booked again: a
+    command that asks for what that call already is (the same requests, its time or any)
+    is served by it; any other is rejected.
+    """
     command_id = str(command.command_id)
     therapist = email_rules.known_therapist(session, command.therapist_id, command_id)
+    if therapist.status is not TherapistStatus.ACTIVE:
+        # As for follow-up calls (_why_not_callable): only active therapists are called.
+        raise Rejected(
+            f"command.therapist_id: the therapist's status is {therapist.status.value}",
+            command_id,
+        )
     if not therapist.phone:
         raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
-    email_rules.check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
+    request_ids = list(command.placement_request_ids)
+    email_rules.check_requests_of(session, therapist.id, request_ids, command_id)
+    start = None
     if command.at is not None:
         start = command.at.astimezone(dt.UTC)
-        if start <= now:
-            raise Rejected("command.at: lies in the past", command_id)
-        # Any time, also beyond the horizon: the calls around it are what it must fit.
-        try:
-            booking = Booking.start(session, settings, now, since=start)
-        except OverflowError:
-            raise Rejected("command.at: lies too far ahead", command_id) from None
-        if not booking.is_free(therapist.id, start):
-            raise Rejected("command.at: the therapist or the operators are busy then", command_id)
-    else:
-        booking = Booking.start(session, settings, now)
-        found = booking.find_slot(therapist)
-        if found is None:
+        _check_explicit_time(therapist, start, now, settings, command_id)
+    # Any time, also beyond the horizon: the calls around it are what it must fit.
+    try:
+        booking = Booking.start(session, settings, now, since=start)
+    except OverflowError:
+        raise Rejected("command.at: lies too far ahead", command_id) from None
+    # After the booking lock, like every booking: requests, then calls (lock order).
+    _check_still_pending(session, request_ids, command_id)
+    existing = _live_call_about(session, request_ids, start, command_id)
+    if existing is not None:
+        return existing
+    if start is None:
+        start = booking.find_slot(therapist)
+        if start is None:
             raise Rejected(
                 f"command.at: no free slot within {settings.call_horizon_days} days", command_id
             )
-        start = found
+    elif not booking.is_free(therapist.id, start):
+        raise Rejected("command.at: the therapist or the operators are busy then", command_id)
     call = booking.book(
         therapist,
         start,
-        command.placement_request_ids,
+        request_ids,
         dedup_key=f"command:{command_id}",
         notes=command.notes,
     )
     booking.record()
     return call
+
+
+def _check_explicit_time(
+    therapist: Therapist, start: dt.datetime, now: dt.datetime, settings: Settings, command_id: str
+) -> None:
+    """An explicit ``at`` is a slot of the therapist's, or the command is rejected."""
+    rules = slot_rules(settings)
+    if start <= now:
+        raise Rejected("command.at: lies in the past", command_id)
+    local = start.astimezone(rules.zone)
+    since_midnight = local.replace(tzinfo=None) - dt.datetime.combine(local.date(), dt.time.min)
+    if since_midnight % rules.block:
+        minutes = rules.block // dt.timedelta(minutes=1)
+        raise Rejected(
+            f"command.at: not on the {minutes}-minute grid of local time ({local:%H:%M:%S})",
+            command_id,
+        )
+    if start < now + rules.lead_time:
+        minutes = rules.lead_time // dt.timedelta(minutes=1)
+        raise Rejected(f"command.at: less than {minutes} minutes ahead", command_id)
+    holidays = holidays_for(rules.holiday_state)
+    if local.date() in holidays:
+        raise Rejected(f"command.at: {local.date()} is a public holiday", command_id)
+    # The search's own predicate, without other calls: is ``start`` a slot of the windows?
+    try:
+        slot = first_free_slot(
+            therapist.id,
+            parse_availability(therapist.phone_availability),
+            BookedCalls(rules.block),
+            now,
+            rules,
+            holidays,
+            not_before=start,
+            horizon_from=start,
+        )
+    except OverflowError:
+        raise Rejected("command.at: lies too far ahead", command_id) from None
+    if slot != start:
+        raise Rejected("command.at: outside the therapist's phone availability", command_id)
+
+
+def _check_still_pending(session: Session, request_ids: Sequence[int], command_id: str) -> None:
+    pending = lock_pending_requests(session, request_ids)
+    for index, request_id in enumerate(request_ids):
+        if request_id not in pending:
+            status = session.scalar(
+                select(PlacementRequest.status).where(PlacementRequest.id == request_id)
+            )
+            shown = status.value if status is not None else "unknown"
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: the request is {shown}", command_id
+            )
+
+
+def _live_call_about(
+    session: Session, request_ids: Sequence[int], start: dt.datetime | None, command_id: str
+) -> PhoneCall | None:
+    """The scheduled call that already is what the command asks for, if any.
+
+    Any other scheduled call about one of the requests rejects the command: a request is
+    discussed in one live call at a time.
+    """
+    rows = session.execute(
+        select(PhoneCallBatch.placement_request_id, PhoneCall.id)
+        .join(PhoneCall, PhoneCall.id == PhoneCallBatch.phone_call_id)
+        .where(PhoneCallBatch.placement_request_id.in_(request_ids))
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .order_by(PhoneCall.id)
+    ).all()
+    if not rows:
+        return None
+    call_of = {request_id: call_id for request_id, call_id in rows}
+    call_ids = sorted(set(call_of.values()))
+    if len(call_ids) == 1 and set(call_of) == set(request_ids):
+        call = session.get_one(PhoneCall, call_ids[0])
+        same_requests = {batch.placement_request_id for batch in call.batches} == set(request_ids)
+        if same_requests and (start is None or call.scheduled_at == start):
+            return call
+    for index, request_id in enumerate(request_ids):
+        if request_id in call_of:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: request {request_id} is already "
+                f"in scheduled call {call_of[request_id]}",
+                command_id,
+            )
+    raise AssertionError("unreachable")  # pragma: no cover - a request above is in a call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,8 +672,39 @@ class CallOutcomeResult:
 def record_call_outcome(
     session: Session, command: inbound.RecordCallOutcome, now: dt.datetime, settings: Settings
 ) -> CallOutcomeResult:
+    """Apply a call's outcome.
+
+    Locks in the order every writer uses (booking lock -> emails -> requests -> calls), so
+    that an answer to the call's email (email, then its calls) or a status change of its
+    requests (request, then its calls) never deadlocks with it: a failed call, which may
+    book its retry, takes the booking lock, then its email, then share-locks its pending
+    requests, then the call. A call's email and requests never change, so they are read
+    before the call is locked.
+    """
     command_id = str(command.command_id)
-    call = session.get(PhoneCall, command.call_id, with_for_update=True)
+    found = session.execute(
+        select(PhoneCall.id, PhoneCall.email_id).where(PhoneCall.id == command.call_id)
+    ).first()
+    if found is None:
+        raise Rejected("command.call_id: unknown call", command_id)
+    email_id = found.email_id
+    pending: set[int] = set()
+    if command.status == "failed":
+        lock_booking(session)
+    if email_id is not None:
+        session.get(Email, email_id, with_for_update=True, populate_existing=True)
+    if command.status == "failed":
+        pending = lock_pending_requests(
+            session,
+            list(
+                session.scalars(
+                    select(PhoneCallBatch.placement_request_id).where(
+                        PhoneCallBatch.phone_call_id == command.call_id
+                    )
+                )
+            ),
+        )
+    call = session.get(PhoneCall, command.call_id, with_for_update=True, populate_existing=True)
     if call is None:
         raise Rejected("command.call_id: unknown call", command_id)
     if call.status is not PhoneCallStatus.SCHEDULED:
@@ -594,7 +728,7 @@ def record_call_outcome(
         return CallOutcomeResult([])
     if command.status == "completed":
         return _completed(session, call, command, batches, now, settings)
-    return _failed(session, call, command, now, settings)
+    return _failed(session, call, command, pending, now, settings)
 
 
 def _completed(
@@ -641,14 +775,20 @@ def _failed(
     session: Session,
     call: PhoneCall,
     command: inbound.RecordCallOutcome,
+    pending: set[int],
     now: dt.datetime,
     settings: Settings,
 ) -> CallOutcomeResult:
+    """No answer: the next attempt, or manual follow-up.
+
+    ``pending``: the call's requests still pending, share-locked by the caller (after the
+    booking lock and the call's email, before the call).
+    """
     call.status = PhoneCallStatus.FAILED
     next_call = None
     reason = f"not answered {call.attempt} times"
     if call.attempt < MAX_CALL_ATTEMPTS:
-        next_call, reason = _retry(session, call, command.retry_after, now, settings)
+        next_call, reason = _retry(session, call, command.retry_after, pending, now, settings)
     if next_call is None:
         call.follow_up_required = True
         call.follow_up_notes = f"manual follow-up: {reason}"
@@ -674,17 +814,22 @@ def _retry(
     session: Session,
     call: PhoneCall,
     retry_after: dt.date | None,
+    pending: set[int],
     now: dt.datetime,
     settings: Settings,
 ) -> tuple[PhoneCall | None, str]:
-    """The next attempt: on ``retry_after`` or later, else from the next local day."""
+    """The next attempt: on ``retry_after`` or later, else from the next local day.
+
+    ``pending`` are the requests locked as pending (see :func:`record_call_outcome`): a
+    withdrawal that comes meanwhile waits and then cancels the call booked here.
+    """
     therapist = session.get(Therapist, call.therapist_id)
     reason = _why_not_callable(therapist)
     if therapist is None or reason is not None:
         return None, reason or "the therapist is no longer known"
-    pending = email_rules.requests_still_pending(
-        session, [batch.placement_request_id for batch in call.batches]
-    )
+    email = session.get(Email, call.email_id) if call.email_id is not None else None
+    if email is not None and email.response_received:
+        return None, "the email was answered"
     request_ids = [
         b.placement_request_id for b in call.batches if b.placement_request_id in pending
     ]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.models import TaskRun
 from comms_tasks.models.base import utcnow
-from schedules import beat_schedule
+from schedules import BEAT_HEADER, beat_schedule
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ def last_runs(session: Session) -> dict[str, dict[str, Any]]:
     }
 
 
+def started_by_beat(task: Any) -> bool:
+    """Whether the task's current run was published by beat (its entry's header)."""
+    request = getattr(task, "request", None)
+    headers = getattr(request, "headers", None) or {}
+    return bool(headers.get(BEAT_HEADER) or getattr(request, BEAT_HEADER, False))
+
+
 @signals.task_postrun.connect
 def _remember_scheduled_run(
     task: Any = None,
@@ -58,6 +65,10 @@ def _remember_scheduled_run(
         return
     if kwargs and kwargs.get("helper"):
         # A helper a run started to share its work is part of that run, not one of its own.
+        return
+    if not started_by_beat(task):
+        # The same task started after a command, by a chain or by an operator: counting it
+        # would keep the clock moving while beat is down (``comms status`` would hide it).
         return
     from comms_tasks.db import transaction
 

@@ -19,6 +19,9 @@ BATCH_DAYS = "mon-fri"
 FOLLOW_UP_TIME = {"hour": 9, "minute": 0}
 # Email bodies past the retention period are redacted once a night.
 RETENTION_TIME = {"hour": 3, "minute": 15}
+# A message header every beat entry sets: only runs that beat started move the task's
+# clock in ``task_runs`` (the same task started after a command or by a chain does not).
+BEAT_HEADER = "comms_beat"
 
 beat_schedule: dict[str, dict[str, Any]] = {
     "batch-requests": {
@@ -46,3 +49,6 @@ beat_schedule: dict[str, dict[str, Any]] = {
         "options": {"expires": OUTBOX_RELAY_INTERVAL_SECONDS * 2},
     },
 }
+
+for _entry in beat_schedule.values():
+    _entry.setdefault("options", {})["headers"] = {BEAT_HEADER: True}

@@ -15,7 +15,15 @@ from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL
 from comms_tasks.models import Email, PhoneCallStatus
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.calls import follow_up_check, schedule_calls
-from tests.test_calls import apply, calls_of, now, outcome, schedule_command, sent_email
+from tests.test_calls import (
+    apply,
+    calls_of,
+    local_slot,
+    now,
+    outcome,
+    schedule_command,
+    sent_email,
+)
 
 BUSY = "dead_letter: command.at: the therapist or the operators are busy then"
 
@@ -25,14 +33,15 @@ def test_an_explicit_time_beyond_the_horizon_is_checked_against_the_calls_then(
 ) -> None:
     sent_email(1, days_ago=1)
     sent_email(2, days_ago=1)
-    horizon = dt.timedelta(days=get_settings().call_horizon_days)
-    at = (now() + horizon + dt.timedelta(days=6)).replace(minute=0, second=0, microsecond=0)
+    at = local_slot(get_settings().call_horizon_days + 6)
 
     assert apply(SCHEDULE_CALL, schedule_command(1, at)) == "applied"
-    assert apply(SCHEDULE_CALL, schedule_command(1, at)) == BUSY  # the same therapist
+    assert apply(SCHEDULE_CALL, schedule_command(1, at, [11])) == BUSY  # the same therapist
     assert apply(SCHEDULE_CALL, schedule_command(2, at)) == BUSY  # the only operator
     overlapping = at + dt.timedelta(minutes=2)
-    assert apply(SCHEDULE_CALL, schedule_command(2, overlapping)) == BUSY
+    assert apply(SCHEDULE_CALL, schedule_command(2, overlapping)).startswith(
+        "dead_letter: command.at: not on the 5-minute grid"
+    )
     assert apply(SCHEDULE_CALL, schedule_command(2, at + dt.timedelta(minutes=5))) == "applied"
 
     booked = calls_of(committed_db)

@@ -261,27 +261,120 @@ def test_withdrawing_every_request_cancels_the_call(committed_db: Engine) -> Non
     assert call.status is PhoneCallStatus.CANCELLED
 
 
-def schedule_command(therapist_id: int, at: dt.datetime | None) -> dict[str, Any]:
+def schedule_command(
+    therapist_id: int, at: dt.datetime | None, requests: list[int] | None = None
+) -> dict[str, Any]:
     return {
         "command_id": str(uuid.uuid4()),
         "therapist_id": therapist_id,
-        "placement_request_ids": [therapist_id * 10],
+        "placement_request_ids": requests or [therapist_id * 10],
         "at": at.isoformat() if at else None,
         "notes": "Rückfrage zur Anfrage",
     }
 
 
+def local_slot(days_ahead: int, hour: int = 10, minute: int = 0) -> dt.datetime:
+    """A local wall time ``days_ahead`` (or the next day that is no public holiday), UTC."""
+    settings = get_settings()
+    holidays = calls.holidays_for(settings.holiday_state)
+    day = now().astimezone(settings.zone).date() + dt.timedelta(days=days_ahead)
+    while day in holidays:
+        day += dt.timedelta(days=1)
+    wall = dt.datetime.combine(day, dt.time(hour, minute), tzinfo=settings.zone)
+    return wall.astimezone(dt.UTC)
+
+
 def test_schedule_call_at_a_time_or_in_the_first_free_slot(committed_db: Engine) -> None:
     sent_email(12, days_ago=1)
-    at = (now() + dt.timedelta(days=3)).replace(minute=0, second=0, microsecond=0)
+    at = local_slot(3)
     assert apply(SCHEDULE_CALL, schedule_command(12, at)) == "applied"
-    taken = apply(SCHEDULE_CALL, schedule_command(12, at + dt.timedelta(minutes=2)))
+    taken = apply(SCHEDULE_CALL, schedule_command(12, at, [121]))
     assert taken == "dead_letter: command.at: the therapist or the operators are busy then"
-    assert apply(SCHEDULE_CALL, schedule_command(12, None)) == "applied"
+    assert apply(SCHEDULE_CALL, schedule_command(12, None, [121])) == "applied"
     first, second = calls_of(committed_db)
     assert first.scheduled_at == at
     assert second.scheduled_at != at
     assert second.notes == "Rückfrage zur Anfrage"
+
+
+def test_a_second_command_about_the_same_requests_books_no_second_call(
+    committed_db: Engine,
+) -> None:
+    sent_email(13, days_ago=1)
+    assert apply(SCHEDULE_CALL, schedule_command(13, None)) == "applied"
+    # A producer that retries with a fresh command id: the live call serves it.
+    assert apply(SCHEDULE_CALL, schedule_command(13, None)) == "applied"
+    [call] = calls_of(committed_db)
+    assert apply(SCHEDULE_CALL, schedule_command(13, call.scheduled_at)) == "applied"
+    assert len(calls_of(committed_db)) == 1
+    # Another time, or more requests, is no retry: the caller must cancel the call first.
+    elsewhere = apply(SCHEDULE_CALL, schedule_command(13, local_slot(4)))
+    both = apply(SCHEDULE_CALL, schedule_command(13, None, [131, 130]))
+    assert elsewhere == (
+        f"dead_letter: command.placement_request_ids[0]: request 130 is already "
+        f"in scheduled call {call.id}"
+    )
+    assert both == (
+        f"dead_letter: command.placement_request_ids[1]: request 130 is already "
+        f"in scheduled call {call.id}"
+    )
+    assert len(calls_of(committed_db)) == 1
+    assert event_types(committed_db).count("call.scheduled") == 1
+
+
+def test_an_explicit_time_must_be_a_slot_of_the_therapist(committed_db: Engine) -> None:
+    settings = get_settings()
+    sent_email(14, days_ago=1)  # available 08:00-18:00 every day
+    today = now().astimezone(settings.zone).date()
+    christmas = dt.date(
+        today.year if today < dt.date(today.year, 12, 20) else today.year + 1, 12, 25
+    )
+    night = dt.datetime.combine(christmas, dt.time(3, 7, 30), tzinfo=settings.zone)
+    noon = dt.datetime.combine(christmas, dt.time(12, 0), tzinfo=settings.zone)
+    weekday = local_slot(3)
+
+    def rejected(at: dt.datetime) -> str:
+        return apply(SCHEDULE_CALL, schedule_command(14, at))
+
+    assert rejected(night) == (
+        "dead_letter: command.at: not on the 5-minute grid of local time (03:07:30)"
+    )
+    assert rejected(noon) == f"dead_letter: command.at: {christmas} is a public holiday"
+    assert rejected(weekday - dt.timedelta(hours=7)) == (
+        "dead_letter: command.at: outside the therapist's phone availability"
+    )
+    soon = (now() + dt.timedelta(minutes=30)).astimezone(settings.zone)
+    soon = soon.replace(minute=soon.minute - soon.minute % 5, second=0, microsecond=0)
+    soon += dt.timedelta(minutes=5)
+    assert rejected(soon) == (
+        f"dead_letter: command.at: less than {settings.call_lead_time_minutes} minutes ahead"
+    )
+    assert calls_of(committed_db) == []
+    assert rejected(weekday) == "applied"
+
+
+def test_schedule_call_is_refused_for_a_decided_request(committed_db: Engine) -> None:
+    sent_email(15, days_ago=1)
+    assert apply(MATCHING, f.status_changed(150, "rejected", occurred_at=f.at(60))) == "applied"
+    assert apply(SCHEDULE_CALL, schedule_command(15, None, [151, 150])) == (
+        "dead_letter: command.placement_request_ids[1]: the request is rejected"
+    )
+    assert calls_of(committed_db) == []
+
+
+def test_schedule_call_is_refused_for_a_therapist_who_is_not_active(committed_db: Engine) -> None:
+    sent_email(16, days_ago=1)
+    blocked = f.therapist_upserted(
+        16, occurred_at=f.at(60), status="blocked", phone_availability=ALL_WEEK
+    )
+    assert apply(THERAPIST, blocked) == "applied"
+    assert apply(SCHEDULE_CALL, schedule_command(16, None)) == (
+        "dead_letter: command.therapist_id: the therapist's status is blocked"
+    )
+    assert apply(SCHEDULE_CALL, schedule_command(16, local_slot(3))) == (
+        "dead_letter: command.therapist_id: the therapist's status is blocked"
+    )
+    assert calls_of(committed_db) == []
 
 
 def test_two_schedulers_at_once_book_one_call_per_email_within_capacity(
