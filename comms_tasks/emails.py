@@ -666,7 +666,46 @@ def record_response(
         if confirmation is not None:
             confirmations.append(confirmation)
     cancel_follow_up_calls(session, email.id)
+    for original in originals_of(session, email):
+        # The reminder asked the original's questions again: its answer answers them.
+        original.response_received = True
+        if original.response_date is None or command.received_at >= original.response_date:
+            original.response_date = command.received_at
+        asked = {batch.placement_request_id: batch for batch in original.batches}
+        for item in command.outcomes:
+            if item.placement_request_id in asked:
+                asked[item.placement_request_id].response_outcome = ResponseOutcome(item.outcome)
+        cancel_follow_up_calls(session, original.id)
     return confirmations
+
+
+# A reminder of a reminder is still one thread; more is a loop or a producer's mistake.
+MAX_THREAD_DEPTH = 10
+
+
+def originals_of(session: Session, email: Email) -> list[Email]:
+    """The sent emails a reminder follows up, up its thread, locked; nearest first.
+
+    Only a ``follow_up`` passes its answer on: it repeats its original's questions. A
+    confirmation (threaded to the answered email too) asks nothing.
+    """
+    originals: list[Email] = []
+    seen = {email.id}
+    current = email
+    while (
+        current.template is EmailTemplate.FOLLOW_UP
+        and current.in_reply_to_email_id is not None
+        and current.in_reply_to_email_id not in seen
+        and len(seen) <= MAX_THREAD_DEPTH
+    ):
+        parent = session.get(Email, current.in_reply_to_email_id, with_for_update=True)
+        if parent is None or parent.therapist_id != email.therapist_id:
+            break
+        seen.add(parent.id)
+        if parent.status is EmailStatus.SENT:
+            originals.append(parent)
+        current = parent
+    return originals
 
 
 def cancel_follow_up_calls(session: Session, email_id: int) -> int:

@@ -1,0 +1,130 @@
+"""Therapists' answers: which email they answer, in which order they arrive, and when."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
+from comms_tasks.db import transaction
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    EmailTemplate,
+    OutboxEvent,
+    PhoneCallStatus,
+    ResponseOutcome,
+)
+from comms_tasks.tasks.calls import follow_up_check, schedule_calls
+from tests.test_calls import apply, calls_of, now, sent_email
+
+
+def answer(
+    email_id: int, received_at: dt.datetime, *outcomes: tuple[int, str], **fields: Any
+) -> dict[str, Any]:
+    return {
+        "command_id": str(uuid.uuid4()),
+        "email_id": email_id,
+        "received_at": received_at.isoformat(),
+        "content": fields.get("content", "Meine Antwort."),
+        "outcomes": [
+            {"placement_request_id": request_id, "outcome": outcome, "notes": None}
+            for request_id, outcome in outcomes
+        ],
+    }
+
+
+def reminder_of(original: Email, request_ids: list[int]) -> Email:
+    """A ``follow_up`` asked for by command, threaded to ``original``, and sent."""
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": request_ids,
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    with transaction() as session:
+        reminder = session.scalars(
+            select(Email).where(Email.in_reply_to_email_id == original.id)
+        ).one()
+        reminder.status = EmailStatus.SENT
+        reminder.sent_at = now()
+        return reminder
+
+
+def email_row(engine: Engine, email_id: int) -> Email:
+    with Session(engine) as session:
+        email = session.get(Email, email_id)
+        assert email is not None
+        _ = email.batches
+        return email
+
+
+def outcomes_of(engine: Engine, email_id: int) -> dict[int, ResponseOutcome | None]:
+    with Session(engine) as session:
+        return dict(
+            session.execute(
+                select(EmailBatch.placement_request_id, EmailBatch.response_outcome).where(
+                    EmailBatch.email_id == email_id
+                )
+            ).all()
+        )
+
+
+def published_outcomes(engine: Engine) -> list[tuple[int, str]]:
+    with Session(engine) as session:
+        return [
+            (row.envelope["payload"]["placement_request_id"], row.envelope["payload"]["outcome"])
+            for row in session.scalars(
+                select(OutboxEvent)
+                .where(OutboxEvent.event_type == "placement_request.outcome_recorded")
+                .order_by(OutboxEvent.id)
+            )
+        ]
+
+
+# --- an answer to a reminder ---------------------------------------------------------------
+
+
+def test_an_answer_to_the_reminder_cancels_the_originals_call(committed_db: Engine) -> None:
+    original = sent_email(21)
+    assert follow_up_check()["marked"] == 1
+    assert schedule_calls()["scheduled"] == 1
+    reminder = reminder_of(original, [210, 211])
+    response = answer(reminder.id, now(), (210, "rejected"), (211, "rejected"))
+    assert apply(RECORD_EMAIL_RESPONSE, response) == "applied"
+    [call] = calls_of(committed_db)
+    assert call.email_id == original.id
+    assert call.status is PhoneCallStatus.CANCELLED
+    # The original is answered too, for the requests the answer covers.
+    assert email_row(committed_db, original.id).response_received
+    assert outcomes_of(committed_db, original.id) == {
+        210: ResponseOutcome.REJECTED,
+        211: ResponseOutcome.REJECTED,
+    }
+    # Each outcome is published once, by the email that was answered.
+    assert published_outcomes(committed_db) == [(210, "rejected"), (211, "rejected")]
+
+
+def test_an_answered_reminder_keeps_its_original_from_a_call_later(committed_db: Engine) -> None:
+    original = sent_email(22, days_ago=3)
+    reminder = reminder_of(original, [220])
+    assert apply(RECORD_EMAIL_RESPONSE, answer(reminder.id, now(), (220, "accepted"))) == "applied"
+    # A week after the original: its call would be booked, had the answer not reached it.
+    with transaction() as session:
+        row = session.get(Email, original.id)
+        assert row is not None
+        row.sent_at = now() - dt.timedelta(days=8)
+    assert follow_up_check()["marked"] == 0
+    schedule_calls()
+    assert calls_of(committed_db) == []
+    assert outcomes_of(committed_db, original.id) == {220: ResponseOutcome.ACCEPTED, 221: None}
+    with Session(committed_db) as session:
+        templates = session.scalars(select(Email.template).order_by(Email.id)).all()
+    assert templates.count(EmailTemplate.CONFIRMATION) == 1
