@@ -635,28 +635,45 @@ def record_response(
                 f"command.outcomes[{index}].placement_request_id: not asked about in this email",
                 str(command.command_id),
             )
+    received_at = command.received_at
     email.response_received = True
-    email.response_date = command.received_at
-    email.response_content = command.content
+    if _not_older(email.response_date, received_at):
+        # The email shows its newest answer; an older one only fills in outcomes.
+        email.response_date = received_at
+        email.response_content = command.content
     record_event(
         session,
         EmailResponseRecordedPayload(
-            email_id=email.id, therapist_id=email.therapist_id, received_at=command.received_at
+            email_id=email.id, therapist_id=email.therapist_id, received_at=received_at
         ),
         occurred_at=now,
     )
     therapist = session.get(Therapist, email.therapist_id)
+    originals = originals_of(session, email)
     confirmations = []
     for item in command.outcomes:
         batch = batches[item.placement_request_id]
-        batch.response_outcome = ResponseOutcome(item.outcome)
+        if not _not_older(batch.response_received_at, received_at):
+            # A newer answer already decided this request: nothing to publish or confirm.
+            continue
+        outcome = ResponseOutcome(item.outcome)
+        batch.response_outcome = outcome
         batch.response_notes = item.notes
+        batch.response_received_at = received_at
+        for original in originals:
+            # The reminder asked the original's questions again: its answer answers them.
+            for asked in original.batches:
+                if asked.placement_request_id == item.placement_request_id and _not_older(
+                    asked.response_received_at, received_at
+                ):
+                    asked.response_outcome = outcome
+                    asked.response_received_at = received_at
         confirmation = record_outcome(
             session,
             email.therapist_id,
             therapist,
             item.placement_request_id,
-            ResponseOutcome(item.outcome),
+            outcome,
             via="email",
             source_id=email.id,
             now=now,
@@ -666,17 +683,20 @@ def record_response(
         if confirmation is not None:
             confirmations.append(confirmation)
     cancel_follow_up_calls(session, email.id)
-    for original in originals_of(session, email):
-        # The reminder asked the original's questions again: its answer answers them.
+    for original in originals:
         original.response_received = True
-        if original.response_date is None or command.received_at >= original.response_date:
-            original.response_date = command.received_at
-        asked = {batch.placement_request_id: batch for batch in original.batches}
-        for item in command.outcomes:
-            if item.placement_request_id in asked:
-                asked[item.placement_request_id].response_outcome = ResponseOutcome(item.outcome)
+        if _not_older(original.response_date, received_at):
+            original.response_date = received_at
         cancel_follow_up_calls(session, original.id)
     return confirmations
+
+
+def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
+    """Whether an answer received at ``received_at`` may replace what was recorded.
+
+    Like events (``read_models._is_stale``): the same time applies, the later delivery wins.
+    """
+    return recorded is None or received_at >= recorded
 
 
 # A reminder of a reminder is still one thread; more is a loop or a producer's mistake.

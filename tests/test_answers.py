@@ -128,3 +128,58 @@ def test_an_answered_reminder_keeps_its_original_from_a_call_later(committed_db:
     with Session(committed_db) as session:
         templates = session.scalars(select(Email.template).order_by(Email.id)).all()
     assert templates.count(EmailTemplate.CONFIRMATION) == 1
+
+
+# --- answers out of order -----------------------------------------------------------------
+
+
+def test_an_older_answer_never_overwrites_a_newer_one(committed_db: Engine) -> None:
+    email = sent_email(31)
+    newer = now()
+    first = answer(email.id, newer, (310, "accepted"), content="NEUER: Ich nehme sie.")
+    assert apply(RECORD_EMAIL_RESPONSE, first) == "applied"
+    # Recorded later (another path: the mailbox, an operator), received an hour earlier.
+    older = answer(
+        email.id,
+        newer - dt.timedelta(hours=1),
+        (310, "rejected"),
+        (311, "rejected"),
+        content="ÄLTER: Leider kein Platz.",
+    )
+    assert apply(RECORD_EMAIL_RESPONSE, older) == "applied"
+    row = email_row(committed_db, email.id)
+    assert row.response_date == newer
+    assert row.response_content == "NEUER: Ich nehme sie."
+    # The older answer only says what no newer one did.
+    assert outcomes_of(committed_db, email.id) == {
+        310: ResponseOutcome.ACCEPTED,
+        311: ResponseOutcome.REJECTED,
+    }
+    assert published_outcomes(committed_db) == [(310, "accepted"), (311, "rejected")]
+    # Between the two: newer than what request 311 holds, older than the email's answer.
+    between = answer(email.id, newer - dt.timedelta(minutes=30), (311, "accepted"))
+    assert apply(RECORD_EMAIL_RESPONSE, between) == "applied"
+    assert outcomes_of(committed_db, email.id) == {
+        310: ResponseOutcome.ACCEPTED,
+        311: ResponseOutcome.ACCEPTED,
+    }
+    assert email_row(committed_db, email.id).response_content == "NEUER: Ich nehme sie."
+    assert published_outcomes(committed_db)[-1] == (311, "accepted")
+    with Session(committed_db) as session:
+        confirmed = session.scalars(
+            select(EmailBatch.placement_request_id)
+            .join(Email, Email.id == EmailBatch.email_id)
+            .where(Email.template == EmailTemplate.CONFIRMATION)
+            .order_by(EmailBatch.placement_request_id)
+        ).all()
+    assert confirmed == [310, 311]
+
+
+def test_an_answer_with_the_same_time_applies(committed_db: Engine) -> None:
+    email = sent_email(32)
+    received = now()
+    assert apply(RECORD_EMAIL_RESPONSE, answer(email.id, received, (320, "accepted"))) == "applied"
+    again = answer(email.id, received, (320, "rejected"), content="Korrektur")
+    assert apply(RECORD_EMAIL_RESPONSE, again) == "applied"
+    assert outcomes_of(committed_db, email.id)[320] is ResponseOutcome.REJECTED
+    assert email_row(committed_db, email.id).response_content == "Korrektur"
