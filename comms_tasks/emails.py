@@ -628,6 +628,12 @@ def record_response(
     email = session.get(Email, command.email_id, with_for_update=True)
     if email is None:
         raise Rejected("command.email_id: unknown email", str(command.command_id))
+    if email.status is not EmailStatus.SENT:
+        # Nobody was asked yet (or ever): kept as a dead letter, replayable once it is sent.
+        raise Rejected(
+            f"command.email_id: the email was not sent ({email.status.value})",
+            str(command.command_id),
+        )
     batches = {batch.placement_request_id: batch for batch in email.batches}
     for index, item in enumerate(command.outcomes):
         if item.placement_request_id not in batches:

@@ -9,8 +9,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from comms_tasks import emails
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
+from comms_tasks.inbox import handle, replay
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -20,8 +22,11 @@ from comms_tasks.models import (
     PhoneCallStatus,
     ResponseOutcome,
 )
+from comms_tasks.settings import get_settings
+from comms_tasks.tasks import APPLIERS
 from comms_tasks.tasks.calls import follow_up_check, schedule_calls
-from tests.test_calls import apply, calls_of, now, sent_email
+from tests import factories as f
+from tests.test_calls import MATCHING, THERAPIST, apply, calls_of, now, sent_email
 
 
 def answer(
@@ -183,3 +188,57 @@ def test_an_answer_with_the_same_time_applies(committed_db: Engine) -> None:
     assert apply(RECORD_EMAIL_RESPONSE, again) == "applied"
     assert outcomes_of(committed_db, email.id)[320] is ResponseOutcome.REJECTED
     assert email_row(committed_db, email.id).response_content == "Korrektur"
+
+
+# --- an answer to an email that was not sent ------------------------------------------------
+
+
+def queued_email(therapist_id: int) -> Email:
+    assert apply(THERAPIST, f.therapist_upserted(therapist_id)) == "applied"
+    request_id = therapist_id * 10
+    created = f.request_created(request_id, patient_id=request_id, therapist_id=therapist_id)
+    assert apply(MATCHING, created) == "applied"
+    with transaction() as session:
+        [email_id] = emails.batch_chunk(session, [therapist_id], now(), get_settings()).email_ids
+        email = session.get(Email, email_id)
+        assert email is not None
+        return email
+
+
+def test_an_answer_to_an_unsent_email_is_a_dead_letter_until_it_is_sent(
+    committed_db: Engine,
+) -> None:
+    email = queued_email(41)
+    response = answer(email.id, now(), (410, "accepted"))
+    outcome = handle(RECORD_EMAIL_RESPONSE, response, APPLIERS[RECORD_EMAIL_RESPONSE])
+    assert outcome.result == "dead_letter"
+    assert outcome.reason == "command.email_id: the email was not sent (queued)"
+    row = email_row(committed_db, email.id)
+    assert row.status is EmailStatus.QUEUED
+    assert not row.response_received
+    assert outcomes_of(committed_db, email.id) == {410: None}
+    assert published_outcomes(committed_db) == []
+    # Once it is sent, the operator replays the answer and nothing was lost.
+    with transaction() as session:
+        sent = session.get(Email, email.id)
+        assert sent is not None
+        sent.status = EmailStatus.SENT
+        sent.sent_at = now()
+    assert outcome.dead_letter_id is not None
+    assert replay(outcome.dead_letter_id, APPLIERS).result == "applied"
+    assert email_row(committed_db, email.id).response_received
+    assert outcomes_of(committed_db, email.id) == {410: ResponseOutcome.ACCEPTED}
+
+
+def test_an_answer_to_a_cancelled_or_failed_email_is_a_dead_letter(committed_db: Engine) -> None:
+    for therapist_id, status in ((42, EmailStatus.CANCELLED), (43, EmailStatus.FAILED)):
+        email = queued_email(therapist_id)
+        with transaction() as session:
+            row = session.get(Email, email.id)
+            assert row is not None
+            row.status = status
+        response = answer(email.id, now(), (therapist_id * 10, "rejected"))
+        assert apply(RECORD_EMAIL_RESPONSE, response) == (
+            f"dead_letter: command.email_id: the email was not sent ({status.value})"
+        )
+        assert not email_row(committed_db, email.id).response_received
