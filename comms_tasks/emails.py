@@ -751,8 +751,14 @@ def cancel_follow_up_calls(session: Session, email_id: int) -> int:
 
 def queue_requested_email(
     session: Session, command: inbound.QueueEmail, now: dt.datetime, settings: Settings
-) -> Email:
-    """``comms.queue_email``: a follow-up or confirmation for given requests."""
+) -> list[Email]:
+    """``comms.queue_email``: a follow-up or confirmations for given requests.
+
+    A ``follow_up`` is one email per command (the command id is its key). A
+    ``confirmation`` is one per request, whatever command asks (``confirmation:<id>``, as
+    when an answer or a call accepts it): requests already confirmed are left out, and a
+    command that finds all of them confirmed queues nothing. Returns what it queued.
+    """
     command_id = str(command.command_id)
     therapist = known_therapist(session, command.therapist_id, command_id)
     if not therapist.email:
@@ -764,20 +770,67 @@ def queue_requested_email(
         if original is None or original.therapist_id != therapist.id:
             raise Rejected("command.reply_to_email_id: unknown email of this therapist", command_id)
     template = EmailTemplate(command.template)
-    if template is EmailTemplate.FOLLOW_UP and original is None:
+    if template is EmailTemplate.CONFIRMATION:
+        return _queue_requested_confirmations(
+            session, therapist, command.placement_request_ids, command_id, now, settings, original
+        )
+    if original is None:
         raise Rejected(
             "command.reply_to_email_id: a follow_up needs the original email", command_id
         )
-    return queue_email_for(
-        session,
-        therapist,
-        template,
-        list(command.placement_request_ids),
-        dedup_key=f"command:{command_id}",
-        settings=settings,
-        now=now,
-        in_reply_to=original,
+    return [
+        queue_email_for(
+            session,
+            therapist,
+            template,
+            list(command.placement_request_ids),
+            dedup_key=f"command:{command_id}",
+            settings=settings,
+            now=now,
+            in_reply_to=original,
+        )
+    ]
+
+
+# A request that ended so is never confirmed: the therapist would be told of a placement
+# that does not exist.
+NOT_CONFIRMABLE = (PlacementRequestStatus.REJECTED, PlacementRequestStatus.CANCELLED)
+
+
+def _queue_requested_confirmations(
+    session: Session,
+    therapist: Therapist,
+    request_ids: Sequence[int],
+    command_id: str,
+    now: dt.datetime,
+    settings: Settings,
+    original: Email | None,
+) -> list[Email]:
+    statuses = dict(
+        session.execute(
+            select(PlacementRequest.id, PlacementRequest.status)
+            .where(PlacementRequest.id.in_(list(request_ids)))
+            .order_by(PlacementRequest.id)
+            # Locked (in id order) so that a cancellation waits until the confirmation is
+            # queued, or is seen here.
+            .with_for_update()
+        ).all()
     )
+    for index, request_id in enumerate(request_ids):
+        status = statuses[request_id]
+        if status in NOT_CONFIRMABLE:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: the request is {status.value}",
+                command_id,
+            )
+    queued = []
+    for request_id in request_ids:
+        confirmation = queue_confirmation(
+            session, therapist, request_id, now, settings, in_reply_to=original
+        )
+        if confirmation is not None:
+            queued.append(confirmation)
+    return queued
 
 
 def requests_still_pending(session: Session, request_ids: Iterable[int]) -> set[int]:

@@ -242,3 +242,50 @@ def test_an_answer_to_a_cancelled_or_failed_email_is_a_dead_letter(committed_db:
             f"dead_letter: command.email_id: the email was not sent ({status.value})"
         )
         assert not email_row(committed_db, email.id).response_received
+
+
+# --- confirmations asked for by command -----------------------------------------------------
+
+
+def confirm(therapist_id: int, *request_ids: int) -> str:
+    return apply(
+        QUEUE_EMAIL,
+        {
+            "command_id": str(uuid.uuid4()),
+            "therapist_id": therapist_id,
+            "template": "confirmation",
+            "placement_request_ids": list(request_ids),
+            "reply_to_email_id": None,
+        },
+    )
+
+
+def confirmations_of(engine: Engine) -> list[tuple[str, list[int]]]:
+    with Session(engine) as session:
+        found = session.scalars(
+            select(Email).where(Email.template == EmailTemplate.CONFIRMATION).order_by(Email.id)
+        ).all()
+        return [(e.dedup_key, [b.placement_request_id for b in e.batches]) for e in found]
+
+
+def test_a_request_is_confirmed_once_whatever_command_asks(committed_db: Engine) -> None:
+    email = sent_email(51)
+    assert apply(RECORD_EMAIL_RESPONSE, answer(email.id, now(), (510, "accepted"))) == "applied"
+    # A producer retrying with fresh command ids, then asking for both requests.
+    assert confirm(51, 510) == "applied"
+    assert confirm(51, 510) == "applied"
+    assert confirm(51, 511) == "applied"
+    assert confirm(51, 510, 511) == "applied"
+    assert confirmations_of(committed_db) == [
+        ("confirmation:510", [510]),
+        ("confirmation:511", [511]),
+    ]
+
+
+def test_a_cancelled_request_is_not_confirmed(committed_db: Engine) -> None:
+    sent_email(52)
+    assert apply(MATCHING, f.request_cancelled(521, occurred_at=now())) == "applied"
+    assert confirm(52, 520, 521) == (
+        "dead_letter: command.placement_request_ids[1]: the request is cancelled"
+    )
+    assert confirmations_of(committed_db) == []
