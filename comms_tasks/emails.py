@@ -628,6 +628,12 @@ def record_response(
     email = session.get(Email, command.email_id, with_for_update=True)
     if email is None:
         raise Rejected("command.email_id: unknown email", str(command.command_id))
+    if email.status is not EmailStatus.SENT:
+        # Nobody was asked yet (or ever): kept as a dead letter, replayable once it is sent.
+        raise Rejected(
+            f"command.email_id: the email was not sent ({email.status.value})",
+            str(command.command_id),
+        )
     batches = {batch.placement_request_id: batch for batch in email.batches}
     for index, item in enumerate(command.outcomes):
         if item.placement_request_id not in batches:
@@ -635,28 +641,45 @@ def record_response(
                 f"command.outcomes[{index}].placement_request_id: not asked about in this email",
                 str(command.command_id),
             )
+    received_at = command.received_at
     email.response_received = True
-    email.response_date = command.received_at
-    email.response_content = command.content
+    if _not_older(email.response_date, received_at):
+        # The email shows its newest answer; an older one only fills in outcomes.
+        email.response_date = received_at
+        email.response_content = command.content
     record_event(
         session,
         EmailResponseRecordedPayload(
-            email_id=email.id, therapist_id=email.therapist_id, received_at=command.received_at
+            email_id=email.id, therapist_id=email.therapist_id, received_at=received_at
         ),
         occurred_at=now,
     )
     therapist = session.get(Therapist, email.therapist_id)
+    originals = originals_of(session, email)
     confirmations = []
     for item in command.outcomes:
         batch = batches[item.placement_request_id]
-        batch.response_outcome = ResponseOutcome(item.outcome)
+        if not _not_older(batch.response_received_at, received_at):
+            # A newer answer already decided this request: nothing to publish or confirm.
+            continue
+        outcome = ResponseOutcome(item.outcome)
+        batch.response_outcome = outcome
         batch.response_notes = item.notes
+        batch.response_received_at = received_at
+        for original in originals:
+            # The reminder asked the original's questions again: its answer answers them.
+            for asked in original.batches:
+                if asked.placement_request_id == item.placement_request_id and _not_older(
+                    asked.response_received_at, received_at
+                ):
+                    asked.response_outcome = outcome
+                    asked.response_received_at = received_at
         confirmation = record_outcome(
             session,
             email.therapist_id,
             therapist,
             item.placement_request_id,
-            ResponseOutcome(item.outcome),
+            outcome,
             via="email",
             source_id=email.id,
             now=now,
@@ -666,7 +689,49 @@ def record_response(
         if confirmation is not None:
             confirmations.append(confirmation)
     cancel_follow_up_calls(session, email.id)
+    for original in originals:
+        original.response_received = True
+        if _not_older(original.response_date, received_at):
+            original.response_date = received_at
+        cancel_follow_up_calls(session, original.id)
     return confirmations
+
+
+def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
+    """Whether an answer received at ``received_at`` may replace what was recorded.
+
+    Like events (``read_models._is_stale``): the same time applies, the later delivery wins.
+    """
+    return recorded is None or received_at >= recorded
+
+
+# A reminder of a reminder is still one thread; more is a loop or a producer's mistake.
+MAX_THREAD_DEPTH = 10
+
+
+def originals_of(session: Session, email: Email) -> list[Email]:
+    """The sent emails a reminder follows up, up its thread, locked; nearest first.
+
+    Only a ``follow_up`` passes its answer on: it repeats its original's questions. A
+    confirmation (threaded to the answered email too) asks nothing.
+    """
+    originals: list[Email] = []
+    seen = {email.id}
+    current = email
+    while (
+        current.template is EmailTemplate.FOLLOW_UP
+        and current.in_reply_to_email_id is not None
+        and current.in_reply_to_email_id not in seen
+        and len(seen) <= MAX_THREAD_DEPTH
+    ):
+        parent = session.get(Email, current.in_reply_to_email_id, with_for_update=True)
+        if parent is None or parent.therapist_id != email.therapist_id:
+            break
+        seen.add(parent.id)
+        if parent.status is EmailStatus.SENT:
+            originals.append(parent)
+        current = parent
+    return originals
 
 
 def cancel_follow_up_calls(session: Session, email_id: int) -> int:
@@ -686,8 +751,14 @@ def cancel_follow_up_calls(session: Session, email_id: int) -> int:
 
 def queue_requested_email(
     session: Session, command: inbound.QueueEmail, now: dt.datetime, settings: Settings
-) -> Email:
-    """``comms.queue_email``: a follow-up or confirmation for given requests."""
+) -> list[Email]:
+    """``comms.queue_email``: a follow-up or confirmations for given requests.
+
+    A ``follow_up`` is one email per command (the command id is its key). A
+    ``confirmation`` is one per request, whatever command asks (``confirmation:<id>``, as
+    when an answer or a call accepts it): requests already confirmed are left out, and a
+    command that finds all of them confirmed queues nothing. Returns what it queued.
+    """
     command_id = str(command.command_id)
     therapist = known_therapist(session, command.therapist_id, command_id)
     if not therapist.email:
@@ -699,20 +770,67 @@ def queue_requested_email(
         if original is None or original.therapist_id != therapist.id:
             raise Rejected("command.reply_to_email_id: unknown email of this therapist", command_id)
     template = EmailTemplate(command.template)
-    if template is EmailTemplate.FOLLOW_UP and original is None:
+    if template is EmailTemplate.CONFIRMATION:
+        return _queue_requested_confirmations(
+            session, therapist, command.placement_request_ids, command_id, now, settings, original
+        )
+    if original is None:
         raise Rejected(
             "command.reply_to_email_id: a follow_up needs the original email", command_id
         )
-    return queue_email_for(
-        session,
-        therapist,
-        template,
-        list(command.placement_request_ids),
-        dedup_key=f"command:{command_id}",
-        settings=settings,
-        now=now,
-        in_reply_to=original,
+    return [
+        queue_email_for(
+            session,
+            therapist,
+            template,
+            list(command.placement_request_ids),
+            dedup_key=f"command:{command_id}",
+            settings=settings,
+            now=now,
+            in_reply_to=original,
+        )
+    ]
+
+
+# A request that ended so is never confirmed: the therapist would be told of a placement
+# that does not exist.
+NOT_CONFIRMABLE = (PlacementRequestStatus.REJECTED, PlacementRequestStatus.CANCELLED)
+
+
+def _queue_requested_confirmations(
+    session: Session,
+    therapist: Therapist,
+    request_ids: Sequence[int],
+    command_id: str,
+    now: dt.datetime,
+    settings: Settings,
+    original: Email | None,
+) -> list[Email]:
+    statuses = dict(
+        session.execute(
+            select(PlacementRequest.id, PlacementRequest.status)
+            .where(PlacementRequest.id.in_(list(request_ids)))
+            .order_by(PlacementRequest.id)
+            # Locked (in id order) so that a cancellation waits until the confirmation is
+            # queued, or is seen here.
+            .with_for_update()
+        ).all()
     )
+    for index, request_id in enumerate(request_ids):
+        status = statuses[request_id]
+        if status in NOT_CONFIRMABLE:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: the request is {status.value}",
+                command_id,
+            )
+    queued = []
+    for request_id in request_ids:
+        confirmation = queue_confirmation(
+            session, therapist, request_id, now, settings, in_reply_to=original
+        )
+        if confirmation is not None:
+            queued.append(confirmation)
+    return queued
 
 
 def requests_still_pending(session: Session, request_ids: Iterable[int]) -> set[int]:

@@ -166,9 +166,9 @@ def create_placement_request(session: Session, event: inbound.PlacementRequestCr
                 "or therapist",
                 str(event.event_id),
             )
-        # A re-sent "created" does not reopen a request that has moved on.
+        # A re-sent "created" does not reopen a request that has moved on, and it moves
+        # no clock: ``last_event_at`` orders status changes, and it changes no status.
         request.created_at = data.created_at
-        request.last_event_at = event.occurred_at
         return
     session.add(
         PlacementRequest(
@@ -177,7 +177,9 @@ def create_placement_request(session: Session, event: inbound.PlacementRequestCr
             therapist_id=data.therapist_id,
             status=PlacementRequestStatus.OPEN,
             created_at=data.created_at,
-            last_event_at=event.occurred_at,
+            # "open" holds from the creation: a re-published "created" (a later envelope)
+            # seen first must not hide a status change made after the creation.
+            last_event_at=min(event.occurred_at, data.created_at),
         )
     )
 

@@ -136,6 +136,30 @@ def test_a_late_created_event_does_not_reopen_a_request(db: Session) -> None:
     assert request.status is PlacementRequestStatus.REJECTED
 
 
+def test_a_resent_created_does_not_hide_an_earlier_cancellation(db: Session) -> None:
+    matching_event(db, f.request_created(19, occurred_at=f.at(0)))
+    # Re-published after an outage: a fresh envelope, a later occurred_at.
+    matching_event(db, f.request_created(19, occurred_at=f.at(20)))
+    matching_event(db, f.request_cancelled(19, occurred_at=f.at(10)))
+    request = db.get(PlacementRequest, 19)
+    assert request is not None
+    assert request.status is PlacementRequestStatus.CANCELLED
+    # Status changes keep their own order: one older than the cancellation changes nothing.
+    matching_event(db, f.status_changed(19, "in_progress", occurred_at=f.at(5)))
+    assert request.status is PlacementRequestStatus.CANCELLED
+
+
+def test_a_cancellation_after_creation_applies_when_only_a_resent_created_arrived(
+    db: Session,
+) -> None:
+    # The first "created" was lost; its re-send (occurred_at T20) is the first we see.
+    matching_event(db, f.request_created(20, created_at=f.at(0), occurred_at=f.at(20)))
+    matching_event(db, f.request_cancelled(20, occurred_at=f.at(10)))
+    request = db.get(PlacementRequest, 20)
+    assert request is not None
+    assert request.status is PlacementRequestStatus.CANCELLED
+
+
 def test_status_change_of_an_unknown_request_is_rejected_naming_the_field(db: Session) -> None:
     with pytest.raises(Rejected) as caught:
         matching_event(db, f.status_changed(999, "accepted"))

@@ -150,6 +150,9 @@ class EmailBatch(Base):
         value_enum(ResponseOutcome, "response_outcome")
     )
     response_notes: Mapped[str | None] = mapped_column(Text)
+    # The ``received_at`` of the answer the outcome is from: an older answer never
+    # overwrites it (answers are ordered like events, SPEC §4).
+    response_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     email: Mapped[Email] = relationship(back_populates="batches")

@@ -18,8 +18,8 @@ def apply_email_response(session: Session, command: inbound.RecordEmailResponse)
 
 
 def apply_queue_email(session: Session, command: inbound.QueueEmail) -> None:
-    emails.queue_requested_email(session, command, utcnow(), get_settings())
-    send_email_after_commit(session)
+    if emails.queue_requested_email(session, command, utcnow(), get_settings()):
+        send_email_after_commit(session)
 
 
 record_email_response = inbound_task(RECORD_EMAIL_RESPONSE, apply_email_response)

@@ -1,0 +1,291 @@
+"""Therapists' answers: which email they answer, in which order they arrive, and when."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from comms_tasks import emails
+from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
+from comms_tasks.db import transaction
+from comms_tasks.inbox import handle, replay
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    EmailTemplate,
+    OutboxEvent,
+    PhoneCallStatus,
+    ResponseOutcome,
+)
+from comms_tasks.settings import get_settings
+from comms_tasks.tasks import APPLIERS
+from comms_tasks.tasks.calls import follow_up_check, schedule_calls
+from tests import factories as f
+from tests.test_calls import MATCHING, THERAPIST, apply, calls_of, now, sent_email
+
+
+def answer(
+    email_id: int, received_at: dt.datetime, *outcomes: tuple[int, str], **fields: Any
+) -> dict[str, Any]:
+    return {
+        "command_id": str(uuid.uuid4()),
+        "email_id": email_id,
+        "received_at": received_at.isoformat(),
+        "content": fields.get("content", "Meine Antwort."),
+        "outcomes": [
+            {"placement_request_id": request_id, "outcome": outcome, "notes": None}
+            for request_id, outcome in outcomes
+        ],
+    }
+
+
+def reminder_of(original: Email, request_ids: list[int]) -> Email:
+    """A ``follow_up`` asked for by command, threaded to ``original``, and sent."""
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": request_ids,
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    with transaction() as session:
+        reminder = session.scalars(
+            select(Email).where(Email.in_reply_to_email_id == original.id)
+        ).one()
+        reminder.status = EmailStatus.SENT
+        reminder.sent_at = now()
+        return reminder
+
+
+def email_row(engine: Engine, email_id: int) -> Email:
+    with Session(engine) as session:
+        email = session.get(Email, email_id)
+        assert email is not None
+        _ = email.batches
+        return email
+
+
+def outcomes_of(engine: Engine, email_id: int) -> dict[int, ResponseOutcome | None]:
+    with Session(engine) as session:
+        return dict(
+            session.execute(
+                select(EmailBatch.placement_request_id, EmailBatch.response_outcome).where(
+                    EmailBatch.email_id == email_id
+                )
+            ).all()
+        )
+
+
+def published_outcomes(engine: Engine) -> list[tuple[int, str]]:
+    with Session(engine) as session:
+        return [
+            (row.envelope["payload"]["placement_request_id"], row.envelope["payload"]["outcome"])
+            for row in session.scalars(
+                select(OutboxEvent)
+                .where(OutboxEvent.event_type == "placement_request.outcome_recorded")
+                .order_by(OutboxEvent.id)
+            )
+        ]
+
+
+# --- an answer to a reminder ---------------------------------------------------------------
+
+
+def test_an_answer_to_the_reminder_cancels_the_originals_call(committed_db: Engine) -> None:
+    original = sent_email(21)
+    assert follow_up_check()["marked"] == 1
+    assert schedule_calls()["scheduled"] == 1
+    reminder = reminder_of(original, [210, 211])
+    response = answer(reminder.id, now(), (210, "rejected"), (211, "rejected"))
+    assert apply(RECORD_EMAIL_RESPONSE, response) == "applied"
+    [call] = calls_of(committed_db)
+    assert call.email_id == original.id
+    assert call.status is PhoneCallStatus.CANCELLED
+    # The original is answered too, for the requests the answer covers.
+    assert email_row(committed_db, original.id).response_received
+    assert outcomes_of(committed_db, original.id) == {
+        210: ResponseOutcome.REJECTED,
+        211: ResponseOutcome.REJECTED,
+    }
+    # Each outcome is published once, by the email that was answered.
+    assert published_outcomes(committed_db) == [(210, "rejected"), (211, "rejected")]
+
+
+def test_an_answered_reminder_keeps_its_original_from_a_call_later(committed_db: Engine) -> None:
+    original = sent_email(22, days_ago=3)
+    reminder = reminder_of(original, [220])
+    assert apply(RECORD_EMAIL_RESPONSE, answer(reminder.id, now(), (220, "accepted"))) == "applied"
+    # A week after the original: its call would be booked, had the answer not reached it.
+    with transaction() as session:
+        row = session.get(Email, original.id)
+        assert row is not None
+        row.sent_at = now() - dt.timedelta(days=8)
+    assert follow_up_check()["marked"] == 0
+    schedule_calls()
+    assert calls_of(committed_db) == []
+    assert outcomes_of(committed_db, original.id) == {220: ResponseOutcome.ACCEPTED, 221: None}
+    with Session(committed_db) as session:
+        templates = session.scalars(select(Email.template).order_by(Email.id)).all()
+    assert templates.count(EmailTemplate.CONFIRMATION) == 1
+
+
+# --- answers out of order -----------------------------------------------------------------
+
+
+def test_an_older_answer_never_overwrites_a_newer_one(committed_db: Engine) -> None:
+    email = sent_email(31)
+    newer = now()
+    first = answer(email.id, newer, (310, "accepted"), content="NEUER: Ich nehme sie.")
+    assert apply(RECORD_EMAIL_RESPONSE, first) == "applied"
+    # Recorded later (another path: the mailbox, an operator), received an hour earlier.
+    older = answer(
+        email.id,
+        newer - dt.timedelta(hours=1),
+        (310, "rejected"),
+        (311, "rejected"),
+        content="ÄLTER: Leider kein Platz.",
+    )
+    assert apply(RECORD_EMAIL_RESPONSE, older) == "applied"
+    row = email_row(committed_db, email.id)
+    assert row.response_date == newer
+    assert row.response_content == "NEUER: Ich nehme sie."
+    # The older answer only says what no newer one did.
+    assert outcomes_of(committed_db, email.id) == {
+        310: ResponseOutcome.ACCEPTED,
+        311: ResponseOutcome.REJECTED,
+    }
+    assert published_outcomes(committed_db) == [(310, "accepted"), (311, "rejected")]
+    # Between the two: newer than what request 311 holds, older than the email's answer.
+    between = answer(email.id, newer - dt.timedelta(minutes=30), (311, "accepted"))
+    assert apply(RECORD_EMAIL_RESPONSE, between) == "applied"
+    assert outcomes_of(committed_db, email.id) == {
+        310: ResponseOutcome.ACCEPTED,
+        311: ResponseOutcome.ACCEPTED,
+    }
+    assert email_row(committed_db, email.id).response_content == "NEUER: Ich nehme sie."
+    assert published_outcomes(committed_db)[-1] == (311, "accepted")
+    with Session(committed_db) as session:
+        confirmed = session.scalars(
+            select(EmailBatch.placement_request_id)
+            .join(Email, Email.id == EmailBatch.email_id)
+            .where(Email.template == EmailTemplate.CONFIRMATION)
+            .order_by(EmailBatch.placement_request_id)
+        ).all()
+    assert confirmed == [310, 311]
+
+
+def test_an_answer_with_the_same_time_applies(committed_db: Engine) -> None:
+    email = sent_email(32)
+    received = now()
+    assert apply(RECORD_EMAIL_RESPONSE, answer(email.id, received, (320, "accepted"))) == "applied"
+    again = answer(email.id, received, (320, "rejected"), content="Korrektur")
+    assert apply(RECORD_EMAIL_RESPONSE, again) == "applied"
+    assert outcomes_of(committed_db, email.id)[320] is ResponseOutcome.REJECTED
+    assert email_row(committed_db, email.id).response_content == "Korrektur"
+
+
+# --- an answer to an email that was not sent ------------------------------------------------
+
+
+def queued_email(therapist_id: int) -> Email:
+    assert apply(THERAPIST, f.therapist_upserted(therapist_id)) == "applied"
+    request_id = therapist_id * 10
+    created = f.request_created(request_id, patient_id=request_id, therapist_id=therapist_id)
+    assert apply(MATCHING, created) == "applied"
+    with transaction() as session:
+        [email_id] = emails.batch_chunk(session, [therapist_id], now(), get_settings()).email_ids
+        email = session.get(Email, email_id)
+        assert email is not None
+        return email
+
+
+def test_an_answer_to_an_unsent_email_is_a_dead_letter_until_it_is_sent(
+    committed_db: Engine,
+) -> None:
+    email = queued_email(41)
+    response = answer(email.id, now(), (410, "accepted"))
+    outcome = handle(RECORD_EMAIL_RESPONSE, response, APPLIERS[RECORD_EMAIL_RESPONSE])
+    assert outcome.result == "dead_letter"
+    assert outcome.reason == "command.email_id: the email was not sent (queued)"
+    row = email_row(committed_db, email.id)
+    assert row.status is EmailStatus.QUEUED
+    assert not row.response_received
+    assert outcomes_of(committed_db, email.id) == {410: None}
+    assert published_outcomes(committed_db) == []
+    # Once it is sent, the operator replays the answer and nothing was lost.
+    with transaction() as session:
+        sent = session.get(Email, email.id)
+        assert sent is not None
+        sent.status = EmailStatus.SENT
+        sent.sent_at = now()
+    assert outcome.dead_letter_id is not None
+    assert replay(outcome.dead_letter_id, APPLIERS).result == "applied"
+    assert email_row(committed_db, email.id).response_received
+    assert outcomes_of(committed_db, email.id) == {410: ResponseOutcome.ACCEPTED}
+
+
+def test_an_answer_to_a_cancelled_or_failed_email_is_a_dead_letter(committed_db: Engine) -> None:
+    for therapist_id, status in ((42, EmailStatus.CANCELLED), (43, EmailStatus.FAILED)):
+        email = queued_email(therapist_id)
+        with transaction() as session:
+            row = session.get(Email, email.id)
+            assert row is not None
+            row.status = status
+        response = answer(email.id, now(), (therapist_id * 10, "rejected"))
+        assert apply(RECORD_EMAIL_RESPONSE, response) == (
+            f"dead_letter: command.email_id: the email was not sent ({status.value})"
+        )
+        assert not email_row(committed_db, email.id).response_received
+
+
+# --- confirmations asked for by command -----------------------------------------------------
+
+
+def confirm(therapist_id: int, *request_ids: int) -> str:
+    return apply(
+        QUEUE_EMAIL,
+        {
+            "command_id": str(uuid.uuid4()),
+            "therapist_id": therapist_id,
+            "template": "confirmation",
+            "placement_request_ids": list(request_ids),
+            "reply_to_email_id": None,
+        },
+    )
+
+
+def confirmations_of(engine: Engine) -> list[tuple[str, list[int]]]:
+    with Session(engine) as session:
+        found = session.scalars(
+            select(Email).where(Email.template == EmailTemplate.CONFIRMATION).order_by(Email.id)
+        ).all()
+        return [(e.dedup_key, [b.placement_request_id for b in e.batches]) for e in found]
+
+
+def test_a_request_is_confirmed_once_whatever_command_asks(committed_db: Engine) -> None:
+    email = sent_email(51)
+    assert apply(RECORD_EMAIL_RESPONSE, answer(email.id, now(), (510, "accepted"))) == "applied"
+    # A producer retrying with fresh command ids, then asking for both requests.
+    assert confirm(51, 510) == "applied"
+    assert confirm(51, 510) == "applied"
+    assert confirm(51, 511) == "applied"
+    assert confirm(51, 510, 511) == "applied"
+    assert confirmations_of(committed_db) == [
+        ("confirmation:510", [510]),
+        ("confirmation:511", [511]),
+    ]
+
+
+def test_a_cancelled_request_is_not_confirmed(committed_db: Engine) -> None:
+    sent_email(52)
+    assert apply(MATCHING, f.request_cancelled(521, occurred_at=now())) == "applied"
+    assert confirm(52, 520, 521) == (
+        "dead_letter: command.placement_request_ids[1]: the request is cancelled"
+    )
+    assert confirmations_of(committed_db) == []
