@@ -5,7 +5,7 @@ orders events: an older answer never overwrites a newer outcome. Existing outcom
 from their email's ``response_date`` (the answer that wrote them last).
 
 Revision ID: c3f1a8d2e6b4
-Revises: 5e7d2c41a9b3
+Revises: c4d2e8a1f7b3
 Create Date: 2026-12-01 10:10:00.000000
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from comms_tasks.models.base import SCHEMA
 
 revision: str = "c3f1a8d2e6b4"
-down_revision: str | None = "5e7d2c41a9b3"
+down_revision: str | None = "c4d2e8a1f7b3"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
