@@ -694,7 +694,29 @@ def record_response(
         if _not_older(original.response_date, received_at):
             original.response_date = received_at
         cancel_follow_up_calls(session, original.id)
+    cancel_unsent_reminders(session, [email.id, *(original.id for original in originals)])
     return confirmations
+
+
+def cancel_unsent_reminders(session: Session, email_ids: Sequence[int]) -> int:
+    """An answered email needs no reminder: the ones not yet on the wire are cancelled.
+
+    One already ``sending`` is left to its send's result: it may be on the wire.
+    """
+    reminders = session.scalars(
+        select(Email)
+        .where(Email.in_reply_to_email_id.in_(email_ids))
+        .where(Email.template == EmailTemplate.FOLLOW_UP)
+        .where(Email.status.in_((EmailStatus.DRAFT, EmailStatus.QUEUED)))
+        .order_by(Email.id)
+        .with_for_update()
+    ).all()
+    for reminder in reminders:
+        reminder.status = EmailStatus.CANCELLED
+        reminder.next_attempt_at = None
+        reminder.lease_expires_at = None
+        reminder.error_message = "cancelled: the email it follows up was answered"
+    return len(reminders)
 
 
 def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:

@@ -289,3 +289,23 @@ def test_a_cancelled_request_is_not_confirmed(committed_db: Engine) -> None:
         "dead_letter: command.placement_request_ids[1]: the request is cancelled"
     )
     assert confirmations_of(committed_db) == []
+
+
+def test_an_answer_to_the_original_cancels_its_unsent_reminder(committed_db: Engine) -> None:
+    original = sent_email(23)
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": [230, 231],
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    # The therapist answers the original before the reminder went out, deciding nothing yet.
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
+    with Session(committed_db) as session:
+        reminder = session.scalars(
+            select(Email).where(Email.in_reply_to_email_id == original.id)
+        ).one()
+        assert reminder.status is EmailStatus.CANCELLED
+        assert reminder.error_message == "cancelled: the email it follows up was answered"
