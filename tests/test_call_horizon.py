@@ -85,12 +85,24 @@ def test_a_retry_after_beyond_the_horizon_is_booked_within_a_horizon_from_that_d
         assert email is not None and not email.follow_up_required
 
 
-def test_a_retry_after_at_the_end_of_the_calendar_is_left_for_manual_follow_up(
+def test_a_retry_after_at_the_end_of_the_range_is_booked_and_beyond_it_refused(
     committed_db: Engine,
 ) -> None:
-    fail_with_retry_after(committed_db, 9, dt.date.max)
-
+    """The contract's last day (2199-12-31) books; the calendar's last day is refused."""
+    sent_email(9)
+    follow_up_check()
+    schedule_calls()
     [call] = calls_of(committed_db)
-    assert call.status is PhoneCallStatus.FAILED
-    assert call.follow_up_required
-    assert call.follow_up_notes == "manual follow-up: retry_after 9999-12-31 lies too far ahead"
+    too_far = outcome(call.id, "failed", retry_after=dt.date.max.isoformat())
+    assert apply(RECORD_CALL_OUTCOME, too_far) == (
+        "dead_letter: command.retry_after: must be between the years 1900 and 2199"
+    )
+
+    last_day = dt.date(2199, 12, 31)
+    assert apply(
+        RECORD_CALL_OUTCOME, outcome(call.id, "failed", retry_after=last_day.isoformat())
+    ) == ("applied")
+    [retry] = [c for c in calls_of(committed_db) if c.attempt == 2]
+    assert retry.status is PhoneCallStatus.SCHEDULED
+    horizon = dt.timedelta(days=get_settings().call_horizon_days)
+    assert last_day <= retry.scheduled_date <= last_day + horizon
