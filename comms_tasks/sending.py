@@ -43,7 +43,7 @@ from comms_tasks.models import (
 )
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event
-from comms_tasks.settings import Settings
+from comms_tasks.settings import Settings, get_settings
 from schedules import BATCH_TIME
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
@@ -486,13 +486,44 @@ def release(session: Session, email_ids: Sequence[int], now: dt.datetime) -> Non
     )
 
 
-def retry_now(session: Session, email: Email, now: dt.datetime) -> None:
-    """An operator's retry: a failed or waiting email is queued for the next send."""
+def retry_now(
+    session: Session, email: Email, now: dt.datetime, settings: Settings | None = None
+) -> None:
+    """An operator's retry: a failed or waiting email is queued for the next send.
+
+    A redacted body (erasure, retention) is rendered again from the read model first, as
+    the email would be written now; a :class:`ValueError` says why when it cannot be.
+    """
     if email.status not in (EmailStatus.FAILED, EmailStatus.QUEUED):
         raise ValueError(f"email {email.id} is {email.status.value}; only failed or queued retry")
+    if email.body_redacted_at is not None:
+        render_redacted_again(session, email, settings or get_settings())
     email.status = EmailStatus.QUEUED
     email.next_attempt_at = now
     email.retry_count = 0
+
+
+def render_redacted_again(session: Session, email: Email, settings: Settings) -> None:
+    """Write a redacted, unsent email again from the read model, by the claim's rules: its
+    therapist may still be written to, and only requests that may still be shown stay."""
+    refused = f"email {email.id} cannot be retried: its body was redacted and"
+    therapist = session.get(Therapist, email.therapist_id)
+    reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
+    if therapist is None or reason is not None:
+        raise ValueError(f"{refused} {(reason or '').removeprefix('cancelled: ')}")
+    included = [batch for batch in email.batches if batch.included]
+    if not included:
+        raise ValueError(f"{refused} it is about no request: there is nothing to write again")
+    keep, _ = requests_to_keep(session, [email])
+    if not any(batch.placement_request_id in keep for batch in included):
+        raise ValueError(
+            f"{refused} none of its requests may be shown again"
+            " (withdrawn, or the patient was erased)"
+        )
+    for batch in included:
+        if batch.placement_request_id not in keep:
+            batch.included = False
+    rerender(session, email, therapist, settings)
 
 
 def cancel(session: Session, email: Email) -> None:
