@@ -68,6 +68,8 @@ CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
 UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
 NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
 PATIENT_ERASED = "cancelled: its only patient was erased"
+# A claim whose lease ran out without a recorded result: the worker stopped mid-send.
+WORKER_LOST = "the worker stopped during the send (its lease ran out); counted as an attempt"
 
 
 def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
@@ -95,8 +97,14 @@ def claim_due(
     limit: int,
     settings: Settings,
     email_id: int | None = None,
+    set_aside: dict[str, int] | None = None,
 ) -> list[Email]:
-    """Move up to ``limit`` due emails to ``sending`` under a lease; returns them."""
+    """Move up to ``limit`` due emails to ``sending`` under a lease; returns them.
+
+    An email whose lease ran out is counted as a failed attempt first
+    (:func:`count_lost_attempt`); one that has had all its attempts is ``failed`` instead
+    of claimed (``set_aside["failed"]``).
+    """
     query = (
         select(Email)
         .options(selectinload(Email.batches))
@@ -113,11 +121,35 @@ def claim_due(
         )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    emails = list(session.scalars(query))
-    for email in emails:
+    claimed = []
+    for email in session.scalars(query):
+        if email.status is EmailStatus.SENDING and count_lost_attempt(session, email, now):
+            if set_aside is not None:
+                set_aside["failed"] = set_aside.get("failed", 0) + 1
+            continue
         email.status = EmailStatus.SENDING
         email.lease_expires_at = now + lease_duration(settings)
-    return emails
+        claimed.append(email)
+    return claimed
+
+
+def count_lost_attempt(session: Session, email: Email, now: dt.datetime) -> bool:
+    """An email still ``sending`` after its lease: its worker died during the attempt (the
+    recorder would have moved it on). That attempt counts like a failed one, once: here,
+    since no result of it was recorded. The last one allowed fails the email (True)."""
+    email.retry_count += 1
+    email.error_message = WORKER_LOST
+    if email.retry_count < MAX_ATTEMPTS:
+        return False
+    email.status = EmailStatus.FAILED
+    email.lease_expires_at = None
+    email.next_attempt_at = None
+    record_event(
+        session,
+        EmailFailedPayload(email_id=email.id, therapist_id=email.therapist_id, reason=WORKER_LOST),
+        occurred_at=now,
+    )
+    return True
 
 
 def _cancel_unsent(email: Email, reason: str) -> None:
@@ -320,7 +352,8 @@ def prepare_batch(
 ) -> list[OutgoingMessage]:
     """Claim due emails and turn the ones still worth sending into messages.
 
-    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``).
+    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``,
+    and ``failed``: lost to dead workers once too often).
 
     Each claimed email is checked again, in this order, whatever its template: its
     therapist (still active, not deleted, with an address; else it is cancelled), its
@@ -332,7 +365,8 @@ def prepare_batch(
     at once: the same handful of queries for one email or a hundred.
     """
     lock_claims(session)
-    emails = claim_due(session, now, limit, settings, email_id)
+    tally = set_aside if set_aside is not None else {}
+    emails = claim_due(session, now, limit, settings, email_id, tally)
     if not emails:
         return []
     therapists = {
@@ -353,7 +387,6 @@ def prepare_batch(
         ).all()
     going: list[Email] = []
     to_render: list[Email] = []
-    tally = set_aside if set_aside is not None else {}
     for email in emails:
         therapist = therapists.get(email.therapist_id)
         reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
