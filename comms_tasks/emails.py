@@ -62,6 +62,9 @@ ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
 COUNTING_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
 UNSENT_STATUSES = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
 DEAD_STATUSES = (EmailStatus.FAILED, EmailStatus.CANCELLED)
+# How a failed email's error begins when the server refused its recipient with a 5xx
+# (mail/sender.py: classify; a 4xx refusal is temporary and never ends the email alone).
+REFUSED_FOR_GOOD = "recipient refused: 5"
 
 
 @functools.cache
@@ -85,7 +88,7 @@ def recipient_of(therapist: Therapist) -> Recipient:
 def therapist_facts(
     session: Session, therapist_ids: Sequence[int], now: dt.datetime, settings: Settings
 ) -> dict[int, batching.TherapistFacts]:
-    """The facts of the contact rules for many therapists, in four queries."""
+    """The facts of the contact rules for many therapists, in a handful of queries."""
     if not therapist_ids:
         return {}
     therapists = session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids))).all()
@@ -113,6 +116,7 @@ def therapist_facts(
             .group_by(Email.therapist_id)
         ).all()
     )
+    failed, refused = failures_at_current_address(session, therapist_ids, window_start)
     calls: dict[int, list[dt.datetime]] = defaultdict(list)
     calls_from = batching.local_midnight(today, settings.zone)
     calls_until = batching.local_midnight(
@@ -134,10 +138,65 @@ def therapist_facts(
             deleted=therapist.deleted_at is not None,
             has_unsent_email=therapist.id in unsent,
             last_sent_at=last_sent.get(therapist.id),
+            last_failed_at=failed[therapist.id][0] if therapist.id in failed else None,
+            last_failed_email_id=failed[therapist.id][1] if therapist.id in failed else None,
+            refused_email_id=refused.get(therapist.id),
             scheduled_calls=tuple(sorted(calls[therapist.id])),
         )
         for therapist in therapists
     }
+
+
+def failures_at_current_address(
+    session: Session, therapist_ids: Sequence[int], since: dt.datetime
+) -> tuple[dict[int, tuple[dt.datetime, int]], dict[int, int]]:
+    """Emails to the therapists' current addresses that failed for good, in three queries.
+
+    - The latest counting one queued since ``since``: (queued_at, id) per therapist; it
+      used that week's contact like a sent one.
+    - The latest one, of any template, whose recipient the server refused for good
+      (:data:`REFUSED_FOR_GOOD`), unless an email was sent to the address after it: its
+      id per therapist. An address the therapist service changes is a new address.
+    """
+    at_current = (Email.therapist_id == Therapist.id) & (Email.recipient_email == Therapist.email)
+    failed: dict[int, tuple[dt.datetime, int]] = {}
+    for therapist_id, queued_at, email_id in session.execute(
+        select(Email.therapist_id, Email.queued_at, Email.id)
+        .join(Therapist, at_current)
+        .where(Email.therapist_id.in_(therapist_ids))
+        .where(Email.template.in_(COUNTING_TEMPLATES))
+        .where(Email.status == EmailStatus.FAILED)
+        .where(Email.queued_at >= since)
+        .order_by(Email.queued_at, Email.id)
+    ):
+        if queued_at is not None:  # where queued_at >= since: never None here
+            failed[therapist_id] = (queued_at, email_id)
+    refused = dict(
+        session.execute(
+            select(Email.therapist_id, func.max(Email.id))
+            .join(Therapist, at_current)
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.status == EmailStatus.FAILED)
+            .where(Email.error_message.like(f"{REFUSED_FOR_GOOD}%"))
+            .group_by(Email.therapist_id)
+        ).all()
+    )
+    if refused:
+        sent_since = dict(
+            session.execute(
+                select(Email.therapist_id, func.max(Email.id))
+                .join(Therapist, at_current)
+                .where(Email.therapist_id.in_(list(refused)))
+                .where(Email.status == EmailStatus.SENT)
+                .group_by(Email.therapist_id)
+            ).all()
+        )
+        refused = {
+            therapist_id: email_id
+            for therapist_id, email_id in refused.items()
+            if sent_since.get(therapist_id, 0) < email_id
+        }
+    return failed, refused
 
 
 def contactability_of(
