@@ -68,8 +68,11 @@ CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
 UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
 NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
 PATIENT_ERASED = "cancelled: its only patient was erased"
-# A claim whose lease ran out without a recorded result: the worker stopped mid-send.
-WORKER_LOST = "the worker stopped during the send (its lease ran out); counted as an attempt"
+# A claim whose lease ran out without a recorded result: its worker stopped (perhaps
+# mid-send, perhaps before this email's turn; nobody knows, so it counts).
+WORKER_LOST = (
+    "the worker stopped before recording a result (its lease ran out); counted as an attempt"
+)
 
 
 def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
