@@ -62,6 +62,9 @@ ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
 COUNTING_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
 UNSENT_STATUSES = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
 DEAD_STATUSES = (EmailStatus.FAILED, EmailStatus.CANCELLED)
+# How a failed email's error begins when the server refused its recipient with a 5xx
+# (mail/sender.py: classify; a 4xx refusal is temporary and never ends the email alone).
+REFUSED_FOR_GOOD = "recipient refused: 5"
 
 
 @functools.cache
@@ -85,7 +88,7 @@ def recipient_of(therapist: Therapist) -> Recipient:
 def therapist_facts(
     session: Session, therapist_ids: Sequence[int], now: dt.datetime, settings: Settings
 ) -> dict[int, batching.TherapistFacts]:
-    """The facts of the contact rules for many therapists, in four queries."""
+    """The facts of the contact rules for many therapists, in a handful of queries."""
     if not therapist_ids:
         return {}
     therapists = session.scalars(select(Therapist).where(Therapist.id.in_(therapist_ids))).all()
@@ -113,6 +116,7 @@ def therapist_facts(
             .group_by(Email.therapist_id)
         ).all()
     )
+    failed, refused = failures_at_current_address(session, therapist_ids, window_start)
     calls: dict[int, list[dt.datetime]] = defaultdict(list)
     calls_from = batching.local_midnight(today, settings.zone)
     calls_until = batching.local_midnight(
@@ -134,10 +138,65 @@ def therapist_facts(
             deleted=therapist.deleted_at is not None,
             has_unsent_email=therapist.id in unsent,
             last_sent_at=last_sent.get(therapist.id),
+            last_failed_at=failed[therapist.id][0] if therapist.id in failed else None,
+            last_failed_email_id=failed[therapist.id][1] if therapist.id in failed else None,
+            refused_email_id=refused.get(therapist.id),
             scheduled_calls=tuple(sorted(calls[therapist.id])),
         )
         for therapist in therapists
     }
+
+
+def failures_at_current_address(
+    session: Session, therapist_ids: Sequence[int], since: dt.datetime
+) -> tuple[dict[int, tuple[dt.datetime, int]], dict[int, int]]:
+    """Emails to the therapists' current addresses that failed for good, in three queries.
+
+    - The latest counting one queued since ``since``: (queued_at, id) per therapist; it
+      used that week's contact like a sent one.
+    - The latest one, of any template, whose recipient the server refused for good
+      (:data:`REFUSED_FOR_GOOD`), unless an email was sent to the address after it: its
+      id per therapist. An address the therapist service changes is a new address.
+    """
+    at_current = (Email.therapist_id == Therapist.id) & (Email.recipient_email == Therapist.email)
+    failed: dict[int, tuple[dt.datetime, int]] = {}
+    for therapist_id, queued_at, email_id in session.execute(
+        select(Email.therapist_id, Email.queued_at, Email.id)
+        .join(Therapist, at_current)
+        .where(Email.therapist_id.in_(therapist_ids))
+        .where(Email.template.in_(COUNTING_TEMPLATES))
+        .where(Email.status == EmailStatus.FAILED)
+        .where(Email.queued_at >= since)
+        .order_by(Email.queued_at, Email.id)
+    ):
+        if queued_at is not None:  # where queued_at >= since: never None here
+            failed[therapist_id] = (queued_at, email_id)
+    refused = dict(
+        session.execute(
+            select(Email.therapist_id, func.max(Email.id))
+            .join(Therapist, at_current)
+            .where(Email.therapist_id.in_(therapist_ids))
+            .where(Email.status == EmailStatus.FAILED)
+            .where(Email.error_message.like(f"{REFUSED_FOR_GOOD}%"))
+            .group_by(Email.therapist_id)
+        ).all()
+    )
+    if refused:
+        sent_since = dict(
+            session.execute(
+                select(Email.therapist_id, func.max(Email.id))
+                .join(Therapist, at_current)
+                .where(Email.therapist_id.in_(list(refused)))
+                .where(Email.status == EmailStatus.SENT)
+                .group_by(Email.therapist_id)
+            ).all()
+        )
+        refused = {
+            therapist_id: email_id
+            for therapist_id, email_id in refused.items()
+            if sent_since.get(therapist_id, 0) < email_id
+        }
+    return failed, refused
 
 
 def contactability_of(
@@ -163,7 +222,7 @@ def _in_live_asking_email() -> object:
 def unasked_requests(
     session: Session, therapist_ids: Sequence[int] | None = None
 ) -> dict[int, list[batching.OpenRequest]]:
-    """Open requests not yet in a live email, per therapist."""
+    """Open requests not yet in a live email, per therapist; none of an erased patient."""
     query = (
         select(
             PlacementRequest.therapist_id,
@@ -173,6 +232,7 @@ def unasked_requests(
         )
         .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
         .where(PlacementRequest.status == PlacementRequestStatus.OPEN)
+        .where(Patient.erased_at.is_(None))
         .where(~_in_live_asking_email())  # type: ignore[operator]
     )
     if therapist_ids is not None:
@@ -181,6 +241,23 @@ def unasked_requests(
     for therapist_id, request_id, created_at, registered_on in session.execute(query):
         result[therapist_id].append(batching.OpenRequest(request_id, created_at, registered_on))
     return dict(result)
+
+
+def without_erased_patients(
+    session: Session, requests: dict[int, list[batching.OpenRequest]]
+) -> dict[int, list[batching.OpenRequest]]:
+    """``requests`` less those of erased patients, read under the share lock the batch's
+    emails are rendered under (:func:`patients_of`): an erasure committed while the batch
+    waited for it leaves its patient out of the batch, not in it as an empty entry."""
+    ids = [request.placement_request_id for group in requests.values() for request in group]
+    if not ids:
+        return requests
+    patients = patients_of(session, ids, lock=True)
+    kept = {
+        therapist_id: [r for r in group if not is_erased(patients.get(r.placement_request_id))]
+        for therapist_id, group in requests.items()
+    }
+    return {therapist_id: group for therapist_id, group in kept.items() if group}
 
 
 def batch_candidates(session: Session) -> list[int]:
@@ -207,14 +284,43 @@ def batch_candidates(session: Session) -> list[int]:
 # --- rendering ---------------------------------------------------------------------------
 
 
-def patients_of(session: Session, request_ids: Iterable[int]) -> dict[int, Patient | None]:
-    """The patient of each request (None when its summary has not arrived), in one query."""
-    rows = session.execute(
+def patients_of(
+    session: Session, request_ids: Iterable[int], *, lock: bool = False
+) -> dict[int, Patient | None]:
+    """The patient of each request (None when its summary has not arrived), in one query.
+
+    ``lock``: the patients are share-locked until the transaction ends (PostgreSQL), for
+    an email about to be queued with their summaries. ``patient.erased`` takes the patient
+    row ``FOR UPDATE`` before it looks for the emails that show it, so the two take
+    turns: an erasure under way is waited for and its result read (no summary), or the
+    erasure waits for this transaction and then finds, and rewrites, its new email.
+    """
+    ids = sorted(set(request_ids))
+    if not lock or session.get_bind().dialect.name != "postgresql":
+        rows = session.execute(
+            select(PlacementRequest.id, Patient)
+            .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
+            .where(PlacementRequest.id.in_(ids))
+        ).all()
+        return {request_id: patient for request_id, patient in rows}
+    # The nullable side of an outer join cannot be locked: an inner join, and a request
+    # without a patient row maps to None. Locked in id order, rows read as they are now
+    # (populate_existing: not as an earlier statement of this session loaded them).
+    locked = session.execute(
         select(PlacementRequest.id, Patient)
-        .outerjoin(Patient, Patient.id == PlacementRequest.patient_id)
-        .where(PlacementRequest.id.in_(list(request_ids)))
+        .join(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.id.in_(ids))
+        .order_by(Patient.id)
+        .with_for_update(read=True, of=Patient)
+        .execution_options(populate_existing=True)
     ).all()
-    return {request_id: patient for request_id, patient in rows}
+    found: dict[int, Patient | None] = dict.fromkeys(ids)
+    found.update({request_id: patient for request_id, patient in locked})
+    return found
+
+
+def is_erased(patient: Patient | None) -> bool:
+    return patient is not None and patient.erased_at is not None
 
 
 def patient_entry(
@@ -289,7 +395,10 @@ def queue_emails(
     """
     if not drafts:
         return []
-    patients = patients_of(session, [rid for draft in drafts for rid in draft.request_ids])
+    # Share-locked: serialized with a concurrent patient.erased (see patients_of).
+    patients = patients_of(
+        session, [rid for draft in drafts for rid in draft.request_ids], lock=True
+    )
     emails = []
     for draft in drafts:
         therapist = draft.therapist
@@ -430,7 +539,7 @@ def batch_chunk(
     # Read after locking: a concurrent run that queued an email for one of them committed
     # before we got its lock, so we see that email here.
     facts = therapist_facts(session, locked_ids, now, settings)
-    requests = unasked_requests(session, locked_ids)
+    requests = without_erased_patients(session, unasked_requests(session, locked_ids))
     chosen: dict[int, list[batching.OpenRequest]] = {}
     for therapist in therapists:
         open_requests = requests.get(therapist.id)

@@ -43,7 +43,7 @@ from comms_tasks.models import (
 )
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event
-from comms_tasks.settings import Settings
+from comms_tasks.settings import Settings, get_settings
 from schedules import BATCH_TIME
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
@@ -68,6 +68,11 @@ CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
 UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
 NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
 PATIENT_ERASED = "cancelled: its only patient was erased"
+# A claim whose lease ran out without a recorded result: its worker stopped (perhaps
+# mid-send, perhaps before this email's turn; nobody knows, so it counts).
+WORKER_LOST = (
+    "the worker stopped before recording a result (its lease ran out); counted as an attempt"
+)
 
 
 def retry_delay(failed_attempts: int, rng: random.Random) -> dt.timedelta:
@@ -95,8 +100,14 @@ def claim_due(
     limit: int,
     settings: Settings,
     email_id: int | None = None,
+    set_aside: dict[str, int] | None = None,
 ) -> list[Email]:
-    """Move up to ``limit`` due emails to ``sending`` under a lease; returns them."""
+    """Move up to ``limit`` due emails to ``sending`` under a lease; returns them.
+
+    An email whose lease ran out is counted as a failed attempt first
+    (:func:`count_lost_attempt`); one that has had all its attempts is ``failed`` instead
+    of claimed (``set_aside["failed"]``).
+    """
     query = (
         select(Email)
         .options(selectinload(Email.batches))
@@ -113,11 +124,35 @@ def claim_due(
         )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    emails = list(session.scalars(query))
-    for email in emails:
+    claimed = []
+    for email in session.scalars(query):
+        if email.status is EmailStatus.SENDING and count_lost_attempt(session, email, now):
+            if set_aside is not None:
+                set_aside["failed"] = set_aside.get("failed", 0) + 1
+            continue
         email.status = EmailStatus.SENDING
         email.lease_expires_at = now + lease_duration(settings)
-    return emails
+        claimed.append(email)
+    return claimed
+
+
+def count_lost_attempt(session: Session, email: Email, now: dt.datetime) -> bool:
+    """An email still ``sending`` after its lease: its worker died during the attempt (the
+    recorder would have moved it on). That attempt counts like a failed one, once: here,
+    since no result of it was recorded. The last one allowed fails the email (True)."""
+    email.retry_count += 1
+    email.error_message = WORKER_LOST
+    if email.retry_count < MAX_ATTEMPTS:
+        return False
+    email.status = EmailStatus.FAILED
+    email.lease_expires_at = None
+    email.next_attempt_at = None
+    record_event(
+        session,
+        EmailFailedPayload(email_id=email.id, therapist_id=email.therapist_id, reason=WORKER_LOST),
+        occurred_at=now,
+    )
+    return True
 
 
 def _cancel_unsent(email: Email, reason: str) -> None:
@@ -320,7 +355,8 @@ def prepare_batch(
 ) -> list[OutgoingMessage]:
     """Claim due emails and turn the ones still worth sending into messages.
 
-    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``).
+    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``,
+    and ``failed``: lost to dead workers once too often).
 
     Each claimed email is checked again, in this order, whatever its template: its
     therapist (still active, not deleted, with an address; else it is cancelled), its
@@ -332,7 +368,8 @@ def prepare_batch(
     at once: the same handful of queries for one email or a hundred.
     """
     lock_claims(session)
-    emails = claim_due(session, now, limit, settings, email_id)
+    tally = set_aside if set_aside is not None else {}
+    emails = claim_due(session, now, limit, settings, email_id, tally)
     if not emails:
         return []
     therapists = {
@@ -353,7 +390,6 @@ def prepare_batch(
         ).all()
     going: list[Email] = []
     to_render: list[Email] = []
-    tally = set_aside if set_aside is not None else {}
     for email in emails:
         therapist = therapists.get(email.therapist_id)
         reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
@@ -486,13 +522,44 @@ def release(session: Session, email_ids: Sequence[int], now: dt.datetime) -> Non
     )
 
 
-def retry_now(session: Session, email: Email, now: dt.datetime) -> None:
-    """An operator's retry: a failed or waiting email is queued for the next send."""
+def retry_now(
+    session: Session, email: Email, now: dt.datetime, settings: Settings | None = None
+) -> None:
+    """An operator's retry: a failed or waiting email is queued for the next send.
+
+    A redacted body (erasure, retention) is rendered again from the read model first, as
+    the email would be written now; a :class:`ValueError` says why when it cannot be.
+    """
     if email.status not in (EmailStatus.FAILED, EmailStatus.QUEUED):
         raise ValueError(f"email {email.id} is {email.status.value}; only failed or queued retry")
+    if email.body_redacted_at is not None:
+        render_redacted_again(session, email, settings or get_settings())
     email.status = EmailStatus.QUEUED
     email.next_attempt_at = now
     email.retry_count = 0
+
+
+def render_redacted_again(session: Session, email: Email, settings: Settings) -> None:
+    """Write a redacted, unsent email again from the read model, by the claim's rules: its
+    therapist may still be written to, and only requests that may still be shown stay."""
+    refused = f"email {email.id} cannot be retried: its body was redacted and"
+    therapist = session.get(Therapist, email.therapist_id)
+    reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
+    if therapist is None or reason is not None:
+        raise ValueError(f"{refused} {(reason or '').removeprefix('cancelled: ')}")
+    included = [batch for batch in email.batches if batch.included]
+    if not included:
+        raise ValueError(f"{refused} it is about no request: there is nothing to write again")
+    keep, _ = requests_to_keep(session, [email])
+    if not any(batch.placement_request_id in keep for batch in included):
+        raise ValueError(
+            f"{refused} none of its requests may be shown again"
+            " (withdrawn, or the patient was erased)"
+        )
+    for batch in included:
+        if batch.placement_request_id not in keep:
+            batch.included = False
+    rerender(session, email, therapist, settings)
 
 
 def cancel(session: Session, email: Email) -> None:

@@ -1,0 +1,108 @@
+"""A failed email is not followed by a new asking email every weekday (real SMTP server).
+
+- The server refused the therapist's address for good (a 5xx at RCPT): the address is
+  undeliverable, and the batch asks nobody there again (``comms explain`` says why) until
+  the therapist service sends a different address.
+- The email failed for good for another reason: it used that week's contact; the batch
+  asks again in the next allowed week, as a sent email would have it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine
+
+from comms_tasks import emails
+from comms_tasks.db import transaction
+from comms_tasks.models import EmailStatus
+from comms_tasks.settings import get_settings
+from comms_tasks.tasks.sending import send_email
+from tests import factories as f
+from tests.smtp import SmtpSink
+from tests.test_email_pipeline import T0, THERAPIST, all_emails, apply, open_requests, run_batch
+
+ADDRESS = "praxis3@weber-therapie.de"
+DAY = dt.timedelta(days=1)
+
+
+@pytest.fixture
+def smtp(committed_db: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
+    sink = SmtpSink()
+    sink.start()
+    for name, value in {
+        "COMMS_MAIL_BACKEND": "smtp",
+        "COMMS_SMTP_HOST": sink.host,
+        "COMMS_SMTP_PORT": str(sink.port),
+        "COMMS_SMTP_SECURITY": "none",
+        "COMMS_SMTP_TIMEOUT": "2",
+    }.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield sink
+    sink.stop()
+    get_settings.cache_clear()
+
+
+def explain(therapist_id: int, now: dt.datetime) -> tuple[bool, str | None, dt.date | None]:
+    with transaction() as session:
+        verdict, *_ = emails.preview_batch(session, therapist_id, now, get_settings())
+        session.rollback()
+    return verdict.contactable, verdict.reason, verdict.contactable_from
+
+
+def test_a_refused_address_is_not_asked_again_until_another_address_arrives(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    apply(THERAPIST, f.therapist_upserted(3, email=ADDRESS))
+    open_requests(3, range(30, 32))
+    smtp.refuse_recipient(ADDRESS)
+    assert run_batch(T0).emails_queued == 1
+    assert send_email() == {"failed": 1}
+    [failed] = all_emails(committed_db)
+    assert failed.status is EmailStatus.FAILED
+    assert failed.error_message is not None
+    assert failed.error_message.startswith("recipient refused: 550")
+
+    for days in (1, 2, 3, 8, 30):
+        report = run_batch(T0 + days * DAY)
+        assert (report.emails_queued, report.therapists_skipped) == (0, 1), f"day {days}"
+    contactable, reason, since = explain(3, T0 + 30 * DAY)
+    assert not contactable
+    assert reason == (
+        f"its address was refused for good (email {failed.id}): waiting for a different"
+        " address from the therapist service"
+    )
+    assert since is None
+
+    # The therapist service sends a new address: asked again at once, there.
+    apply(THERAPIST, f.therapist_upserted(3, email="neu@weber-therapie.de", occurred_at=f.at(5)))
+    assert explain(3, T0 + 2 * DAY)[0]
+    assert run_batch(T0 + 2 * DAY).emails_queued == 1
+    asking = all_emails(committed_db)[-1]
+    assert asking.recipient_email == "neu@weber-therapie.de"
+    assert sorted(b.placement_request_id for b in asking.batches) == [30, 31]
+
+
+def test_an_email_that_failed_for_another_reason_is_asked_again_the_next_allowed_week(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    apply(THERAPIST, f.therapist_upserted(3, email=ADDRESS))
+    open_requests(3, range(30, 32))
+    smtp.script("554 5.7.1 message refused")
+    assert run_batch(T0).emails_queued == 1
+    assert send_email() == {"failed": 1}
+    [failed] = all_emails(committed_db)
+
+    for days in range(1, 7):
+        assert run_batch(T0 + days * DAY).emails_queued == 0, f"day {days}"
+    contactable, reason, since = explain(3, T0 + 6 * DAY)
+    assert not contactable
+    assert (
+        reason
+        == f"an email queued on 2026-11-23 failed (email {failed.id}), at most one per 7 days"
+    )
+    assert since == dt.date(2026, 11, 30)
+    assert run_batch(T0 + 7 * DAY).emails_queued == 1
