@@ -28,10 +28,6 @@ class TherapistFacts:
     has_unsent_email: bool = False
     # When the most recent counting email to them was sent, if any.
     last_sent_at: dt.datetime | None = None
-    # The most recent counting email to their current address that failed for good:
-    # when it was queued, and its id (it used that week's contact).
-    last_failed_at: dt.datetime | None = None
-    last_failed_email_id: int | None = None
     # An email whose recipient the server refused for good at their current address,
     # with nothing sent there since: the address is undeliverable.
     refused_email_id: int | None = None
@@ -89,17 +85,6 @@ def contactability(
                     again_on,
                     f"emailed on {sent_on:%Y-%m-%d}, at most one email "
                     f"per {contact_interval.days} days",
-                )
-            )
-    if facts.last_failed_at is not None:
-        queued_on = local_day(facts.last_failed_at, zone)
-        again_on = queued_on + dt.timedelta(days=contact_interval.days)
-        if today < again_on:
-            blocked_until.append(
-                (
-                    again_on,
-                    f"an email queued on {queued_on:%Y-%m-%d} failed (email "
-                    f"{facts.last_failed_email_id}), at most one per {contact_interval.days} days",
                 )
             )
     window_end = today + dt.timedelta(days=call_window.days)

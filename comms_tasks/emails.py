@@ -116,7 +116,7 @@ def therapist_facts(
             .group_by(Email.therapist_id)
         ).all()
     )
-    failed, refused = failures_at_current_address(session, therapist_ids, window_start)
+    refused = refused_addresses(session, therapist_ids)
     calls: dict[int, list[dt.datetime]] = defaultdict(list)
     calls_from = batching.local_midnight(today, settings.zone)
     calls_until = batching.local_midnight(
@@ -138,8 +138,6 @@ def therapist_facts(
             deleted=therapist.deleted_at is not None,
             has_unsent_email=therapist.id in unsent,
             last_sent_at=last_sent.get(therapist.id),
-            last_failed_at=failed[therapist.id][0] if therapist.id in failed else None,
-            last_failed_email_id=failed[therapist.id][1] if therapist.id in failed else None,
             refused_email_id=refused.get(therapist.id),
             scheduled_calls=tuple(sorted(calls[therapist.id])),
         )
@@ -147,30 +145,15 @@ def therapist_facts(
     }
 
 
-def failures_at_current_address(
-    session: Session, therapist_ids: Sequence[int], since: dt.datetime
-) -> tuple[dict[int, tuple[dt.datetime, int]], dict[int, int]]:
-    """Emails to the therapists' current addresses that failed for good, in three queries.
+def refused_addresses(session: Session, therapist_ids: Sequence[int]) -> dict[int, int]:
+    """The therapists whose current address the server refused for good, in two queries.
 
-    - The latest counting one queued since ``since``: (queued_at, id) per therapist; it
-      used that week's contact like a sent one.
-    - The latest one, of any template, whose recipient the server refused for good
-      (:data:`REFUSED_FOR_GOOD`), unless an email was sent to the address after it: its
-      id per therapist. An address the therapist service changes is a new address.
+    Per therapist, the latest email (any template) whose recipient the server refused
+    for good (:data:`REFUSED_FOR_GOOD`), unless an email was sent to the address after
+    it. An address the therapist service changes is a new address. Other failures do not
+    count: the email never reached them, and the next run may ask again.
     """
     at_current = (Email.therapist_id == Therapist.id) & (Email.recipient_email == Therapist.email)
-    failed: dict[int, tuple[dt.datetime, int]] = {}
-    for therapist_id, queued_at, email_id in session.execute(
-        select(Email.therapist_id, Email.queued_at, Email.id)
-        .join(Therapist, at_current)
-        .where(Email.therapist_id.in_(therapist_ids))
-        .where(Email.template.in_(COUNTING_TEMPLATES))
-        .where(Email.status == EmailStatus.FAILED)
-        .where(Email.queued_at >= since)
-        .order_by(Email.queued_at, Email.id)
-    ):
-        if queued_at is not None:  # where queued_at >= since: never None here
-            failed[therapist_id] = (queued_at, email_id)
     refused = dict(
         session.execute(
             select(Email.therapist_id, func.max(Email.id))
@@ -196,7 +179,7 @@ def failures_at_current_address(
             for therapist_id, email_id in refused.items()
             if sent_since.get(therapist_id, 0) < email_id
         }
-    return failed, refused
+    return refused
 
 
 def contactability_of(
