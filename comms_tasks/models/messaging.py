@@ -47,11 +47,26 @@ class ProcessedMessage(Base):
     processed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# The partial index's predicate, and ON CONFLICT's, which must be the same text.
+PENDING = "status = 'pending'"
+
+
 class DeadLetter(Base):
     """An inbound message that failed validation, kept whole so it can be replayed."""
 
     __tablename__ = "dead_letters"
-    __table_args__ = (Index("ix_dead_letters_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_dead_letters_status_id", "status", "id"),
+        # One pending letter per message: a redelivery counts on the letter it repeats.
+        Index(
+            "uq_dead_letters_pending_fingerprint",
+            "task_name",
+            "fingerprint",
+            unique=True,
+            postgresql_where=text(PENDING),
+            sqlite_where=text(PENDING),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     task_name: Mapped[str] = mapped_column(String(100))
@@ -67,6 +82,10 @@ class DeadLetter(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     replay_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     replayed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # SHA-256 (hex) of the stored message as canonical JSON; None on letters stored before.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # How often the message arrived (and failed) while this letter was pending.
+    deliveries: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
 
 
 class TaskRun(Base):
