@@ -38,6 +38,7 @@ from comms_tasks.contracts import (
     validate_event,
 )
 from comms_tasks.contracts.common import Contract
+from comms_tasks.contracts.limits import MAX_STORED_NESTING
 from comms_tasks.db import transaction
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
@@ -94,18 +95,41 @@ def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, An
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+# What a dead letter keeps in place of containers nested deeper than it can store.
+TOO_DEEP = f"[nested too deeply: more than {MAX_STORED_NESTING} levels, not kept]"
+
+
 def storable(value: Any) -> Any:
     """``value`` with every NUL and lone surrogate replaced, so that PostgreSQL stores it.
 
     A dead letter must be kept whatever it holds; U+FFFD marks where such a character was.
+    Containers more than :data:`MAX_STORED_NESTING` levels deep are replaced by
+    :data:`TOO_DEEP`: JSON encoders (and PostgreSQL) refuse what is nested deeper than
+    their limits. Walked with a stack of its own, never by recursion.
     """
-    if isinstance(value, str):
-        return _UNSTORABLE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {storable(key): storable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [storable(item) for item in value]
-    return value
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 1)]
+    while stack:
+        item, parent, slot, depth = stack.pop()
+        if isinstance(item, str):
+            parent[slot] = _UNSTORABLE.sub("\ufffd", item)
+        elif isinstance(item, dict | list | tuple) and depth > MAX_STORED_NESTING:
+            parent[slot] = TOO_DEEP
+        elif isinstance(item, dict):
+            copy: dict[Any, Any] = {}
+            parent[slot] = copy
+            for key, member in item.items():
+                if isinstance(key, str):
+                    key = _UNSTORABLE.sub("\ufffd", key)
+                copy[key] = None
+                stack.append((member, copy, key, depth + 1))
+        elif isinstance(item, list | tuple):
+            members: list[Any] = [None] * len(item)
+            parent[slot] = members
+            stack.extend((member, members, index, depth + 1) for index, member in enumerate(item))
+        else:
+            parent[slot] = item
+    return root[0]
 
 
 # SQLSTATEs of an outage: serialization failure, deadlock, lock not available, the server

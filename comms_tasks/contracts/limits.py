@@ -31,3 +31,8 @@ MAX_SUBJECT = 200 + MAX_REQUESTS_PER_MESSAGE * (MAX_ID_DIGITS + 2)
 # narrow enough that converting to UTC or adding the 14-day horizon never overflows.
 MIN_YEAR = 1900
 MAX_YEAR = 2199
+# Containers within containers of a message (the envelope is level 1): the deepest valid
+# message has 5 (envelope, payload, availability, a day's windows, a window).
+MAX_NESTING = 32
+# A dead letter keeps a message to this depth; anything deeper is replaced by a note.
+MAX_STORED_NESTING = 64

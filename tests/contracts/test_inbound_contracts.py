@@ -25,10 +25,12 @@ from comms_tasks.contracts import (
     INBOUND_EVENTS,
     ContractViolation,
     outbound,
+    too_deep,
     validate_command,
     validate_event,
 )
 from comms_tasks.contracts.common import Contract, availability_to_json
+from comms_tasks.contracts.limits import MAX_NESTING
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -1023,3 +1025,34 @@ def test_a_published_event_model_accepts_only_its_own_type_and_producer() -> Non
         model.model_validate({**event, "event_type": "call.failed"})
     with pytest.raises(ValueError, match="producer"):
         model.model_validate({**event, "producer": "matching-service"})
+
+
+# --- nesting ----------------------------------------------------------------------------
+
+
+def deep_list(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING, 600, 50_000])
+def test_a_message_nested_beyond_the_bound_is_refused_naming_the_field(depth: int) -> None:
+    raw = call_outcome()
+    raw["requests"][0]["notes"] = deep_list(depth)
+
+    refused = violation(CALL_OUTCOME, raw)
+
+    assert refused.reason == (
+        f"command.requests[0]: is nested too deeply (more than {MAX_NESTING} levels)"
+    )
+    assert refused.message_id == raw["command_id"]
+
+
+def test_the_deepest_valid_message_is_far_from_the_nesting_bound() -> None:
+    # envelope, payload, availability, a day's windows, a window: 5 levels.
+    event = availability_event({"monday": [window("09:00", "12:00")]})
+    assert too_deep(event, 5) is None
+    assert too_deep(event, 4) is not None
+    validate(THERAPIST, event)

@@ -171,3 +171,57 @@ def test_on_sqlite_too_a_redelivery_counts_on_the_pending_letter(sqlite_db: Engi
     deliver(invalid_event(7102))
 
     assert [letter.deliveries for letter in dead_letters(sqlite_db)] == [3, 1]
+
+
+# --- a message nested too deeply --------------------------------------------------------
+
+
+def nested(depth: int, kind: str) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("depth", [40, 200, 600, 900, 5000, 100_000])
+def test_a_message_nested_too_deeply_is_kept_as_a_dead_letter(
+    committed_db: Engine, depth: int, kind: str
+) -> None:
+    event = f.therapist_upserted(7300)
+    event["payload"]["status"] = nested(depth, kind)
+
+    outcome = deliver(event)
+
+    [letter] = dead_letters(committed_db)
+    assert outcome["dead_letter_id"] == letter.id
+    assert letter.message_id == event["event_id"]
+    assert "event.payload.status" in letter.reason
+    assert "nested too deeply" in letter.reason
+    # The message is kept up to the depth that can be stored, its other fields whole.
+    assert letter.payload["event_id"] == event["event_id"]
+    assert letter.payload["payload"]["last_name"] == event["payload"]["last_name"]
+
+
+def test_the_next_message_after_a_deep_one_is_applied(committed_db: Engine) -> None:
+    deep = f.therapist_upserted(7301)
+    deep["payload"]["title"] = nested(5000, "list")
+    deliver(deep)
+
+    result = app.tasks[THERAPIST].apply(kwargs={"event": f.therapist_upserted(7302)})
+
+    assert result.successful(), result.traceback
+    assert result.result["result"] == "applied"
+
+
+def test_storable_keeps_a_bounded_depth_without_recursing() -> None:
+    kept = inbox.storable({"a": nested(200_000, "list"), "b": "Bl\x00\ud800"})
+
+    depth = 0
+    value = kept["a"]
+    while isinstance(value, list):
+        [value] = value
+        depth += 1
+    assert depth < 100
+    assert isinstance(value, str) and "nested too deeply" in value
+    assert kept["b"] == "Bl\ufffd\ufffd"
