@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from comms_tasks.contracts import inbound
-from comms_tasks.contracts.common import Contract
+from comms_tasks.contracts.common import FIELD_ERROR, Contract
 from comms_tasks.contracts.inbound import Command, Envelope
 from comms_tasks.contracts.limits import MAX_NESTING
 
@@ -86,9 +86,12 @@ def _field_name(loc: tuple[int | str, ...], prefix: str) -> str:
 def describe(error: ValidationError, prefix: str) -> str:
     """One line: each failing field and what is wrong with it, without the values."""
     problems = []
-    for item in error.errors(include_input=False, include_url=False, include_context=False):
+    for item in error.errors(include_input=False, include_url=False):
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{_field_name(item['loc'], prefix)}: {message}")
+        loc = tuple(item["loc"])
+        if item["type"] == FIELD_ERROR:
+            loc += tuple(item.get("ctx", {}).get("loc", ()))
+        problems.append(f"{_field_name(loc, prefix)}: {message}")
     extra = len(problems) - MAX_REASON_ERRORS
     reason = "; ".join(problems[:MAX_REASON_ERRORS])
     if extra > 0:
