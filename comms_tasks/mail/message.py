@@ -289,9 +289,11 @@ def _encoded_phrase(prefix: str, display_name: str) -> list[str]:
 def _check_one_address(name: str, folded: bytes, addr_spec: str, display_name: str) -> None:
     """Refuse an address header that a reader could take for anything but ``addr_spec``.
 
-    Read back three ways: by the plain address parser on the header as written (folds
-    left in, as a reader that does not unfold sees it) and unfolded, and by the email
-    package's parser; the name, decoded as RFC 2047 says, must be the one given.
+    Read back by the plain address parser twice: on the header as written (folds left
+    in, as a reader that does not unfold sees it) and unfolded; the name, decoded as RFC
+    2047 says, must be the one given. (The email package's own parser agrees on every
+    name the tests try, tests/mail/test_header_injection.py; it is not run here, at four
+    times the cost of the rest of the header.)
     """
     as_written = folded[:-2].decode("ascii").split(":", 1)[1]
     unfolded = as_written.replace("\r\n", "")
@@ -299,18 +301,18 @@ def _check_one_address(name: str, folded: bytes, addr_spec: str, display_name: s
     for value in (as_written, unfolded):
         if [address for _, address in email.utils.getaddresses([value])] != [addr_spec]:
             raise refused
+    if not display_name:
+        return
+    [(phrase, _)] = email.utils.getaddresses([unfolded])
+    if _PLAIN_NAME.fullmatch(display_name):
+        if phrase != display_name:
+            raise refused
+        return
     try:
-        parsed = MIME_POLICY.header_factory(name, unfolded)
-        addresses = list(parsed.addresses)
-        [(phrase, _)] = email.utils.getaddresses([unfolded])
         shown = str(email.header.make_header(email.header.decode_header(phrase)))
-    except (email.errors.MessageError, ValueError, IndexError, TypeError, LookupError):
+    except (email.errors.MessageError, ValueError, LookupError):
         raise HeaderError(f"{name} cannot be read back") from None
-    if [address.addr_spec for address in addresses] != [addr_spec] or parsed.defects:
-        raise refused
-    if shown != display_name and not (
-        _PLAIN_NAME.fullmatch(display_name) and phrase == display_name
-    ):
+    if shown != display_name:
         raise refused
 
 
