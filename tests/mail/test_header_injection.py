@@ -204,10 +204,16 @@ ADDRESS_FIELDS = {
     "To": ("recipient_email", "recipient_name"),
 }
 SPECIALS = st.sampled_from([*'<>,;:@"\\()[]. ', "chef@bank.example", "<a@b.de>, "])
-LONG_NAME = st.lists(
-    st.one_of(SPECIALS, st.text(alphabet="xäÖß€ ", min_size=1, max_size=60)),
-    max_size=60,
-).map(lambda parts: "".join(parts)[:MAX_DISPLAY_NAME])
+LONG_NAME = st.one_of(
+    st.lists(
+        st.one_of(SPECIALS, st.text(alphabet="xäÖß€ ", min_size=1, max_size=60)),
+        max_size=60,
+    ).map(lambda parts: "".join(parts)[:MAX_DISPLAY_NAME]),
+    # The full length of a display name the contract allows, specials throughout.
+    st.text(
+        alphabet='<>,;:@"\\()[]. xä\U0001f600', min_size=MAX_DISPLAY_NAME, max_size=MAX_DISPLAY_NAME
+    ),
+)
 
 
 def address_headers(raw: bytes) -> dict[str, list[tuple[str, str]]]:
