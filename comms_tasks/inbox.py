@@ -14,12 +14,16 @@ exception's class as its reason, to be replayed with ``comms dead-letters replay
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -34,9 +38,11 @@ from comms_tasks.contracts import (
     validate_event,
 )
 from comms_tasks.contracts.common import Contract
+from comms_tasks.contracts.limits import MAX_STORED_NESTING
 from comms_tasks.db import transaction
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
+from comms_tasks.models.messaging import PENDING
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +95,41 @@ def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, An
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+# What a dead letter keeps in place of containers nested deeper than it can store.
+TOO_DEEP = f"[nested too deeply: more than {MAX_STORED_NESTING} levels, not kept]"
+
+
 def storable(value: Any) -> Any:
     """``value`` with every NUL and lone surrogate replaced, so that PostgreSQL stores it.
 
     A dead letter must be kept whatever it holds; U+FFFD marks where such a character was.
+    Containers more than :data:`MAX_STORED_NESTING` levels deep are replaced by
+    :data:`TOO_DEEP`: JSON encoders (and PostgreSQL) refuse what is nested deeper than
+    their limits. Walked with a stack of its own, never by recursion.
     """
-    if isinstance(value, str):
-        return _UNSTORABLE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {storable(key): storable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [storable(item) for item in value]
-    return value
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 1)]
+    while stack:
+        item, parent, slot, depth = stack.pop()
+        if isinstance(item, str):
+            parent[slot] = _UNSTORABLE.sub("\ufffd", item)
+        elif isinstance(item, dict | list | tuple) and depth > MAX_STORED_NESTING:
+            parent[slot] = TOO_DEEP
+        elif isinstance(item, dict):
+            copy: dict[Any, Any] = {}
+            parent[slot] = copy
+            for key, member in item.items():
+                if isinstance(key, str):
+                    key = _UNSTORABLE.sub("\ufffd", key)
+                copy[key] = None
+                stack.append((member, copy, key, depth + 1))
+        elif isinstance(item, list | tuple):
+            members: list[Any] = [None] * len(item)
+            parent[slot] = members
+            stack.extend((member, members, index, depth + 1) for index, member in enumerate(item))
+        else:
+            parent[slot] = item
+    return root[0]
 
 
 # SQLSTATEs of an outage: serialization failure, deadlock, lock not available, the server
@@ -163,18 +192,51 @@ def store_failure(
     return Outcome("dead_letter", message_id, letter_id, reason)
 
 
+def fingerprint(task_name: str, payload: Any) -> str:
+    """SHA-256 (hex) of the task and its stored message as canonical JSON.
+
+    Keys sorted, no white space: the same JSON object however its keys were ordered.
+    """
+    try:
+        text = json.dumps([task_name, payload], sort_keys=True, separators=(",", ":"), default=repr)
+    except TypeError:  # keys of mixed types cannot be sorted: their order as given
+        text = json.dumps([task_name, payload], separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
 def _store_dead_letter(task_name: str, violation: ContractViolation, raw: Any) -> int:
+    """Store a pending dead letter, or count one more delivery on the one already there.
+
+    The same message (same task, same payload) arriving again while its letter is
+    pending, redelivered or sent twice, by one worker or two at once, stays one letter:
+    the insert is an upsert on the unique index of pending fingerprints. Its reason is
+    the newest.
+    """
+    payload = storable(raw)
+    values = {
+        "task_name": task_name,
+        "message_id": violation.message_id,
+        "reason": storable(violation.reason),
+        "payload": payload,
+        "status": DeadLetterStatus.PENDING,
+        "received_at": utcnow(),
+        "fingerprint": fingerprint(task_name, payload),
+        "deliveries": 1,
+    }
     with transaction() as session:
-        letter = DeadLetter(
-            task_name=task_name,
-            message_id=violation.message_id,
-            reason=storable(violation.reason),
-            payload=storable(raw),
-            status=DeadLetterStatus.PENDING,
+        dialect = session.get_bind().dialect.name
+        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        statement = insert(DeadLetter).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[DeadLetter.task_name, DeadLetter.fingerprint],
+            index_where=text(PENDING),
+            set_={
+                "deliveries": DeadLetter.deliveries + 1,
+                "reason": statement.excluded.reason,
+            },
         )
-        session.add(letter)
-        session.flush()
-        return letter.id
+        letter_id: int = session.execute(statement.returning(DeadLetter.id)).scalar_one()
+        return letter_id
 
 
 def _update_dead_letter(dead_letter_id: int, outcome: Outcome) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from comms_tasks.contracts import inbound
-from comms_tasks.contracts.common import Contract
+from comms_tasks.contracts.common import FIELD_ERROR, Contract
 from comms_tasks.contracts.inbound import Command, Envelope
+from comms_tasks.contracts.limits import MAX_NESTING
 
 HANDLE_THERAPIST_EVENT = "comms.handle_therapist_event"
 HANDLE_MATCHING_EVENT = "comms.handle_matching_event"
@@ -85,9 +86,12 @@ def _field_name(loc: tuple[int | str, ...], prefix: str) -> str:
 def describe(error: ValidationError, prefix: str) -> str:
     """One line: each failing field and what is wrong with it, without the values."""
     problems = []
-    for item in error.errors(include_input=False, include_url=False, include_context=False):
+    for item in error.errors(include_input=False, include_url=False):
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{_field_name(item['loc'], prefix)}: {message}")
+        loc = tuple(item["loc"])
+        if item["type"] == FIELD_ERROR:
+            loc += tuple(item.get("ctx", {}).get("loc", ()))
+        problems.append(f"{_field_name(loc, prefix)}: {message}")
     extra = len(problems) - MAX_REASON_ERRORS
     reason = "; ".join(problems[:MAX_REASON_ERRORS])
     if extra > 0:
@@ -104,13 +108,44 @@ def readable_message_id(raw: Any, key: str) -> str | None:
     return None
 
 
+def too_deep(raw: Any, limit: int) -> tuple[int | str, ...] | None:
+    """Where ``raw`` holds containers more than ``limit`` levels deep, or None.
+
+    Walked with a stack of its own, not by recursion: a fuzzed message may be nested
+    far deeper than Python's recursion limit.
+    """
+    stack: list[tuple[Any, tuple[int | str, ...], int]] = [(raw, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, list | tuple):
+            items = enumerate(value)
+        else:
+            continue
+        if depth > limit:
+            return path
+        for key, item in items:
+            stack.append((item, (*path, key if isinstance(key, int) else str(key)), depth + 1))
+    return None
+
+
 def _strict(model: type[Contract], raw: Any, prefix: str, message_id: str | None) -> Any:
     # Validating the JSON text in strict mode: "5" is not an int and 1 is not a bool, but
     # ISO strings are datetimes, dates and UUIDs, exactly as they travel on the wire.
+    deep = too_deep(raw, MAX_NESTING)
+    if deep is not None:
+        raise ContractViolation(
+            f"{_field_name(deep[:2], prefix)}: is nested too deeply "
+            f"(more than {MAX_NESTING} levels)",
+            message_id,
+        )
     try:
         text = json.dumps(raw, allow_nan=False)
     except (TypeError, ValueError):
         raise ContractViolation(f"{prefix}: is not a JSON value", message_id) from None
+    except RecursionError:  # not reached after the check above; never a crash
+        raise ContractViolation(f"{prefix}: is nested too deeply", message_id) from None
     try:
         return model.model_validate_json(text, strict=True)
     except ValidationError as exc:

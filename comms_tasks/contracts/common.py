@@ -16,6 +16,7 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_ID, MAX_NAME, MAX_TEXT, MAX_YEAR, MIN_YEAR
 
@@ -24,6 +25,19 @@ class Contract(BaseModel):
     """Every contract model: unknown keys are rejected, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The error type of :func:`field_error`: its ``loc`` is appended to the error's own.
+FIELD_ERROR = "contract_field"
+
+
+def field_error(loc: tuple[int | str, ...], message: str) -> PydanticCustomError:
+    """An error of a model validator that names a field inside the model, not the model.
+
+    ``describe`` (contracts/__init__.py) appends ``loc`` to where pydantic says the error
+    is: ``command.outcomes[2].placement_request_id``, not ``command``.
+    """
+    return PydanticCustomError(FIELD_ERROR, message, {"loc": loc})
 
 
 # Line and paragraph separators besides CR and LF: NEL (a C1 control), U+2028, U+2029.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 
 from comms_tasks.contracts.common import (
     Availability,
@@ -19,6 +19,7 @@ from comms_tasks.contracts.common import (
     OutcomeValue,
     PlacementRequestStatusValue,
     SingleLine,
+    field_error,
 )
 from comms_tasks.contracts.limits import MAX_REQUESTS_PER_MESSAGE
 
@@ -149,6 +150,28 @@ class Command(Contract):
     command_id: uuid.UUID
 
 
+NAMED_BEFORE = "names a request named before in this command"
+
+
+def _first_repeat(ids: list[int]) -> int | None:
+    """The index of the first id that appeared earlier in ``ids``, if any."""
+    seen: set[int] = set()
+    for index, value in enumerate(ids):
+        if value in seen:
+            return index
+        seen.add(value)
+    return None
+
+
+def _refuse_repeats(field: str, ids: list[int], *, key: str | None = None) -> None:
+    # One outcome per request and command: "17 accepted" and "17 rejected" in the same
+    # answer has no meaning, and applying both in turn would publish both.
+    index = _first_repeat(ids)
+    if index is not None:
+        loc: tuple[int | str, ...] = (field, index) if key is None else (field, index, key)
+        raise field_error(loc, NAMED_BEFORE)
+
+
 class EmailResponseOutcome(Contract):
     placement_request_id: Id
     outcome: OutcomeValue
@@ -160,6 +183,12 @@ class RecordEmailResponse(Command):
     received_at: Instant
     content: FreeText | None
     outcomes: list[EmailResponseOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
+
+    @model_validator(mode="after")
+    def _one_outcome_per_request(self) -> RecordEmailResponse:
+        ids = [item.placement_request_id for item in self.outcomes]
+        _refuse_repeats("outcomes", ids, key="placement_request_id")
+        return self
 
 
 class CallRequestOutcome(Contract):
@@ -178,16 +207,36 @@ class RecordCallOutcome(Command):
     retry_after: Day | None
     requests: list[CallRequestOutcome] = Field(max_length=MAX_REQUESTS_PER_MESSAGE)
 
+    @model_validator(mode="after")
+    def _one_outcome_per_request(self) -> RecordCallOutcome:
+        ids = [item.placement_request_id for item in self.requests]
+        _refuse_repeats("requests", ids, key="placement_request_id")
+        return self
+
 
 class QueueEmail(Command):
     therapist_id: Id
     template: Literal["follow_up", "confirmation"]
-    placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
+    placement_request_ids: list[Id] = Field(
+        min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE, json_schema_extra={"uniqueItems": True}
+    )
     reply_to_email_id: Id | None
+
+    @model_validator(mode="after")
+    def _each_request_once(self) -> QueueEmail:
+        _refuse_repeats("placement_request_ids", self.placement_request_ids)
+        return self
 
 
 class ScheduleCall(Command):
     therapist_id: Id
-    placement_request_ids: list[Id] = Field(min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE)
+    placement_request_ids: list[Id] = Field(
+        min_length=1, max_length=MAX_REQUESTS_PER_MESSAGE, json_schema_extra={"uniqueItems": True}
+    )
     at: Instant | None
     notes: FreeText | None
+
+    @model_validator(mode="after")
+    def _each_request_once(self) -> ScheduleCall:
+        _refuse_repeats("placement_request_ids", self.placement_request_ids)
+        return self

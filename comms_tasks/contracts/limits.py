@@ -23,11 +23,16 @@ MAX_ID = 2**63 - 1
 MAX_ID_DIGITS = len(str(MAX_ID))
 # Requests (or outcomes) named in one command.
 MAX_REQUESTS_PER_MESSAGE = 100
-# The longest subject a template can make: a confirmation lists the ids of its requests
-# (up to MAX_REQUESTS_PER_MESSAGE, ", " between them), a follow-up adds "Re: " to the
-# subject it answers; 200 characters leave room for the fixed words.
-MAX_SUBJECT = 200 + MAX_REQUESTS_PER_MESSAGE * (MAX_ID_DIGITS + 2)
+# Subjects: the longest a template makes is 129 characters (a confirmation names at most
+# four ids of up to 19 digits, then "und N weitere"; a follow-up to it adds "Re: "), and
+# tests/contracts/test_limits.py renders every count of ids to check it stays below this.
+MAX_SUBJECT = 300
 # Dates and times of messages: wide enough for any real registration or appointment,
 # narrow enough that converting to UTC or adding the 14-day horizon never overflows.
 MIN_YEAR = 1900
 MAX_YEAR = 2199
+# Containers within containers of a message (the envelope is level 1): the deepest valid
+# message has 5 (envelope, payload, availability, a day's windows, a window).
+MAX_NESTING = 32
+# A dead letter keeps a message to this depth; anything deeper is replaced by a note.
+MAX_STORED_NESTING = 64

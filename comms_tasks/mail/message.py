@@ -88,8 +88,10 @@ def build_mime(message: OutgoingMessage) -> bytes:
     """The message as it goes on the wire: multipart/alternative (text/plain, then
     text/html), UTF-8, quoted-printable, CRLF line ends, 7-bit throughout.
 
-    The email package encodes and folds the address, subject and references headers
-    (RFC 2047 for non-ASCII text), once per distinct value; plain ASCII headers and the
+    The address headers are written by :func:`_address_header` (the display name as
+    plain words or RFC 2047 encoded words, never folded by the email package, and read
+    back to hold exactly one address); the email package encodes and folds the subject
+    and references headers, once per distinct value; plain ASCII headers and the
     two body parts, whose headers never vary, are written here, the bodies with
     :mod:`binascii`'s quoted-printable encoder. Building the whole message with the email
     package took about seven times as long (docs/performance.md).
@@ -195,7 +197,123 @@ def _check_written(name: str, folded: bytes) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _address_header(name: str, field: str, addr_spec: str, display_name: str) -> bytes:
-    return _fold(name, _address(field, addr_spec, display_name))
+    """One address header, written here rather than by the email package's folding.
+
+    The policy's refolding wrote a long quoted display name as bare words over several
+    lines, dropping its quotes: a name holding ``<x@y>, `` became an address of its own.
+    So the display name is written in one of two forms that no folding changes: a short
+    name of plain words (letters, digits, dots) on the header's first line, anything else
+    (non-ASCII, long, or with any other character) as RFC 2047 encoded words, in which
+    ``<``, ``>``, ``,``, ``"`` and the rest are hex escapes, one word per line. The header
+    is then read back and must hold exactly the one address, or it is a
+    :class:`HeaderError`.
+    """
+    spec = _address(field, addr_spec).addr_spec
+    if not spec.isascii():
+        raise ValueError(f"{field} is not a valid address: {addr_spec!r}")
+    if not display_name:
+        lines = [f"{name}: {spec}"]
+    elif (
+        _PLAIN_NAME.fullmatch(display_name)
+        and len(header := f"{name}: {_plain_phrase(display_name)} <{spec}>") <= _MAX_LINE
+    ):
+        lines = [header]
+    else:
+        lines = _encoded_phrase(f"{name}: ", display_name)
+        if len(lines[-1]) + len(spec) + 3 <= _MAX_LINE:
+            lines[-1] += f" <{spec}>"
+        else:
+            lines.append(f" <{spec}>")
+    folded = ("\r\n".join(lines) + "\r\n").encode("ascii")
+    _check_written(name, folded)
+    _check_one_address(name, folded, spec, display_name)
+    return folded
+
+
+# The longest header line we write where we choose the folding (RFC 5322 recommends 78).
+_MAX_LINE = 78
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+# Words of RFC 5322 atext, one space apart: written as they are.
+_ATOMS = re.compile(rf"[{_ATEXT}]+(?: [{_ATEXT}]+)*")
+# The same with dots ("Dr. Anna Weber"): written as one quoted string on one line.
+_PLAIN_NAME = re.compile(rf"[{_ATEXT}.]+(?: [{_ATEXT}.]+)*")
+# Characters an encoded word in a phrase may hold as they are (RFC 2047 section 5 (3)).
+_Q_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+_ENCODED_PREFIX = "=?utf-8?q?"
+_ENCODED_SUFFIX = "?="
+
+
+def _plain_phrase(display_name: str) -> str:
+    return display_name if _ATOMS.fullmatch(display_name) else f'"{display_name}"'
+
+
+def _q_encode(character: str) -> str:
+    return "".join(
+        "_" if byte == 0x20 else chr(byte) if byte in _Q_PLAIN else f"={byte:02X}"
+        for byte in character.encode("utf-8")
+    )
+
+
+def _encoded_phrase(prefix: str, display_name: str) -> list[str]:
+    """``display_name`` as UTF-8 "Q" encoded words, each on a line of its own.
+
+    Each word ends on a whole character, after a space where one is near: the white space
+    between encoded words is not part of the name (RFC 2047 section 6.2), so the name
+    reads back exactly as given.
+    """
+    overhead = len(_ENCODED_PREFIX) + len(_ENCODED_SUFFIX)
+    words: list[str] = []
+    room = _MAX_LINE - len(prefix) - overhead
+    chunk: list[str] = []
+    length = 0
+    for character in display_name:
+        encoded = _q_encode(character)
+        if chunk and length + len(encoded) > room:
+            # Break after the last space of the chunk, unless that leaves it short.
+            cut = max((i + 1 for i, c in enumerate(chunk) if c == "_"), default=0)
+            if cut < len(chunk) // 2:
+                cut = len(chunk)
+            words.append("".join(chunk[:cut]))
+            chunk = chunk[cut:]
+            length = sum(map(len, chunk))
+            room = _MAX_LINE - 1 - overhead
+        chunk.append(encoded)
+        length += len(encoded)
+    words.append("".join(chunk))
+    return [
+        f"{prefix if index == 0 else ' '}{_ENCODED_PREFIX}{word}{_ENCODED_SUFFIX}"
+        for index, word in enumerate(words)
+    ]
+
+
+def _check_one_address(name: str, folded: bytes, addr_spec: str, display_name: str) -> None:
+    """Refuse an address header that a reader could take for anything but ``addr_spec``.
+
+    Read back by the plain address parser twice: on the header as written (folds left
+    in, as a reader that does not unfold sees it) and unfolded; the name, decoded as RFC
+    2047 says, must be the one given. (The email package's own parser agrees on every
+    name the tests try, tests/mail/test_header_injection.py; it is not run here, at four
+    times the cost of the rest of the header.)
+    """
+    as_written = folded[:-2].decode("ascii").split(":", 1)[1]
+    unfolded = as_written.replace("\r\n", "")
+    refused = HeaderError(f"{name} would not hold exactly its one address")
+    for value in (as_written, unfolded):
+        if [address for _, address in email.utils.getaddresses([value])] != [addr_spec]:
+            raise refused
+    if not display_name:
+        return
+    [(phrase, _)] = email.utils.getaddresses([unfolded])
+    if _PLAIN_NAME.fullmatch(display_name):
+        if phrase != display_name:
+            raise refused
+        return
+    try:
+        shown = str(email.header.make_header(email.header.decode_header(phrase)))
+    except (email.errors.MessageError, ValueError, LookupError):
+        raise HeaderError(f"{name} cannot be read back") from None
+    if shown != display_name:
+        raise refused
 
 
 def _text_part(boundary: str, subtype: str, text: str) -> bytes:
@@ -224,10 +342,10 @@ def _refuse_line_breaks(field: str, value: str, *, encoded_words: bool = True) -
         raise HeaderError(f"{field} must not contain an encoded word (=?...?=)")
 
 
-def _address(field: str, addr_spec: str, display_name: str = "") -> Address:
+def _address(field: str, addr_spec: str) -> Address:
     _refuse_line_breaks(field, addr_spec)
     try:
-        address = Address(display_name=display_name, addr_spec=ascii_address(addr_spec))
+        address = Address(addr_spec=ascii_address(addr_spec))
     except (ValueError, IndexError, email.errors.HeaderParseError) as exc:
         raise ValueError(f"{field} is not a valid address: {exc}") from None
     if not address.username or not address.domain:

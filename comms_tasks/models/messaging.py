@@ -47,6 +47,10 @@ class ProcessedMessage(Base):
     processed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# The partial index's predicate, and ON CONFLICT's, which must be the same text.
+PENDING = "status = 'pending'"
+
+
 class DeadLetter(Base):
     """An inbound message that failed validation, kept whole so it can be replayed.
 
@@ -55,7 +59,18 @@ class DeadLetter(Base):
     """
 
     __tablename__ = "dead_letters"
-    __table_args__ = (Index("ix_dead_letters_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_dead_letters_status_id", "status", "id"),
+        # One pending letter per message: a redelivery counts on the letter it repeats.
+        Index(
+            "uq_dead_letters_pending_fingerprint",
+            "task_name",
+            "fingerprint",
+            unique=True,
+            postgresql_where=text(PENDING),
+            sqlite_where=text(PENDING),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
     task_name: Mapped[str] = mapped_column(String(100))
@@ -74,6 +89,10 @@ class DeadLetter(Base):
     # Set when the payload's health data was removed (patient erased, retention): the
     # ids stay, the message can no longer be replayed.
     payload_redacted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # SHA-256 (hex) of the stored message as canonical JSON; None on letters stored before.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # How often the message arrived (and failed) while this letter was pending.
+    deliveries: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
 
 
 class TaskRun(Base):

@@ -25,10 +25,12 @@ from comms_tasks.contracts import (
     INBOUND_EVENTS,
     ContractViolation,
     outbound,
+    too_deep,
     validate_command,
     validate_event,
 )
 from comms_tasks.contracts.common import Contract, availability_to_json
+from comms_tasks.contracts.limits import MAX_NESTING
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -1023,3 +1025,84 @@ def test_a_published_event_model_accepts_only_its_own_type_and_producer() -> Non
         model.model_validate({**event, "event_type": "call.failed"})
     with pytest.raises(ValueError, match="producer"):
         model.model_validate({**event, "producer": "matching-service"})
+
+
+# --- nesting ----------------------------------------------------------------------------
+
+
+def deep_list(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING, 600, 50_000])
+def test_a_message_nested_beyond_the_bound_is_refused_naming_the_field(depth: int) -> None:
+    raw = call_outcome()
+    raw["requests"][0]["notes"] = deep_list(depth)
+
+    refused = violation(CALL_OUTCOME, raw)
+
+    assert refused.reason == (
+        f"command.requests[0]: is nested too deeply (more than {MAX_NESTING} levels)"
+    )
+    assert refused.message_id == raw["command_id"]
+
+
+def test_the_deepest_valid_message_is_far_from_the_nesting_bound() -> None:
+    # envelope, payload, availability, a day's windows, a window: 5 levels.
+    event = availability_event({"monday": [window("09:00", "12:00")]})
+    assert too_deep(event, 5) is None
+    assert too_deep(event, 4) is not None
+    validate(THERAPIST, event)
+
+
+# --- one request, one entry -------------------------------------------------------------
+
+
+def _same_request_twice_in_email_response() -> dict[str, Any]:
+    raw = email_response()
+    raw["outcomes"][2]["placement_request_id"] = 301
+    raw["outcomes"][2]["outcome"] = "rejected"
+    return raw
+
+
+def _same_request_twice_in_call_outcome() -> dict[str, Any]:
+    raw = call_outcome()
+    raw["requests"][1] = {
+        "placement_request_id": 301,
+        "discussed": True,
+        "outcome": "rejected",
+        "notes": None,
+    }
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("task_name", "make", "field"),
+    [
+        (EMAIL_RESPONSE, _same_request_twice_in_email_response, "outcomes[2].placement_request_id"),
+        (CALL_OUTCOME, _same_request_twice_in_call_outcome, "requests[1].placement_request_id"),
+        (
+            QUEUE_EMAIL,
+            lambda: queue_email(placement_request_ids=[301, 302, 301]),
+            "placement_request_ids[2]",
+        ),
+        (
+            SCHEDULE_CALL,
+            lambda: schedule_call(placement_request_ids=[301, 301]),
+            "placement_request_ids[1]",
+        ),
+    ],
+    ids=["email_response", "call_outcome", "queue_email", "schedule_call"],
+)
+def test_a_request_named_twice_in_one_command_is_refused_naming_the_entry(
+    task_name: str, make: Callable[[], dict[str, Any]], field: str
+) -> None:
+    raw = make()
+
+    refused = violation(task_name, raw)
+
+    assert refused.reason == f"command.{field}: names a request named before in this command"
+    assert refused.message_id == raw["command_id"]

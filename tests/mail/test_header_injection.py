@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
+import email.utils
+import itertools
 import sys
 import unicodedata
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 
 import pytest
@@ -21,6 +24,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from comms_tasks.contracts.limits import MAX_DISPLAY_NAME
 from comms_tasks.mail import message
 from comms_tasks.mail.message import HeaderError, OutgoingMessage, build_mime
 from comms_tasks.models import EmailStatus, Therapist
@@ -187,3 +191,104 @@ def test_a_display_name_never_adds_a_recipient(name: str) -> None:
         "praxis.mueller@example.org"
     ]
     assert parsed["Cc"] is None and parsed["Bcc"] is None
+
+
+# --- a long display name is never unquoted by folding -----------------------------------
+
+# The name of the probe: contract-valid (one line, 111 characters of a last name), long
+# enough that the email package folded it and dropped its quotes, so that everything
+# before ", Max" became an address of its own.
+INJECTED_LAST_NAME = "Weber " + "x" * 80 + " <chef@bank.example>, Max"
+ADDRESS_FIELDS = {
+    "From": ("sender_email", "sender_name"),
+    "To": ("recipient_email", "recipient_name"),
+}
+SPECIALS = st.sampled_from([*'<>,;:@"\\()[]. ', "chef@bank.example", "<a@b.de>, "])
+LONG_NAME = st.one_of(
+    st.lists(
+        st.one_of(SPECIALS, st.text(alphabet="xäÖß€ ", min_size=1, max_size=60)),
+        max_size=60,
+    ).map(lambda parts: "".join(parts)[:MAX_DISPLAY_NAME]),
+    # The full length of a display name the contract allows, specials throughout.
+    st.text(
+        alphabet='<>,;:@"\\()[]. xä\U0001f600', min_size=MAX_DISPLAY_NAME, max_size=MAX_DISPLAY_NAME
+    ),
+)
+
+
+def address_headers(raw: bytes) -> dict[str, list[tuple[str, str]]]:
+    """Each address header as a client reads it: (name as shown, address) of each address.
+
+    Read three ways, which must agree on the addresses: the plain parser on the header as
+    written (folds left in) and unfolded, and the email package's parser. The name shown
+    is the RFC 2047 decoding (white space between encoded words is not part of it).
+    """
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    lines = headers_of(raw).split(b"\r\n")
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name in ("From", "To", "Reply-To", "Cc", "Bcc"):
+        written: list[str] = []
+        for index, line in enumerate(lines):
+            if line.lower().startswith(name.lower().encode("ascii") + b":"):
+                rest = itertools.takewhile(lambda more: more[:1] == b" ", lines[index + 1 :])
+                written.append(b"\r\n".join([line, *rest]).decode("ascii").split(":", 1)[1])
+        if not written:
+            assert parsed.get_all(name) is None
+            continue
+        unfolded = [value.replace("\r\n", "") for value in written]
+        shown = [
+            (str(make_header(decode_header(phrase))), address)
+            for phrase, address in email.utils.getaddresses(unfolded)
+        ]
+        as_written = [address for _, address in email.utils.getaddresses(written)]
+        registry = [a.addr_spec for value in parsed.get_all(name) for a in value.addresses]
+        assert as_written == registry == [address for _, address in shown], name
+        found[name] = shown
+    return found
+
+
+def test_a_long_name_with_an_address_in_it_adds_no_recipient() -> None:
+    name = f"Dr. Anna {INJECTED_LAST_NAME}"
+    raw = build_mime(outgoing(recipient_name=name, reply_to="antworten@example.org"))
+
+    headers = address_headers(raw)
+
+    assert headers["To"] == [(name, "praxis.mueller@example.org")]
+    assert headers["Reply-To"] == [("", "antworten@example.org")]
+    assert "Cc" not in headers and "Bcc" not in headers
+
+
+@pytest.mark.parametrize("header", sorted(ADDRESS_FIELDS))
+@given(name=LONG_NAME)
+@settings(max_examples=200, deadline=None)
+def test_every_address_header_holds_exactly_its_one_address_whatever_the_name(
+    header: str, name: str
+) -> None:
+    address_field, name_field = ADDRESS_FIELDS[header]
+    intended = outgoing(reply_to="antworten@example.org")
+    raw = build_mime(dataclasses.replace(intended, **{name_field: name}))
+
+    headers = address_headers(raw)
+
+    assert headers[header] == [(name, getattr(intended, address_field))]
+    assert headers["Reply-To"] == [("", "antworten@example.org")]
+    assert set(headers) == {"From", "To", "Reply-To"}
+    for line in headers_of(raw).split(b"\r\n"):
+        assert len(line) <= 998
+
+
+def test_a_long_name_reaches_the_smtp_server_as_one_recipient(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    pipeline.therapist(9, last_name=INJECTED_LAST_NAME, first_name="Anna", title="Dr.")
+    pipeline.open_requests(9, range(90, 92))
+    pipeline.run_batch(pipeline.T0)
+
+    assert send_email() == {"sent": 1}
+
+    [received] = smtp.accepted
+    assert [address.addr_spec for address in received["To"].addresses] == [smtp.envelopes[0][1][0]]
+    # The email package's parser keeps the white space between encoded words.
+    shown = received["To"].addresses[0].display_name
+    assert "".join(shown.split()) == "".join(f"Dr. Anna {INJECTED_LAST_NAME}".split())
+    assert received["Cc"] is None and received["Bcc"] is None

@@ -135,13 +135,39 @@ def test_every_template_renders(renderer: EmailRenderer, template: str) -> None:
         ("follow_up", [FULL], "Re: Anfrage für 3 Therapieplätze"),
         ("follow_up", THREE, "Re: Anfrage für 3 Therapieplätze"),
         ("confirmation", [FULL], "Bestätigung Ihrer Zusage: Anfrage Nr. 4711"),
-        ("confirmation", THREE, "Bestätigung Ihrer Zusagen: Anfrage Nr. 4711, 4712, 4713"),
+        ("confirmation", THREE, "Bestätigung Ihrer Zusagen: Anfragen Nr. 4711, 4712 und 4713"),
     ],
 )
 def test_subjects(
     renderer: EmailRenderer, template: str, patients: list[PatientEntry], subject: str
 ) -> None:
     assert render(renderer, template, patients).subject == subject
+
+
+def many(count: int, first: int = 4711) -> list[PatientEntry]:
+    return [
+        PatientEntry(placement_request_id=first + index, position=index + 1)
+        for index in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("count", "subject"),
+    [
+        (2, "Bestätigung Ihrer Zusagen: Anfragen Nr. 4711 und 4712"),
+        (4, "Bestätigung Ihrer Zusagen: Anfragen Nr. 4711, 4712, 4713 und 4714"),
+        (5, "Bestätigung Ihrer Zusagen: Anfragen Nr. 4711, 4712, 4713 und 2 weitere"),
+        (100, "Bestätigung Ihrer Zusagen: Anfragen Nr. 4711, 4712, 4713 und 97 weitere"),
+    ],
+)
+def test_a_confirmation_subject_names_at_most_four_requests(
+    renderer: EmailRenderer, count: int, subject: str
+) -> None:
+    # The body lists every request; the subject stays a subject.
+    email = render(renderer, "confirmation", many(count))
+
+    assert email.subject == subject
+    assert all(f"Anfrage Nr. {4711 + index}" in email.body_text for index in range(count))
 
 
 def test_follow_up_subject_does_not_stack_prefixes(renderer: EmailRenderer) -> None:

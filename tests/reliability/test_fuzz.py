@@ -258,6 +258,8 @@ def test_mutated_messages_of_every_task_never_raise_and_leave_nothing_half_appli
     committed_db: Engine,
 ) -> None:
     tallies: dict[str, int] = dict.fromkeys(RESULTS, 0)
+    # The same message twice (e.g. the whole message replaced by None) is one dead letter.
+    letter_ids: set[int] = set()
 
     @settings(
         max_examples=60,
@@ -289,7 +291,9 @@ def test_mutated_messages_of_every_task_never_raise_and_leave_nothing_half_appli
         after = table_counts(committed_db)
         if outcome.result == "dead_letter":
             assert outcome.dead_letter_id is not None
-            assert after["dead_letters"] == before["dead_letters"] + 1
+            repeated = outcome.dead_letter_id in letter_ids
+            letter_ids.add(outcome.dead_letter_id)
+            assert after["dead_letters"] == before["dead_letters"] + (0 if repeated else 1)
             unchanged = {k: v for k, v in after.items() if k != "dead_letters"}
             assert unchanged == {k: v for k, v in before.items() if k != "dead_letters"}
             assert rows_for(committed_db, ids) == []
@@ -306,7 +310,7 @@ def test_mutated_messages_of_every_task_never_raise_and_leave_nothing_half_appli
     with Session(committed_db) as session:
         letters = session.scalar(select(func.count()).select_from(DeadLetter))
         done = session.scalar(select(func.count()).select_from(ProcessedMessage))
-    assert letters == tallies["dead_letter"]
+    assert letters == len(letter_ids) <= tallies["dead_letter"]
     assert done == tallies["applied"]
     print(f"RELIABILITY fuzz in-process: outcomes={tallies}")
 
