@@ -277,8 +277,15 @@ def ensure_replayable(session: Session, dead_letter_id: int) -> None:
 
 
 @event.listens_for(DeadLetter, "before_insert")
-def _redact_if_its_patient_was_erased(_mapper: Any, connection: Connection, letter: Any) -> None:
+def _redact_on_insert(_mapper: Any, connection: Connection, letter: Any) -> None:
+    redact_if_its_patient_was_erased(connection, letter)
+
+
+def redact_if_its_patient_was_erased(connection: Connection, letter: DeadLetter) -> None:
     """A dead letter about a patient erased before it arrived is stored redacted.
+
+    Runs before every ORM insert, and after the inbox's upsert (a Core statement, which
+    no ORM hook sees).
 
     Erasure is final (docs/decisions.md): a late, malformed message must not bring the
     patient's data back by way of the dead letters.

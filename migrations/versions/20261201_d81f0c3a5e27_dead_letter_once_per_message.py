@@ -5,7 +5,7 @@ dead letter. Letters now carry a fingerprint of their message (task and payload)
 among pending letters, and count their deliveries. Letters stored before have none.
 
 Revision ID: d81f0c3a5e27
-Revises: c4e2a7d91b36
+Revises: c3f1a8d2e6b4
 Create Date: 2026-12-01 10:20:00.000000
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from comms_tasks.models.base import SCHEMA
 
 revision: str = "d81f0c3a5e27"
-down_revision: str | None = "c4e2a7d91b36"
+down_revision: str | None = "c3f1a8d2e6b4"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
