@@ -1,8 +1,7 @@
 """columns as wide as the contract
 
 A title or phone number may be as long as a name (200), the recipient name as long as
-the longest display name (salutation, title, first and last name: 623), the subject as
-long as the longest one a command can make (a confirmation listing 100 ids: 2300).
+the longest display name (salutation, title, first and last name: 623).
 Before, a 56-character title was a DataError on PostgreSQL.
 
 Revision ID: c4e2a7d91b36
@@ -28,7 +27,6 @@ WIDENED = (
     ("therapists", "title", 50, 200),
     ("therapists", "phone", 50, 200),
     ("emails", "recipient_name", 300, 623),
-    ("emails", "subject", 300, 2300),
 )
 
 

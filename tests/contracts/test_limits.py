@@ -9,24 +9,18 @@ there are on real PostgreSQL, through the upsert and the weekly batch.
 from __future__ import annotations
 
 import datetime as dt
-import os
-from pathlib import Path
 from typing import Any
 
-import pytest
-from sqlalchemy import Engine, String, text
+from sqlalchemy import Engine, String
 from sqlalchemy.orm import Session
 
-from comms_tasks import migrate
 from comms_tasks.contracts import MAX_MESSAGE_ID, inbound, readable_message_id
 from comms_tasks.contracts.common import Contract
 from comms_tasks.contracts.limits import MAX_SUBJECT
-from comms_tasks.db import make_engine
 from comms_tasks.mail.render import EarlierEmail, EmailRenderer, PatientEntry, Recipient
-from comms_tasks.models import SCHEMA, DeadLetter, Email, EmailStatus, Therapist
+from comms_tasks.models import DeadLetter, Email, EmailStatus, Therapist
 from tests import factories as f
 from tests import test_email_pipeline as pipeline
-from tests.conftest import recreate_database
 
 # The contract's field -> the column it is stored in.
 STORED_FIELDS: list[tuple[type[Contract], str, Any]] = [
@@ -150,43 +144,3 @@ def test_a_readable_message_id_fits_the_dead_letter_column() -> None:
     longest = "e" * MAX_MESSAGE_ID
     assert readable_message_id({"event_id": longest}, "event_id") == longest
     assert readable_message_id({"event_id": longest + "e"}, "event_id") is None
-
-
-LONG_ROW = """
-INSERT INTO {table} (therapist_id, template, dedup_key, recipient_email, recipient_name,
-  sender_email, sender_name, subject, body_html, body_text, message_id, status,
-  last_activity_at, created_at, updated_at)
-VALUES (1, 'confirmation', :key, 'a@example.org', 'A', 'b@example.org', 'B', :subject,
-  '', '', :message_id, 'sent', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)
-"""
-
-
-@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
-def test_a_subject_stored_while_the_column_was_wide_is_cut_to_fit(
-    database: str, tmp_path: Path
-) -> None:
-    # Before e5b9a0c6d413 the column held 2300 characters, and a confirmation of many
-    # requests filled it; narrowing it must not fail on such a row.
-    if database == "sqlite":
-        url, table = f"sqlite:///{tmp_path / 'comms.db'}", "emails"
-    else:
-        url, table = recreate_database(f"comms_test_subject_{os.getpid()}"), f"{SCHEMA}.emails"
-    migrate.upgrade(url, "d81f0c3a5e27")
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            for key, subject in (("long", "Bestätigung " + "1, " * 700), ("short", "Kurz")):
-                connection.execute(
-                    text(LONG_ROW.format(table=table)),
-                    {"key": key, "subject": subject, "message_id": f"<{key}@example.org>"},
-                )
-        migrate.upgrade(url)
-        with engine.connect() as connection:
-            rows = dict(
-                connection.execute(text(f"SELECT dedup_key, subject FROM {table}")).tuples().all()
-            )
-    finally:
-        engine.dispose()
-    assert len(rows["long"]) == MAX_SUBJECT
-    assert rows["long"].startswith("Bestätigung 1, 1, ") and rows["long"].endswith("\u2026")
-    assert rows["short"] == "Kurz"
