@@ -637,7 +637,9 @@ def record_response(
             )
     email.response_received = True
     email.response_date = command.received_at
-    email.response_content = command.content
+    # A redacted email keeps no answer text (erasure and retention are final).
+    keep_text = email.body_redacted_at is None
+    email.response_content = command.content if keep_text else None
     record_event(
         session,
         EmailResponseRecordedPayload(
@@ -650,7 +652,7 @@ def record_response(
     for item in command.outcomes:
         batch = batches[item.placement_request_id]
         batch.response_outcome = ResponseOutcome(item.outcome)
-        batch.response_notes = item.notes
+        batch.response_notes = item.notes if keep_text else None
         confirmation = record_outcome(
             session,
             email.therapist_id,

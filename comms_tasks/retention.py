@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload
 
 from comms_tasks.db import transaction
 from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
@@ -33,9 +33,16 @@ EMAILS_PER_CHUNK = 1000
 
 
 def redact(email: Email, now: dt.datetime) -> None:
+    """The body, the answer and the answer's notes per request go; the row stays.
+
+    An answer recorded later is kept without its text
+    (:func:`comms_tasks.emails.record_response` looks at ``body_redacted_at``).
+    """
     email.body_text = REDACTED_TEXT
     email.body_html = REDACTED_HTML
     email.response_content = None
+    for batch in email.batches:
+        batch.response_notes = None
     email.body_redacted_at = now
 
 
@@ -66,13 +73,23 @@ def erase_patient_from_emails(
         .order_by(Email.id)
         .with_for_update()
     ).all()
-    if not emails:
-        return 0
     request_ids = set(
         session.scalars(
             select(PlacementRequest.id).where(PlacementRequest.patient_id == patient_id)
         )
     )
+    # The notes about the patient's requests, wherever they are (an email redacted
+    # before, an unsent one answered); a bulk statement, so no clock moves.
+    if request_ids:
+        session.execute(
+            update(EmailBatch)
+            .where(EmailBatch.placement_request_id.in_(request_ids))
+            .where(EmailBatch.response_notes.is_not(None))
+            .values(response_notes=None)
+            .execution_options(synchronize_session="fetch")
+        )
+    if not emails:
+        return 0
     changed = 0
     for email in emails:
         if email.status in WAITING:
@@ -100,6 +117,7 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
         .order_by(Email.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .options(selectinload(Email.batches))
     ).all()
     for email in emails:
         redact(email, now)

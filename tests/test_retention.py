@@ -414,3 +414,57 @@ def test_a_dead_letter_with_an_id_no_column_can_hold_is_still_kept(
     assert keep(value).payload_redacted_at is None
     # The same hook redacts one about the erased patient, on either database.
     assert keep(800).payload_redacted_at is not None
+
+
+# --- answers: the therapist's text and notes per request ---------------------------------
+
+
+def answer(email_id: int, notes: dict[int, str], *, content: str) -> None:
+    apply(
+        RESPONSE,
+        {
+            "command_id": str(uuid.uuid4()),
+            "email_id": email_id,
+            "received_at": f.at(30).isoformat(),
+            "content": content,
+            "outcomes": [
+                {"placement_request_id": request_id, "outcome": "needs_follow_up", "notes": text}
+                for request_id, text in notes.items()
+            ],
+        },
+    )
+
+
+def answer_texts(engine: Engine, email_id: int) -> tuple[str | None, dict[int, str | None]]:
+    email = load(engine, email_id)
+    return email.response_content, {b.placement_request_id: b.response_notes for b in email.batches}
+
+
+def test_answers_notes_leave_with_erasure_and_retention_and_none_come_back(
+    committed_db: Engine,
+) -> None:
+    both = queued_email(1, [100, 200])
+    other = queued_email(3, [300])
+    for email_id in (both, other):
+        mark_sent(committed_db, email_id)
+    answer(both, {1001: f"{MARKER} note 100", 2001: f"{MARKER} note 200"}, content=MARKER)
+    answer(other, {3003: f"{MARKER} note 300"}, content=MARKER)
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+    assert answer_texts(committed_db, both) == (None, {1001: None, 2001: None})
+
+    # A late answer to the redacted email: its outcome counts, its text is not kept.
+    answer(both, {1001: f"{MARKER} late note"}, content=f"{MARKER} late answer")
+    assert answer_texts(committed_db, both) == (None, {1001: None, 2001: None})
+    late = load(committed_db, both)
+    assert late.response_received is True
+    assert {b.placement_request_id: b.response_outcome for b in late.batches}[1001] is not None
+
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(Email)
+            .where(Email.id == other)
+            .values(last_activity_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=400))
+        )
+    assert purge_expired()["redacted"] == 1
+    assert answer_texts(committed_db, other) == (None, {3003: None})
