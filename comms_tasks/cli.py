@@ -691,8 +691,8 @@ def preview_therapist(
 
 @app.command("purge-expired")
 def purge_expired_command(as_json: JsonOption = False) -> None:
-    """Redact email bodies and dead letters past the retention period now (beat does it
-    nightly)."""
+    """Redact email bodies, dead letters, call notes and status reasons past the retention
+    period now (beat does it nightly)."""
     from rich.progress import Progress
 
     from comms_tasks.models.base import utcnow
@@ -711,8 +711,10 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
         emit_json(redacted)
     else:
         console.print(
-            f"redacted {redacted['redacted']} email bodies and "
-            f"{redacted['dead_letters_redacted']} dead letters older than "
+            f"redacted {redacted['redacted']} email bodies, "
+            f"{redacted['dead_letters_redacted']} dead letters, "
+            f"{redacted['calls_redacted']} calls' notes and "
+            f"{redacted['status_reasons_redacted']} status reasons older than "
             f"{settings.retention_days} days",
             highlight=False,
         )

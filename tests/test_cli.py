@@ -684,7 +684,12 @@ def test_purge_expired_redacts_old_dead_letters_too(comms: Run, committed_db: En
             update(DeadLetter).where(DeadLetter.id == letter_id).values(received_at=long_ago)
         )
 
-    assert json_of(comms("purge-expired", "--json")) == {"redacted": 0, "dead_letters_redacted": 1}
+    assert json_of(comms("purge-expired", "--json")) == {
+        "redacted": 0,
+        "dead_letters_redacted": 1,
+        "calls_redacted": 0,
+        "status_reasons_redacted": 0,
+    }
     printed = ok(comms("purge-expired"))
     assert "0 email bodies" in printed and "0 dead letters" in printed
     shown = json_of(comms("dead-letters", "show", str(letter_id), "--reveal", "--json"))

@@ -23,6 +23,7 @@ from comms_tasks.models import (
     Email,
     EmailStatus,
     Patient,
+    PhoneCall,
     PlacementRequest,
     PlacementRequestStatus,
 )
@@ -359,8 +360,8 @@ def test_dead_letters_past_the_retention_period_lose_their_patient_data(
                 .values(status=DeadLetterStatus.REPLAYED, replayed_at=replayed_at)
             )
 
-    assert purge_expired() == {"redacted": 0, "dead_letters_redacted": 2}
-    assert purge_expired() == {"redacted": 0, "dead_letters_redacted": 0}
+    assert purge_expired()["dead_letters_redacted"] == 2
+    assert purge_expired()["dead_letters_redacted"] == 0
 
     redacted = {
         name
@@ -468,3 +469,129 @@ def test_answers_notes_leave_with_erasure_and_retention_and_none_come_back(
         )
     assert purge_expired()["redacted"] == 1
     assert answer_texts(committed_db, other) == (None, {3003: None})
+
+
+# --- calls and the requests' status reasons --------------------------------------------
+
+CALL = "comms.schedule_call"
+CALL_OUTCOME = "comms.record_call_outcome"
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday")
+
+
+def book_call(therapist_id: int, request_ids: list[int], notes: str) -> int:
+    apply(
+        CALL,
+        {
+            "command_id": str(uuid.uuid4()),
+            "therapist_id": therapist_id,
+            "placement_request_ids": request_ids,
+            "at": None,
+            "notes": notes,
+        },
+    )
+    with transaction() as session:
+        return max(session.scalars(select(PhoneCall.id)))
+
+
+def call_outcome(call_id: int, notes: dict[int, str], text: str) -> None:
+    apply(
+        CALL_OUTCOME,
+        {
+            "command_id": str(uuid.uuid4()),
+            "call_id": call_id,
+            "status": "completed",
+            "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
+            "outcome": text,
+            "notes": text,
+            "retry_after": None,
+            "requests": [
+                {"placement_request_id": rid, "discussed": True, "outcome": None, "notes": note}
+                for rid, note in notes.items()
+            ],
+        },
+    )
+
+
+def call_texts(engine: Engine, call_id: int) -> list[str | None]:
+    with Session(engine) as session:
+        call = session.get(PhoneCall, call_id)
+        assert call is not None
+        return [call.notes, call.outcome, *(b.follow_up_notes for b in call.batches)]
+
+
+def status_reason(engine: Engine, request_id: int) -> str | None:
+    with Session(engine) as session:
+        return session.scalar(
+            select(PlacementRequest.status_reason).where(PlacementRequest.id == request_id)
+        )
+
+
+def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
+    committed_db: Engine,
+) -> None:
+    for therapist_id in (1, 3):
+        apply(
+            THERAPIST,
+            f.therapist_upserted(
+                therapist_id,
+                phone_availability={day: [{"start": "08:00", "end": "18:00"}] for day in WEEKDAYS},
+            ),
+        )
+    for request_id, patient_id, therapist_id in ((1001, 100, 1), (2001, 200, 1), (3003, 300, 3)):
+        apply(
+            MATCHING,
+            f.request_created(request_id, patient_id=patient_id, therapist_id=therapist_id),
+        )
+        apply(
+            MATCHING,
+            f.status_changed(
+                request_id, "in_progress", occurred_at=f.at(10), reason=f"{MARKER} reason"
+            ),
+        )
+    done = book_call(1, [1001, 2001], f"{MARKER} booked")
+    call_outcome(done, {1001: f"{MARKER} r1", 2001: f"{MARKER} r2"}, f"{MARKER} said")
+    waiting = book_call(1, [1001], f"{MARKER} to ask")
+    other = book_call(3, [3003], f"{MARKER} other")
+    call_outcome(other, {3003: f"{MARKER} r3"}, f"{MARKER} said")
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+    assert call_texts(committed_db, done) == [None, None, None, None]
+    assert call_texts(committed_db, waiting) == [None, None, None]
+    assert status_reason(committed_db, 1001) is None
+    assert status_reason(committed_db, 2001) == f"{MARKER} reason"
+    assert MARKER in str(call_texts(committed_db, other))
+
+    # Recorded after the erasure: the outcome counts, its text is not kept.
+    call_outcome(waiting, {1001: f"{MARKER} late"}, f"{MARKER} late")
+    assert call_texts(committed_db, waiting) == [None, None, None]
+    apply(
+        MATCHING,
+        f.status_changed(
+            1001, "rejected", old_status="in_progress", occurred_at=f.at(70), reason=MARKER
+        ),
+    )
+    assert status_reason(committed_db, 1001) is None
+
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=get_settings().retention_days + 1)
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(PhoneCall)
+            .where(PhoneCall.id == other)
+            .values(last_activity_at=long_ago, scheduled_at=long_ago)
+        )
+        session.execute(
+            update(PlacementRequest)
+            .where(PlacementRequest.id == 3003)
+            .values(last_event_at=long_ago)
+        )
+    result = purge_expired()
+    assert (result["calls_redacted"], result["status_reasons_redacted"]) == (1, 1)
+    assert call_texts(committed_db, other) == [None, None, None]
+    assert status_reason(committed_db, 3003) is None
+    assert status_reason(committed_db, 2001) == f"{MARKER} reason"
+    assert purge_expired() == {
+        "redacted": 0,
+        "dead_letters_redacted": 0,
+        "calls_redacted": 0,
+        "status_reasons_redacted": 0,
+    }
