@@ -715,7 +715,8 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
             f"{redacted['dead_letters_redacted']} dead letters, "
             f"{redacted['calls_redacted']} calls' notes and "
             f"{redacted['status_reasons_redacted']} status reasons older than "
-            f"{settings.retention_days} days",
+            f"{settings.retention_days} days; removed {redacted['outbox_files_removed']} "
+            "outbox copies of redacted emails",
             highlight=False,
         )
 

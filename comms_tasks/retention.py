@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, event, inspect, select, update
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from comms_tasks.db import transaction
 from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
+from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -35,7 +37,7 @@ from comms_tasks.models import (
     PlacementRequest,
 )
 from comms_tasks.sending import PATIENT_ERASED, rerender_or_cancel
-from comms_tasks.settings import Settings
+from comms_tasks.settings import Settings, get_settings
 
 REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
 REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
@@ -118,6 +120,8 @@ def erase_patient_from_emails(
                 redact(email, now)
         else:
             redact(email, now)
+        if email.body_redacted_at is not None:
+            remove_outbox_copy(settings.outbox_folder, email.id, email.message_id)
         changed += 1
     return changed
 
@@ -154,7 +158,28 @@ def purge_all_expired(
         "status_reasons_redacted": _in_chunks(
             purge_expired_status_reasons, now, retention_days, REQUESTS_PER_CHUNK, on_chunk
         ),
+        "outbox_files_removed": remove_outbox_copies(get_settings().outbox_folder),
     }
+
+
+def remove_outbox_copies(folder: Path) -> int:
+    """Delete the file backend's ``.eml`` copies of every redacted email; returns how many.
+
+    Erasure deletes the copies it knows of at once; this also finds one written after
+    it (a send that was on the wire), or before this rule existed, and those of emails
+    redacted by retention.
+    """
+    email_ids = sorted(outbox_email_ids(folder))
+    removed = 0
+    for start in range(0, len(email_ids), EMAILS_PER_CHUNK):
+        with transaction() as session:
+            redacted = session.execute(
+                select(Email.id, Email.message_id)
+                .where(Email.id.in_(email_ids[start : start + EMAILS_PER_CHUNK]))
+                .where(Email.body_redacted_at.is_not(None))
+            ).all()
+        removed += sum(remove_outbox_copy(folder, row.id, row.message_id) for row in redacted)
+    return removed
 
 
 def purge_all_expired_dead_letters(

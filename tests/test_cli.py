@@ -689,6 +689,7 @@ def test_purge_expired_redacts_old_dead_letters_too(comms: Run, committed_db: En
         "dead_letters_redacted": 1,
         "calls_redacted": 0,
         "status_reasons_redacted": 0,
+        "outbox_files_removed": 0,
     }
     printed = ok(comms("purge-expired"))
     assert "0 email bodies" in printed and "0 dead letters" in printed

@@ -594,4 +594,56 @@ def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
         "dead_letters_redacted": 0,
         "calls_redacted": 0,
         "status_reasons_redacted": 0,
+        "outbox_files_removed": 0,
     }
+
+
+# --- the file backend's .eml copies ------------------------------------------------------
+
+
+def outbox_texts(folder: Path) -> dict[str, str]:
+    """Each .eml file by name, its content decoded as a reader would see it."""
+    import email
+    import email.policy
+
+    texts = {}
+    for path in sorted(folder.glob("*.eml")):
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        parts = [part.get_content() for part in message.walk() if not part.is_multipart()]
+        texts[path.name] = "\n".join(str(part) for part in parts)
+    return texts
+
+
+def test_the_file_backends_copies_of_redacted_emails_are_removed(
+    committed_db: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from comms_tasks.tasks.sending import send_email
+
+    monkeypatch.setenv("COMMS_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("COMMS_MAIL_BACKEND", "file")
+    get_settings.cache_clear()
+    outbox = get_settings().outbox_folder
+    erased, kept = queued_email(1, [100]), queued_email(2, [200])
+    assert send_email.run()["sent"] == 2
+    sent = outbox_texts(outbox)
+    assert len(sent) == 2 and all(MARKER in text for text in sent.values())
+    [erased_file] = [name for name, text in sent.items() if f"{MARKER}-100" in text]
+    erased_copy = (outbox / erased_file).read_bytes()
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+    assert [f"{MARKER}-100" in text for text in outbox_texts(outbox).values()] == [False]
+    assert any(f"{MARKER}-200" in text for text in outbox_texts(outbox).values())
+
+    # A copy written after the erasure (a send in flight) goes with the nightly purge,
+    # and so does the copy of an email past the retention period.
+    (outbox / erased_file).write_bytes(erased_copy)
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(Email)
+            .where(Email.id == kept)
+            .values(last_activity_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=400))
+        )
+    result = purge_expired()
+    assert (result["redacted"], result["outbox_files_removed"]) == (1, 2)
+    assert outbox_texts(outbox) == {}
+    assert load(committed_db, erased).status is EmailStatus.SENT
