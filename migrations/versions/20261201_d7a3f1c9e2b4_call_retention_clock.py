@@ -104,17 +104,42 @@ def _remove_left_over_text() -> None:
     )
 
 
+# Only for the ALTER: every row gets its value from ``updated_at`` right after, and every
+# new row one from the model.
+_EPOCH = "1970-01-01 00:00:00+00:00"
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("phone_calls", schema=_schema()) as batch:
-        batch.add_column(sa.Column("last_activity_at", sa.DateTime(timezone=True)))
-        batch.add_column(sa.Column("text_redacted_at", sa.DateTime(timezone=True)))
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    # Added in place, never by copying the table: on SQLite a copied and dropped
+    # phone_calls would take its phone_call_batches along (ON DELETE CASCADE, with
+    # foreign keys on). A NOT NULL column needs a constant default to be added there.
+    op.add_column(
+        "phone_calls",
+        sa.Column(
+            "last_activity_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.text(f"'{_EPOCH}'"),
+        ),
+        schema=_schema(),
+    )
+    op.add_column(
+        "phone_calls", sa.Column("text_redacted_at", sa.DateTime(timezone=True)), schema=_schema()
+    )
     calls = sa.table(
         "phone_calls", sa.column("last_activity_at"), sa.column("updated_at"), schema=_schema()
     )
     op.execute(calls.update().values(last_activity_at=calls.c.updated_at))
-    with op.batch_alter_table("phone_calls", schema=_schema()) as batch:
-        batch.alter_column(
-            "last_activity_at", existing_type=sa.DateTime(timezone=True), nullable=False
+    if not sqlite:
+        # As in the model: the value comes from the code. (SQLite keeps the constant: it
+        # could drop it only by copying the table.)
+        op.alter_column(
+            "phone_calls",
+            "last_activity_at",
+            existing_type=sa.DateTime(timezone=True),
+            server_default=None,
+            schema=SCHEMA,
         )
     op.create_index(
         "ix_phone_calls_last_activity_at",
@@ -140,6 +165,6 @@ def downgrade() -> None:
         "ix_placement_requests_status_reason_kept", table_name="placement_requests", schema=SCHEMA
     )
     op.drop_index("ix_phone_calls_last_activity_at", table_name="phone_calls", schema=SCHEMA)
-    with op.batch_alter_table("phone_calls", schema=_schema()) as batch:
-        batch.drop_column("text_redacted_at")
-        batch.drop_column("last_activity_at")
+    # In place (SQLite 3.35+ drops a column natively), for the reason of upgrade().
+    op.drop_column("phone_calls", "text_redacted_at", schema=_schema())
+    op.drop_column("phone_calls", "last_activity_at", schema=_schema())
