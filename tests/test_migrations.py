@@ -288,3 +288,75 @@ def test_the_call_retention_migration_removes_the_free_text_missed_before(
     assert counts() == {"phone_calls": 2, "phone_call_batches": 2, "emails": 2, "email_batches": 2}
     assert set(texts["last activity"]) == {1, 2}
     assert all(value is not None for value in texts["last activity"].values())
+
+
+def test_sqlite_upgrades_keep_the_rows_that_refer_to_a_copied_table(sqlite_url: str) -> None:
+    """SQLite's batch mode copies a table and drops the old one; with foreign keys on,
+    the drop would delete (ON DELETE CASCADE) or unlink (SET NULL) the rows referring
+    to it: every email's requests, the calls' emails."""
+    import datetime as dt
+
+    from sqlalchemy import Table, select
+
+    migrate.upgrade(sqlite_url, "9a1c3e7b5d20")
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    engine = make_engine(sqlite_url)
+    tables = {
+        name: Table(name, MetaData(), autoload_with=engine)
+        for name in ("emails", "email_batches", "phone_calls")
+    }
+    with engine.begin() as connection:
+        connection.execute(
+            tables["emails"].insert(),
+            {
+                "id": 1,
+                "therapist_id": 1,
+                "template": "initial_contact",
+                "dedup_key": "a",
+                "recipient_email": "a@b.de",
+                "recipient_name": "A",
+                "sender_email": "s@b.de",
+                "sender_name": "S",
+                "subject": "Anfrage",
+                "body_html": "<p>x</p>",
+                "body_text": "x",
+                "message_id": "<a@b>",
+                "status": "sent",
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        connection.execute(
+            tables["email_batches"].insert(),
+            {"id": 1, "email_id": 1, "placement_request_id": 1, "priority": 1, "created_at": now},
+        )
+        connection.execute(
+            tables["phone_calls"].insert(),
+            {
+                "id": 1,
+                "therapist_id": 1,
+                "email_id": 1,
+                "dedup_key": "c",
+                "scheduled_date": now.date(),
+                "scheduled_time": dt.time(9, 0),
+                "scheduled_at": now,
+                "status": "scheduled",
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+    engine.dispose()
+
+    migrate.upgrade(sqlite_url)
+
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as connection:
+            batches = Table("email_batches", MetaData(), autoload_with=connection)
+            calls = Table("phone_calls", MetaData(), autoload_with=connection)
+            assert connection.execute(select(batches.c.email_id)).scalars().all() == [1]
+            assert connection.execute(select(calls.c.email_id)).scalars().all() == [1]
+            foreign_keys = connection.exec_driver_sql("PRAGMA foreign_keys").scalar()
+            assert foreign_keys == 1
+    finally:
+        engine.dispose()
