@@ -719,8 +719,10 @@ def record_call_outcome(
     local = command.occurred_at.astimezone(settings.zone)
     call.actual_date = local.date()
     call.actual_time = local.time().replace(tzinfo=None, microsecond=0)
-    call.outcome = command.outcome
-    if command.notes is not None:
+    # A call whose text was redacted (its patient erased) keeps none recorded later.
+    keep_text = call.text_redacted_at is None
+    call.outcome = command.outcome if keep_text else None
+    if command.notes is not None and keep_text:
         call.notes = command.notes
     call.retry_after = command.retry_after
     if command.status == "cancelled":
@@ -751,7 +753,7 @@ def _completed(
         batch = batches[item.placement_request_id]
         batch.discussed = item.discussed
         batch.outcome = ResponseOutcome(item.outcome) if item.outcome else None
-        batch.follow_up_notes = item.notes
+        batch.follow_up_notes = item.notes if call.text_redacted_at is None else None
         batch.follow_up_required = item.outcome == ResponseOutcome.NEEDS_FOLLOW_UP
         if item.outcome is None:
             continue

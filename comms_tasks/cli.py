@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from typer.exceptions import TyperException
@@ -52,8 +53,12 @@ app.add_typer(contracts_app, name="contracts")
 
 # Outside a terminal (pipes, CI) Rich would wrap tables at 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
-console = Console(width=_WIDTH)
-errors = Console(stderr=True)
+# Every value shown comes from the database or a stranger's message: a name "Weber [/x]",
+# an event id "[/oops]" or ":thumbs_up:" is shown as written. Neither console reads Rich
+# markup or emoji codes in strings (table cells and titles included); styling is done
+# with Text objects (see _field).
+console = Console(width=_WIDTH, markup=False, emoji=False)
+errors = Console(stderr=True, markup=False, emoji=False)
 
 USAGE_ERROR = 2
 ABORTED = 130
@@ -220,8 +225,8 @@ def dead_letters_show(
         return
     for key, value in data.items():
         if key != "payload":
-            console.print(f"[bold]{key}[/bold]: {value}", highlight=False)
-    console.print("[bold]payload[/bold]:")
+            console.print(_field(key, value), highlight=False)
+    console.print(_field("payload", ""))
     console.print_json(json.dumps(data["payload"], ensure_ascii=False))
 
 
@@ -378,7 +383,7 @@ def emails_show(
         return
     for key, value in data.items():
         if key not in ("requests", "body_text"):
-            console.print(f"[bold]{key}[/bold]: {value}", highlight=False, markup=True)
+            console.print(_field(key, value), highlight=False)
     table = Table(title="Requests")
     for column in ("priority", "request", "included", "outcome"):
         table.add_column(column)
@@ -469,6 +474,11 @@ def _sheet(day: dt.date) -> list[dict[str, Any]]:
 
     with transaction() as session:
         return call_sheet(session, day)
+
+
+def _field(key: str, value: Any) -> Text:
+    """``key: value``, the key in bold; the value as written, whatever brackets it holds."""
+    return Text.assemble((key, "bold"), f": {value}" if value != "" else ":")
 
 
 def _patient_line(patient: dict[str, Any]) -> str:
@@ -691,8 +701,8 @@ def preview_therapist(
 
 @app.command("purge-expired")
 def purge_expired_command(as_json: JsonOption = False) -> None:
-    """Redact email bodies and dead letters past the retention period now (beat does it
-    nightly)."""
+    """Redact email bodies, dead letters, call notes and status reasons past the retention
+    period now (beat does it nightly)."""
     from rich.progress import Progress
 
     from comms_tasks.models.base import utcnow
@@ -711,9 +721,12 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
         emit_json(redacted)
     else:
         console.print(
-            f"redacted {redacted['redacted']} email bodies and "
-            f"{redacted['dead_letters_redacted']} dead letters older than "
-            f"{settings.retention_days} days",
+            f"redacted {redacted['redacted']} email bodies, "
+            f"{redacted['dead_letters_redacted']} dead letters, "
+            f"{redacted['calls_redacted']} calls' notes and "
+            f"{redacted['status_reasons_redacted']} status reasons older than "
+            f"{settings.retention_days} days; removed {redacted['outbox_files_removed']} "
+            "outbox copies of redacted emails",
             highlight=False,
         )
 

@@ -735,10 +735,12 @@ def record_response(
             )
     received_at = command.received_at
     email.response_received = True
+    # A redacted email keeps no answer text (erasure and retention are final).
+    keep_text = email.body_redacted_at is None
     if _not_older(email.response_date, received_at):
         # The email shows its newest answer; an older one only fills in outcomes.
         email.response_date = received_at
-        email.response_content = command.content
+        email.response_content = command.content if keep_text else None
     record_event(
         session,
         EmailResponseRecordedPayload(
@@ -756,7 +758,7 @@ def record_response(
             continue
         outcome = ResponseOutcome(item.outcome)
         batch.response_outcome = outcome
-        batch.response_notes = item.notes
+        batch.response_notes = item.notes if keep_text else None
         batch.response_received_at = received_at
         for original in originals:
             # The reminder asked the original's questions again: its answer answers them.

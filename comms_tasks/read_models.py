@@ -23,7 +23,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.read_models import SUMMARY_FIELDS
-from comms_tasks.retention import erase_patient_from_emails
+from comms_tasks.retention import erase_patient_from_calls, erase_patient_from_emails
 from comms_tasks.settings import get_settings
 
 
@@ -113,6 +113,7 @@ def apply_patient_event(session: Session, event: inbound.Envelope) -> None:
             session, event.payload.patient_id, event.occurred_at, get_settings()
         )
         erase_patient_from_dead_letters(session, event.payload.patient_id, event.occurred_at)
+        erase_patient_from_calls(session, event.payload.patient_id, event.occurred_at)
     else:
         raise TypeError(type(event).__name__)
 

@@ -3,7 +3,12 @@
 - ``patient.erased``: the patient's summary leaves the read model, and every stored email
   body that showed it is redacted; an unsent email drops the patient, or is cancelled.
 - Retention: email bodies are redacted once the email has been quiet for
-  ``COMMS_RETENTION_DAYS``; so are the dead letters' messages (``comms_tasks.dead_letters``).
+  ``COMMS_RETENTION_DAYS``; so are the dead letters' messages (``comms_tasks.dead_letters``),
+  the calls' free text (by the call's last activity and time) and the requests' status
+  reasons (by the request's last event).
+- Free text about a patient (answers and their notes per request, call notes and
+  outcomes, status reasons) goes with the erasure too, and is not stored when it arrives
+  later.
 
 The email rows stay (status, dates, ids, the requests they asked about), marked with
 ``body_redacted_at``. Both operations are idempotent.
@@ -13,15 +18,26 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, event, inspect, select, update
+from sqlalchemy.orm import Session, selectinload
 
 from comms_tasks.db import transaction
 from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
-from comms_tasks.models import Email, EmailBatch, EmailStatus, PlacementRequest
+from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    Patient,
+    PhoneCall,
+    PhoneCallBatch,
+    PlacementRequest,
+)
 from comms_tasks.sending import PATIENT_ERASED, rerender_or_cancel
-from comms_tasks.settings import Settings
+from comms_tasks.settings import Settings, get_settings
 
 REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
 REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
@@ -30,12 +46,21 @@ UNSENT = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
 WAITING = (EmailStatus.DRAFT, EmailStatus.QUEUED)
 # Emails per transaction: short locks, and progress survives an interruption.
 EMAILS_PER_CHUNK = 1000
+CALLS_PER_CHUNK = 1000
+REQUESTS_PER_CHUNK = 1000
 
 
 def redact(email: Email, now: dt.datetime) -> None:
+    """The body, the answer and the answer's notes per request go; the row stays.
+
+    An answer recorded later is kept without its text
+    (:func:`comms_tasks.emails.record_response` looks at ``body_redacted_at``).
+    """
     email.body_text = REDACTED_TEXT
     email.body_html = REDACTED_HTML
     email.response_content = None
+    for batch in email.batches:
+        batch.response_notes = None
     email.body_redacted_at = now
 
 
@@ -66,13 +91,23 @@ def erase_patient_from_emails(
         .order_by(Email.id)
         .with_for_update()
     ).all()
-    if not emails:
-        return 0
     request_ids = set(
         session.scalars(
             select(PlacementRequest.id).where(PlacementRequest.patient_id == patient_id)
         )
     )
+    # The notes about the patient's requests, wherever they are (an email redacted
+    # before, an unsent one answered); a bulk statement, so no clock moves.
+    if request_ids:
+        session.execute(
+            update(EmailBatch)
+            .where(EmailBatch.placement_request_id.in_(request_ids))
+            .where(EmailBatch.response_notes.is_not(None))
+            .values(response_notes=None)
+            .execution_options(synchronize_session="fetch")
+        )
+    if not emails:
+        return 0
     changed = 0
     for email in emails:
         if email.status in WAITING:
@@ -85,6 +120,8 @@ def erase_patient_from_emails(
                 redact(email, now)
         else:
             redact(email, now)
+        if email.body_redacted_at is not None:
+            remove_outbox_copy(settings.outbox_folder, email.id, email.message_id)
         changed += 1
     return changed
 
@@ -100,6 +137,7 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
         .order_by(Email.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .options(selectinload(Email.batches))
     ).all()
     for email in emails:
         redact(email, now)
@@ -109,33 +147,177 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
 def purge_all_expired(
     now: dt.datetime, retention_days: int, on_chunk: Callable[[int], object] | None = None
 ) -> dict[str, int]:
-    """Redact every expired email body, then every expired dead letter, a chunk per
-    transaction; ``on_chunk`` hears each count. Returns how many of each."""
-    redacted = 0
-    while True:
-        with transaction() as session:
-            count = purge_expired(session, now, retention_days, EMAILS_PER_CHUNK)
-        redacted += count
-        if on_chunk is not None:
-            on_chunk(count)
-        if count < EMAILS_PER_CHUNK:
-            break
+    """Redact every expired email body, dead letter, call text and status reason, a chunk
+    per transaction; ``on_chunk`` hears each count. Returns how many of each."""
     return {
-        "redacted": redacted,
+        "redacted": _in_chunks(purge_expired, now, retention_days, EMAILS_PER_CHUNK, on_chunk),
         "dead_letters_redacted": purge_all_expired_dead_letters(now, retention_days, on_chunk),
+        "calls_redacted": _in_chunks(
+            purge_expired_calls, now, retention_days, CALLS_PER_CHUNK, on_chunk
+        ),
+        "status_reasons_redacted": _in_chunks(
+            purge_expired_status_reasons, now, retention_days, REQUESTS_PER_CHUNK, on_chunk
+        ),
+        "outbox_files_removed": remove_outbox_copies(get_settings().outbox_folder),
     }
+
+
+def remove_outbox_copies(folder: Path) -> int:
+    """Delete the file backend's ``.eml`` copies of every redacted email; returns how many.
+
+    Erasure deletes the copies it knows of at once; this also finds one written after
+    it (a send that was on the wire), or before this rule existed, and those of emails
+    redacted by retention.
+    """
+    email_ids = sorted(outbox_email_ids(folder))
+    removed = 0
+    for start in range(0, len(email_ids), EMAILS_PER_CHUNK):
+        with transaction() as session:
+            redacted = session.execute(
+                select(Email.id, Email.message_id)
+                .where(Email.id.in_(email_ids[start : start + EMAILS_PER_CHUNK]))
+                .where(Email.body_redacted_at.is_not(None))
+            ).all()
+        removed += sum(remove_outbox_copy(folder, row.id, row.message_id) for row in redacted)
+    return removed
 
 
 def purge_all_expired_dead_letters(
     now: dt.datetime, retention_days: int, on_chunk: Callable[[int], object] | None = None
 ) -> int:
     """Redact the health data of every dead letter past the retention period, in chunks."""
-    redacted = 0
+    return _in_chunks(
+        purge_expired_dead_letters, now, retention_days, DEAD_LETTERS_PER_CHUNK, on_chunk
+    )
+
+
+def _in_chunks(
+    purge: Callable[[Session, dt.datetime, int, int], int],
+    now: dt.datetime,
+    retention_days: int,
+    limit: int,
+    on_chunk: Callable[[int], object] | None,
+) -> int:
+    total = 0
     while True:
         with transaction() as session:
-            count = purge_expired_dead_letters(session, now, retention_days, DEAD_LETTERS_PER_CHUNK)
-        redacted += count
+            count = purge(session, now, retention_days, limit)
+        total += count
         if on_chunk is not None:
             on_chunk(count)
-        if count < DEAD_LETTERS_PER_CHUNK:
-            return redacted
+        if count < limit:
+            return total
+
+
+# --- calls and the requests' status reasons ---------------------------------------------
+
+
+def redact_call(call: PhoneCall, now: dt.datetime) -> None:
+    """The call's free text goes: notes, outcome and the notes per request.
+
+    What the code wrote itself (``follow_up_notes``: "manual follow-up: …") stays; it
+    names no patient. An outcome recorded later keeps no text
+    (:func:`comms_tasks.calls.record_call_outcome` looks at ``text_redacted_at``).
+    """
+    call.notes = None
+    call.outcome = None
+    for batch in call.batches:
+        batch.follow_up_notes = None
+    call.text_redacted_at = now
+
+
+def erase_patient_from_calls(session: Session, patient_id: int, now: dt.datetime) -> int:
+    """Redact the text of every call about the patient's requests, whatever its status,
+    and the requests' status reasons; returns how many calls (idempotent).
+
+    A call is redacted as a whole, like an email body: its notes may speak of any of its
+    requests. A scheduled call stays scheduled for its other requests.
+    Runs after the emails: requests are written before calls (the lock order).
+    """
+    request_ids = select(PlacementRequest.id).where(PlacementRequest.patient_id == patient_id)
+    session.execute(
+        update(PlacementRequest)
+        .where(PlacementRequest.patient_id == patient_id)
+        .where(PlacementRequest.status_reason.is_not(None))
+        .values(status_reason=None)
+        .execution_options(synchronize_session="fetch")
+    )
+    calls = session.scalars(
+        select(PhoneCall)
+        .where(
+            PhoneCall.id.in_(
+                select(PhoneCallBatch.phone_call_id).where(
+                    PhoneCallBatch.placement_request_id.in_(request_ids)
+                )
+            )
+        )
+        .where(PhoneCall.text_redacted_at.is_(None))
+        .order_by(PhoneCall.id)
+        .with_for_update()
+        .options(selectinload(PhoneCall.batches))
+    ).all()
+    for call in calls:
+        redact_call(call, now)
+    return len(calls)
+
+
+def purge_expired_calls(session: Session, now: dt.datetime, retention_days: int, limit: int) -> int:
+    """Redact up to ``limit`` calls whose last activity and time are past the period.
+
+    A call still scheduled is taken too once its time is that long past: nobody will
+    make it any more.
+    """
+    cutoff = now - dt.timedelta(days=retention_days)
+    calls = session.scalars(
+        select(PhoneCall)
+        .where(PhoneCall.text_redacted_at.is_(None))
+        .where(PhoneCall.last_activity_at < cutoff)
+        .where(PhoneCall.scheduled_at < cutoff)
+        .order_by(PhoneCall.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .options(selectinload(PhoneCall.batches))
+    ).all()
+    for call in calls:
+        redact_call(call, now)
+    return len(calls)
+
+
+def purge_expired_status_reasons(
+    session: Session, now: dt.datetime, retention_days: int, limit: int
+) -> int:
+    """Remove up to ``limit`` status reasons of requests quiet for longer than the period
+    (by the request's last event)."""
+    cutoff = now - dt.timedelta(days=retention_days)
+    ids = session.scalars(
+        select(PlacementRequest.id)
+        .where(PlacementRequest.status_reason.is_not(None))
+        .where(PlacementRequest.last_event_at < cutoff)
+        .order_by(PlacementRequest.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if ids:
+        session.execute(
+            update(PlacementRequest)
+            .where(PlacementRequest.id.in_(ids))
+            .values(status_reason=None)
+            .execution_options(synchronize_session="fetch")
+        )
+    return len(ids)
+
+
+@event.listens_for(PlacementRequest, "before_update")
+def _no_status_reason_of_an_erased_patient(
+    _mapper: Any, connection: Connection, request: PlacementRequest
+) -> None:
+    """A status change that comes after the erasure keeps no reason: erasure is final."""
+    if request.status_reason is None:
+        return
+    if not inspect(request).attrs.status_reason.history.has_changes():
+        return
+    erased_at = connection.execute(
+        select(Patient.erased_at).where(Patient.id == request.patient_id)
+    ).scalar()
+    if erased_at is not None:
+        request.status_reason = None

@@ -684,7 +684,13 @@ def test_purge_expired_redacts_old_dead_letters_too(comms: Run, committed_db: En
             update(DeadLetter).where(DeadLetter.id == letter_id).values(received_at=long_ago)
         )
 
-    assert json_of(comms("purge-expired", "--json")) == {"redacted": 0, "dead_letters_redacted": 1}
+    assert json_of(comms("purge-expired", "--json")) == {
+        "redacted": 0,
+        "dead_letters_redacted": 1,
+        "calls_redacted": 0,
+        "status_reasons_redacted": 0,
+        "outbox_files_removed": 0,
+    }
     printed = ok(comms("purge-expired"))
     assert "0 email bodies" in printed and "0 dead letters" in printed
     shown = json_of(comms("dead-letters", "show", str(letter_id), "--reveal", "--json"))
@@ -712,3 +718,49 @@ def test_emails_examples_writes_eight_files(comms: Run, tmp_path: Path) -> None:
         .read_text(encoding="utf-8")
         .startswith("Subject: Anfrage für 3 Therapieplätze\n")
     )
+
+
+# --- strangers' text is shown, never interpreted ------------------------------------------
+
+MARKUP = ("[/x]", "[bold]", "[link=https://evil.example]", ":thumbs_up:")
+
+
+def test_markup_in_stored_values_is_shown_as_written(comms: Run, committed_db: Engine) -> None:
+    from comms_tasks.models import PhoneCallBatch
+
+    therapist(1, last_name="Weber [/x]", title="[bold]")
+    request(1, 1, diagnosis="F32.1 [link=https://evil.example]x :thumbs_up:")
+    [email_id] = run_batch(now() - dt.timedelta(minutes=1))
+    at = now()
+    with transaction() as session:
+        call = PhoneCall(
+            therapist_id=1,
+            dedup_key="test:markup",
+            scheduled_date=at.astimezone(BERLIN).date(),
+            scheduled_time=at.astimezone(BERLIN).time().replace(microsecond=0),
+            scheduled_at=at,
+            status=PhoneCallStatus.SCHEDULED,
+        )
+        session.add(call)
+        session.flush()
+        session.add(PhoneCallBatch(phone_call_id=call.id, placement_request_id=1))
+    change_email(committed_db, email_id, error_message="550 [/x] [bold]no")
+    raw = f.request_created(7, event_id="[/oops]")
+    raw["payload"]["[link=https://evil.example]x"] = 1
+    letter_id = dead_letter(raw)
+
+    day = at.astimezone(BERLIN).date().isoformat()
+    outputs = {
+        "dead-letters list": ok(comms("dead-letters", "list")),
+        "dead-letters show": ok(comms("dead-letters", "show", str(letter_id))),
+        "calls today": ok(comms("calls", "today", "--date", day)),
+        "emails list": ok(comms("emails", "list")),
+        "emails show": ok(comms("emails", "show", str(email_id))),
+    }
+    assert "[/oops]" in outputs["dead-letters list"]
+    assert "[/oops]" in outputs["dead-letters show"]
+    assert "[link=https://evil.example]x" in outputs["dead-letters show"]
+    for markup in MARKUP:
+        assert markup in outputs["calls today"], markup
+    # A server's reply is a stranger's text too.
+    assert "550 [/x] [bold]no" in outputs["emails show"]

@@ -23,6 +23,7 @@ from comms_tasks.models import (
     Email,
     EmailStatus,
     Patient,
+    PhoneCall,
     PlacementRequest,
     PlacementRequestStatus,
 )
@@ -359,8 +360,8 @@ def test_dead_letters_past_the_retention_period_lose_their_patient_data(
                 .values(status=DeadLetterStatus.REPLAYED, replayed_at=replayed_at)
             )
 
-    assert purge_expired() == {"redacted": 0, "dead_letters_redacted": 2}
-    assert purge_expired() == {"redacted": 0, "dead_letters_redacted": 0}
+    assert purge_expired()["dead_letters_redacted"] == 2
+    assert purge_expired()["dead_letters_redacted"] == 0
 
     redacted = {
         name
@@ -414,3 +415,235 @@ def test_a_dead_letter_with_an_id_no_column_can_hold_is_still_kept(
     assert keep(value).payload_redacted_at is None
     # The same hook redacts one about the erased patient, on either database.
     assert keep(800).payload_redacted_at is not None
+
+
+# --- answers: the therapist's text and notes per request ---------------------------------
+
+
+def answer(email_id: int, notes: dict[int, str], *, content: str) -> None:
+    apply(
+        RESPONSE,
+        {
+            "command_id": str(uuid.uuid4()),
+            "email_id": email_id,
+            "received_at": f.at(30).isoformat(),
+            "content": content,
+            "outcomes": [
+                {"placement_request_id": request_id, "outcome": "needs_follow_up", "notes": text}
+                for request_id, text in notes.items()
+            ],
+        },
+    )
+
+
+def answer_texts(engine: Engine, email_id: int) -> tuple[str | None, dict[int, str | None]]:
+    email = load(engine, email_id)
+    return email.response_content, {b.placement_request_id: b.response_notes for b in email.batches}
+
+
+def test_answers_notes_leave_with_erasure_and_retention_and_none_come_back(
+    committed_db: Engine,
+) -> None:
+    both = queued_email(1, [100, 200])
+    other = queued_email(3, [300])
+    for email_id in (both, other):
+        mark_sent(committed_db, email_id)
+    answer(both, {1001: f"{MARKER} note 100", 2001: f"{MARKER} note 200"}, content=MARKER)
+    answer(other, {3003: f"{MARKER} note 300"}, content=MARKER)
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+    assert answer_texts(committed_db, both) == (None, {1001: None, 2001: None})
+
+    # A late answer to the redacted email: its outcome counts, its text is not kept.
+    answer(both, {1001: f"{MARKER} late note"}, content=f"{MARKER} late answer")
+    assert answer_texts(committed_db, both) == (None, {1001: None, 2001: None})
+    late = load(committed_db, both)
+    assert late.response_received is True
+    assert {b.placement_request_id: b.response_outcome for b in late.batches}[1001] is not None
+
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(Email)
+            .where(Email.id == other)
+            .values(last_activity_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=400))
+        )
+    assert purge_expired()["redacted"] == 1
+    assert answer_texts(committed_db, other) == (None, {3003: None})
+
+
+# --- calls and the requests' status reasons --------------------------------------------
+
+CALL = "comms.schedule_call"
+CALL_OUTCOME = "comms.record_call_outcome"
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday")
+
+
+def book_call(therapist_id: int, request_ids: list[int], notes: str) -> int:
+    apply(
+        CALL,
+        {
+            "command_id": str(uuid.uuid4()),
+            "therapist_id": therapist_id,
+            "placement_request_ids": request_ids,
+            "at": None,
+            "notes": notes,
+        },
+    )
+    with transaction() as session:
+        return max(session.scalars(select(PhoneCall.id)))
+
+
+def call_outcome(call_id: int, notes: dict[int, str], text: str) -> None:
+    apply(
+        CALL_OUTCOME,
+        {
+            "command_id": str(uuid.uuid4()),
+            "call_id": call_id,
+            "status": "completed",
+            "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
+            "outcome": text,
+            "notes": text,
+            "retry_after": None,
+            "requests": [
+                {"placement_request_id": rid, "discussed": True, "outcome": None, "notes": note}
+                for rid, note in notes.items()
+            ],
+        },
+    )
+
+
+def call_texts(engine: Engine, call_id: int) -> list[str | None]:
+    with Session(engine) as session:
+        call = session.get(PhoneCall, call_id)
+        assert call is not None
+        return [call.notes, call.outcome, *(b.follow_up_notes for b in call.batches)]
+
+
+def status_reason(engine: Engine, request_id: int) -> str | None:
+    with Session(engine) as session:
+        return session.scalar(
+            select(PlacementRequest.status_reason).where(PlacementRequest.id == request_id)
+        )
+
+
+def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
+    committed_db: Engine,
+) -> None:
+    for therapist_id in (1, 3):
+        apply(
+            THERAPIST,
+            f.therapist_upserted(
+                therapist_id,
+                phone_availability={day: [{"start": "08:00", "end": "18:00"}] for day in WEEKDAYS},
+            ),
+        )
+    for request_id, patient_id, therapist_id in ((1001, 100, 1), (2001, 200, 1), (3003, 300, 3)):
+        apply(
+            MATCHING,
+            f.request_created(request_id, patient_id=patient_id, therapist_id=therapist_id),
+        )
+        apply(
+            MATCHING,
+            f.status_changed(
+                request_id, "in_progress", occurred_at=f.at(10), reason=f"{MARKER} reason"
+            ),
+        )
+    done = book_call(1, [1001, 2001], f"{MARKER} booked")
+    call_outcome(done, {1001: f"{MARKER} r1", 2001: f"{MARKER} r2"}, f"{MARKER} said")
+    waiting = book_call(1, [1001], f"{MARKER} to ask")
+    other = book_call(3, [3003], f"{MARKER} other")
+    call_outcome(other, {3003: f"{MARKER} r3"}, f"{MARKER} said")
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+    assert call_texts(committed_db, done) == [None, None, None, None]
+    assert call_texts(committed_db, waiting) == [None, None, None]
+    assert status_reason(committed_db, 1001) is None
+    assert status_reason(committed_db, 2001) == f"{MARKER} reason"
+    assert MARKER in str(call_texts(committed_db, other))
+
+    # Recorded after the erasure: the outcome counts, its text is not kept.
+    call_outcome(waiting, {1001: f"{MARKER} late"}, f"{MARKER} late")
+    assert call_texts(committed_db, waiting) == [None, None, None]
+    apply(
+        MATCHING,
+        f.status_changed(
+            1001, "rejected", old_status="in_progress", occurred_at=f.at(70), reason=MARKER
+        ),
+    )
+    assert status_reason(committed_db, 1001) is None
+
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=get_settings().retention_days + 1)
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(PhoneCall)
+            .where(PhoneCall.id == other)
+            .values(last_activity_at=long_ago, scheduled_at=long_ago)
+        )
+        session.execute(
+            update(PlacementRequest)
+            .where(PlacementRequest.id == 3003)
+            .values(last_event_at=long_ago)
+        )
+    result = purge_expired()
+    assert (result["calls_redacted"], result["status_reasons_redacted"]) == (1, 1)
+    assert call_texts(committed_db, other) == [None, None, None]
+    assert status_reason(committed_db, 3003) is None
+    assert status_reason(committed_db, 2001) == f"{MARKER} reason"
+    assert purge_expired() == {
+        "redacted": 0,
+        "dead_letters_redacted": 0,
+        "calls_redacted": 0,
+        "status_reasons_redacted": 0,
+        "outbox_files_removed": 0,
+    }
+
+
+# --- the file backend's .eml copies ------------------------------------------------------
+
+
+def outbox_texts(folder: Path) -> dict[str, str]:
+    """Each .eml file by name, its content decoded as a reader would see it."""
+    import email
+    import email.policy
+
+    texts = {}
+    for path in sorted(folder.glob("*.eml")):
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        parts = [part.get_content() for part in message.walk() if not part.is_multipart()]
+        texts[path.name] = "\n".join(str(part) for part in parts)
+    return texts
+
+
+def test_the_file_backends_copies_of_redacted_emails_are_removed(
+    committed_db: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from comms_tasks.tasks.sending import send_email
+
+    monkeypatch.setenv("COMMS_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("COMMS_MAIL_BACKEND", "file")
+    get_settings.cache_clear()
+    outbox = get_settings().outbox_folder
+    erased, kept = queued_email(1, [100]), queued_email(2, [200])
+    assert send_email.run()["sent"] == 2
+    sent = outbox_texts(outbox)
+    assert len(sent) == 2 and all(MARKER in text for text in sent.values())
+    [erased_file] = [name for name, text in sent.items() if f"{MARKER}-100" in text]
+    erased_copy = (outbox / erased_file).read_bytes()
+
+    apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
+    assert [f"{MARKER}-100" in text for text in outbox_texts(outbox).values()] == [False]
+    assert any(f"{MARKER}-200" in text for text in outbox_texts(outbox).values())
+
+    # A copy written after the erasure (a send in flight) goes with the nightly purge,
+    # and so does the copy of an email past the retention period.
+    (outbox / erased_file).write_bytes(erased_copy)
+    with Session(committed_db) as session, session.begin():
+        session.execute(
+            update(Email)
+            .where(Email.id == kept)
+            .values(last_activity_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=400))
+        )
+    result = purge_expired()
+    assert (result["redacted"], result["outbox_files_removed"]) == (1, 2)
+    assert outbox_texts(outbox) == {}
+    assert load(committed_db, erased).status is EmailStatus.SENT

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME
 from comms_tasks.settings import ConfigurationError, Settings, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +82,14 @@ def test_values_come_from_the_environment(clean_env: pytest.MonkeyPatch) -> None
         ("COMMS_CALL_HORIZON_DAYS", "-1"),
         ("COMMS_SMTP_TIMEOUT", "0"),
         ("COMMS_SENDER_EMAIL", "a@b.de\r\nBcc: x@y.de"),
+        # As wide as the email columns, and in the contract's shape.
+        ("COMMS_SENDER_NAME", "N" * 201),
+        ("COMMS_SENDER_NAME", "Therapie\x07vermittlung"),
+        ("COMMS_SENDER_NAME", "=?utf-8?q?Bcc=3A_x=40y=2Ede?="),
+        ("COMMS_SENDER_EMAIL", "a" * 250 + "@b.de"),
+        ("COMMS_SENDER_EMAIL", "anfragen"),
+        ("COMMS_REPLY_TO", "antwort@" + "d" * 250 + ".de"),
+        ("COMMS_REPLY_TO", "not an address"),
     ],
 )
 def test_a_bad_value_names_the_variable(
@@ -208,3 +219,43 @@ def test_env_example_lists_every_setting() -> None:
 
     assert not expected - listed, f"missing in .env.example: {sorted(expected - listed)}"
     assert not listed - expected, f"not a setting: {sorted(listed - expected)}"
+
+
+def test_the_longest_sender_the_settings_accept_is_stored_in_every_email(
+    committed_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings and columns agree: start-up never passes a sender no email can hold."""
+    from comms_tasks import emails
+    from comms_tasks.db import transaction
+    from comms_tasks.models import Email, PlacementRequest, PlacementRequestStatus
+    from comms_tasks.settings import get_settings
+    from tests import factories
+
+    local_part = "a" * 64
+    domain = ".".join(["d" * 60] * 3) + ".de"
+    address = f"{local_part}@{domain}"
+    monkeypatch.setenv("COMMS_SENDER_NAME", "N" * MAX_NAME)
+    monkeypatch.setenv("COMMS_SENDER_EMAIL", address[:MAX_EMAIL])
+    monkeypatch.setenv("COMMS_REPLY_TO", address[:MAX_EMAIL])
+    get_settings.cache_clear()
+    settings = load_settings()
+    assert len(settings.sender_name) == MAX_NAME
+
+    with transaction() as session:
+        factories.make_therapist(session, 1)
+        session.add(
+            PlacementRequest(
+                id=1,
+                patient_id=1,
+                therapist_id=1,
+                status=PlacementRequestStatus.OPEN,
+                created_at=factories.BASE_TIME,
+                last_event_at=factories.BASE_TIME,
+            )
+        )
+    with transaction() as session:
+        [email_id] = emails.batch_chunk(session, [1], factories.at(60), settings).email_ids
+    with Session(committed_db) as session:
+        email = session.get(Email, email_id)
+        assert email is not None
+        assert email.sender_name == "N" * MAX_NAME

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from comms_tasks.contracts.limits import MAX_DISPLAY_NAME, MAX_EMAIL, MAX_SUBJECT
+from comms_tasks.contracts.limits import MAX_DISPLAY_NAME, MAX_EMAIL, MAX_NAME, MAX_SUBJECT
 from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
 from comms_tasks.models.enums import EmailStatus, EmailTemplate, ResponseOutcome
 
@@ -71,7 +71,7 @@ class Email(Base):
     recipient_email: Mapped[str] = mapped_column(String(MAX_EMAIL))
     recipient_name: Mapped[str] = mapped_column(String(MAX_DISPLAY_NAME))
     sender_email: Mapped[str] = mapped_column(String(MAX_EMAIL))
-    sender_name: Mapped[str] = mapped_column(String(200))
+    sender_name: Mapped[str] = mapped_column(String(MAX_NAME))
     reply_to: Mapped[str | None] = mapped_column(String(MAX_EMAIL))
     subject: Mapped[str] = mapped_column(String(MAX_SUBJECT))
     body_html: Mapped[str] = mapped_column(Text)

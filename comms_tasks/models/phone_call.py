@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -15,6 +16,8 @@ from sqlalchemy import (
     Text,
     Time,
     UniqueConstraint,
+    event,
+    inspect,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -29,6 +32,13 @@ class PhoneCall(Base):
         Index("ix_phone_calls_status_scheduled_at", "status", "scheduled_at"),
         Index("ix_phone_calls_therapist_id_scheduled_at", "therapist_id", "scheduled_at"),
         Index("ix_phone_calls_email_id", "email_id"),
+        # Retention looks for free text still stored, by the call's last activity.
+        Index(
+            "ix_phone_calls_last_activity_at",
+            "last_activity_at",
+            postgresql_where=text("text_redacted_at IS NULL"),
+            sqlite_where=text("text_redacted_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
@@ -62,6 +72,12 @@ class PhoneCall(Base):
         Boolean, default=False, server_default=text("false")
     )
     follow_up_notes: Mapped[str | None] = mapped_column(Text)
+    # The retention clock (SPEC §10), as for emails: when something last happened to the
+    # call itself (booked, moved, its outcome, cancelled; see CALL_ACTIVITY_FIELDS).
+    last_activity_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When its free text (notes, outcome, the notes per request) was removed, by erasure
+    # or retention; text recorded later is not kept.
+    text_redacted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -70,6 +86,17 @@ class PhoneCall(Base):
         order_by="PhoneCallBatch.priority",
         cascade="all, delete-orphan",
     )
+
+
+# A change to one of these is activity and moves ``last_activity_at``; a redaction is not.
+CALL_ACTIVITY_FIELDS = ("status", "scheduled_at", "actual_date", "actual_time")
+
+
+@event.listens_for(PhoneCall, "before_update")
+def _note_activity(mapper: Any, connection: Any, call: PhoneCall) -> None:
+    state = inspect(call)
+    if any(state.attrs[name].history.has_changes() for name in CALL_ACTIVITY_FIELDS):
+        call.last_activity_at = utcnow()
 
 
 class PhoneCallBatch(Base):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Date, Index, String, Text
+from sqlalchemy import BigInteger, Boolean, Date, Index, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME, MAX_SALUTATION
@@ -81,6 +81,13 @@ class PlacementRequest(Base):
     __table_args__ = (
         Index("ix_placement_requests_therapist_status", "therapist_id", "status"),
         Index("ix_placement_requests_patient_id", "patient_id"),
+        # Retention looks for status reasons still stored, by the request's last event.
+        Index(
+            "ix_placement_requests_status_reason_kept",
+            "last_event_at",
+            postgresql_where=text("status_reason IS NOT NULL"),
+            sqlite_where=text("status_reason IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
