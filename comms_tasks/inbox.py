@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -188,8 +189,28 @@ def store_failure(
         raw = {"args": list(args), "kwargs": kwargs}
     message_id = _message_id_of_raw(task_name, raw)
     letter_id = _store_dead_letter(task_name, ContractViolation(reason, message_id), raw)
-    log.error("dead letter %s for %s (message %s): %s", letter_id, task_name, message_id, reason)
+    log.error(
+        "dead letter %s for %s (message %s): %s",
+        letter_id,
+        task_name,
+        loggable_id(message_id),
+        reason,
+    )
     return Outcome("dead_letter", message_id, letter_id, reason)
+
+
+def loggable_id(message_id: str | None) -> str:
+    """A message id as a log line may show it: a stranger's id that is not a UUID is not.
+
+    The dead letter keeps it whole; a log line must not carry whatever a producer put
+    in the field (names, for one).
+    """
+    if message_id is None:
+        return "none"
+    try:
+        return str(uuid.UUID(message_id))
+    except ValueError:
+        return "not a UUID"
 
 
 def fingerprint(task_name: str, payload: Any) -> str:
@@ -326,7 +347,7 @@ def handle(
                 "dead letter %s for %s (message %s): %s",
                 dead_letter_id,
                 task_name,
-                violation.message_id,
+                loggable_id(violation.message_id),
                 violation.reason,
             )
             return outcome

@@ -8,6 +8,7 @@ payload): the one letter counts its deliveries.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,3 +226,20 @@ def test_storable_keeps_a_bounded_depth_without_recursing() -> None:
     assert depth < 100
     assert isinstance(value, str) and "nested too deeply" in value
     assert kept["b"] == "Bl\ufffd\ufffd"
+
+
+def test_a_message_id_that_is_not_a_uuid_is_kept_but_not_logged(
+    committed_db: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A producer's mistake may put anything printable where the id belongs.
+    event = invalid_event()
+    event["event_id"] = "Frau Beispiel, Depression seit Mai"
+    with caplog.at_level(logging.WARNING, logger="comms_tasks.inbox"):
+        deliver(event)
+
+    [letter] = dead_letters(committed_db)
+    assert letter.message_id == event["event_id"]
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines, "the dead letter is logged"
+    assert all("Beispiel" not in line for line in lines), lines
+    assert any("(message not a UUID)" in line for line in lines), lines
