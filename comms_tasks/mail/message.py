@@ -211,6 +211,7 @@ def _address_header(name: str, field: str, addr_spec: str, display_name: str) ->
     spec = _address(field, addr_spec).addr_spec
     if not spec.isascii():
         raise ValueError(f"{field} is not a valid address: {addr_spec!r}")
+    encoded = False
     if not display_name:
         lines = [f"{name}: {spec}"]
     elif (
@@ -219,6 +220,7 @@ def _address_header(name: str, field: str, addr_spec: str, display_name: str) ->
     ):
         lines = [header]
     else:
+        encoded = True
         lines = _encoded_phrase(f"{name}: ", display_name)
         if len(lines[-1]) + len(spec) + 3 <= _MAX_LINE:
             lines[-1] += f" <{spec}>"
@@ -226,7 +228,7 @@ def _address_header(name: str, field: str, addr_spec: str, display_name: str) ->
             lines.append(f" <{spec}>")
     folded = ("\r\n".join(lines) + "\r\n").encode("ascii")
     _check_written(name, folded)
-    _check_one_address(name, folded, spec, display_name)
+    _check_one_address(name, folded, spec, display_name, encoded=encoded)
     return folded
 
 
@@ -286,7 +288,9 @@ def _encoded_phrase(prefix: str, display_name: str) -> list[str]:
     ]
 
 
-def _check_one_address(name: str, folded: bytes, addr_spec: str, display_name: str) -> None:
+def _check_one_address(
+    name: str, folded: bytes, addr_spec: str, display_name: str, *, encoded: bool
+) -> None:
     """Refuse an address header that a reader could take for anything but ``addr_spec``.
 
     Read back by the plain address parser twice: on the header as written (folds left
@@ -304,7 +308,8 @@ def _check_one_address(name: str, folded: bytes, addr_spec: str, display_name: s
     if not display_name:
         return
     [(phrase, _)] = email.utils.getaddresses([unfolded])
-    if _PLAIN_NAME.fullmatch(display_name):
+    if not encoded:
+        # Written as plain words (a plain name too long for the first line is encoded).
         if phrase != display_name:
             raise refused
         return

@@ -292,3 +292,25 @@ def test_a_long_name_reaches_the_smtp_server_as_one_recipient(
     shown = received["To"].addresses[0].display_name
     assert "".join(shown.split()) == "".join(f"Dr. Anna {INJECTED_LAST_NAME}".split())
     assert received["Cc"] is None and received["Bcc"] is None
+
+
+PLAIN_NAME = st.from_regex(
+    r"[A-Z][a-zäöüß]{1,12}(\.|-[A-Z][a-z]{1,9}\.)?( [A-Z][a-z]{1,14}){1,4}", fullmatch=True
+)
+LONG_ADDRESS = "t4523.kontakt@psychotherapie-zimmermann.de"
+
+
+def test_a_plain_name_too_long_for_the_first_line_is_sent_encoded() -> None:
+    # A real therapist's name: plain words, but with their address over 78 characters.
+    name = "Dipl.-Psych. Andreas Zimmermann"
+    raw = build_mime(outgoing(recipient_name=name, recipient_email=LONG_ADDRESS))
+
+    assert address_headers(raw)["To"] == [(name, LONG_ADDRESS)]
+
+
+@given(name=PLAIN_NAME)
+@settings(max_examples=200, deadline=None)
+def test_every_plain_name_reaches_its_long_address(name: str) -> None:
+    raw = build_mime(outgoing(recipient_name=name, recipient_email=LONG_ADDRESS))
+
+    assert address_headers(raw)["To"] == [(name, LONG_ADDRESS)]
