@@ -788,18 +788,25 @@ def record_response(
         if _not_older(original.response_date, received_at):
             original.response_date = received_at
         cancel_follow_up_calls(session, original.id)
-    cancel_unsent_reminders(session, [email.id, *(original.id for original in originals)])
+    cancel_unsent_reminders(
+        session, [email.id, *(original.id for original in originals)], received_at
+    )
     return confirmations
 
 
-def cancel_unsent_reminders(session: Session, email_ids: Sequence[int]) -> int:
+def cancel_unsent_reminders(
+    session: Session, email_ids: Sequence[int], received_at: dt.datetime
+) -> int:
     """An answered email needs no reminder: the ones not yet on the wire are cancelled.
 
-    One already ``sending`` is left to its send's result: it may be on the wire.
+    Only reminders queued before the answer was received: one asked for later was asked
+    knowing of it (a late older answer, or a re-sent one, must not drop it). One already
+    ``sending`` is left to its send's result: it may be on the wire.
     """
     reminders = session.scalars(
         select(Email)
         .where(Email.in_reply_to_email_id.in_(email_ids))
+        .where(func.coalesce(Email.queued_at, Email.created_at) <= received_at)
         .where(Email.template == EmailTemplate.FOLLOW_UP)
         .where(Email.status.in_((EmailStatus.DRAFT, EmailStatus.QUEUED)))
         .order_by(Email.id)

@@ -309,3 +309,30 @@ def test_an_answer_to_the_original_cancels_its_unsent_reminder(committed_db: Eng
         ).one()
         assert reminder.status is EmailStatus.CANCELLED
         assert reminder.error_message == "cancelled: the email it follows up was answered"
+
+
+def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
+    committed_db: Engine,
+) -> None:
+    original = sent_email(24)
+    answered_at = now()
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, answered_at)) == "applied"
+    # Matching reads that answer and asks for a reminder: it knows of the answer.
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": [240, 241],
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    # An older copy of an answer arrives late, and a producer re-sends the first one.
+    older = answer(original.id, answered_at - dt.timedelta(hours=1))
+    assert apply(RECORD_EMAIL_RESPONSE, older) == "applied"
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, answered_at)) == "applied"
+
+    with Session(committed_db) as session:
+        reminder = session.scalars(
+            select(Email).where(Email.in_reply_to_email_id == original.id)
+        ).one()
+        assert reminder.status is EmailStatus.QUEUED
