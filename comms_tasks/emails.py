@@ -892,6 +892,12 @@ def queue_requested_email(
         original = session.get(Email, command.reply_to_email_id)
         if original is None or original.therapist_id != therapist.id:
             raise Rejected("command.reply_to_email_id: unknown email of this therapist", command_id)
+        if original.status is not EmailStatus.SENT:
+            # A reminder of (or a thread to) an email nobody received; replayable once sent.
+            raise Rejected(
+                f"command.reply_to_email_id: the email was not sent ({original.status.value})",
+                command_id,
+            )
     template = EmailTemplate(command.template)
     if template is EmailTemplate.CONFIRMATION:
         return _queue_requested_confirmations(

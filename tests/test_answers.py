@@ -336,3 +336,29 @@ def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
             select(Email).where(Email.in_reply_to_email_id == original.id)
         ).one()
         assert reminder.status is EmailStatus.QUEUED
+
+
+def test_a_reminder_of_an_email_that_never_went_out_is_a_dead_letter(
+    committed_db: Engine,
+) -> None:
+    original = sent_email(25)
+    with transaction() as session:
+        row = session.get(Email, original.id)
+        assert row is not None
+        row.status = EmailStatus.FAILED
+        row.sent_at = None
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": [250, 251],
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == (
+        "dead_letter: command.reply_to_email_id: the email was not sent (failed)"
+    )
+    with Session(committed_db) as session:
+        assert (
+            session.scalars(select(Email).where(Email.in_reply_to_email_id == original.id)).all()
+            == []
+        )
