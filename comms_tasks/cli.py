@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
@@ -51,14 +53,36 @@ app.add_typer(db_app, name="db")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(contracts_app, name="contracts")
 
+_VISIBLE_CONTROLS = {
+    code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160)) if chr(code) not in "\t\n"
+}
+
+
+class SafeConsole(Console):
+    """A console that shows control characters in values as ``\\x1b``, never sends them.
+
+    Rows stored before the contract refused control characters may hold ESC sequences
+    that would drive the operator's terminal (clear it, write the clipboard). Only the
+    text of what is printed is changed; Rich's own styling codes are control segments.
+    """
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return super()._render_buffer(
+            segment
+            if segment.control
+            else segment._replace(text=segment.text.translate(_VISIBLE_CONTROLS))
+            for segment in buffer
+        )
+
+
 # Outside a terminal (pipes, CI) Rich would wrap tables at 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
 # Every value shown comes from the database or a stranger's message: a name "Weber [/x]",
 # an event id "[/oops]" or ":thumbs_up:" is shown as written. Neither console reads Rich
 # markup or emoji codes in strings (table cells and titles included); styling is done
 # with Text objects (see _field).
-console = Console(width=_WIDTH, markup=False, emoji=False)
-errors = Console(stderr=True, markup=False, emoji=False)
+console = SafeConsole(width=_WIDTH, markup=False, emoji=False)
+errors = SafeConsole(stderr=True, markup=False, emoji=False)
 
 USAGE_ERROR = 2
 ABORTED = 130

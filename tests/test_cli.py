@@ -764,3 +764,27 @@ def test_markup_in_stored_values_is_shown_as_written(comms: Run, committed_db: E
         assert markup in outputs["calls today"], markup
     # A server's reply is a stranger's text too.
     assert "550 [/x] [bold]no" in outputs["emails show"]
+
+
+ESCAPES = "\x1b]52;c;cm0gLXJmIH4K\x1b\\\x1b[2J\x1b[1;31mSYSTEM: \x9b"
+
+
+def test_control_characters_in_stored_values_never_reach_the_terminal(
+    comms: Run, committed_db: Engine
+) -> None:
+    # Stored before the contract refused them: a summary and a dead letter with escapes.
+    therapist(1)
+    request(1, 1, diagnosis=f"F32.1 {ESCAPES}")
+    [email_id] = run_batch(now() - dt.timedelta(minutes=1))
+    raw = f.request_created(7)
+    raw["payload"]["patient"]["diagnosis"] = ESCAPES
+    raw["payload"]["therapist_id"] = "one"
+    letter_id = dead_letter(raw)
+
+    outputs = {
+        "emails show --body": ok(comms("emails", "show", str(email_id), "--body")),
+        "dead-letters show --reveal": ok(comms("dead-letters", "show", str(letter_id), "--reveal")),
+    }
+    for name, output in outputs.items():
+        assert "\x1b" not in output and "\x9b" not in output, name
+        assert "SYSTEM" in output, name  # shown, made harmless

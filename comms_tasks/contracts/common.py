@@ -85,10 +85,17 @@ EmailAddress = Annotated[
 ]
 
 
+# Free text may span lines and hold tabs; no other control character has a place in it
+# (ESC would drive an operator's terminal, C1 controls likewise).
+_TEXT_CONTROLS = frozenset(chr(c) for c in (*range(32), *range(127, 160))) - set("\t\n\r")
+
+
 def _storable_text(value: str) -> str:
     # PostgreSQL cannot store NUL in text or JSON: refuse it here, with the field named.
     if "\x00" in value:
         raise ValueError("must not contain a NUL character")
+    if not _TEXT_CONTROLS.isdisjoint(value):
+        raise ValueError("must not contain control characters other than tab and line breaks")
     return value
 
 

@@ -716,6 +716,26 @@ def test_a_nul_character_in_free_text_is_refused(
     assert f"{field}:" in error.reason
 
 
+@pytest.mark.parametrize("control", ["\x1b[2J", "\x07", "\x9b", "\x7f"])
+def test_a_control_character_in_free_text_is_refused(control: str) -> None:
+    raw = envelope(
+        "placement_request.created",
+        created_payload(patient=patient(diagnosis=f"F32.1 {control}SYSTEM")),
+    )
+    error = violation(MATCHING, raw)
+
+    assert "event.payload.patient.diagnosis: " in error.reason
+    assert "control characters" in error.reason
+
+
+def test_free_text_keeps_its_tabs_and_line_breaks() -> None:
+    raw = envelope(
+        "placement_request.created",
+        created_payload(patient=patient(current_complaints="Erstens:\tSchlaf\r\nZweitens")),
+    )
+    validate(MATCHING, raw)
+
+
 # --- availability -------------------------------------------------------------------
 
 
