@@ -99,6 +99,12 @@ def contactability(
         )
     if blocked_until:
         until, reason = max(blocked_until)
+        # The day named must be free of every later call too: one within the window of
+        # that day moves it past the call's day (as the runs of those days would find).
+        for at in sorted(facts.scheduled_calls):
+            call_day = local_day(at, zone)
+            if until <= call_day < until + dt.timedelta(days=call_window.days):
+                until = call_day + dt.timedelta(days=1)
         return Contactability(False, reason, until)
     return Contactability(True)
 

@@ -118,16 +118,14 @@ def therapist_facts(
     )
     refused = refused_addresses(session, therapist_ids)
     calls: dict[int, list[dt.datetime]] = defaultdict(list)
+    # Every live call from today on, not only this week's: the day ``explain`` names must
+    # be free of the later ones too (a therapist has a handful of live calls at most).
     calls_from = batching.local_midnight(today, settings.zone)
-    calls_until = batching.local_midnight(
-        today + dt.timedelta(days=settings.contact_interval_days), settings.zone
-    )
     for therapist_id, scheduled_at in session.execute(
         select(PhoneCall.therapist_id, PhoneCall.scheduled_at)
         .where(PhoneCall.therapist_id.in_(therapist_ids))
         .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
         .where(PhoneCall.scheduled_at >= calls_from)
-        .where(PhoneCall.scheduled_at < calls_until)
     ):
         calls[therapist_id].append(scheduled_at)
     return {

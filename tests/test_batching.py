@@ -213,3 +213,20 @@ def test_a_call_earlier_today_still_blocks_todays_batch() -> None:
     assert verdict.contactable_from == dt.date(2026, 12, 1)
     yesterday = facts(scheduled_calls=(berlin(2026, 11, 29, 16, 0).astimezone(dt.UTC),))
     assert verdict_at(monday, yesterday).contactable
+
+
+def test_the_day_contact_is_possible_again_is_free_of_every_later_call() -> None:
+    tuesday = berlin(2026, 12, 1, 7, 30)
+    calls = (berlin(2026, 12, 3, 10, 0), berlin(2026, 12, 9, 10, 0))
+    two_calls = facts(scheduled_calls=tuple(at.astimezone(dt.UTC) for at in calls))
+    verdict = verdict_at(tuesday, two_calls)
+    assert verdict.contactable_from == dt.date(2026, 12, 10)
+    # The date holds: the day before it is still blocked, the day itself is free.
+    assert not verdict_at(berlin(2026, 12, 9, 7, 30), two_calls).contactable
+    assert verdict_at(berlin(2026, 12, 10, 7, 30), two_calls).contactable
+    # The same after an email: the week's end falls in a later call's window.
+    emailed = facts(
+        last_sent_at=berlin(2026, 11, 30, 7, 31).astimezone(dt.UTC),
+        scheduled_calls=(berlin(2026, 12, 10, 10, 0).astimezone(dt.UTC),),
+    )
+    assert verdict_at(tuesday, emailed).contactable_from == dt.date(2026, 12, 11)
