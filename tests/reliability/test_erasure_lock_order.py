@@ -25,16 +25,24 @@ from comms_tasks.contracts import (
     QUEUE_EMAIL,
     RECORD_CALL_OUTCOME,
     RECORD_EMAIL_RESPONSE,
+    SCHEDULE_CALL,
     validate_command,
     validate_event,
 )
+from comms_tasks.inbox import Rejected
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, PhoneCall, Therapist
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.calls import follow_up_check, schedule_calls
 from tests import factories as f
-from tests.reliability.test_concurrent_answer import STEP_TIMEOUT, Paused, _waits_for_a_lock
+from tests.reliability.test_concurrent_answer import (
+    STEP_TIMEOUT,
+    Paused,
+    _waits_for_a_lock,
+    interleave,
+)
 from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
 from tests.test_calls import now as utc_now
+from tests.test_retention import MARKER
 
 Stop = Callable[[str, Any], bool]
 
@@ -213,3 +221,37 @@ def test_an_accepted_call_outcome_and_an_erasure_do_not_deadlock(committed_db: E
     assert erased(committed_db, 30)
     with Session(committed_db) as session:
         assert session.scalars(select(PhoneCall.status)).one().value == "completed"
+
+
+def test_schedule_call_with_notes_and_an_erasure_keep_no_notes_about_the_erased(
+    committed_db: Engine,
+) -> None:
+    sent_email(4, days_ago=1)
+    for request_id, first in ((40, "erasure"), (41, "booking")):
+        command = validate_command(
+            SCHEDULE_CALL,
+            {
+                "command_id": str(uuid.uuid4()),
+                "therapist_id": 4,
+                "placement_request_ids": [request_id],
+                "at": None,
+                "notes": f"{MARKER} notes",
+            },
+        )
+        refused: list[str] = []
+
+        def book(session: Session, command: Any = command, refused: list[str] = refused) -> None:
+            try:
+                calls.schedule_requested_call(session, command, utc_now(), get_settings())
+            except Rejected as exc:
+                refused.append(str(exc))
+
+        if first == "erasure":
+            interleave(committed_db, erasure_of(request_id), None, book)
+            assert refused and "the request's patient was erased" in refused[0]
+        else:
+            interleave(committed_db, book, None, erasure_of(request_id))
+            assert refused == []
+    with Session(committed_db) as session:
+        for call in session.scalars(select(PhoneCall)):
+            assert MARKER not in (call.notes or ""), call.id
