@@ -29,8 +29,10 @@ from comms_tasks.db import insert_rows
 from comms_tasks.inbox import Rejected
 from comms_tasks.models import (
     Email,
+    EmailBatch,
     EmailStatus,
     EmailTemplate,
+    Patient,
     PhoneCall,
     PhoneCallBatch,
     PhoneCallStatus,
@@ -352,6 +354,17 @@ def schedule_follow_ups(
     """
     booking = Booking.start(session, settings, now, known)
     report = ScheduleReport(known=booking.known)
+    # The patients first (lock order; an email's requests never change once it is sent).
+    erased = erased_requests(
+        session,
+        list(
+            session.scalars(
+                select(EmailBatch.placement_request_id)
+                .where(EmailBatch.email_id.in_(email_ids))
+                .where(EmailBatch.included)
+            )
+        ),
+    )
     # Locked in id order, like an answer locks its email (record_response) before it
     # cancels the email's calls: an answer recorded meanwhile waits for this transaction
     # and then cancels the call booked here, or this one waits and sees the answer.
@@ -389,10 +402,15 @@ def schedule_follow_ups(
             continue
         if email.id in with_call:
             continue
-        request_ids = [request_id for request_id in included[email.id] if request_id in pending]
+        request_ids = [
+            request_id
+            for request_id in included[email.id]
+            if request_id in pending and request_id not in erased
+        ]
         if not request_ids:
-            # Every request was decided or withdrawn meanwhile: nothing to call about, now
-            # or later. Settled for good, so that the check does not take it up again.
+            # Every request was decided, withdrawn or its patient erased meanwhile: nothing
+            # to call about, now or later. Settled for good, so that the check does not take
+            # it up again.
             email.follow_up_settled_at = now
             report.nothing_left += 1
             continue
@@ -417,6 +435,30 @@ def schedule_follow_ups(
     booking.record()
     unschedulable(session, no_call, now, settings)
     return report
+
+
+def erased_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
+    """Those of ``request_ids`` whose patient was erased; their patients share-locked.
+
+    Like the emails' share lock (``emails.patients_of``), on PostgreSQL, in patient id
+    order, until the transaction ends, and taken before any email, request or call (lock
+    order: booking lock -> patients -> emails -> requests -> calls): ``patient.erased``
+    holds the patient ``FOR UPDATE`` before it touches the rest, so a booking waits for an
+    erasure under way and leaves its patient out, or the erasure waits for the booking and
+    then finds its call. Erased patients are never called about (as the batch never asks).
+    """
+    ids = sorted(set(request_ids))
+    if not ids:
+        return set()
+    query = (
+        select(PlacementRequest.id, Patient.erased_at)
+        .join(Patient, Patient.id == PlacementRequest.patient_id)
+        .where(PlacementRequest.id.in_(ids))
+        .order_by(Patient.id)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(read=True, of=Patient)
+    return {request_id for request_id, erased_at in session.execute(query) if erased_at}
 
 
 def lock_pending_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
@@ -617,8 +659,14 @@ def _check_explicit_time(
 
 
 def _check_still_pending(session: Session, request_ids: Sequence[int], command_id: str) -> None:
+    erased = erased_requests(session, request_ids)
     pending = lock_pending_requests(session, request_ids)
     for index, request_id in enumerate(request_ids):
+        if request_id in erased:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: the request's patient was erased",
+                command_id,
+            )
         if request_id not in pending:
             status = session.scalar(
                 select(PlacementRequest.status).where(PlacementRequest.id == request_id)
@@ -688,22 +736,23 @@ def record_call_outcome(
     if found is None:
         raise Rejected("command.call_id: unknown call", command_id)
     email_id = found.email_id
+    call_requests = list(
+        session.scalars(
+            select(PhoneCallBatch.placement_request_id).where(
+                PhoneCallBatch.phone_call_id == command.call_id
+            )
+        )
+    )
     pending: set[int] = set()
     if command.status == "failed":
         lock_booking(session)
+    # The patients before the email (lock order): a retry leaves erased patients out, and
+    # an accepted outcome's confirmation share-locks them again without a deadlock.
+    erased = erased_requests(session, call_requests)
     if email_id is not None:
         session.get(Email, email_id, with_for_update=True, populate_existing=True)
     if command.status == "failed":
-        pending = lock_pending_requests(
-            session,
-            list(
-                session.scalars(
-                    select(PhoneCallBatch.placement_request_id).where(
-                        PhoneCallBatch.phone_call_id == command.call_id
-                    )
-                )
-            ),
-        )
+        pending = lock_pending_requests(session, call_requests) - erased
     call = session.get(PhoneCall, command.call_id, with_for_update=True, populate_existing=True)
     if call is None:
         raise Rejected("command.call_id: unknown call", command_id)

@@ -298,11 +298,13 @@ def redact_if_its_patient_was_erased(connection: Connection, letter: DeadLetter)
     if not patients and not requests:
         return
     of_requests = select(PlacementRequest.patient_id).where(PlacementRequest.id.in_(requests))
-    erased = (
-        select(Patient.id)
-        .where(Patient.erased_at.is_not(None))
-        .where(or_(Patient.id.in_(patients), Patient.id.in_(of_requests)))
-        .limit(1)
+    named = select(Patient.erased_at).where(
+        or_(Patient.id.in_(patients), Patient.id.in_(of_requests))
     )
-    if connection.execute(erased).first() is not None:
+    if connection.dialect.name == "postgresql":
+        # Share-locked, all named patients in id order (a row's erased_at is checked here,
+        # not in the WHERE, which would skip it unlocked): an erasure under way (patient
+        # FOR UPDATE) is waited for and its erased_at read.
+        named = named.order_by(Patient.id).with_for_update(read=True)
+    if any(erased_at is not None for erased_at in connection.execute(named).scalars()):
         redact_dead_letter(letter, utcnow())

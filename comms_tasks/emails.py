@@ -715,6 +715,11 @@ def record_response(
     session: Session, command: inbound.RecordEmailResponse, now: dt.datetime, settings: Settings
 ) -> list[int]:
     """Apply a therapist's answer; returns the ids of confirmation emails it queued."""
+    # Lock order (patients -> emails), like patient.erased: the answered requests'
+    # patients share-locked first (a confirmation renders them), then the whole thread,
+    # the email and the originals it follows up, in id order (see lock_thread).
+    patients_of(session, [item.placement_request_id for item in command.outcomes], lock=True)
+    lock_thread(session, command.email_id)
     email = session.get(Email, command.email_id, with_for_update=True)
     if email is None:
         raise Rejected("command.email_id: unknown email", str(command.command_id))
@@ -830,6 +835,26 @@ def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
 MAX_THREAD_DEPTH = 10
 
 
+def lock_thread(session: Session, email_id: int) -> None:
+    """Lock an email and the emails up its thread (``in_reply_to``), in id order.
+
+    The thread is read unlocked first (an email's ``in_reply_to`` never changes), then
+    locked in one statement in id order, the order ``patient.erased`` locks a patient's
+    emails in: an answer to a reminder never holds the reminder while it waits for its
+    original.
+    """
+    thread = {email_id}
+    current: int | None = email_id
+    while current is not None and len(thread) <= MAX_THREAD_DEPTH:
+        current = session.scalar(select(Email.in_reply_to_email_id).where(Email.id == current))
+        if current is None or current in thread:
+            break
+        thread.add(current)
+    session.execute(
+        select(Email.id).where(Email.id.in_(sorted(thread))).order_by(Email.id).with_for_update()
+    )
+
+
 def originals_of(session: Session, email: Email) -> list[Email]:
     """The sent emails a reminder follows up, up its thread, locked; nearest first.
 
@@ -933,6 +958,9 @@ def _queue_requested_confirmations(
     settings: Settings,
     original: Email | None,
 ) -> list[Email]:
+    # Lock order (patients -> requests), like patient.erased: the patients share-locked
+    # before the requests are locked (queue_confirmation share-locks them again).
+    patients_of(session, request_ids, lock=True)
     statuses = dict(
         session.execute(
             select(PlacementRequest.id, PlacementRequest.status)

@@ -316,8 +316,12 @@ def _no_status_reason_of_an_erased_patient(
         return
     if not inspect(request).attrs.status_reason.history.has_changes():
         return
-    erased_at = connection.execute(
-        select(Patient.erased_at).where(Patient.id == request.patient_id)
-    ).scalar()
+    # Share-locked (PostgreSQL): an erasure under way holds the patient FOR UPDATE, so
+    # this waits for it and reads its erased_at; or the erasure waits for this
+    # transaction, and then clears the reason it wrote.
+    query = select(Patient.erased_at).where(Patient.id == request.patient_id)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    erased_at = connection.execute(query).scalar()
     if erased_at is not None:
         request.status_reason = None

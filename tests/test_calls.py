@@ -36,6 +36,7 @@ from tests.conftest import WorkerProcess, wait_for, worker_environment
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
+PATIENT = "comms.handle_patient_event"
 COMMS = str(Path(sys.executable).parent / "comms")
 ALL_WEEK = {
     day: [{"start": "08:00", "end": "18:00"}]
@@ -120,6 +121,37 @@ def test_withdrawn_requests_are_not_discussed(committed_db: Engine) -> None:
     schedule_calls()
     [call] = calls_of(committed_db)
     assert [b.placement_request_id for b in call.batches] == [41]
+
+
+def test_erased_patients_requests_are_not_discussed(committed_db: Engine) -> None:
+    sent_email(16)
+    assert apply(PATIENT, f.patient_erased(160, occurred_at=f.at(60))) == "applied"
+    follow_up_check()
+    schedule_calls()
+    [call] = calls_of(committed_db)
+    assert [b.placement_request_id for b in call.batches] == [161]
+
+
+def test_an_email_about_erased_patients_only_gets_no_call(committed_db: Engine) -> None:
+    email = sent_email(18)
+    for patient_id in (180, 181):
+        assert apply(PATIENT, f.patient_erased(patient_id, occurred_at=f.at(60))) == "applied"
+    follow_up_check()
+    assert schedule_calls()["nothing_left"] == 1
+    assert calls_of(committed_db) == []
+    with Session(committed_db) as session:
+        assert session.get_one(Email, email.id).follow_up_settled_at is not None
+
+
+def test_a_retry_leaves_out_an_erased_patients_request(committed_db: Engine) -> None:
+    sent_email(17)
+    follow_up_check()
+    schedule_calls()
+    [call] = calls_of(committed_db)
+    assert apply(PATIENT, f.patient_erased(170, occurred_at=f.at(60))) == "applied"
+    assert apply(RECORD_CALL_OUTCOME, outcome(call.id, "failed")) == "applied"
+    _, retry = calls_of(committed_db)
+    assert [b.placement_request_id for b in retry.batches] == [171]
 
 
 def test_no_slot_means_one_threaded_reminder_and_a_flag(committed_db: Engine) -> None:
@@ -358,6 +390,15 @@ def test_schedule_call_is_refused_for_a_decided_request(committed_db: Engine) ->
     assert apply(MATCHING, f.status_changed(150, "rejected", occurred_at=f.at(60))) == "applied"
     assert apply(SCHEDULE_CALL, schedule_command(15, None, [151, 150])) == (
         "dead_letter: command.placement_request_ids[1]: the request is rejected"
+    )
+    assert calls_of(committed_db) == []
+
+
+def test_schedule_call_is_refused_for_an_erased_patients_request(committed_db: Engine) -> None:
+    sent_email(19, days_ago=1)
+    assert apply(PATIENT, f.patient_erased(190, occurred_at=f.at(60))) == "applied"
+    assert apply(SCHEDULE_CALL, schedule_command(19, None, [191, 190])) == (
+        "dead_letter: command.placement_request_ids[1]: the request's patient was erased"
     )
     assert calls_of(committed_db) == []
 
