@@ -15,7 +15,11 @@ from sqlalchemy.orm import Session
 
 from comms_tasks import emails, migrate
 from comms_tasks.db import make_engine, transaction
-from comms_tasks.dead_letters import REDACTED_VALUE, erase_patient_from_dead_letters
+from comms_tasks.dead_letters import (
+    REDACTED_VALUE,
+    erase_patient_from_dead_letters,
+    purge_expired_dead_letters,
+)
 from comms_tasks.inbox import handle, handle_call
 from comms_tasks.models import (
     DeadLetter,
@@ -326,6 +330,63 @@ def test_erasure_finds_dead_letters_by_patient_id_on_both_databases(
         if MARKER not in json.dumps(letter.payload) and letter.payload_redacted_at is not None
     }
     assert redacted == {"nested", "as text", "in a call", "request", "json string"}
+
+
+@pytest.mark.parametrize("levels", [1500, 3000])
+def test_a_deeply_nested_json_string_in_a_dead_letter_stops_no_erasure_or_purge(
+    any_session: Session, levels: int
+) -> None:
+    session = any_session
+    deep = '{"a":' * levels + "1" + "}" * levels
+    hostile = {
+        "as the message": deep,
+        "in a field": {"command_id": "c-1", "content": deep, "outcomes": []},
+        "in a list": {"args": [], "kwargs": {"event": [deep, MARKER]}},
+    }
+    letters = {
+        name: DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event: must be a JSON object",
+            payload=payload,
+            status=DeadLetterStatus.PENDING,
+            received_at=T0,
+        )
+        for name, payload in hostile.items()
+    }
+    letters["about the patient"] = DeadLetter(
+        task_name=PATIENT,
+        message_id=None,
+        reason="event.payload: bad",
+        payload={"payload": {"patient_id": 300, "patient": {"diagnosis": MARKER}}},
+        status=DeadLetterStatus.PENDING,
+        received_at=T0,
+    )
+    session.add_all(letters.values())
+    session.flush()
+
+    # A letter that cannot be examined may name anyone: it is redacted, not a failure.
+    assert erase_patient_from_dead_letters(session, 300, T0) == 4
+    session.flush()
+    session.expire_all()
+    for name, letter in letters.items():
+        assert letter.payload_redacted_at is not None, name
+        assert MARKER not in json.dumps(letter.payload), name
+        assert '{"a":{"a":' not in json.dumps(letter.payload), name
+
+    # The nightly purge walks the same letters: it never fails on them either.
+    session.add(
+        DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event: must be a JSON object",
+            payload={"content": deep},
+            status=DeadLetterStatus.PENDING,
+            received_at=T0,
+        )
+    )
+    session.flush()
+    assert purge_expired_dead_letters(session, T0 + dt.timedelta(days=400), 180, 10) == 1
 
 
 def test_dead_letters_past_the_retention_period_lose_their_patient_data(
