@@ -8,6 +8,7 @@ payload): the one letter counts its deliveries.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu.utils import json as kombu_json
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -243,3 +245,55 @@ def test_a_message_id_that_is_not_a_uuid_is_kept_but_not_logged(
     assert lines, "the dead letter is logged"
     assert all("Beispiel" not in line for line in lines), lines
     assert any("(message not a UUID)" in line for line in lines), lines
+
+
+# --- numbers JSON cannot store ----------------------------------------------------------
+
+PATIENT = "comms.handle_patient_event"
+
+
+def from_the_wire(event: dict[str, Any], number: str) -> Any:
+    """The event as a worker reads it from the broker, with ``number`` where "__N__" is."""
+    body = json.dumps({"event": event}).replace('"__N__"', number)
+    return kombu_json.loads(body)["event"]
+
+
+@pytest.mark.parametrize(
+    ("number", "kept"),
+    [
+        ("NaN", "NaN"),
+        ("Infinity", "Infinity"),
+        ("-Infinity", "-Infinity"),
+        ("1e400", "Infinity"),
+        ("-1e400", "-Infinity"),
+    ],
+)
+def test_a_message_holding_a_non_finite_number_is_kept_as_a_dead_letter(
+    committed_db: Engine, number: str, kept: str
+) -> None:
+    event = f.therapist_upserted(7400)
+    event["payload"]["therapist_id"] = "__N__"
+    event = from_the_wire(event, number)
+
+    outcome = deliver(event)
+
+    [letter] = dead_letters(committed_db)
+    assert outcome["dead_letter_id"] == letter.id
+    assert letter.message_id == event["event_id"]
+    assert letter.payload["payload"]["therapist_id"] == kept
+
+
+def test_on_sqlite_a_non_finite_number_in_a_dead_letter_stops_no_erasure(
+    sqlite_db: Engine,
+) -> None:
+    event = from_the_wire(f.patient_updated(100, diagnosis="__N__"), "NaN")
+    outcome = app.tasks[PATIENT].apply(kwargs={"event": event})
+    assert outcome.successful(), outcome.traceback
+    assert outcome.result["result"] == "dead_letter"
+
+    erasure = app.tasks[PATIENT].apply(kwargs={"event": f.patient_erased(100)})
+
+    assert erasure.successful(), erasure.traceback
+    assert erasure.result["result"] == "applied"
+    [letter] = dead_letters(sqlite_db)
+    assert letter.payload_redacted_at is not None
