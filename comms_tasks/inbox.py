@@ -44,7 +44,7 @@ from comms_tasks.contracts.limits import MAX_STORED_NESTING
 from comms_tasks.db import transaction
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
-from comms_tasks.models.messaging import PENDING
+from comms_tasks.models.messaging import PENDING_UNREDACTED
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,10 @@ def _store_dead_letter(
 
     The same message (same task, same payload) arriving again while its letter is
     pending, redelivered or sent twice, by one worker or two at once, stays one letter:
-    the insert is an upsert on the unique index of pending fingerprints. Its reason is
-    the newest.
+    the insert is an upsert on the unique index of pending fingerprints. Its reason and
+    ``received_at`` (its retention clock) are the newest delivery's. A letter already
+    redacted (erasure, retention) is left alone: the delivery is a new letter, which
+    can be replayed (or is stored redacted if its patient was erased).
     """
     if unstorable:
         payload: Any = NOT_STORED
@@ -310,10 +312,12 @@ def _store_dead_letter(
         statement = insert(DeadLetter).values(values)
         statement = statement.on_conflict_do_update(
             index_elements=[DeadLetter.task_name, DeadLetter.fingerprint],
-            index_where=text(PENDING),
+            index_where=text(PENDING_UNREDACTED),
             set_={
                 "deliveries": DeadLetter.deliveries + 1,
                 "reason": statement.excluded.reason,
+                # The retention clock is the last delivery's.
+                "received_at": statement.excluded.received_at,
             },
         )
         letter_id: int = session.execute(statement.returning(DeadLetter.id)).scalar_one()
