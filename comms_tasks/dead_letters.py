@@ -26,6 +26,7 @@ from sqlalchemy import ColumnElement, Connection, and_, event, func, literal, or
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY
 from comms_tasks.contracts.limits import MAX_STORED_NESTING
 from comms_tasks.inbox import NotReplayable
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
@@ -105,6 +106,44 @@ def redacted(value: Any, *, visible: bool = False) -> Any:
     return root[0]
 
 
+# A field path as :func:`comms_tasks.contracts.describe` writes it: only keys that look
+# like identifiers, or the marker of one that does not.
+_NAMED_PATH = re.compile(
+    rf"(?:event|command)(?:\.[a-z_][a-z0-9_]{{0,{MAX_KEY_IN_REASON - 1}}}"
+    rf"|\.{re.escape(UNKNOWN_KEY)}|\[\d+\])*"
+)
+REASON_CUT = "(the rest of the reason was removed with the message)"
+
+
+def redacted_reason(reason: str) -> str:
+    """The reason without any key name a contract would not name (stored before it did).
+
+    Each problem whose field path holds a key that is no identifier is cut there, with
+    the rest of the reason: where such a key ends (it may hold ": " or "; ") cannot be
+    told. Reasons of our own ("could not be applied: ...") stay as they are.
+    """
+    kept: list[str] = []
+    for index, problem in enumerate(reason.split("; ")):
+        path = _NAMED_PATH.match(problem)
+        if path is None and index == 0:
+            kept.append(problem)
+            continue
+        rest = problem[path.end() :] if path is not None else ""
+        if rest.startswith(": ") and ": " not in rest[2:]:
+            kept.append(problem)
+            continue
+        if path is None:
+            kept.append(REASON_CUT)
+            break
+        named = path.group()
+        if not rest.startswith("."):
+            # The key began with an identifier ("hobby: HIV"): its first part goes too.
+            named = re.sub(r"\.[a-z_][a-z0-9_]*$", "", named)
+        kept.append(f"{named}.{UNKNOWN_KEY}: {REASON_CUT}")
+        break
+    return "; ".join(kept)
+
+
 def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
     # A message that arrived JSON-encoded keeps its ids too; one too deep to read is a
     # string, redacted whole.
@@ -113,6 +152,7 @@ def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
     except Unexaminable:
         parsed = letter.payload
     letter.payload = redacted(parsed)
+    letter.reason = redacted_reason(letter.reason)
     letter.payload_redacted_at = now
 
 
@@ -310,6 +350,7 @@ def _redact_whatever_it_holds(letter: DeadLetter, now: dt.datetime) -> None:
         redact_dead_letter(letter, now)
     except (RecursionError, ValueError, TypeError, MemoryError):
         letter.payload = REDACTED_VALUE
+        letter.reason = redacted_reason(letter.reason)
         letter.payload_redacted_at = now
 
 

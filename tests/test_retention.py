@@ -389,6 +389,60 @@ def test_a_deeply_nested_json_string_in_a_dead_letter_stops_no_erasure_or_purge(
     assert purge_expired_dead_letters(session, T0 + dt.timedelta(days=400), 180, 10) == 1
 
 
+def test_redaction_leaves_no_key_name_in_the_reason_that_is_no_identifier(
+    any_session: Session,
+) -> None:
+    session = any_session
+    reasons = {
+        # Stored before unknown keys were named only when they look like identifiers.
+        "event.payload.patient.HIV positiv; Suizidversuch: ja: Extra inputs are not "
+        "permitted; event.payload.patient.gender: Input should be a valid string": (
+            "event.payload.patient.<unknown key>: "
+            "(the rest of the reason was removed with the message)"
+        ),
+        "event[3].Diagnose F32.1...: Extra inputs are not permitted": (
+            "event[3].<unknown key>: (the rest of the reason was removed with the message)"
+        ),
+        "event.payload.patient.hobby: Extra inputs are not permitted; "
+        "event.payload.patient.<unknown key>: Extra inputs are not permitted": (
+            "event.payload.patient.hobby: Extra inputs are not permitted; "
+            "event.payload.patient.<unknown key>: Extra inputs are not permitted"
+        ),
+        "event.payload.patient.hobby: HIV: Extra inputs are not permitted": (
+            "event.payload.patient.<unknown key>: "
+            "(the rest of the reason was removed with the message)"
+        ),
+        "event.payload.patient.hobby; HIV positiv: Extra inputs are not permitted": (
+            "event.payload.patient.<unknown key>: "
+            "(the rest of the reason was removed with the message)"
+        ),
+        "event.payload.status: Field required (and 2 more)": (
+            "event.payload.status: Field required (and 2 more)"
+        ),
+        "could not be applied after 3 retries: OperationalError (OperationalError)": (
+            "could not be applied after 3 retries: OperationalError (OperationalError)"
+        ),
+    }
+    letters = {
+        reason: DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason=reason,
+            payload={"payload": {"patient_id": 300, "patient": {"diagnosis": MARKER}}},
+            status=DeadLetterStatus.PENDING,
+            received_at=T0,
+        )
+        for reason in reasons
+    }
+    session.add_all(letters.values())
+    session.flush()
+
+    assert erase_patient_from_dead_letters(session, 300, T0) == len(reasons)
+
+    for reason, letter in letters.items():
+        assert letter.reason == reasons[reason]
+
+
 def test_dead_letters_past_the_retention_period_lose_their_patient_data(
     committed_db: Engine,
 ) -> None:
