@@ -22,13 +22,23 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, event, func, literal, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    case,
+    event,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY
 from comms_tasks.contracts.limits import MAX_STORED_NESTING
-from comms_tasks.inbox import NotReplayable
+from comms_tasks.inbox import NotReplayable, storable
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
 from comms_tasks.models.base import utcnow
 
@@ -151,7 +161,8 @@ def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
         parsed = _parsed(letter.payload, 0)
     except Unexaminable:
         parsed = letter.payload
-    letter.payload = redacted(parsed)
+    # Stored as JSON can hold it (a NaN read from a letter stored before becomes "NaN").
+    letter.payload = storable(redacted(parsed))
     letter.reason = redacted_reason(letter.reason)
     letter.payload_redacted_at = now
 
@@ -300,8 +311,15 @@ def _candidates(session: Session, patient_id: int, request_ids: list[int]) -> Co
                 True,
             ).is_(True),
         )
-    node = func.json_tree(DeadLetter.payload).table_valued("key", "atom", "type").alias("node")
-    parent = func.json_tree(DeadLetter.payload).table_valued("key", "atom", "path").alias("item")
+    # A letter SQLite cannot read as JSON (the token NaN, stored before it was kept as a
+    # string) would make json_tree() fail the whole query: it is a candidate, as a
+    # string that may hold a message, and Python (which reads NaN) decides.
+    document = case(
+        (func.json_valid(DeadLetter.payload) == 1, DeadLetter.payload),
+        else_=literal('"{"'),
+    )
+    node = func.json_tree(document).table_valued("key", "atom", "type").alias("node")
+    parent = func.json_tree(document).table_valued("key", "atom", "path").alias("item")
     return or_(
         select(node.c.key)
         .where(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from comms_tasks import emails, migrate
@@ -441,6 +441,46 @@ def test_redaction_leaves_no_key_name_in_the_reason_that_is_no_identifier(
 
     for reason, letter in letters.items():
         assert letter.reason == reasons[reason]
+
+
+def test_on_sqlite_a_dead_letter_stored_with_a_nan_token_stops_no_erasure(
+    tmp_path: Path,
+) -> None:
+    # Stored before NaN was kept as a string: SQLite's JSON functions call it malformed.
+    url = f"sqlite:///{tmp_path / 'comms.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        letters = [
+            DeadLetter(
+                task_name=PATIENT,
+                message_id=None,
+                reason="event.payload.patient.diagnosis: Input should be a valid string",
+                payload={"payload": {"patient_id": patient_id}},
+                status=DeadLetterStatus.PENDING,
+                received_at=T0,
+            )
+            for patient_id in (300, 301)
+        ]
+        session.add_all(letters)
+        session.flush()
+        for letter in letters:
+            patient_id = letter.payload["payload"]["patient_id"]
+            session.execute(
+                text("UPDATE dead_letters SET payload = :p WHERE id = :id"),
+                {"p": f'{{"payload": {{"patient_id": {patient_id}, "x": NaN}}}}', "id": letter.id},
+            )
+        session.expire_all()
+
+        assert erase_patient_from_dead_letters(session, 300, T0) == 1
+        session.flush()
+
+        valid = session.execute(
+            text("SELECT id, json_valid(payload) FROM dead_letters ORDER BY id")
+        ).all()
+        assert [row[1] for row in valid] == [1, 0]
+        assert purge_expired_dead_letters(session, T0 + dt.timedelta(days=400), 180, 10) == 1
+    engine.dispose()
 
 
 def test_dead_letters_past_the_retention_period_lose_their_patient_data(
