@@ -22,11 +22,23 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, event, func, literal, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    case,
+    event,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from comms_tasks.inbox import NotReplayable
+from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY
+from comms_tasks.contracts.limits import MAX_STORED_NESTING
+from comms_tasks.inbox import NotReplayable, storable
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
 from comms_tasks.models.base import utcnow
 
@@ -73,34 +85,122 @@ class RedactedDeadLetter(NotReplayable):
 
 
 def redacted(value: Any, *, visible: bool = False) -> Any:
-    """``value`` with every value that is not an id or vocabulary replaced by the marker."""
-    if isinstance(value, dict):
-        return {key: redacted(item, visible=key in VISIBLE_KEYS) for key, item in value.items()}
-    if isinstance(value, list):
-        return [redacted(item, visible=visible) for item in value]
-    if value is None:
-        return None
-    if visible and (
-        isinstance(value, bool | int | float)
-        or (isinstance(value, str) and _ID_LIKE.fullmatch(value))
-    ):
-        return value
-    return REDACTED_VALUE
+    """``value`` with every value that is not an id or vocabulary replaced by the marker.
+
+    Walked with a stack of its own, never by recursion: a dead letter may be nested as
+    deeply as the store keeps, and a JSON string inside it deeper still.
+    """
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any, bool]] = [(value, root, 0, visible)]
+    while stack:
+        item, parent, slot, shown = stack.pop()
+        if isinstance(item, dict):
+            copy: dict[Any, Any] = {}
+            parent[slot] = copy
+            for key, member in item.items():
+                copy[key] = None
+                stack.append((member, copy, key, key in VISIBLE_KEYS))
+        elif isinstance(item, list):
+            members: list[Any] = [None] * len(item)
+            parent[slot] = members
+            stack.extend((member, members, index, shown) for index, member in enumerate(item))
+        elif item is None:
+            parent[slot] = None
+        elif shown and (
+            isinstance(item, bool | int | float)
+            or (isinstance(item, str) and _ID_LIKE.fullmatch(item))
+        ):
+            parent[slot] = item
+        else:
+            parent[slot] = REDACTED_VALUE
+    return root[0]
+
+
+# A field path as :func:`comms_tasks.contracts.describe` writes it: only keys that look
+# like identifiers, or the marker of one that does not.
+_NAMED_PATH = re.compile(
+    rf"(?:event|command)(?:\.[a-z_][a-z0-9_]{{0,{MAX_KEY_IN_REASON - 1}}}"
+    rf"|\.{re.escape(UNKNOWN_KEY)}|\[\d+\])*"
+)
+REASON_CUT = "(the rest of the reason was removed with the message)"
+
+
+def redacted_reason(reason: str) -> str:
+    """The reason without any key name a contract would not name (stored before it did).
+
+    Each problem whose field path holds a key that is no identifier is cut there, with
+    the rest of the reason: where such a key ends (it may hold ": " or "; ") cannot be
+    told. Reasons of our own ("could not be applied: ...") stay as they are.
+    """
+    kept: list[str] = []
+    for index, problem in enumerate(reason.split("; ")):
+        path = _NAMED_PATH.match(problem)
+        if path is None and index == 0:
+            kept.append(problem)
+            continue
+        rest = problem[path.end() :] if path is not None else ""
+        if rest.startswith(": ") and ": " not in rest[2:]:
+            kept.append(problem)
+            continue
+        if path is None:
+            kept.append(REASON_CUT)
+            break
+        named = path.group()
+        if not rest.startswith("."):
+            # The key began with an identifier ("hobby: HIV"): its first part goes too.
+            named = re.sub(r"\.[a-z_][a-z0-9_]*$", "", named)
+        kept.append(f"{named}.{UNKNOWN_KEY}: {REASON_CUT}")
+        break
+    return "; ".join(kept)
 
 
 def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
-    # A message that arrived JSON-encoded keeps its ids too.
-    letter.payload = redacted(_parsed(letter.payload, 0))
+    # A message that arrived JSON-encoded keeps its ids too; one too deep to read is a
+    # string, redacted whole.
+    try:
+        parsed = _parsed(letter.payload, 0)
+    except Unexaminable:
+        parsed = letter.payload
+    # Stored as JSON can hold it (a NaN read from a letter stored before becomes "NaN").
+    letter.payload = storable(redacted(parsed))
+    letter.reason = redacted_reason(letter.reason)
     letter.payload_redacted_at = now
 
 
+class Unexaminable(ValueError):
+    """A JSON string in a dead letter nested too deeply to be read safely."""
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` has containers more than ``limit`` levels deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            members = item.values() if isinstance(item, dict) else item
+            stack.extend((member, depth + 1) for member in members)
+    return False
+
+
 def _parsed(value: Any, depth: int) -> Any:
-    """A JSON string as the document it holds (a message sent JSON-encoded), else itself."""
+    """A JSON string as the document it holds (a message sent JSON-encoded), else itself.
+
+    Read with the store's own bound: a document nested more than
+    :data:`MAX_STORED_NESTING` levels deep (which the parser may not even survive)
+    raises :class:`Unexaminable`; what is not JSON stays a string.
+    """
     if depth < _MAX_NESTED_JSON and isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
         try:
-            return json.loads(value)
+            document = json.loads(value)
+        except RecursionError:
+            raise Unexaminable("a JSON string nested too deeply") from None
         except ValueError:
             return value
+        if _too_deep(document, MAX_STORED_NESTING):
+            raise Unexaminable("a JSON string nested too deeply")
+        return document
     return value
 
 
@@ -127,34 +227,41 @@ def _as_ids(value: Any) -> set[int]:
 def named_ids(value: Any) -> tuple[set[int], set[int]]:
     """The patient ids and placement request ids a message names, at any depth.
 
-    Also inside a JSON string (a message sent JSON-encoded), a few levels deep.
+    Also inside a JSON string (a message sent JSON-encoded), a few levels deep; raises
+    :class:`Unexaminable` for one nested too deeply to read. Walked with a stack.
     """
     patients: set[int] = set()
     requests: set[int] = set()
 
-    def visit(item: Any, parses: int) -> None:
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, parses = stack.pop()
         if isinstance(item, str):
             parsed = _parsed(item, parses)
             if parsed is not item:
-                visit(parsed, parses + 1)
+                stack.append((parsed, parses + 1))
         elif isinstance(item, dict):
             for key, child in item.items():
                 if key == "patient_id":
                     patients.update(_as_ids(child))
                 elif key in ("placement_request_id", "placement_request_ids"):
                     requests.update(_as_ids(child))
-                visit(child, parses)
+                stack.append((child, parses))
         elif isinstance(item, list):
-            for child in item:
-                visit(child, parses)
-
-    visit(value, 0)
+            stack.extend((child, parses) for child in item)
     return patients, requests
 
 
 def names_patient(value: Any, patient_id: int, request_ids: Collection[int]) -> bool:
-    """Whether the message names the patient or one of its requests, at any depth."""
-    patients, requests = named_ids(value)
+    """Whether the message names the patient or one of its requests, at any depth.
+
+    A message that cannot be examined (a JSON string nested too deeply) may name anyone:
+    it counts as naming the patient, so that erasure redacts it rather than fail.
+    """
+    try:
+        patients, requests = named_ids(value)
+    except Unexaminable:
+        return True
     return patient_id in patients or not requests.isdisjoint(request_ids)
 
 
@@ -204,8 +311,15 @@ def _candidates(session: Session, patient_id: int, request_ids: list[int]) -> Co
                 True,
             ).is_(True),
         )
-    node = func.json_tree(DeadLetter.payload).table_valued("key", "atom", "type").alias("node")
-    parent = func.json_tree(DeadLetter.payload).table_valued("key", "atom", "path").alias("item")
+    # A letter SQLite cannot read as JSON (the token NaN, stored before it was kept as a
+    # string) would make json_tree() fail the whole query: it is a candidate, as a
+    # string that may hold a message, and Python (which reads NaN) decides.
+    document = case(
+        (func.json_valid(DeadLetter.payload) == 1, DeadLetter.payload),
+        else_=literal('"{"'),
+    )
+    node = func.json_tree(document).table_valued("key", "atom", "type").alias("node")
+    parent = func.json_tree(document).table_valued("key", "atom", "path").alias("item")
     return or_(
         select(node.c.key)
         .where(
@@ -240,9 +354,22 @@ def erase_patient_from_dead_letters(session: Session, patient_id: int, now: dt.d
     changed = 0
     for letter in letters:
         if names_patient(letter.payload, patient_id, set(request_ids)):
-            redact_dead_letter(letter, now)
+            _redact_whatever_it_holds(letter, now)
             changed += 1
     return changed
+
+
+def _redact_whatever_it_holds(letter: DeadLetter, now: dt.datetime) -> None:
+    """Redact the letter; one that cannot be walked loses its whole payload.
+
+    One hostile letter must never make an erasure or the nightly purge fail for everyone.
+    """
+    try:
+        redact_dead_letter(letter, now)
+    except (RecursionError, ValueError, TypeError, MemoryError):
+        letter.payload = REDACTED_VALUE
+        letter.reason = redacted_reason(letter.reason)
+        letter.payload_redacted_at = now
 
 
 def purge_expired_dead_letters(
@@ -259,7 +386,7 @@ def purge_expired_dead_letters(
         .with_for_update(skip_locked=True)
     ).all()
     for letter in letters:
-        redact_dead_letter(letter, now)
+        _redact_whatever_it_holds(letter, now)
     return len(letters)
 
 
@@ -292,8 +419,9 @@ def redact_if_its_patient_was_erased(connection: Connection, letter: DeadLetter)
     """
     try:
         patients, requests = named_ids(letter.payload)
-    except RecursionError:
-        # Never stand in the way of keeping a message; retention still reaches it.
+    except (Unexaminable, RecursionError):
+        # Never stand in the way of keeping a message; the next erasure (which redacts
+        # a letter it cannot examine) and retention still reach it.
         return
     if not patients and not requests:
         return

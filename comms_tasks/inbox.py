@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from comms_tasks.contracts.limits import MAX_STORED_NESTING
 from comms_tasks.db import transaction
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
-from comms_tasks.models.messaging import PENDING
+from comms_tasks.models.messaging import PENDING_UNREDACTED
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ def storable(value: Any) -> Any:
     """``value`` with every NUL and lone surrogate replaced, so that PostgreSQL stores it.
 
     A dead letter must be kept whatever it holds; U+FFFD marks where such a character was.
+    NaN and the infinities (Python reads the tokens ``NaN``/``Infinity`` and a number
+    like ``1e400`` as such floats) become the strings "NaN", "Infinity", "-Infinity":
+    JSON has no such numbers, PostgreSQL refuses them and SQLite's JSON functions fail
+    on them.
     Containers more than :data:`MAX_STORED_NESTING` levels deep are replaced by
     :data:`TOO_DEEP`: JSON encoders (and PostgreSQL) refuse what is nested deeper than
     their limits. Walked with a stack of its own, never by recursion.
@@ -128,6 +133,8 @@ def storable(value: Any) -> Any:
             members: list[Any] = [None] * len(item)
             parent[slot] = members
             stack.extend((member, members, index, depth + 1) for index, member in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            parent[slot] = "NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")
         else:
             parent[slot] = item
     return root[0]
@@ -199,6 +206,45 @@ def store_failure(
     return Outcome("dead_letter", message_id, letter_id, reason)
 
 
+def _cause_of(exc: BaseException) -> str:
+    name = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        name = f"{name} ({type(orig).__name__})"
+    return name
+
+
+def store_unstorable(
+    task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException
+) -> Outcome:
+    """Keep a message whose dead letter itself cannot be written, as a minimal letter.
+
+    Its task, message id and the cause, no payload (a note in its place): the message is
+    not lost without a trace, and the producer can send it again once fixed. Redelivered,
+    it counts on the same letter (fingerprint of the message as received).
+    """
+    try:
+        raw = unpack_arguments(task_name, args, kwargs)
+    except ContractViolation:
+        raw = {"args": list(args), "kwargs": kwargs}
+    try:
+        message_id = _message_id_of_raw(task_name, raw)
+    except Exception:  # noqa: BLE001 - whatever the message holds, the letter is kept
+        message_id = None
+    reason = f"the message could not be stored: {_cause_of(exc)}"
+    letter_id = _store_dead_letter(
+        task_name, ContractViolation(reason, message_id), raw, unstorable=True
+    )
+    log.error(
+        "dead letter %s for %s (message %s): %s",
+        letter_id,
+        task_name,
+        loggable_id(message_id),
+        reason,
+    )
+    return Outcome("dead_letter", message_id, letter_id, reason)
+
+
 def loggable_id(message_id: str | None) -> str:
     """A message id as a log line may show it: a stranger's id that is not a UUID is not.
 
@@ -225,23 +271,39 @@ def fingerprint(task_name: str, payload: Any) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
-def _store_dead_letter(task_name: str, violation: ContractViolation, raw: Any) -> int:
+# What a minimal letter (:func:`store_unstorable`) keeps in place of the message.
+NOT_STORED = "[the message could not be stored]"
+
+
+def _store_dead_letter(
+    task_name: str, violation: ContractViolation, raw: Any, *, unstorable: bool = False
+) -> int:
     """Store a pending dead letter, or count one more delivery on the one already there.
 
     The same message (same task, same payload) arriving again while its letter is
     pending, redelivered or sent twice, by one worker or two at once, stays one letter:
-    the insert is an upsert on the unique index of pending fingerprints. Its reason is
-    the newest.
+    the insert is an upsert on the unique index of pending fingerprints. Its reason and
+    ``received_at`` (its retention clock) are the newest delivery's. A letter already
+    redacted (erasure, retention) is left alone: the delivery is a new letter, which
+    can be replayed (or is stored redacted if its patient was erased).
     """
-    payload = storable(raw)
+    if unstorable:
+        payload: Any = NOT_STORED
+        try:
+            key = fingerprint(task_name, [NOT_STORED, raw])
+        except Exception:  # noqa: BLE001 - not even hashable as JSON: a letter of its own
+            key = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
+    else:
+        payload = storable(raw)
+        key = fingerprint(task_name, payload)
     values = {
         "task_name": task_name,
-        "message_id": violation.message_id,
+        "message_id": storable(violation.message_id),
         "reason": storable(violation.reason),
         "payload": payload,
         "status": DeadLetterStatus.PENDING,
         "received_at": utcnow(),
-        "fingerprint": fingerprint(task_name, payload),
+        "fingerprint": key,
         "deliveries": 1,
     }
     with transaction() as session:
@@ -250,10 +312,12 @@ def _store_dead_letter(task_name: str, violation: ContractViolation, raw: Any) -
         statement = insert(DeadLetter).values(values)
         statement = statement.on_conflict_do_update(
             index_elements=[DeadLetter.task_name, DeadLetter.fingerprint],
-            index_where=text(PENDING),
+            index_where=text(PENDING_UNREDACTED),
             set_={
                 "deliveries": DeadLetter.deliveries + 1,
                 "reason": statement.excluded.reason,
+                # The retention clock is the last delivery's.
+                "received_at": statement.excluded.received_at,
             },
         )
         letter_id: int = session.execute(statement.returning(DeadLetter.id)).scalar_one()

@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from comms_tasks import emails, migrate
 from comms_tasks.db import make_engine, transaction
-from comms_tasks.dead_letters import REDACTED_VALUE, erase_patient_from_dead_letters
+from comms_tasks.dead_letters import (
+    REDACTED_VALUE,
+    erase_patient_from_dead_letters,
+    purge_expired_dead_letters,
+)
 from comms_tasks.inbox import handle, handle_call
 from comms_tasks.models import (
     DeadLetter,
@@ -326,6 +330,157 @@ def test_erasure_finds_dead_letters_by_patient_id_on_both_databases(
         if MARKER not in json.dumps(letter.payload) and letter.payload_redacted_at is not None
     }
     assert redacted == {"nested", "as text", "in a call", "request", "json string"}
+
+
+@pytest.mark.parametrize("levels", [1500, 3000])
+def test_a_deeply_nested_json_string_in_a_dead_letter_stops_no_erasure_or_purge(
+    any_session: Session, levels: int
+) -> None:
+    session = any_session
+    deep = '{"a":' * levels + "1" + "}" * levels
+    hostile = {
+        "as the message": deep,
+        "in a field": {"command_id": "c-1", "content": deep, "outcomes": []},
+        "in a list": {"args": [], "kwargs": {"event": [deep, MARKER]}},
+    }
+    letters = {
+        name: DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event: must be a JSON object",
+            payload=payload,
+            status=DeadLetterStatus.PENDING,
+            received_at=T0,
+        )
+        for name, payload in hostile.items()
+    }
+    letters["about the patient"] = DeadLetter(
+        task_name=PATIENT,
+        message_id=None,
+        reason="event.payload: bad",
+        payload={"payload": {"patient_id": 300, "patient": {"diagnosis": MARKER}}},
+        status=DeadLetterStatus.PENDING,
+        received_at=T0,
+    )
+    session.add_all(letters.values())
+    session.flush()
+
+    # A letter that cannot be examined may name anyone: it is redacted, not a failure.
+    assert erase_patient_from_dead_letters(session, 300, T0) == 4
+    session.flush()
+    session.expire_all()
+    for name, letter in letters.items():
+        assert letter.payload_redacted_at is not None, name
+        assert MARKER not in json.dumps(letter.payload), name
+        assert '{"a":{"a":' not in json.dumps(letter.payload), name
+
+    # The nightly purge walks the same letters: it never fails on them either.
+    session.add(
+        DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason="event: must be a JSON object",
+            payload={"content": deep},
+            status=DeadLetterStatus.PENDING,
+            received_at=T0,
+        )
+    )
+    session.flush()
+    assert purge_expired_dead_letters(session, T0 + dt.timedelta(days=400), 180, 10) == 1
+
+
+def test_redaction_leaves_no_key_name_in_the_reason_that_is_no_identifier(
+    any_session: Session,
+) -> None:
+    session = any_session
+    reasons = {
+        # Stored before unknown keys were named only when they look like identifiers.
+        "event.payload.patient.HIV positiv; Suizidversuch: ja: Extra inputs are not "
+        "permitted; event.payload.patient.gender: Input should be a valid string": (
+            "event.payload.patient.<unknown key>: "
+            "(the rest of the reason was removed with the message)"
+        ),
+        "event[3].Diagnose F32.1...: Extra inputs are not permitted": (
+            "event[3].<unknown key>: (the rest of the reason was removed with the message)"
+        ),
+        "event.payload.patient.hobby: Extra inputs are not permitted; "
+        "event.payload.patient.<unknown key>: Extra inputs are not permitted": (
+            "event.payload.patient.hobby: Extra inputs are not permitted; "
+            "event.payload.patient.<unknown key>: Extra inputs are not permitted"
+        ),
+        "event.payload.patient.hobby: HIV: Extra inputs are not permitted": (
+            "event.payload.patient.<unknown key>: "
+            "(the rest of the reason was removed with the message)"
+        ),
+        "event.payload.patient.hobby; HIV positiv: Extra inputs are not permitted": (
+            "event.payload.patient.<unknown key>: "
+            "(the rest of the reason was removed with the message)"
+        ),
+        "event.payload.status: Field required (and 2 more)": (
+            "event.payload.status: Field required (and 2 more)"
+        ),
+        "could not be applied after 3 retries: OperationalError (OperationalError)": (
+            "could not be applied after 3 retries: OperationalError (OperationalError)"
+        ),
+    }
+    letters = {
+        reason: DeadLetter(
+            task_name=PATIENT,
+            message_id=None,
+            reason=reason,
+            payload={"payload": {"patient_id": 300, "patient": {"diagnosis": MARKER}}},
+            status=DeadLetterStatus.PENDING,
+            received_at=T0,
+        )
+        for reason in reasons
+    }
+    session.add_all(letters.values())
+    session.flush()
+
+    assert erase_patient_from_dead_letters(session, 300, T0) == len(reasons)
+
+    for reason, letter in letters.items():
+        assert letter.reason == reasons[reason]
+
+
+def test_on_sqlite_a_dead_letter_stored_with_a_nan_token_stops_no_erasure(
+    tmp_path: Path,
+) -> None:
+    # Stored before NaN was kept as a string: SQLite's JSON functions call it malformed.
+    url = f"sqlite:///{tmp_path / 'comms.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        letters = [
+            DeadLetter(
+                task_name=PATIENT,
+                message_id=None,
+                reason="event.payload.patient.diagnosis: Input should be a valid string",
+                payload={"payload": {"patient_id": patient_id}},
+                status=DeadLetterStatus.PENDING,
+                received_at=T0,
+            )
+            for patient_id in (300, 301)
+        ]
+        session.add_all(letters)
+        session.flush()
+        for letter in letters:
+            patient_id = letter.payload["payload"]["patient_id"]
+            session.execute(
+                text("UPDATE dead_letters SET payload = :p WHERE id = :id"),
+                {"p": f'{{"payload": {{"patient_id": {patient_id}, "x": NaN}}}}', "id": letter.id},
+            )
+        session.expire_all()
+
+        assert erase_patient_from_dead_letters(session, 300, T0) == 1
+        session.flush()
+
+        valid = session.execute(
+            text("SELECT id, json_valid(payload) FROM dead_letters ORDER BY id")
+        ).all()
+        assert [row[1] for row in valid] == [1, 0]
+        assert purge_expired_dead_letters(session, T0 + dt.timedelta(days=400), 180, 10) == 1
+    engine.dispose()
 
 
 def test_dead_letters_past_the_retention_period_lose_their_patient_data(

@@ -8,6 +8,7 @@ and never repeats a value of the message (values may be health data).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -65,15 +66,16 @@ class ContractViolation(ValueError):
         self.message_id = message_id
 
 
-# A key of the message may be anything the sender wrote: show a bounded, printable name.
+# A key of the message may be anything the sender wrote, health data too ("HIV positiv"
+# as a key): a reason names it only when it looks like an identifier, as every key of
+# the contracts does, and says UNKNOWN_KEY in place of any other.
 MAX_KEY_IN_REASON = 40
+NAMEABLE_KEY = re.compile(rf"[a-z_][a-z0-9_]{{0,{MAX_KEY_IN_REASON - 1}}}")
+UNKNOWN_KEY = "<unknown key>"
 
 
 def _key(part: str) -> str:
-    printable = "".join(char if char.isprintable() else "?" for char in part)
-    if len(printable) > MAX_KEY_IN_REASON:
-        printable = printable[:MAX_KEY_IN_REASON] + "..."
-    return printable
+    return part if NAMEABLE_KEY.fullmatch(part) else UNKNOWN_KEY
 
 
 def _field_name(loc: tuple[int | str, ...], prefix: str) -> str:

@@ -49,6 +49,9 @@ class ProcessedMessage(Base):
 
 # The partial index's predicate, and ON CONFLICT's, which must be the same text.
 PENDING = "status = 'pending'"
+# The letters a redelivery counts on: pending and not redacted. A redacted letter can
+# never be replayed, so a delivery after its redaction is a new letter.
+PENDING_UNREDACTED = "status = 'pending' AND payload_redacted_at IS NULL"
 
 
 class DeadLetter(Base):
@@ -61,14 +64,15 @@ class DeadLetter(Base):
     __tablename__ = "dead_letters"
     __table_args__ = (
         Index("ix_dead_letters_status_id", "status", "id"),
-        # One pending letter per message: a redelivery counts on the letter it repeats.
+        # One pending, unredacted letter per message: a redelivery counts on the letter
+        # it repeats.
         Index(
             "uq_dead_letters_pending_fingerprint",
             "task_name",
             "fingerprint",
             unique=True,
-            postgresql_where=text(PENDING),
-            sqlite_where=text(PENDING),
+            postgresql_where=text(PENDING_UNREDACTED),
+            sqlite_where=text(PENDING_UNREDACTED),
         ),
     )
 

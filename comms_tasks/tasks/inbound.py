@@ -16,7 +16,14 @@ from comms_tasks.contracts import (
     HANDLE_PATIENT_EVENT,
     HANDLE_THERAPIST_EVENT,
 )
-from comms_tasks.inbox import Applier, failure_reason, handle_call, is_transient, store_failure
+from comms_tasks.inbox import (
+    Applier,
+    failure_reason,
+    handle_call,
+    is_transient,
+    store_failure,
+    store_unstorable,
+)
 
 # The database may be briefly unreachable (restart, failover) or a transaction lose a
 # race (serialization failure, deadlock): such a task is retried with backoff, over a
@@ -82,10 +89,18 @@ def run_inbound(
         reason = failure_reason(exc, retries)
     try:
         return store_failure(task_name, args, kwargs, reason).as_dict()
+    except Exception as exc:  # noqa: BLE001 - an outage is retried, anything else kept below
+        if is_transient(exc):
+            # The database is still away: the message stays in the queue, not lost.
+            raise task.retry(exc=exc, countdown=MAX_BACKOFF_SECONDS) from None
+        unstorable = exc
+    # The letter itself cannot be written (what it holds, not an outage): a minimal one
+    # naming the task, the message id and the cause is kept instead.
+    try:
+        return store_unstorable(task_name, args, kwargs, unstorable).as_dict()
     except Exception as exc:
         if not is_transient(exc):
             raise
-        # The database is still away: the message stays in the queue, not lost.
         raise task.retry(exc=exc, countdown=MAX_BACKOFF_SECONDS) from None
 
 

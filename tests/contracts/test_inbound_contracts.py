@@ -903,6 +903,37 @@ def test_patient_updated_reason_never_repeats_patient_data(patient_changes: dict
     assert MARKER not in error.reason
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "HIV positiv, Suizidversuch 2025",
+        "Diagnose",
+        "f32.1",
+        "x" * 41,
+        "notes: F32.1; suicidal",
+        "sch\u00e4del",
+    ],
+)
+def test_an_unknown_key_that_is_no_identifier_is_not_named_in_the_reason(key: str) -> None:
+    raw = envelope("placement_request.created", created_payload(patient={**patient(), key: True}))
+
+    error = violation(MATCHING, raw)
+
+    assert error.reason == "event.payload.patient.<unknown key>: Extra inputs are not permitted"
+
+
+def test_an_unknown_key_that_looks_like_an_identifier_is_named() -> None:
+    raw = envelope(
+        "placement_request.created",
+        created_payload(patient={**patient(), "insurance_2": True, "_x": 1}),
+    )
+
+    error = violation(MATCHING, raw)
+
+    assert "event.payload.patient.insurance_2: Extra inputs are not permitted" in error.reason
+    assert "event.payload.patient._x: Extra inputs are not permitted" in error.reason
+
+
 # --- fuzzing: nothing but a model or a ContractViolation ----------------------------
 
 json_values = st.recursive(

@@ -8,6 +8,8 @@ payload): the one letter counts its deliveries.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -15,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu.utils import json as kombu_json
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks import inbox, migrate
 from comms_tasks.app import app
 from comms_tasks.db import make_engine, reset_engine
+from comms_tasks.dead_letters import purge_expired_dead_letters
 from comms_tasks.models import DeadLetter, DeadLetterStatus
+from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f
@@ -243,3 +248,111 @@ def test_a_message_id_that_is_not_a_uuid_is_kept_but_not_logged(
     assert lines, "the dead letter is logged"
     assert all("Beispiel" not in line for line in lines), lines
     assert any("(message not a UUID)" in line for line in lines), lines
+
+
+# --- numbers JSON cannot store ----------------------------------------------------------
+
+PATIENT = "comms.handle_patient_event"
+
+
+def from_the_wire(event: dict[str, Any], number: str) -> Any:
+    """The event as a worker reads it from the broker, with ``number`` where "__N__" is."""
+    body = json.dumps({"event": event}).replace('"__N__"', number)
+    return kombu_json.loads(body)["event"]
+
+
+@pytest.mark.parametrize(
+    ("number", "kept"),
+    [
+        ("NaN", "NaN"),
+        ("Infinity", "Infinity"),
+        ("-Infinity", "-Infinity"),
+        ("1e400", "Infinity"),
+        ("-1e400", "-Infinity"),
+    ],
+)
+def test_a_message_holding_a_non_finite_number_is_kept_as_a_dead_letter(
+    committed_db: Engine, number: str, kept: str
+) -> None:
+    event = f.therapist_upserted(7400)
+    event["payload"]["therapist_id"] = "__N__"
+    event = from_the_wire(event, number)
+
+    outcome = deliver(event)
+
+    [letter] = dead_letters(committed_db)
+    assert outcome["dead_letter_id"] == letter.id
+    assert letter.message_id == event["event_id"]
+    assert letter.payload["payload"]["therapist_id"] == kept
+
+
+def test_on_sqlite_a_non_finite_number_in_a_dead_letter_stops_no_erasure(
+    sqlite_db: Engine,
+) -> None:
+    event = from_the_wire(f.patient_updated(100, diagnosis="__N__"), "NaN")
+    outcome = app.tasks[PATIENT].apply(kwargs={"event": event})
+    assert outcome.successful(), outcome.traceback
+    assert outcome.result["result"] == "dead_letter"
+
+    erasure = app.tasks[PATIENT].apply(kwargs={"event": f.patient_erased(100)})
+
+    assert erasure.successful(), erasure.traceback
+    assert erasure.result["result"] == "applied"
+    [letter] = dead_letters(sqlite_db)
+    assert letter.payload_redacted_at is not None
+
+
+# --- redeliveries and retention ---------------------------------------------------------
+
+
+def back_date(engine: Engine, letter_id: int, days: int) -> None:
+    with Session(engine) as session, session.begin():
+        stored = session.get(DeadLetter, letter_id)
+        assert stored is not None
+        stored.received_at = utcnow() - dt.timedelta(days=days)
+
+
+def purge(engine: Engine, now: dt.datetime) -> int:
+    with Session(engine) as session, session.begin():
+        return purge_expired_dead_letters(session, now, get_settings().retention_days, 100)
+
+
+def test_a_redelivery_restarts_its_letters_retention_clock(committed_db: Engine) -> None:
+    event = invalid_event()
+    first = deliver(event)
+    back_date(committed_db, first["dead_letter_id"], get_settings().retention_days - 1)
+
+    assert deliver(event)["dead_letter_id"] == first["dead_letter_id"]
+
+    # Two days later the first delivery is past the retention period, the last is not.
+    assert purge(committed_db, utcnow() + dt.timedelta(days=2)) == 0
+    [letter] = dead_letters(committed_db)
+    assert letter.payload_redacted_at is None
+    assert letter.deliveries == 2
+
+
+def redelivered_after_redaction(engine: Engine) -> None:
+    event = invalid_event()
+    first = deliver(event)
+    back_date(engine, first["dead_letter_id"], get_settings().retention_days + 1)
+    assert purge(engine, utcnow()) == 1
+
+    again = deliver(event)
+
+    assert again["dead_letter_id"] != first["dead_letter_id"]
+    old, new = dead_letters(engine)
+    assert old.payload_redacted_at is not None
+    assert old.deliveries == 1
+    # The new delivery is kept whole, pending, and can be replayed.
+    assert new.status is DeadLetterStatus.PENDING
+    assert new.payload_redacted_at is None
+    assert new.payload == event
+    assert deliver(event)["dead_letter_id"] == new.id
+
+
+def test_a_delivery_after_its_letter_was_redacted_is_a_new_letter(committed_db: Engine) -> None:
+    redelivered_after_redaction(committed_db)
+
+
+def test_on_sqlite_too_a_delivery_after_redaction_is_a_new_letter(sqlite_db: Engine) -> None:
+    redelivered_after_redaction(sqlite_db)

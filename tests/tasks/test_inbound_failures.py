@@ -295,3 +295,29 @@ def test_a_message_with_a_lone_surrogate_is_kept_as_a_dead_letter(
     [letter] = dead_letters(committed_db)
     assert letter.message_id == event["event_id"]
     assert "\ufffd" in json.dumps(letter.payload, ensure_ascii=False)
+
+
+def test_a_message_whose_dead_letter_cannot_be_stored_is_kept_as_a_minimal_letter(
+    committed_db: Engine,
+) -> None:
+    # Nothing in it can be written as JSON (a set, which only a direct call can pass):
+    # the full letter fails for good, a letter naming the task, id and cause is kept.
+    event = f.therapist_upserted(7020)
+    event["payload"]["extra"] = {1, 2}
+
+    result = app.tasks[THERAPIST].apply(kwargs={"event": event})
+
+    assert result.successful(), result.traceback
+    assert result.result["result"] == "dead_letter"
+    [letter] = dead_letters(committed_db)
+    assert result.result["dead_letter_id"] == letter.id
+    assert letter.task_name == THERAPIST
+    assert letter.message_id == event["event_id"]
+    assert letter.reason.startswith("the message could not be stored: ")
+    assert "TypeError" in letter.reason
+    assert letter.status is DeadLetterStatus.PENDING
+    assert "Weber" not in json.dumps(letter.payload)
+
+    # Delivered again, it counts on the same letter.
+    again = app.tasks[THERAPIST].apply(kwargs={"event": event})
+    assert again.result["dead_letter_id"] == letter.id
