@@ -190,20 +190,7 @@ def store_failure(
     task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], reason: str
 ) -> Outcome:
     """Keep a message whose application failed for good as a dead letter, for replay."""
-    try:
-        raw = unpack_arguments(task_name, args, kwargs)
-    except ContractViolation:
-        raw = {"args": list(args), "kwargs": kwargs}
-    message_id = _message_id_of_raw(task_name, raw)
-    letter_id = _store_dead_letter(task_name, ContractViolation(reason, message_id), raw)
-    log.error(
-        "dead letter %s for %s (message %s): %s",
-        letter_id,
-        task_name,
-        loggable_id(message_id),
-        reason,
-    )
-    return Outcome("dead_letter", message_id, letter_id, reason)
+    return _keep_call(task_name, args, kwargs, reason)
 
 
 def _cause_of(exc: BaseException) -> str:
@@ -223,6 +210,18 @@ def store_unstorable(
     not lost without a trace, and the producer can send it again once fixed. Redelivered,
     it counts on the same letter (fingerprint of the message as received).
     """
+    reason = f"the message could not be stored: {_cause_of(exc)}"
+    return _keep_call(task_name, args, kwargs, reason, unstorable=True)
+
+
+def _keep_call(
+    task_name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reason: str,
+    *,
+    unstorable: bool = False,
+) -> Outcome:
     try:
         raw = unpack_arguments(task_name, args, kwargs)
     except ContractViolation:
@@ -231,18 +230,24 @@ def store_unstorable(
         message_id = _message_id_of_raw(task_name, raw)
     except Exception:  # noqa: BLE001 - whatever the message holds, the letter is kept
         message_id = None
-    reason = f"the message could not be stored: {_cause_of(exc)}"
     letter_id = _store_dead_letter(
-        task_name, ContractViolation(reason, message_id), raw, unstorable=True
+        task_name, ContractViolation(reason, message_id), raw, unstorable=unstorable
     )
-    log.error(
+    _log_dead_letter(logging.ERROR, letter_id, task_name, message_id, reason)
+    return Outcome("dead_letter", message_id, letter_id, reason)
+
+
+def _log_dead_letter(
+    level: int, letter_id: int, task_name: str, message_id: str | None, reason: str
+) -> None:
+    log.log(
+        level,
         "dead letter %s for %s (message %s): %s",
         letter_id,
         task_name,
         loggable_id(message_id),
         reason,
     )
-    return Outcome("dead_letter", message_id, letter_id, reason)
 
 
 def loggable_id(message_id: str | None) -> str:
@@ -407,12 +412,8 @@ def handle(
         if dead_letter_id is None:
             dead_letter_id = _store_dead_letter(task_name, violation, raw)
             outcome = dataclasses.replace(outcome, dead_letter_id=dead_letter_id)
-            log.warning(
-                "dead letter %s for %s (message %s): %s",
-                dead_letter_id,
-                task_name,
-                loggable_id(violation.message_id),
-                violation.reason,
+            _log_dead_letter(
+                logging.WARNING, dead_letter_id, task_name, violation.message_id, violation.reason
             )
             return outcome
     if dead_letter_id is not None:
