@@ -38,6 +38,7 @@ from tests.smtp import smtp_sink  # noqa: F401  (the plain SMTP server fixture, 
 
 if TYPE_CHECKING:
     from tests.servers import PrivateRedis
+    from tests.smtp import SmtpSink
 
 POSTGRES_URL = os.environ.get(
     "COMMS_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -90,6 +91,20 @@ def wait_for(
             details = f"\n{explain()}" if explain else ""
             pytest.fail(f"condition not met within {timeout} s{details}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def smtp(
+    committed_db: Engine,
+    smtp_sink: SmtpSink,  # noqa: F811 - the fixture imported above
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[SmtpSink]:
+    """The plain SMTP server, with this process's settings pointed at it (2 s timeout)."""
+    for name, value in {**smtp_sink.worker_settings(), "COMMS_SMTP_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield smtp_sink
+    get_settings.cache_clear()
 
 
 # --- PostgreSQL --------------------------------------------------------------------

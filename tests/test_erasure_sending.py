@@ -11,7 +11,6 @@ rendered again without the patient, or cancelled.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, delete, select
@@ -36,17 +35,6 @@ from tests.test_retention import MARKER, PATIENT, load, queued_email
 
 ERASED = 100
 OTHER = 300
-
-
-@pytest.fixture
-def smtp(
-    committed_db: Engine, smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[SmtpSink]:
-    for name, value in {**smtp_sink.worker_settings(), "COMMS_SMTP_TIMEOUT": "2"}.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield smtp_sink
-    get_settings.cache_clear()
 
 
 def erase(patient_id: int = ERASED) -> None:

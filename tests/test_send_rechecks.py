@@ -42,25 +42,6 @@ from tests.test_email_pipeline import (
 )
 
 
-@pytest.fixture
-def smtp(committed_db: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
-    """The SMTP sink of tests/test_email_pipeline.py, with the same settings."""
-    sink = SmtpSink()
-    sink.start()
-    for name, value in {
-        "COMMS_MAIL_BACKEND": "smtp",
-        "COMMS_SMTP_HOST": sink.host,
-        "COMMS_SMTP_PORT": str(sink.port),
-        "COMMS_SMTP_SECURITY": "none",
-        "COMMS_SMTP_TIMEOUT": "2",
-    }.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield sink
-    sink.stop()
-    get_settings.cache_clear()
-
-
 def load(engine: Engine, email_id: int) -> Email:
     with Session(engine) as session:
         email = session.get(Email, email_id)

@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import Engine
 
 from comms_tasks import emails
@@ -26,24 +24,6 @@ from tests.test_email_pipeline import T0, THERAPIST, all_emails, apply, open_req
 
 ADDRESS = "praxis3@weber-therapie.de"
 DAY = dt.timedelta(days=1)
-
-
-@pytest.fixture
-def smtp(committed_db: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
-    sink = SmtpSink()
-    sink.start()
-    for name, value in {
-        "COMMS_MAIL_BACKEND": "smtp",
-        "COMMS_SMTP_HOST": sink.host,
-        "COMMS_SMTP_PORT": str(sink.port),
-        "COMMS_SMTP_SECURITY": "none",
-        "COMMS_SMTP_TIMEOUT": "2",
-    }.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield sink
-    sink.stop()
-    get_settings.cache_clear()
 
 
 def explain(therapist_id: int, now: dt.datetime) -> tuple[bool, str | None, dt.date | None]:
