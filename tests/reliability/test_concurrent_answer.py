@@ -76,6 +76,15 @@ def interleave(
 ) -> None:
     """``first`` up to ``pause_before`` (None: its commit), then ``second`` until it commits
     or waits for a lock, then the rest of both. Each in a transaction of its own."""
+    assert run_interleaved(Paused(engine, pause_before), first, second) == []
+
+
+def run_interleaved(
+    paused: Paused, first: Callable[[Session], object], second: Callable[[Session], object]
+) -> list[BaseException]:
+    """``first`` until ``paused`` stops it, ``second`` until it commits or waits for a lock,
+    then the rest of both; the errors either raised."""
+    engine = paused.engine
     errors: list[BaseException] = []
     second_pid: list[int] = []
     second_done = threading.Event()
@@ -89,10 +98,10 @@ def interleave(
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    with Paused(engine, pause_before) as paused:
+    with paused:
         paused.thread = threading.Thread(target=run, args=(first,))
         paused.thread.start()
-        assert paused.reached.wait(STEP_TIMEOUT), f"the first never reached {pause_before}"
+        assert paused.reached.wait(STEP_TIMEOUT), "the first never reached its stop"
 
         def run_second() -> None:
             run(second, second_pid)
@@ -108,7 +117,7 @@ def interleave(
         paused.thread.join(STEP_TIMEOUT)
         other.join(STEP_TIMEOUT)
         assert not paused.thread.is_alive() and not other.is_alive(), "a transaction hung"
-    assert errors == []
+    return errors
 
 
 def _waits_for_a_lock(engine: Engine, pid: list[int]) -> bool:

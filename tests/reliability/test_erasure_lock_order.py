@@ -11,13 +11,11 @@ erased patient is rendered.
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks import calls, emails, read_models
@@ -34,12 +32,7 @@ from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, Phone
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.calls import follow_up_check, schedule_calls
 from tests import factories as f
-from tests.reliability.test_concurrent_answer import (
-    STEP_TIMEOUT,
-    Paused,
-    _waits_for_a_lock,
-    interleave,
-)
+from tests.reliability.test_concurrent_answer import Paused, interleave, run_interleaved
 from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
 from tests.test_calls import now as utc_now
 from tests.test_retention import MARKER
@@ -68,39 +61,7 @@ def interleave_at(
     second: Callable[[Session], object],
 ) -> list[BaseException]:
     """As test_concurrent_answer.interleave, stopping where ``stop`` says; the errors."""
-    errors: list[BaseException] = []
-    second_pid: list[int] = []
-    second_done = threading.Event()
-
-    def run(work: Callable[[Session], object], pid: list[int] | None = None) -> None:
-        try:
-            with Session(engine) as session, session.begin():
-                if pid is not None:
-                    pid.append(session.scalars(text("SELECT pg_backend_pid()")).one())
-                work(session)
-        except BaseException as exc:  # reported to the test
-            errors.append(exc)
-
-    with PausedWhen(engine, stop) as paused:
-        paused.thread = threading.Thread(target=run, args=(first,))
-        paused.thread.start()
-        assert paused.reached.wait(STEP_TIMEOUT), "the first never reached its stop"
-
-        def run_second() -> None:
-            run(second, second_pid)
-            second_done.set()
-
-        other = threading.Thread(target=run_second)
-        other.start()
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while not second_done.is_set() and not _waits_for_a_lock(engine, second_pid):
-            assert time.monotonic() < deadline, "the second neither finished nor waited"
-            time.sleep(0.02)
-        paused.resume.set()
-        paused.thread.join(STEP_TIMEOUT)
-        other.join(STEP_TIMEOUT)
-        assert not paused.thread.is_alive() and not other.is_alive(), "a transaction hung"
-    return errors
+    return run_interleaved(PausedWhen(engine, stop), first, second)
 
 
 def erasure_of(patient_id: int) -> Callable[[Session], None]:
