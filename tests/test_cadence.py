@@ -110,8 +110,17 @@ def test_a_rerun_after_the_days_email_was_cancelled_asks_the_new_request_that_da
     assert second.dedup_key == "batch:1:2026-11-30:2"
 
 
-def test_a_therapist_whose_email_was_cancelled_today_is_asked_again_by_each_rerun(
-    db: Session,
+@pytest.mark.parametrize(
+    ("status", "error_message"),
+    [
+        (EmailStatus.CANCELLED, "cancelled by an operator"),
+        # e.g. the relay was down for all eight attempts
+        (EmailStatus.FAILED, "451 4.3.0 try again later"),
+    ],
+    ids=["cancelled", "failed"],
+)
+def test_a_therapist_whose_email_never_reached_them_today_is_asked_again_by_each_rerun(
+    db: Session, status: EmailStatus, error_message: str
 ) -> None:
     monday = berlin(2026, 11, 30, 7, 30)
     f.make_therapist(db, 1)
@@ -122,26 +131,8 @@ def test_a_therapist_whose_email_was_cancelled_today_is_asked_again_by_each_reru
         assert report.emails_queued == 1
         latest = emails_of(db, 1)[-1]
         keys.append(latest.dedup_key)
-        # Never reached them.
-        latest.status = EmailStatus.CANCELLED
-        latest.error_message = "cancelled by an operator"
-        db.flush()
-
-    assert keys == ["batch:1:2026-11-30", "batch:1:2026-11-30:2", "batch:1:2026-11-30:3"]
-
-
-def test_a_therapist_whose_email_failed_today_is_asked_again_by_each_rerun(db: Session) -> None:
-    monday = berlin(2026, 11, 30, 7, 30)
-    f.make_therapist(db, 1)
-    open_request(db, 11, 1, monday)
-    keys = []
-    for hour in range(3):
-        report = batch(db, monday + dt.timedelta(hours=hour))
-        assert report.emails_queued == 1
-        latest = emails_of(db, 1)[-1]
-        keys.append(latest.dedup_key)
-        latest.status = EmailStatus.FAILED  # e.g. the relay was down for all eight attempts
-        latest.error_message = "451 4.3.0 try again later"
+        latest.status = status
+        latest.error_message = error_message
         db.flush()
 
     assert keys == ["batch:1:2026-11-30", "batch:1:2026-11-30:2", "batch:1:2026-11-30:3"]
