@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
+from comms_tasks import batching
 from comms_tasks import emails as email_rules
 from comms_tasks.contracts import inbound
 from comms_tasks.contracts.outbound import (
@@ -32,7 +33,6 @@ from comms_tasks.models import (
     EmailBatch,
     EmailStatus,
     EmailTemplate,
-    Patient,
     PhoneCall,
     PhoneCallBatch,
     PhoneCallStatus,
@@ -41,7 +41,6 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
@@ -280,10 +279,9 @@ def follow_up_due_before(now: dt.datetime, settings: Settings) -> dt.datetime:
     Days are local calendar days (SPEC §5): an email sent on local day D is due from the
     start of day D + ``follow_up_after_days``, whatever minute it left.
     """
-    today = now.astimezone(settings.zone).date()
+    today = batching.local_day(now, settings.zone)
     first_day_not_due = today - dt.timedelta(days=settings.follow_up_after_days - 1)
-    start = dt.datetime.combine(first_day_not_due, dt.time(0, 0), tzinfo=settings.zone)
-    return start.astimezone(dt.UTC)
+    return batching.local_midnight(first_day_not_due, settings.zone)
 
 
 def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settings) -> int:
@@ -385,8 +383,8 @@ def schedule_follow_ups(
         email.id: [batch.placement_request_id for batch in email.batches if batch.included]
         for email in emails.values()
     }
-    pending = lock_pending_requests(
-        session, [request_id for ids in included.values() for request_id in ids]
+    pending = email_rules.requests_still_pending(
+        session, [request_id for ids in included.values() for request_id in ids], lock=True
     )
     therapist_ids = {email.therapist_id for email in emails.values()}
     therapists = {
@@ -447,39 +445,10 @@ def erased_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
     erasure under way and leaves its patient out, or the erasure waits for the booking and
     then finds its call. Erased patients are never called about (as the batch never asks).
     """
-    ids = sorted(set(request_ids))
-    if not ids:
-        return set()
-    query = (
-        select(PlacementRequest.id, Patient.erased_at)
-        .join(Patient, Patient.id == PlacementRequest.patient_id)
-        .where(PlacementRequest.id.in_(ids))
-        .order_by(Patient.id)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(read=True, of=Patient)
-    return {request_id for request_id, erased_at in session.execute(query) if erased_at}
-
-
-def lock_pending_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
-    """Those of ``request_ids`` still pending, share-locked until the booking commits.
-
-    A status change locks its request before it withdraws the request from calls
-    (:func:`withdraw_request_from_calls`): it waits for a booking that read the request as
-    pending, and then sees and cancels its call; or the booking waits for the change and
-    no longer reads the request as pending. In id order, so that bookings never deadlock.
-    """
-    if not request_ids:
-        return set()
-    return set(
-        session.scalars(
-            select(PlacementRequest.id)
-            .where(PlacementRequest.id.in_(sorted(set(request_ids))))
-            .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
-            .order_by(PlacementRequest.id)
-            .with_for_update(read=True)
-        )
-    )
+    patients = email_rules.patients_of(session, request_ids, lock=True)
+    return {
+        request_id for request_id, patient in patients.items() if email_rules.is_erased(patient)
+    }
 
 
 def _why_not_callable(therapist: Therapist | None) -> str | None:
@@ -660,7 +629,7 @@ def _check_explicit_time(
 
 def _check_still_pending(session: Session, request_ids: Sequence[int], command_id: str) -> None:
     erased = erased_requests(session, request_ids)
-    pending = lock_pending_requests(session, request_ids)
+    pending = email_rules.requests_still_pending(session, request_ids, lock=True)
     for index, request_id in enumerate(request_ids):
         if request_id in erased:
             raise Rejected(
@@ -752,7 +721,7 @@ def record_call_outcome(
     if email_id is not None:
         session.get(Email, email_id, with_for_update=True, populate_existing=True)
     if command.status == "failed":
-        pending = lock_pending_requests(session, call_requests) - erased
+        pending = email_rules.requests_still_pending(session, call_requests, lock=True) - erased
     call = session.get(PhoneCall, command.call_id, with_for_update=True, populate_existing=True)
     if call is None:
         raise Rejected("command.call_id: unknown call", command_id)

@@ -988,11 +988,25 @@ def _queue_requested_confirmations(
     return queued
 
 
-def requests_still_pending(session: Session, request_ids: Iterable[int]) -> set[int]:
-    return set(
-        session.scalars(
-            select(PlacementRequest.id)
-            .where(PlacementRequest.id.in_(list(request_ids)))
-            .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
-        )
+def requests_still_pending(
+    session: Session, request_ids: Iterable[int], *, lock: bool = False
+) -> set[int]:
+    """Those of ``request_ids`` still open or in progress.
+
+    ``lock``: share-locked until the booking commits, in id order (so that bookings never
+    deadlock). A status change locks its request before it withdraws the request from
+    calls (``calls.withdraw_request_from_calls``): it waits for a booking that read the
+    request as pending, and then sees and cancels its call; or the booking waits for the
+    change and no longer reads the request as pending.
+    """
+    ids = sorted(set(request_ids))
+    if not ids:
+        return set()
+    query = (
+        select(PlacementRequest.id)
+        .where(PlacementRequest.id.in_(ids))
+        .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
     )
+    if lock:
+        query = query.order_by(PlacementRequest.id).with_for_update(read=True)
+    return set(session.scalars(query))
