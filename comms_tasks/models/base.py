@@ -6,7 +6,17 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, Integer, MetaData, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Integer,
+    MetaData,
+    TypeDecorator,
+    event,
+    inspect,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
@@ -76,3 +86,17 @@ JSONDocument = JSON().with_variant(JSONB(), "postgresql")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def track_activity(model: type[Any], fields: tuple[str, ...]) -> None:
+    """Move ``model.last_activity_at`` (the retention clock) when one of ``fields`` changes.
+
+    Housekeeping writes to other columns move ``updated_at`` only; bulk ``UPDATE``
+    statements bypass the hook (only housekeeping uses them).
+    """
+
+    @event.listens_for(model, "before_update")
+    def _note_activity(_mapper: Any, _connection: Any, row: Any) -> None:
+        state = inspect(row)
+        if any(state.attrs[name].history.has_changes() for name in fields):
+            row.last_activity_at = utcnow()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -14,14 +13,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    event,
-    inspect,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from comms_tasks.contracts.limits import MAX_DISPLAY_NAME, MAX_EMAIL, MAX_NAME, MAX_SUBJECT
-from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
+from comms_tasks.models.base import Base, BigID, UTCDateTime, track_activity, utcnow, value_enum
 from comms_tasks.models.enums import EmailStatus, EmailTemplate, ResponseOutcome
 
 FOLLOW_UP_DUE = (
@@ -122,11 +119,7 @@ class Email(Base):
 ACTIVITY_FIELDS = ("status", "sent_at", "response_received", "response_date")
 
 
-@event.listens_for(Email, "before_update")
-def _note_activity(mapper: Any, connection: Any, email: Email) -> None:
-    state = inspect(email)
-    if any(state.attrs[name].history.has_changes() for name in ACTIVITY_FIELDS):
-        email.last_activity_at = utcnow()
+track_activity(Email, ACTIVITY_FIELDS)
 
 
 class EmailBatch(Base):

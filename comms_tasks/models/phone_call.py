@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -16,13 +15,11 @@ from sqlalchemy import (
     Text,
     Time,
     UniqueConstraint,
-    event,
-    inspect,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from comms_tasks.models.base import Base, BigID, UTCDateTime, utcnow, value_enum
+from comms_tasks.models.base import Base, BigID, UTCDateTime, track_activity, utcnow, value_enum
 from comms_tasks.models.enums import PhoneCallStatus, ResponseOutcome
 
 
@@ -92,11 +89,7 @@ class PhoneCall(Base):
 CALL_ACTIVITY_FIELDS = ("status", "scheduled_at", "actual_date", "actual_time")
 
 
-@event.listens_for(PhoneCall, "before_update")
-def _note_activity(mapper: Any, connection: Any, call: PhoneCall) -> None:
-    state = inspect(call)
-    if any(state.attrs[name].history.has_changes() for name in CALL_ACTIVITY_FIELDS):
-        call.last_activity_at = utcnow()
+track_activity(PhoneCall, CALL_ACTIVITY_FIELDS)
 
 
 class PhoneCallBatch(Base):
