@@ -816,11 +816,16 @@ def cancel_unsent_reminders(
         .with_for_update()
     ).all()
     for reminder in reminders:
-        reminder.status = EmailStatus.CANCELLED
-        reminder.next_attempt_at = None
-        reminder.lease_expires_at = None
-        reminder.error_message = "cancelled: the email it follows up was answered"
+        cancel_unsent(reminder, "cancelled: the email it follows up was answered")
     return len(reminders)
+
+
+def cancel_unsent(email: Email, reason: str) -> None:
+    """An email that is not on the wire will not be sent; ``reason`` says why."""
+    email.status = EmailStatus.CANCELLED
+    email.lease_expires_at = None
+    email.next_attempt_at = None
+    email.error_message = reason
 
 
 def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:

@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
+from comms_tasks.batching import local_day, local_midnight
 from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
     ASKING_TEMPLATES,
     COUNTING_TEMPLATES,
+    cancel_unsent,
     patients_of,
     recipient_of,
     render_email,
@@ -99,8 +101,8 @@ def claim_due(
     now: dt.datetime,
     limit: int,
     settings: Settings,
-    email_id: int | None = None,
-    set_aside: dict[str, int] | None = None,
+    email_id: int | None,
+    set_aside: dict[str, int],
 ) -> list[Email]:
     """Move up to ``limit`` due emails to ``sending`` under a lease; returns them.
 
@@ -127,8 +129,7 @@ def claim_due(
     claimed = []
     for email in session.scalars(query):
         if email.status is EmailStatus.SENDING and count_lost_attempt(session, email, now):
-            if set_aside is not None:
-                set_aside["failed"] = set_aside.get("failed", 0) + 1
+            set_aside["failed"] = set_aside.get("failed", 0) + 1
             continue
         email.status = EmailStatus.SENDING
         email.lease_expires_at = now + lease_duration(settings)
@@ -144,22 +145,22 @@ def count_lost_attempt(session: Session, email: Email, now: dt.datetime) -> bool
     email.error_message = WORKER_LOST
     if email.retry_count < MAX_ATTEMPTS:
         return False
+    fail(session, email, now)
+    return True
+
+
+def fail(session: Session, email: Email, now: dt.datetime) -> None:
+    """The email failed for good, for the reason in its ``error_message``."""
     email.status = EmailStatus.FAILED
     email.lease_expires_at = None
     email.next_attempt_at = None
     record_event(
         session,
-        EmailFailedPayload(email_id=email.id, therapist_id=email.therapist_id, reason=WORKER_LOST),
+        EmailFailedPayload(
+            email_id=email.id, therapist_id=email.therapist_id, reason=email.error_message
+        ),
         occurred_at=now,
     )
-    return True
-
-
-def _cancel_unsent(email: Email, reason: str) -> None:
-    email.status = EmailStatus.CANCELLED
-    email.lease_expires_at = None
-    email.next_attempt_at = None
-    email.error_message = reason
 
 
 def why_not_to(therapist: Therapist) -> str | None:
@@ -225,12 +226,12 @@ def rerender_or_cancel(
 ) -> bool:
     """Render an unsent email again for its still-included requests, or cancel it."""
     if not any(batch.included for batch in email.batches):
-        _cancel_unsent(email, cancel_reason)
+        cancel_unsent(email, cancel_reason)
         return False
     therapist = session.get(Therapist, email.therapist_id)
     if therapist is None:
         # Its claim would cancel it anyway; its body is not rendered for no one.
-        _cancel_unsent(email, UNKNOWN_THERAPIST)
+        cancel_unsent(email, UNKNOWN_THERAPIST)
         return False
     rerender(session, email, therapist, settings)
     return True
@@ -311,8 +312,7 @@ def therapists_emailed_today(
     therapist_ids = {email.therapist_id for email in emails if email.template in ONE_A_DAY}
     if not therapist_ids:
         return set()
-    today = now.astimezone(settings.zone).date()
-    day_start = dt.datetime.combine(today, dt.time(), tzinfo=settings.zone).astimezone(dt.UTC)
+    day_start = local_midnight(local_day(now, settings.zone), settings.zone)
     claimed = [email.id for email in emails]
     return set(
         session.scalars(
@@ -330,7 +330,7 @@ def therapists_emailed_today(
 
 
 def next_day_at_batch_time(now: dt.datetime, settings: Settings) -> dt.datetime:
-    tomorrow = now.astimezone(settings.zone).date() + dt.timedelta(days=1)
+    tomorrow = local_day(now, settings.zone) + dt.timedelta(days=1)
     return dt.datetime.combine(tomorrow, HELD_UNTIL_TIME, tzinfo=settings.zone).astimezone(dt.UTC)
 
 
@@ -394,14 +394,14 @@ def prepare_batch(
         therapist = therapists.get(email.therapist_id)
         reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
         if therapist is None or reason is not None:
-            _cancel_unsent(email, reason or UNKNOWN_THERAPIST)
+            cancel_unsent(email, reason or UNKNOWN_THERAPIST)
             tally["cancelled"] = tally.get("cancelled", 0) + 1
             continue
         included = [batch for batch in email.batches if batch.included]
         dropped = [batch for batch in included if batch.placement_request_id not in keep]
         if included and len(dropped) == len(included):
             erased = [b for b in dropped if b.placement_request_id in erased_requests]
-            _cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
+            cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
             if erased and email.body_redacted_at is None:
                 # Queued while the erasure ran, with a summary read before it.
                 from comms_tasks.retention import redact  # retention builds on this module
@@ -500,15 +500,7 @@ def _record(
         email.status = EmailStatus.QUEUED
         email.next_attempt_at = now + retry_delay(email.retry_count, rng)
         return Recorded(email.id, email.status)
-    email.status = EmailStatus.FAILED
-    email.next_attempt_at = None
-    record_event(
-        session,
-        EmailFailedPayload(
-            email_id=email.id, therapist_id=email.therapist_id, reason=email.error_message
-        ),
-        occurred_at=now,
-    )
+    fail(session, email, now)
     return Recorded(email.id, email.status)
 
 
@@ -522,9 +514,7 @@ def release(session: Session, email_ids: Sequence[int], now: dt.datetime) -> Non
     )
 
 
-def retry_now(
-    session: Session, email: Email, now: dt.datetime, settings: Settings | None = None
-) -> None:
+def retry_now(session: Session, email: Email, now: dt.datetime) -> None:
     """An operator's retry: a failed or waiting email is queued for the next send.
 
     A redacted body (erasure, retention) is rendered again from the read model first, as
@@ -533,7 +523,7 @@ def retry_now(
     if email.status not in (EmailStatus.FAILED, EmailStatus.QUEUED):
         raise ValueError(f"email {email.id} is {email.status.value}; only failed or queued retry")
     if email.body_redacted_at is not None:
-        render_redacted_again(session, email, settings or get_settings())
+        render_redacted_again(session, email, get_settings())
     email.status = EmailStatus.QUEUED
     email.next_attempt_at = now
     email.retry_count = 0
@@ -565,6 +555,4 @@ def render_redacted_again(session: Session, email: Email, settings: Settings) ->
 def cancel(session: Session, email: Email) -> None:
     if email.status not in (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.FAILED):
         raise ValueError(f"email {email.id} is {email.status.value}; it can no longer be cancelled")
-    email.status = EmailStatus.CANCELLED
-    email.next_attempt_at = None
-    email.error_message = "cancelled by an operator"
+    cancel_unsent(email, "cancelled by an operator")
