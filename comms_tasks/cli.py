@@ -266,7 +266,6 @@ def dead_letters_replay(
     from rich.progress import track
 
     from comms_tasks.db import transaction
-    from comms_tasks.dead_letters import ensure_replayable
     from comms_tasks.inbox import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
     from comms_tasks.tasks import APPLIERS
@@ -288,8 +287,6 @@ def dead_letters_replay(
     results = []
     for letter_id in track(ids, description="replaying", console=errors, disable=len(ids) < 10):
         try:
-            with transaction() as session:
-                ensure_replayable(session, letter_id)
             results.append({"id": letter_id, **replay(letter_id, APPLIERS).as_dict()})
         except NotReplayable as exc:
             if not replay_all and len(ids) == 1:

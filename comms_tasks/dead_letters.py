@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY
 from comms_tasks.contracts.limits import MAX_STORED_NESTING
-from comms_tasks.inbox import NotReplayable, storable
+from comms_tasks.inbox import storable
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
 from comms_tasks.models.base import utcnow
 
@@ -78,10 +78,6 @@ DEAD_LETTERS_PER_CHUNK = 500
 MAX_ID = 2**63 - 1
 # How deep a message arriving as a JSON string inside a message is looked into.
 _MAX_NESTED_JSON = 3
-
-
-class RedactedDeadLetter(NotReplayable):
-    """The dead letter's message was redacted: there is nothing left to replay."""
 
 
 def redacted(value: Any, *, visible: bool = False) -> Any:
@@ -388,19 +384,6 @@ def purge_expired_dead_letters(
     for letter in letters:
         _redact_whatever_it_holds(letter, now)
     return len(letters)
-
-
-def ensure_replayable(session: Session, dead_letter_id: int) -> None:
-    """Raise :class:`RedactedDeadLetter` if the dead letter's message was redacted."""
-    redacted_at = session.scalar(
-        select(DeadLetter.payload_redacted_at).where(DeadLetter.id == dead_letter_id)
-    )
-    if redacted_at is not None:
-        raise RedactedDeadLetter(
-            f"dead letter {dead_letter_id}: its message was redacted on "
-            f"{redacted_at:%Y-%m-%d} (patient erased or retention period over); "
-            "nothing is left to replay"
-        )
 
 
 @event.listens_for(DeadLetter, "before_insert")

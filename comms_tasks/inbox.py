@@ -434,6 +434,12 @@ def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
             raise NotReplayable(f"dead letter {dead_letter_id} does not exist")
         if letter.status is DeadLetterStatus.REPLAYED:
             raise NotReplayable(f"dead letter {dead_letter_id} was replayed already")
+        if letter.payload_redacted_at is not None:
+            raise NotReplayable(
+                f"dead letter {dead_letter_id}: its message was redacted on "
+                f"{letter.payload_redacted_at:%Y-%m-%d} (patient erased or retention period "
+                "over); nothing is left to replay"
+            )
         task_name, payload = letter.task_name, letter.payload
     if task_name not in appliers:
         raise NotReplayable(f"dead letter {dead_letter_id}: no task {task_name} to replay it")
