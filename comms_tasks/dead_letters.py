@@ -36,8 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY
-from comms_tasks.contracts.limits import MAX_STORED_NESTING
+from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY, too_deep
+from comms_tasks.contracts.limits import MAX_ID, MAX_ID_DIGITS, MAX_STORED_NESTING
 from comms_tasks.inbox import storable
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
 from comms_tasks.models.base import utcnow
@@ -74,8 +74,6 @@ REDACTED_VALUE = "[redacted]"
 _ID_LIKE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 # Dead letters per transaction of the nightly purge.
 DEAD_LETTERS_PER_CHUNK = 500
-# The largest id a key column holds (BIGINT).
-MAX_ID = 2**63 - 1
 # How deep a message arriving as a JSON string inside a message is looked into.
 _MAX_NESTED_JSON = 3
 
@@ -167,19 +165,6 @@ class Unexaminable(ValueError):
     """A JSON string in a dead letter nested too deeply to be read safely."""
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether ``value`` has containers more than ``limit`` levels deep (no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            members = item.values() if isinstance(item, dict) else item
-            stack.extend((member, depth + 1) for member in members)
-    return False
-
-
 def _parsed(value: Any, depth: int) -> Any:
     """A JSON string as the document it holds (a message sent JSON-encoded), else itself.
 
@@ -194,7 +179,7 @@ def _parsed(value: Any, depth: int) -> Any:
             raise Unexaminable("a JSON string nested too deeply") from None
         except ValueError:
             return value
-        if _too_deep(document, MAX_STORED_NESTING):
+        if too_deep(document, MAX_STORED_NESTING) is not None:
             raise Unexaminable("a JSON string nested too deeply")
         return document
     return value
@@ -214,7 +199,7 @@ def _as_ids(value: Any) -> set[int]:
     elif isinstance(value, int):
         number = value
     elif (isinstance(value, float) and value.is_integer()) or (
-        isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 19
+        isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= MAX_ID_DIGITS
     ):
         number = int(value)
     return {number} if number is not None and 0 <= number <= MAX_ID else set()

@@ -173,10 +173,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def failure_reason(exc: BaseException, retries: int = 0) -> str:
     """A dead letter's reason for an exception: its class (and the driver's), no values."""
-    name = type(exc).__name__
-    orig = getattr(exc, "orig", None)
-    if isinstance(exc, DBAPIError) and orig is not None:
-        name = f"{name} ({type(orig).__name__})"
+    name = _cause_of(exc)
     if retries:
         return f"could not be applied after {retries} retries: {name}"
     return f"could not be applied: {name}"
