@@ -44,16 +44,19 @@ def field_error(loc: tuple[int | str, ...], message: str) -> PydanticCustomError
 _LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 # An RFC 2047 encoded word, or anything a lenient decoder might take for one: the email
 # package decodes them in header values and writes a CR/LF they hold back as it is.
-_ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
+ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
+# Unicode categories of characters that have no place in a header: controls, line and
+# paragraph separators (the header writer checks them too, mail/message.py).
+UNSAFE_CATEGORIES = ("Cc", "Zl", "Zp")
 
 
 def _single_line(value: str) -> str:
     """``value`` if it can never become more than one header line, whatever reads it."""
     if any(char in _LINE_BREAKS for char in value):
         raise ValueError("must not contain a line break")
-    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
+    if any(unicodedata.category(char) in UNSAFE_CATEGORIES for char in value):
         raise ValueError("must not contain control characters")
-    if _ENCODED_WORD.search(value):
+    if ENCODED_WORD.search(value):
         raise ValueError("must not contain an encoded word (=?...?=)")
     return value
 

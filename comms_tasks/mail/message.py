@@ -24,6 +24,8 @@ import unicodedata
 import uuid
 from email.headerregistry import Address
 
+from comms_tasks.contracts.common import ENCODED_WORD, UNSAFE_CATEGORIES
+
 # CRLF on the wire; non-ASCII header text as RFC 2047 encoded words.
 MIME_POLICY = email.policy.SMTP
 # Quoted-printable keeps every line short and 7-bit, so no relay needs 8BITMIME, and
@@ -33,8 +35,6 @@ BODY_TRANSFER_ENCODING = "quoted-printable"
 _MESSAGE_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
 _LINE_END = re.compile(r"\r\n?")
 # An RFC 2047 encoded word, or anything a lenient decoder might take for one.
-_ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
-_UNSAFE_CATEGORIES = ("Cc", "Zl", "Zp")
 
 
 class HeaderError(ValueError):
@@ -341,9 +341,9 @@ def _refuse_line_breaks(field: str, value: str, *, encoded_words: bool = True) -
     # into a line break by some mail software on the way; none belongs in a header. Nor
     # does an encoded word: the email package would decode it, line breaks and all.
     for character in value:
-        if character in "\r\n" or unicodedata.category(character) in _UNSAFE_CATEGORIES:
+        if character in "\r\n" or unicodedata.category(character) in UNSAFE_CATEGORIES:
             raise HeaderError(f"{field} must not contain line breaks or control characters")
-    if encoded_words and _ENCODED_WORD.search(value):
+    if encoded_words and ENCODED_WORD.search(value):
         raise HeaderError(f"{field} must not contain an encoded word (=?...?=)")
 
 
