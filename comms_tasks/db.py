@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from comms_tasks.models.base import SCHEMA
 from comms_tasks.settings import (
@@ -56,8 +57,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "begin", _sqlite_on_begin)
     else:
         kwargs.setdefault("pool_pre_ping", True)
-        kwargs.setdefault("pool_size", 5)
-        kwargs.setdefault("max_overflow", 5)
+        if "poolclass" not in kwargs:
+            kwargs.setdefault("pool_size", 5)
+            kwargs.setdefault("max_overflow", 5)
         if "connect_timeout" not in url:
             kwargs.setdefault("connect_args", {"connect_timeout": CONNECT_TIMEOUT_SECONDS})
         engine = create_engine(url, **kwargs)
@@ -124,8 +126,11 @@ def check_database() -> None:
     one line instead of failing every task later.
     """
     url = get_settings().effective_database_url
+    # An engine of its own, without a pool: nothing of the check is kept, so a worker
+    # forks its pool after it with no connection to share.
+    engine = make_engine(url, poolclass=NullPool)
     try:
-        with get_engine().connect():
+        with engine.connect():
             pass
     except DBAPIError as exc:
         reason = connection_failure(exc, url)
@@ -133,9 +138,7 @@ def check_database() -> None:
             raise
         raise ConfigurationError(reason) from None
     finally:
-        # The check's connection is not kept: a worker forks its pool after this.
-        get_engine().dispose()
-        reset_engine()
+        engine.dispose()
 
 
 def reset_engine() -> None:
