@@ -136,7 +136,7 @@ def build_mime(message: OutgoingMessage) -> bytes:
             _message_id("references", reference) for reference in message.references
         )
         lines.append(_folded("References", references))
-    lines.append(_folded("Subject", message.subject))
+    lines.append(_subject_header(message.subject))
     lines.append(b"MIME-Version: 1.0\r\n")
     lines.append(
         f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n'.encode("ascii")
@@ -149,6 +149,19 @@ def build_mime(message: OutgoingMessage) -> bytes:
 
 
 @functools.lru_cache(maxsize=1024)
+def _subject_header(subject: str) -> bytes:
+    """The Subject header; one that starts with white space is sent as encoded words.
+
+    Readers drop the white space a header value starts with; inside an encoded word it
+    stays, so the subject reads back exactly as given.
+    """
+    if not subject[:1].isspace():
+        return _folded("Subject", subject)
+    folded = ("\r\n".join(_encoded_phrase("Subject: ", subject)) + "\r\n").encode("ascii")
+    _check_written("Subject", folded)
+    return folded
+
+
 def _folded(name: str, value: str) -> bytes:
     """:func:`_fold` of a text value, once per distinct value."""
     return _fold(name, value)
