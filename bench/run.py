@@ -1,11 +1,18 @@
 """``make bench``: seed PostgreSQL, run the real tasks on a real worker, compare with baselines.
 
-The service runs as it does in production: ``celery -A comms_tasks worker`` with two pool
-processes, a Redis broker of its own (a private ``redis-server``), PostgreSQL, and an SMTP
-sink in its own process. The bench plays beat: it sends the scheduled tasks by name and
-waits for their effects in the database. A stage ends when the service wrote the last of
-its events (``outbox.created_at`` of ``email.queued``, ``email.sent``, ``call.scheduled``:
-the last statement of each transaction before its commit), so polling does not add to it.
+The service runs as it does in production: ``celery -A comms_tasks worker``, a Redis
+broker of its own (a private ``redis-server``), PostgreSQL, and an SMTP sink in its own
+process. It runs in two shapes, each on a freshly seeded database:
+
+- **like for like** (judged): one pool process and ``COMMS_SMTP_CONNECTIONS=1``, against
+  baselines that also use one connection;
+- **scale-out** (reported beside it): two pool processes and two SMTP connections, as
+  production runs by default; the scheduling stage runs in this shape.
+
+The bench plays beat: it sends the scheduled tasks by name and waits for their effects in
+the database. A stage ends when the service wrote the last of its events
+(``outbox.created_at`` of ``email.queued``, ``email.sent``, ``call.scheduled``: the last
+statement of each transaction before its commit), so polling does not add to it.
 
 Baselines run in the same run, after the worker has stopped, on the same machine:
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import email
 import email.policy
@@ -92,6 +100,25 @@ POLL_SECONDS = 0.2
 
 def table(model: type) -> Table:
     return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """How the worker runs: its pool processes and its SMTP connections."""
+
+    name: str
+    processes: int
+    smtp_connections: int
+
+    @property
+    def log(self) -> Path:
+        return OUT / f"worker-{self.name}.log"
+
+
+# The judged figures compare one process and one SMTP connection with baselines that use
+# one database connection and one SMTP connection; the scale-out figures are beside them.
+LIKE_FOR_LIKE = Shape("like-for-like", processes=1, smtp_connections=1)
+SCALE_OUT = Shape("scale-out", processes=2, smtp_connections=2)
 
 
 class BenchError(RuntimeError):
@@ -177,7 +204,9 @@ def smtp_sink(stats: Path) -> Iterator[tuple[str, int]]:
         yield "127.0.0.1", port
 
 
-def worker_environment(database_url: str, broker_url: str, smtp: tuple[str, int]) -> dict[str, str]:
+def worker_environment(
+    database_url: str, broker_url: str, smtp: tuple[str, int], shape: Shape
+) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("COMMS_")}
     env.update(
         COMMS_DATABASE_URL=database_url,
@@ -188,17 +217,18 @@ def worker_environment(database_url: str, broker_url: str, smtp: tuple[str, int]
         COMMS_SMTP_PORT=str(smtp[1]),
         COMMS_SMTP_SECURITY="none",
         COMMS_CALLS_PER_SLOT=str(CALLS_PER_SLOT),
+        COMMS_SMTP_CONNECTIONS=str(shape.smtp_connections),
     )
     return env
 
 
 @contextlib.contextmanager
-def worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+def worker(env: dict[str, str], shape: Shape) -> Iterator[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "celery", "-A", "comms_tasks", "worker", "--loglevel=INFO"]
-    command += ["--concurrency=2", "--pool=prefork", "--without-mingle", "--without-gossip"]
-    log = OUT / "worker.log"
-    with process(command, log, env) as child:
-        wait_for_log(child, log, " ready.")
+    command += [f"--concurrency={shape.processes}", "--pool=prefork"]
+    command += ["--without-mingle", "--without-gossip"]
+    with process(command, shape.log, env) as child:
+        wait_for_log(child, shape.log, " ready.")
         yield child
 
 
@@ -227,8 +257,11 @@ def count_emails(engine: Engine, *statuses: EmailStatus) -> int:
 
 
 class Bench:
-    def __init__(self, size: Size, service: Engine, celery: Celery, worker_pid: int) -> None:
+    def __init__(
+        self, size: Size, service: Engine, celery: Celery, worker_pid: int, shape: Shape
+    ) -> None:
         self.size = size
+        self.shape = shape
         self.service = service
         self.celery = celery
         self.peak = StagePeak(worker_pid)
@@ -272,7 +305,7 @@ class Bench:
         )
         failed = count_emails(self.service, EmailStatus.FAILED)
         if failed:
-            raise BenchError(f"{failed} emails failed; see {OUT / 'worker.log'}")
+            raise BenchError(f"{failed} emails failed; see {self.shape.log}")
 
     def sending(self) -> dict[str, Any]:
         """Every asking email queued again, then comms.send_email as beat sends it."""
@@ -500,41 +533,64 @@ def verdict(
 
 def build_report(
     size: Size,
-    batching: dict[str, Any],
-    sending: dict[str, Any],
+    like_for_like: dict[str, dict[str, Any]],
+    scale_out: dict[str, dict[str, Any]],
     runs: list[dict[str, Any]],
     baseline_batching: list[float],
     baseline_sending: dict[str, Any],
     sink: dict[str, Any],
     postgres_version: str,
 ) -> dict[str, Any]:
-    batching["baseline_seconds"] = min(baseline_batching)
+    """The report: judged on the like-for-like shape, the scale-out figures beside it.
+
+    ``like_for_like`` and ``scale_out`` hold each shape's ``batching`` and ``sending``
+    stage; both are compared with the same baselines (one database connection, one SMTP
+    connection).
+    """
+    baseline_seconds = min(baseline_batching)
+    send_message_rate = baseline_sending["send_message_per_second"]
+    sendmail_rate = baseline_sending["sendmail_per_second"]
+
+    def batching_figures(stage: dict[str, Any]) -> dict[str, Any]:
+        return {**stage, "ratio": stage["seconds"] / baseline_seconds}
+
+    def sending_figures(stage: dict[str, Any]) -> dict[str, Any]:
+        rate = stage["emails_per_second"]
+        return {
+            **stage,
+            "ratio": rate / send_message_rate,
+            "ratio_to_bare_sendmail": rate / sendmail_rate,
+        }
+
+    batching = batching_figures(like_for_like["batching"])
+    batching["baseline_seconds"] = baseline_seconds
     batching["baseline_seconds_each"] = baseline_batching
-    batching["ratio"] = batching["seconds"] / batching["baseline_seconds"]
     batching.update(
         verdict(batching["ratio"], BATCHING_TARGET, BATCHING_AIM, higher_is_better=False)
     )
-    baseline_rate = baseline_sending["send_message_per_second"]
-    sending["baseline_emails_per_second"] = baseline_rate
+    batching["scale_out"] = batching_figures(scale_out["batching"])
+    sending = sending_figures(like_for_like["sending"])
+    sending["baseline_emails_per_second"] = send_message_rate
     sending["baseline_emails_per_second_each"] = baseline_sending["send_message_each"]
-    sending["ratio"] = sending["emails_per_second"] / baseline_rate
     # For reference: only the SMTP conversation of prebuilt bytes, nothing else timed.
-    sending["bare_sendmail_emails_per_second"] = baseline_sending["sendmail_per_second"]
-    sending["ratio_to_bare_sendmail"] = (
-        sending["emails_per_second"] / baseline_sending["sendmail_per_second"]
-    )
+    sending["bare_sendmail_emails_per_second"] = sendmail_rate
     sending.update(verdict(sending["ratio"], SENDING_TARGET, SENDING_AIM, higher_is_better=True))
+    sending["scale_out"] = sending_figures(scale_out["sending"])
     small, large = runs
     growth = large["seconds"] / small["seconds"]
     scheduling = {
+        "shape": SCALE_OUT.name,
         "runs": runs,
         "growth": growth,
         "linear_growth_would_be": large["unanswered_emails"] / small["unanswered_emails"],
         **verdict(growth, GROWTH_TARGET, None, higher_is_better=False),
     }
     peaks = {
-        "batching": batching["peak_rss_mb"],
-        "sending": sending["peak_rss_mb"],
+        **{f"{stage}": like_for_like[stage]["peak_rss_mb"] for stage in ("batching", "sending")},
+        **{
+            f"{stage}_scale_out": scale_out[stage]["peak_rss_mb"]
+            for stage in ("batching", "sending")
+        },
         **{f"scheduling_{run['unanswered_emails']}": run["peak_rss_mb"] for run in runs},
     }
     highest = max(mb for stage in peaks.values() for mb in stage.values())
@@ -545,6 +601,13 @@ def build_report(
     }
     judged = size.name == "full"
     met = all(part["met"] for part in (batching, sending, scheduling, memory))
+
+    def describe(shape: Shape) -> str:
+        return (
+            f"celery prefork, {shape.processes} process(es), "
+            f"COMMS_SMTP_CONNECTIONS={shape.smtp_connections}"
+        )
+
     return {
         "size": size.name,
         "judged": judged,
@@ -554,7 +617,9 @@ def build_report(
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "postgresql": postgres_version,
-            "worker": "celery prefork, 2 processes; broker: private redis-server",
+            "broker": "private redis-server",
+            "judged_shape": describe(LIKE_FOR_LIKE),
+            "scale_out_shape": describe(SCALE_OUT),
         },
         "batching": batching,
         "sending": sending,
@@ -575,7 +640,9 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     batching, sending, scheduling, memory = (
         report[name] for name in ("batching", "sending", "scheduling", "memory")
     )
-    grid = rich_table.Table(title=f"comms bench ({report['size']})")
+    grid = rich_table.Table(
+        title=f"comms bench ({report['size']}); judged: {report['machine']['judged_shape']}"
+    )
     for column in ("stage", "service", "baseline", "figure", "target", ""):
         grid.add_column(column)
     grid.add_row(
@@ -586,6 +653,15 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         batching["target"],
         mark(batching),
     )
+    scaled = batching["scale_out"]
+    grid.add_row(
+        "  scale-out",
+        f"{scaled['seconds']:.2f} s ({SCALE_OUT.processes} processes)",
+        f"{batching['baseline_seconds']:.2f} s",
+        f"{scaled['ratio']:.2f}x the time",
+        "reported",
+        "",
+    )
     grid.add_row(
         "sending",
         f"{sending['emails_per_second']:.0f}/s",
@@ -593,6 +669,15 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         f"{sending['ratio']:.2f}x the rate",
         sending["target"],
         mark(sending),
+    )
+    scaled = sending["scale_out"]
+    grid.add_row(
+        "  scale-out",
+        f"{scaled['emails_per_second']:.0f}/s ({SCALE_OUT.smtp_connections} connections)",
+        f"{sending['baseline_emails_per_second']:.0f}/s",
+        f"{scaled['ratio']:.2f}x the rate",
+        "reported",
+        "",
     )
     small, large = scheduling["runs"]
     grid.add_row(
@@ -636,13 +721,29 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
         stats = OUT / "sink.json"
         with private_redis() as broker, smtp_sink(stats) as smtp:
             celery = Celery("bench", broker=broker, set_as_current=False)
-            env = worker_environment(service_url, broker, smtp)
-            with worker(env) as worker_process:
-                bench = Bench(size, service, celery, worker_process.pid)
-                console.print("batching (and the sends it starts)")
-                batching = bench.batching()
-                console.print("sending")
-                sending = bench.sending()
+            console.print(f"{LIKE_FOR_LIKE.name}: batching (and the sends it starts)")
+            env = worker_environment(service_url, broker, smtp, LIKE_FOR_LIKE)
+            with worker(env, LIKE_FOR_LIKE) as worker_process:
+                bench = Bench(size, service, celery, worker_process.pid, LIKE_FOR_LIKE)
+                like_for_like = {"batching": bench.batching()}
+                console.print(f"{LIKE_FOR_LIKE.name}: sending")
+                like_for_like["sending"] = bench.sending()
+            console.print(f"baselines (worker stopped; the best of {BASELINE_REPEATS} tries)")
+            vacuum(service)  # no autovacuum of the service's churn during the baselines
+            baseline_batching = batching_baseline(service, baseline)
+            baseline_sending = sending_baseline(service, smtp)
+            console.print(f"{SCALE_OUT.name}: the service's database seeded again")
+            service.dispose()
+            fresh_database(service_url)
+            seed(service, rows)
+            vacuum(service)
+            env = worker_environment(service_url, broker, smtp, SCALE_OUT)
+            with worker(env, SCALE_OUT) as worker_process:
+                bench = Bench(size, service, celery, worker_process.pid, SCALE_OUT)
+                console.print(f"{SCALE_OUT.name}: batching (and the sends it starts)")
+                scale_out = {"batching": bench.batching()}
+                console.print(f"{SCALE_OUT.name}: sending")
+                scale_out["sending"] = bench.sending()
                 sent_at = utcnow()
                 runs = []
                 for unanswered in size.calls:
@@ -654,18 +755,15 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
                     ]
                     runs.append(median_run(repeats))
             celery.close()
-            console.print(f"baselines (worker stopped; the best of {BASELINE_REPEATS} tries)")
-            vacuum(service)  # no autovacuum of the service's churn during the baselines
-            baseline_batching = batching_baseline(service, baseline)
-            baseline_sending = sending_baseline(service, smtp)
         sink = json.loads(stats.read_text())
-        expected = 2 * size.emails + 2 * BASELINE_REPEATS * int(baseline_sending["emails"])
+        # Each shape sends every email twice (batching, sending); each baseline try once.
+        expected = 4 * size.emails + 2 * BASELINE_REPEATS * int(baseline_sending["emails"])
         if sink["messages"] < expected:
             raise BenchError(f"the sink accepted {sink['messages']} messages, expected {expected}")
         return build_report(
             size,
-            batching,
-            sending,
+            like_for_like,
+            scale_out,
             runs,
             baseline_batching,
             baseline_sending,
