@@ -24,6 +24,7 @@ from comms_tasks.contracts.outbound import (
     EmailQueuedPayload,
     EmailResponseRecordedPayload,
     OutcomeRecordedPayload,
+    ResponseSource,
 )
 from comms_tasks.db import insert_rows
 from comms_tasks.inbox import Rejected
@@ -712,9 +713,17 @@ def check_requests_of(
 
 
 def record_response(
-    session: Session, command: inbound.RecordEmailResponse, now: dt.datetime, settings: Settings
+    session: Session,
+    command: inbound.RecordEmailResponse,
+    now: dt.datetime,
+    settings: Settings,
+    source: ResponseSource = "message",
 ) -> list[int]:
-    """Apply a therapist's answer; returns the ids of confirmation emails it queued."""
+    """Apply a therapist's answer; returns the ids of confirmation emails it queued.
+
+    ``source`` says where it came from: a command of another service (``message``), the
+    mailbox or an operator; all three take this path.
+    """
     # Lock order (patients -> emails), like patient.erased: the answered requests'
     # patients share-locked first (a confirmation renders them), then the whole thread,
     # the email and the originals it follows up, in id order (see lock_thread).
@@ -747,7 +756,10 @@ def record_response(
     record_event(
         session,
         EmailResponseRecordedPayload(
-            email_id=email.id, therapist_id=email.therapist_id, received_at=received_at
+            email_id=email.id,
+            therapist_id=email.therapist_id,
+            received_at=received_at,
+            source=source,
         ),
         occurred_at=now,
     )

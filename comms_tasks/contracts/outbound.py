@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, create_model
+from pydantic import AwareDatetime, Field, create_model
 
 from comms_tasks.contracts.common import Contract, Id, OutcomeValue
 from comms_tasks.contracts.inbound import Envelope
@@ -34,10 +34,26 @@ class EmailFailedPayload(Contract):
     reason: str
 
 
+# Where an answer came from: a command of another service, the mailbox, an operator.
+ResponseSource = Literal["message", "mailbox", "operator"]
+
+
 class EmailResponseRecordedPayload(Contract):
     email_id: Id
     therapist_id: Id
     received_at: AwareDatetime
+    source: ResponseSource
+
+
+class EmailBouncedPayload(Contract):
+    """No diagnostic text: it may quote the address."""
+
+    email_id: Id
+    therapist_id: Id
+    permanent: bool
+    # The enhanced status code (RFC 3463), e.g. ``5.1.1``; null when the bounce gave none.
+    status: str | None = Field(pattern=r"^[245]\.\d{1,3}\.\d{1,3}$")
+    bounced_at: AwareDatetime
 
 
 class OutcomeRecordedPayload(Contract):
@@ -77,6 +93,7 @@ EVENT_PAYLOADS: dict[str, type[Contract]] = {
     "email.queued": EmailQueuedPayload,
     "email.sent": EmailSentPayload,
     "email.failed": EmailFailedPayload,
+    "email.bounced": EmailBouncedPayload,
     "email.response_recorded": EmailResponseRecordedPayload,
     "placement_request.outcome_recorded": OutcomeRecordedPayload,
     "call.scheduled": CallScheduledPayload,

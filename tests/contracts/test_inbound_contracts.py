@@ -1015,8 +1015,11 @@ PAYLOAD_EXAMPLES: dict[str, Contract] = {
     "email.failed": outbound.EmailFailedPayload(
         email_id=5, therapist_id=17, reason="550 mailbox unavailable"
     ),
+    "email.bounced": outbound.EmailBouncedPayload(
+        email_id=5, therapist_id=17, permanent=True, status="5.1.1", bounced_at=SENT_AT
+    ),
     "email.response_recorded": outbound.EmailResponseRecordedPayload(
-        email_id=5, therapist_id=17, received_at=SENT_AT
+        email_id=5, therapist_id=17, received_at=SENT_AT, source="mailbox"
     ),
     "placement_request.outcome_recorded": outbound.OutcomeRecordedPayload(
         placement_request_id=301, therapist_id=17, outcome="accepted", via="call", source_id=9

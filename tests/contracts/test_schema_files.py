@@ -30,6 +30,7 @@ PUBLISHED_EVENT_TYPES = (
     "email.queued",
     "email.sent",
     "email.failed",
+    "email.bounced",
     "email.response_recorded",
     "placement_request.outcome_recorded",
     "call.scheduled",
