@@ -26,6 +26,8 @@ EXPECTED_TABLES = {
     "processed_messages",
     "dead_letters",
     "task_runs",
+    "inbound_mail",
+    "mailbox_polls",
 }
 
 

@@ -6,11 +6,14 @@ from comms_tasks.models.enums import (
     DeadLetterStatus,
     EmailStatus,
     EmailTemplate,
+    InboundMailKind,
+    InboundMailState,
     PhoneCallStatus,
     PlacementRequestStatus,
     ResponseOutcome,
     TherapistStatus,
 )
+from comms_tasks.models.mailbox import InboundMail, MailboxPoll
 from comms_tasks.models.messaging import DeadLetter, OutboxEvent, ProcessedMessage, TaskRun
 from comms_tasks.models.phone_call import PhoneCall, PhoneCallBatch
 from comms_tasks.models.read_models import Patient, PlacementRequest, Therapist
@@ -24,6 +27,10 @@ __all__ = [
     "EmailBatch",
     "EmailStatus",
     "EmailTemplate",
+    "InboundMail",
+    "InboundMailKind",
+    "InboundMailState",
+    "MailboxPoll",
     "OutboxEvent",
     "Patient",
     "PhoneCall",

@@ -34,6 +34,7 @@ class Email(Base):
         # The send loop looks for due queued emails and for expired "sending" leases.
         Index("ix_emails_status_next_attempt_at", "status", "next_attempt_at"),
         Index("ix_emails_therapist_id_status", "therapist_id", "status"),
+        Index("ix_emails_reply_token", "reply_token", unique=True),
         # The follow-up queue: only emails waiting for a call are indexed.
         Index(
             "ix_emails_call_requested_at",
@@ -75,6 +76,9 @@ class Email(Base):
     body_text: Mapped[str] = mapped_column(Text)
     # Fixed when the email is queued, the same on every attempt.
     message_id: Mapped[str] = mapped_column(String(300), unique=True)
+    # The email's own token in its reply and bounce addresses (``antwort+<token>@...``):
+    # random, so that a reply finds its email and nobody can guess another's.
+    reply_token: Mapped[str | None] = mapped_column(String(40))
     in_reply_to_email_id: Mapped[int | None] = mapped_column(
         BigInteger, ForeignKey("emails.id", ondelete="SET NULL")
     )
@@ -95,6 +99,12 @@ class Email(Base):
         Boolean, default=False, server_default=text("false")
     )
     follow_up_notes: Mapped[str | None] = mapped_column(Text)
+    # A bounce: when, permanent or not, its status code (RFC 3463) and diagnostic. A
+    # permanent bounce makes the email undeliverable; a later one upgrades a temporary one.
+    bounced_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    bounce_permanent: Mapped[bool | None] = mapped_column(Boolean)
+    bounce_status: Mapped[str | None] = mapped_column(String(16))
+    bounce_diagnostic: Mapped[str | None] = mapped_column(String(500))
     # Set by the follow-up check when the email went unanswered: it waits for a call.
     call_requested_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # Set by the follow-up check when no request of the email was left to discuss: the

@@ -60,3 +60,22 @@ class PhoneCallStatus(enum.StrEnum):
 class DeadLetterStatus(enum.StrEnum):
     PENDING = "pending"
     REPLAYED = "replayed"
+
+
+class InboundMailKind(enum.StrEnum):
+    """What a message in the service's mailbox is (SPEC §12)."""
+
+    REPLY = "reply"
+    AUTO_REPLY = "auto_reply"
+    BOUNCE = "bounce"
+    DELAYED = "delayed"
+    UNRELATED = "unrelated"
+
+
+class InboundMailState(enum.StrEnum):
+    # Matched to an email and applied (a reply recorded, a bounce noted, ...).
+    MATCHED = "matched"
+    # Kept for operators: no email found, or nothing to match (unrelated mail).
+    UNMATCHED = "unmatched"
+    # An operator decided it needs nothing.
+    IGNORED = "ignored"

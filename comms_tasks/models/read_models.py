@@ -30,6 +30,11 @@ class Therapist(Base):
     # Weekday -> list of {"start": "HH:MM", "end": "HH:MM"}, validated and merged.
     phone_availability: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
     status: Mapped[TherapistStatus] = mapped_column(value_enum(TherapistStatus, "therapist_status"))
+    # A permanent bounce flags the address it bounced from: no email goes to it while it
+    # is the therapist's address; a new address from the therapist service lifts it.
+    undeliverable_email: Mapped[str | None] = mapped_column(String(MAX_EMAIL))
+    undeliverable_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    undeliverable_status: Mapped[str | None] = mapped_column(String(16))
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_event_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
