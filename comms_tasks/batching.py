@@ -31,6 +31,9 @@ class TherapistFacts:
     # An email whose recipient the server refused for good at their current address,
     # with nothing sent there since: the address is undeliverable.
     refused_email_id: int | None = None
+    # When an email to their current address bounced for good (read from the mailbox):
+    # the address is undeliverable until the therapist service sends another.
+    bounced_since: dt.datetime | None = None
     # Scheduled calls to them, by time (UTC).
     scheduled_calls: tuple[dt.datetime, ...] = ()
 
@@ -70,6 +73,12 @@ def contactability(
         return Contactability(
             False,
             f"its address was refused for good (email {facts.refused_email_id}): "
+            "waiting for a different address from the therapist service",
+        )
+    if facts.bounced_since is not None:
+        return Contactability(
+            False,
+            f"its address bounced for good on {local_day(facts.bounced_since, zone):%Y-%m-%d}: "
             "waiting for a different address from the therapist service",
         )
     if facts.has_unsent_email:

@@ -138,10 +138,19 @@ def therapist_facts(
             has_unsent_email=therapist.id in unsent,
             last_sent_at=last_sent.get(therapist.id),
             refused_email_id=refused.get(therapist.id),
+            bounced_since=bounced_since(therapist),
             scheduled_calls=tuple(sorted(calls[therapist.id])),
         )
         for therapist in therapists
     }
+
+
+def bounced_since(therapist: Therapist) -> dt.datetime | None:
+    """When the therapist's current address bounced for good, if it did."""
+    flagged, current = therapist.undeliverable_email, therapist.email
+    if flagged and current and flagged.lower() == current.lower():
+        return therapist.undeliverable_since
+    return None
 
 
 def refused_addresses(session: Session, therapist_ids: Sequence[int]) -> dict[int, int]:

@@ -26,6 +26,7 @@ from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
     ASKING_TEMPLATES,
     COUNTING_TEMPLATES,
+    bounced_since,
     cancel_unsent,
     patients_of,
     recipient_of,
@@ -171,6 +172,8 @@ def why_not_to(therapist: Therapist) -> str | None:
         return f"cancelled: the therapist is {therapist.status.value}"
     if not therapist.email:
         return "cancelled: the therapist has no email address"
+    if bounced_since(therapist) is not None:
+        return "cancelled: the therapist's address bounced for good"
     return None
 
 

@@ -54,6 +54,16 @@ def test_blocked_inactive_deleted_or_without_address_are_never_contactable() -> 
         assert verdict.contactable_from is None
 
 
+def test_an_address_that_bounced_for_good_is_not_emailed_until_it_changes() -> None:
+    verdict = check(facts(bounced_since=NOW - dt.timedelta(days=3)))
+    assert not verdict.contactable
+    assert verdict.reason == (
+        "its address bounced for good on 2026-11-27: "
+        "waiting for a different address from the therapist service"
+    )
+    assert verdict.contactable_from is None
+
+
 def test_a_queued_email_counts_as_this_weeks_contact() -> None:
     verdict = check(facts(has_unsent_email=True))
     assert not verdict.contactable

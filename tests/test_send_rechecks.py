@@ -24,7 +24,7 @@ from comms_tasks import emails, sending
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import get_engine, transaction
 from comms_tasks.inbox import handle
-from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent, Therapist
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
@@ -388,3 +388,41 @@ def test_two_claims_at_once_send_one_of_a_therapists_two_emails(
     assert [m.email_id for m in first] == [reminders[0].id]
     assert second == [[]]
     assert load(committed_db, reminders[1].id).status is EmailStatus.QUEUED
+
+
+def test_a_reminder_to_an_address_that_bounced_for_good_is_cancelled(
+    committed_db: Engine, smtp: SmtpSink
+) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    sent_before_today(committed_db, original.id)
+    reminder = queue_command_email(original, "follow_up")
+    with Session(committed_db) as session, session.begin():
+        therapist = session.get(Therapist, original.therapist_id)
+        assert therapist is not None
+        # Flagged in another spelling: addresses compare without case.
+        therapist.undeliverable_email = original.recipient_email.upper()
+        therapist.undeliverable_since = utcnow()
+        therapist.undeliverable_status = "5.1.1"
+
+    assert send_email() == {"cancelled": 1}
+    cancelled = load(committed_db, reminder.id)
+    assert cancelled.status is EmailStatus.CANCELLED
+    assert cancelled.error_message == "cancelled: the therapist's address bounced for good"
+    assert len(smtp.accepted) == 1
+
+
+def test_a_new_address_lifts_the_bounce_flag(committed_db: Engine, smtp: SmtpSink) -> None:
+    original = queue_one(committed_db)
+    assert send_email() == {"sent": 1}
+    sent_before_today(committed_db, original.id)
+    reminder = queue_command_email(original, "follow_up")
+    with Session(committed_db) as session, session.begin():
+        therapist = session.get(Therapist, original.therapist_id)
+        assert therapist is not None
+        therapist.undeliverable_email = original.recipient_email
+        therapist.undeliverable_since = utcnow()
+        therapist.email = "neu@praxis.example"
+
+    assert send_email() == {"sent": 1}
+    assert load(committed_db, reminder.id).recipient_email == "neu@praxis.example"
