@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from comms_tasks.contracts.common import EmailAddress, Name
+from comms_tasks.contracts.limits import MAX_TAGGABLE_EMAIL
 
 ENV_PREFIX = "COMMS_"
 DEFAULT_VAR_DIR = Path("var")
@@ -111,6 +112,12 @@ class Settings(BaseSettings):
     sender_email: EmailAddress = "anfragen@therapievermittlung.example"
     sender_name: Name = "Therapievermittlung"
     reply_to: EmailAddress | None = None
+    # The mailbox (SPEC §12): replies go to COMMS_REPLY_ADDRESS plus each email's token
+    # (``antwort+<token>@...``, as Reply-To, in place of COMMS_REPLY_TO); bounces to
+    # COMMS_BOUNCE_ADDRESS plus the token as the envelope sender (VERP). Both addresses
+    # must reach the mailbox the service reads, with plus addressing on.
+    reply_address: EmailAddress | None = None
+    bounce_address: EmailAddress | None = None
 
     timezone: str = "Europe/Berlin"
     max_patients_per_email: int = Field(default=5, ge=1, le=50)
@@ -139,6 +146,20 @@ class Settings(BaseSettings):
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("reply_address", "bounce_address")
+    @classmethod
+    def _taggable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        local = value.rpartition("@")[0]
+        if "+" in local:
+            raise ValueError("the address gets each email's token after a '+': give it without")
+        if len(value) > MAX_TAGGABLE_EMAIL:
+            raise ValueError(
+                f"at most {MAX_TAGGABLE_EMAIL} characters, to leave room for the reply token"
+            )
         return value
 
     @field_validator("database_url")

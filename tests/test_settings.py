@@ -90,6 +90,10 @@ def test_values_come_from_the_environment(clean_env: pytest.MonkeyPatch) -> None
         ("COMMS_SENDER_EMAIL", "anfragen"),
         ("COMMS_REPLY_TO", "antwort@" + "d" * 250 + ".de"),
         ("COMMS_REPLY_TO", "not an address"),
+        ("COMMS_REPLY_ADDRESS", "antwort+x@praxis.example"),
+        ("COMMS_REPLY_ADDRESS", "a" * 220 + "@praxis.example"),
+        ("COMMS_BOUNCE_ADDRESS", "bounce+x@praxis.example"),
+        ("COMMS_BOUNCE_ADDRESS", "two@a.example, three@b.example"),
     ],
 )
 def test_a_bad_value_names_the_variable(

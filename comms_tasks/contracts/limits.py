@@ -36,3 +36,8 @@ MAX_YEAR = 2199
 MAX_NESTING = 32
 # A dead letter keeps a message to this depth; anything deeper is replaced by a note.
 MAX_STORED_NESTING = 64
+# An email's reply token (``antwort+<token>@...``): lower-case base32, 130 random bits.
+REPLY_TOKEN_LENGTH = 26
+# A plus-addressed reply or bounce address must still be an address: the base leaves
+# room for "+" and the token.
+MAX_TAGGABLE_EMAIL = MAX_EMAIL - 1 - REPLY_TOKEN_LENGTH
