@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_security: Literal["none", "starttls", "tls"] = "starttls"
+    # Credentials (and health data) in clear text: only for a mail catcher on a private
+    # network. Loudly named so that nobody sets it by accident.
+    smtp_insecure_cleartext_auth: bool = False
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_password_file: Path | None = None
@@ -188,8 +191,22 @@ class Settings(BaseSettings):
         if self.smtp_password is not None and self.smtp_password_file is not None:
             raise ValueError("set COMMS_SMTP_PASSWORD or COMMS_SMTP_PASSWORD_FILE, not both")
         if self.mail_backend == "smtp":
+            self._check_cleartext_credentials()
             self._check_smtp_files()
         return self
+
+    def _check_cleartext_credentials(self) -> None:
+        has_credentials = bool(self.smtp_username) or self.smtp_password is not None
+        if (
+            self.smtp_security == "none"
+            and has_credentials
+            and not self.smtp_insecure_cleartext_auth
+        ):
+            raise ValueError(
+                "COMMS_SMTP_SECURITY=none would send COMMS_SMTP_USERNAME and its password "
+                "(and every email) unencrypted; use starttls or tls, or set "
+                "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH=true for a local mail catcher only"
+            )
 
     def _check_smtp_files(self) -> None:
         # Read once now, so that a wrong path stops start-up instead of failing every

@@ -10,6 +10,7 @@ misread.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -22,7 +23,10 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
-SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "mailcatcher")
+MAILCATCHER_FILE = PROJECT_ROOT / "docker-compose.mailcatcher.yml"
+SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower")
+# The processes that read the settings (and so need the same mail settings).
+COMMS_SERVICES = ("migrate", "worker", "beat", "flower")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN", re.IGNORECASE)
 # ${VAR} or ${VAR:?message} / ${VAR?message}: a value that must come from outside, with
 # no default (a default would be a secret written into the file).
@@ -239,6 +243,17 @@ def compose() -> dict[str, Any]:
     return read_compose(COMPOSE_FILE.read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def mailcatcher_shape() -> dict[str, Any]:
+    return read_compose(MAILCATCHER_FILE.read_text(encoding="utf-8"))
+
+
+def interpolated_default(value: str) -> str:
+    """What compose makes of ``${VAR:-default}`` when VAR is not set (a plain value as is)."""
+    match = re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", value)
+    return match[1] if match else value
+
+
 def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
     value = compose["services"][name]
     assert isinstance(value, dict), name
@@ -308,7 +323,13 @@ def walk(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
 def literal_secrets(document: Any) -> list[str]:
     problems = []
     for key, value in walk(document):
-        if SECRET_NAME.search(key) and not REQUIRED_INTERPOLATION.fullmatch(value):
+        # A switch named after authentication (..._CLEARTEXT_AUTH: "true") holds no secret.
+        is_switch = value in ("true", "false")
+        if (
+            SECRET_NAME.search(key)
+            and not is_switch
+            and not REQUIRED_INTERPOLATION.fullmatch(value)
+        ):
             problems.append(f"{key}: {value!r}")
         for match in URL_CREDENTIALS.finditer(value):
             if not REQUIRED_INTERPOLATION.fullmatch(match["password"]):
@@ -417,3 +438,47 @@ def test_make_flower_without_basic_auth_refuses_to_start() -> None:
     # Refused before anything ran: no install, no Celery.
     assert time.monotonic() - started < 10
     assert "pip" not in output and "celery" not in output.lower(), output
+
+
+# --- mail: STARTTLS in production, clear text only towards the mail catcher ------------
+
+
+def test_production_shape_sends_over_starttls_by_default(compose: dict[str, Any]) -> None:
+    for name in COMMS_SERVICES:
+        environment = service(compose, name)["environment"]
+        assert interpolated_default(environment["COMMS_SMTP_SECURITY"]) == "starttls", name
+        assert "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH" not in environment, name
+    assert "mailcatcher" not in compose["services"]
+
+
+def test_mailcatcher_shape_says_clear_text_and_opts_in(
+    compose: dict[str, Any], mailcatcher_shape: dict[str, Any]
+) -> None:
+    assert "mailcatcher" in mailcatcher_shape["services"]
+    for port in service(mailcatcher_shape, "mailcatcher").get("ports") or []:
+        assert str(port).startswith("127.0.0.1:"), port
+    for name in COMMS_SERVICES:
+        assert name in compose["services"], name
+        environment = service(mailcatcher_shape, name)["environment"]
+        assert environment["COMMS_SMTP_HOST"] == "mailcatcher", name
+        assert environment["COMMS_SMTP_SECURITY"] == "none", name
+        assert environment["COMMS_SMTP_INSECURE_CLEARTEXT_AUTH"] == "true", name
+    assert literal_secrets(mailcatcher_shape) == []
+
+
+def test_mailcatcher_shape_settings_load_with_credentials_of_a_copied_env(
+    mailcatcher_shape: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catcher's environment on top of an .env with a relay's login still starts."""
+    from comms_tasks.settings import load_settings
+
+    for name in [n for n in os.environ if n.startswith("COMMS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("COMMS_SMTP_USERNAME", "relay-user")
+    monkeypatch.setenv("COMMS_SMTP_PASSWORD", "relay-password")
+    for key, value in service(mailcatcher_shape, "worker")["environment"].items():
+        monkeypatch.setenv(key, value)
+
+    settings = load_settings()
+
+    assert (settings.smtp_host, settings.smtp_security) == ("mailcatcher", "none")

@@ -359,3 +359,56 @@ def test_holiday_state_accepts_the_city_and_state_names_of_the_holidays_library(
     import datetime as dt
 
     assert (dt.date(2026, 8, 8) in Holidays(state)) is (expected == "Augsburg")
+
+
+# --- SMTP credentials never travel in clear by accident --------------------------------
+
+
+@pytest.mark.parametrize("credential", ["COMMS_SMTP_USERNAME", "COMMS_SMTP_PASSWORD"])
+def test_credentials_with_smtp_security_none_are_refused(
+    clean_env: pytest.MonkeyPatch, credential: str
+) -> None:
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", "none")
+    clean_env.setenv(credential, "relay-credential")
+
+    with pytest.raises(ConfigurationError, match="COMMS_SMTP_SECURITY") as caught:
+        load_settings()
+
+    assert "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH" in str(caught.value)
+    assert "relay-credential" not in str(caught.value)
+
+
+def test_credentials_with_smtp_security_none_need_the_loud_opt_in(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", "none")
+    clean_env.setenv("COMMS_SMTP_USERNAME", "catcher")
+    clean_env.setenv("COMMS_SMTP_PASSWORD", "catcher")
+    clean_env.setenv("COMMS_SMTP_INSECURE_CLEARTEXT_AUTH", "true")
+
+    settings = load_settings()
+
+    assert settings.smtp_insecure_cleartext_auth is True
+    from comms_tasks.mail.sender import SmtpSender, sender_from_settings
+
+    sender = sender_from_settings(settings)
+    assert isinstance(sender, SmtpSender) and sender.insecure_cleartext_auth
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_credentials_over_tls_need_no_opt_in(clean_env: pytest.MonkeyPatch, security: str) -> None:
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", security)
+    clean_env.setenv("COMMS_SMTP_USERNAME", "relay-user")
+
+    assert load_settings().smtp_username == "relay-user"
+
+
+def test_no_credentials_with_smtp_security_none_is_allowed(clean_env: pytest.MonkeyPatch) -> None:
+    # A catcher or a local relay without AUTH (the test suite's own SMTP server).
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", "none")
+
+    assert load_settings().smtp_security == "none"
