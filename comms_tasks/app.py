@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import beat_init, celeryd_after_setup, worker_init, worker_process_init
 
 import comms_tasks.logs
 import comms_tasks.task_runs  # noqa: F401 - records when scheduled tasks ran
@@ -52,3 +53,13 @@ def _stop_unless_the_database_answers(**_kwargs: Any) -> None:
         sys.stderr.write(f"{exc}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+
+
+# After logging is set up (worker_init comes before it), so the lines carry their level.
+@celeryd_after_setup.connect
+@beat_init.connect
+def _warn_about_likely_mistakes(**_kwargs: Any) -> None:
+    from comms_tasks.settings import get_settings, startup_warnings
+
+    for warning in startup_warnings(get_settings()):
+        logging.getLogger("comms_tasks.startup").warning("%s", warning)

@@ -262,6 +262,25 @@ class Settings(BaseSettings):
         return None
 
 
+def startup_warnings(settings: Settings) -> list[str]:
+    """Settings that work but are almost surely a mistake, one line each, for start-up."""
+    warnings = []
+    database = make_url(settings.effective_database_url).get_backend_name()
+    if settings.mail_backend == "file" and database == "postgresql":
+        warnings.append(
+            "COMMS_MAIL_BACKEND=file beside a PostgreSQL database: every email is marked "
+            f"sent and only written to {settings.outbox_folder}/ (the outbox); nobody "
+            "receives it. Set COMMS_MAIL_BACKEND=smtp for production."
+        )
+    if settings.mail_backend == "smtp" and settings.smtp_insecure_cleartext_auth:
+        warnings.append(
+            "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH is on: SMTP login and email to "
+            f"{settings.smtp_host}:{settings.smtp_port} may travel unencrypted; "
+            "for a local mail catcher only."
+        )
+    return warnings
+
+
 def _file_problem(exc: OSError | UnicodeError) -> str:
     """Why a configured file cannot be read, without its content."""
     if isinstance(exc, FileNotFoundError):

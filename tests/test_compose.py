@@ -482,3 +482,13 @@ def test_mailcatcher_shape_settings_load_with_credentials_of_a_copied_env(
     settings = load_settings()
 
     assert (settings.smtp_host, settings.smtp_security) == ("mailcatcher", "none")
+
+
+def test_compose_never_runs_the_file_backend(
+    compose: dict[str, Any], mailcatcher_shape: dict[str, Any]
+) -> None:
+    # Written as a value, not ${COMMS_MAIL_BACKEND:-smtp}: a COMMS_MAIL_BACKEND=file copied
+    # from .env.example must not reach a container whose var/outbox/ nobody reads.
+    for shape in (compose, mailcatcher_shape):
+        for name in COMMS_SERVICES:
+            assert service(shape, name)["environment"]["COMMS_MAIL_BACKEND"] == "smtp", name
