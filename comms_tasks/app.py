@@ -10,8 +10,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import beat_init, celeryd_after_setup, worker_init, worker_process_init
 
+# Imported for their signal handlers: Flower refuses to run without auth (flower_guard),
+# and the time each scheduled task ran is recorded (task_runs).
+import comms_tasks.flower_guard
 import comms_tasks.logs
-import comms_tasks.task_runs  # noqa: F401 - records when scheduled tasks ran
+import comms_tasks.task_runs  # noqa: F401
 
 # A chunk of the batch or of the call booking holds thousands of ORM objects; with the
 # default threshold (700) the collector walks them over and over (a quarter of the time
