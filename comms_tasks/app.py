@@ -10,8 +10,10 @@ from typing import Any
 from celery import Celery
 from celery.signals import beat_init, celeryd_after_setup, worker_init, worker_process_init
 
-# Imported for their signal handlers: Flower refuses to run without auth (flower_guard),
-# and the time each scheduled task ran is recorded (task_runs).
+# Imported for what they register: the worker's conf command with every password masked
+# (censored_conf), Flower's refusal to run without auth (flower_guard), and the time each
+# scheduled task ran (task_runs).
+import comms_tasks.censored_conf
 import comms_tasks.flower_guard
 import comms_tasks.logs
 import comms_tasks.task_runs  # noqa: F401
