@@ -399,13 +399,28 @@ def test_no_secret_is_written_into_the_file(compose: dict[str, Any]) -> None:
     assert literal_secrets(compose) == []
 
 
-def test_flower_needs_its_basic_auth_from_the_environment(compose: dict[str, Any]) -> None:
-    auth = [w for w in command_words(compose, "flower") if w.startswith("--basic-auth=")]
-    assert len(auth) == 1
-    assert re.fullmatch(r"--basic-auth=\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", auth[0]), auth
+def test_flower_gets_its_basic_auth_from_the_environment(compose: dict[str, Any]) -> None:
+    flower = service(compose, "flower")
+    # Passed through from .env or the shell, never written here; Flower itself refuses to
+    # start without it (tests/test_flower_auth.py).
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] is None
+    assert not any(w.startswith("--basic-auth") for w in command_words(compose, "flower"))
+    # It gets the settings of every other process too.
+    assert set(service(compose, "worker")["environment"]) <= set(flower["environment"])
     # Published on the host's loopback only: Flower's /metrics answers without auth.
-    for port in service(compose, "flower").get("ports") or []:
+    for port in flower.get("ports") or []:
         assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_only_flower_needs_flower_basic_auth(compose: dict[str, Any]) -> None:
+    """``docker compose up worker`` works without FLOWER_BASIC_AUTH: compose interpolates
+    the whole file, so no ${...:?} may require it, and only POSTGRES_PASSWORD (which
+    every service needs, through the database URL) is required."""
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text))
+    assert required == {"POSTGRES_PASSWORD"}, required
+    assert "${FLOWER_BASIC_AUTH" not in text
 
 
 def test_beat_uses_redbeat(compose: dict[str, Any]) -> None:
