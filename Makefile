@@ -38,13 +38,15 @@ beat: $(STAMP)
 
 # Flower on FLOWER_PORT, behind basic auth: refuses to start without FLOWER_BASIC_AUTH
 # (user:password). The check comes before the install, so nothing starts without it;
-# the password is quoted for the shell and not echoed.
+# the password reaches Flower in its environment, never on a command line.
 FLOWER_PORT ?= 5555
+# Flower itself binds to 127.0.0.1 unless told otherwise; 0.0.0.0 for every interface.
+FLOWER_ADDRESS ?= 127.0.0.1
 flower:
 	@$(if $(strip $(FLOWER_BASIC_AUTH)),true,echo "set FLOWER_BASIC_AUTH=user:password" >&2; exit 2)
 	@$(MAKE) --no-print-directory $(STAMP)
-	@echo "$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --basic-auth=***"
-	@$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --basic-auth='$(subst ','\'',$(FLOWER_BASIC_AUTH))'
+	@$(BIN)/celery -A comms_tasks flower --port=$(FLOWER_PORT) --address=$(FLOWER_ADDRESS)
+flower: export FLOWER_BASIC_AUTH := $(FLOWER_BASIC_AUTH)
 
 # The benchmark (SPEC §11): seeds PostgreSQL, runs a real worker against baselines measured in
 # the same run; report in var/bench/. BENCH_SIZE=tiny proves it works in a minute.

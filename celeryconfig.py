@@ -110,12 +110,15 @@ beat_schedule = _beat_schedule
 if _settings.redbeat_redis_url:
     # Production: RedBeat keeps the schedule in Redis and holds a lock, so only one beat
     # is active however many are started.
-    beat_scheduler = "redbeat.RedBeatScheduler"
+    # RedBeat, touching a heartbeat file at each tick (comms_tasks.beat_health).
+    beat_scheduler = "comms_tasks.beat_health:HeartbeatRedBeatScheduler"
     redbeat_redis_url = _settings.redbeat_redis_url
     redbeat_lock_timeout = 60
     beat_max_loop_interval = 5
 else:
-    # The embedded default: the file scheduler keeps its state under var/.
+    # The embedded default: the file scheduler keeps its state under var/ (with the same
+    # heartbeat as RedBeat's).
+    beat_scheduler = "comms_tasks.beat_health:HeartbeatPersistentScheduler"
     beat_schedule_filename = str(_settings.var_dir / "celerybeat-schedule")
 
 imports = ("comms_tasks.tasks",)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init
+from celery.signals import beat_init, celeryd_after_setup, worker_init, worker_process_init
 
+# Imported for what they register: the worker's conf command with every password masked
+# (censored_conf), Flower's refusal to run without auth (flower_guard), and the time each
+# scheduled task ran (task_runs).
+import comms_tasks.censored_conf
+import comms_tasks.flower_guard
 import comms_tasks.logs
-import comms_tasks.task_runs  # noqa: F401 - records when scheduled tasks ran
+import comms_tasks.task_runs  # noqa: F401
 
 # A chunk of the batch or of the call booking holds thousands of ORM objects; with the
 # default threshold (700) the collector walks them over and over (a quarter of the time
@@ -52,3 +58,13 @@ def _stop_unless_the_database_answers(**_kwargs: Any) -> None:
         sys.stderr.write(f"{exc}\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+
+
+# After logging is set up (worker_init comes before it), so the lines carry their level.
+@celeryd_after_setup.connect
+@beat_init.connect
+def _warn_about_likely_mistakes(**_kwargs: Any) -> None:
+    from comms_tasks.settings import get_settings, startup_warnings
+
+    for warning in startup_warnings(get_settings()):
+        logging.getLogger("comms_tasks.startup").warning("%s", warning)

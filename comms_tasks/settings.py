@@ -8,6 +8,7 @@ message that names the variable (see :func:`get_settings`).
 from __future__ import annotations
 
 import functools
+import ssl
 import zoneinfo
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,26 @@ DEFAULT_VAR_DIR = Path("var")
 POSTGRESQL_DRIVER = "psycopg2"
 _SCHEMES_WITHOUT_DRIVER = ("postgresql://", "postgres://")
 DATABASE_URL_EXAMPLES = "postgresql://user@host:5432/dbname or sqlite:///path/to/comms.db"
+
+
+HOLIDAY_COUNTRY = "DE"
+
+
+def _holiday_subdivisions() -> dict[str, str]:
+    """Every spelling of a German subdivision the ``holidays`` library knows, mapped to
+    the code it takes: the 16 state codes (``BY``), the city of Augsburg, which has a
+    holiday of its own, and the states' names (``Bayern``)."""
+    calendar = holidays.country_holidays(HOLIDAY_COUNTRY)
+    spellings = {code: code for code in calendar.subdivisions}
+    for name, code in calendar.subdivisions_aliases.items():
+        spellings.setdefault(name, code)
+    return spellings
+
+
+HOLIDAY_SUBDIVISIONS = _holiday_subdivisions()
+_HOLIDAY_SUBDIVISIONS_FOLDED = {
+    name.casefold(): code for name, code in HOLIDAY_SUBDIVISIONS.items()
+}
 
 
 class ConfigurationError(RuntimeError):
@@ -97,6 +118,9 @@ class Settings(BaseSettings):
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_security: Literal["none", "starttls", "tls"] = "starttls"
+    # Credentials (and health data) in clear text: only for a mail catcher on a private
+    # network. Loudly named so that nobody sets it by accident.
+    smtp_insecure_cleartext_auth: bool = False
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_password_file: Path | None = None
@@ -173,10 +197,12 @@ class Settings(BaseSettings):
         if value in ("", "none", "None"):
             return None
         if isinstance(value, str):
-            states = holidays.country_holidays("DE").subdivisions
-            if value.upper() not in states:
-                raise ValueError(f"unknown German state {value!r}; one of {', '.join(states)}")
-            return value.upper()
+            code = _HOLIDAY_SUBDIVISIONS_FOLDED.get(value.strip().casefold())
+            if code is None:
+                # Exactly what is accepted, in any case.
+                accepted = ", ".join(HOLIDAY_SUBDIVISIONS)
+                raise ValueError(f"unknown German state {value!r}; one of {accepted}")
+            return code
         return value
 
     @model_validator(mode="after")
@@ -185,7 +211,42 @@ class Settings(BaseSettings):
             raise ValueError("COMMS_TASK_SOFT_TIME_LIMIT must be below COMMS_TASK_TIME_LIMIT")
         if self.smtp_password is not None and self.smtp_password_file is not None:
             raise ValueError("set COMMS_SMTP_PASSWORD or COMMS_SMTP_PASSWORD_FILE, not both")
+        if self.mail_backend == "smtp":
+            self._check_cleartext_credentials()
+            self._check_smtp_files()
         return self
+
+    def _check_cleartext_credentials(self) -> None:
+        has_credentials = bool(self.smtp_username) or self.smtp_password is not None
+        if (
+            self.smtp_security == "none"
+            and has_credentials
+            and not self.smtp_insecure_cleartext_auth
+        ):
+            raise ValueError(
+                "COMMS_SMTP_SECURITY=none would send COMMS_SMTP_USERNAME and its password "
+                "(and every email) unencrypted; use starttls or tls, or set "
+                "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH=true for a local mail catcher only"
+            )
+
+    def _check_smtp_files(self) -> None:
+        # Read once now, so that a wrong path stops start-up instead of failing every
+        # connection as a temporary error (8 retries, then failed). The password file is
+        # still read again at each connection (rotation); nothing read here is kept.
+        if self.smtp_password_file is not None:
+            try:
+                password = self.smtp_password_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeError) as exc:
+                raise ValueError(f"COMMS_SMTP_PASSWORD_FILE: {_file_problem(exc)}") from None
+            if not password and self.smtp_username:
+                raise ValueError("COMMS_SMTP_PASSWORD_FILE: the file is empty")
+        if self.smtp_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.smtp_ca_file)
+            except ssl.SSLError:
+                raise ValueError("COMMS_SMTP_CA_FILE: holds no PEM certificate") from None
+            except OSError as exc:
+                raise ValueError(f"COMMS_SMTP_CA_FILE: {_file_problem(exc)}") from None
 
     # Derived values: the embedded default lives under var_dir.
 
@@ -220,6 +281,38 @@ class Settings(BaseSettings):
         if self.smtp_password_file is not None:
             return self.smtp_password_file.read_text(encoding="utf-8").strip()
         return None
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """Settings that work but are almost surely a mistake, one line each, for start-up."""
+    warnings = []
+    database = make_url(settings.effective_database_url).get_backend_name()
+    if settings.mail_backend == "file" and database == "postgresql":
+        warnings.append(
+            "COMMS_MAIL_BACKEND=file beside a PostgreSQL database: every email is marked "
+            f"sent and only written to {settings.outbox_folder}/ (the outbox); nobody "
+            "receives it. Set COMMS_MAIL_BACKEND=smtp for production."
+        )
+    if settings.mail_backend == "smtp" and settings.smtp_insecure_cleartext_auth:
+        warnings.append(
+            "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH is on: SMTP login and email to "
+            f"{settings.smtp_host}:{settings.smtp_port} may travel unencrypted; "
+            "for a local mail catcher only."
+        )
+    return warnings
+
+
+def _file_problem(exc: OSError | UnicodeError) -> str:
+    """Why a configured file cannot be read, without its content."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not a file"
+    if isinstance(exc, PermissionError):
+        return "cannot be read (permission denied)"
+    if isinstance(exc, UnicodeError):
+        return "is not UTF-8 text"
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
 
 
 def _describe(error: ValidationError) -> str:

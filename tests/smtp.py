@@ -39,7 +39,8 @@ class SmtpSink:
     ``tls_context`` with ``implicit_tls`` makes it an SMTPS server (TLS from the first
     byte); without ``implicit_tls`` it offers STARTTLS, and ``require_starttls`` refuses
     mail before it. ``auth=(user, password)`` requires AUTH, offered over TLS only
-    (after STARTTLS, or on the implicit-TLS connection).
+    (after STARTTLS, or on the implicit-TLS connection) unless ``cleartext_auth``, as a
+    local mail catcher does.
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class SmtpSink:
         require_starttls: bool = False,
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
+        cleartext_auth: bool = False,
         accept_delay: float = 0.0,
     ) -> None:
         if (require_starttls or implicit_tls) and tls_context is None:
@@ -74,7 +76,7 @@ class SmtpSink:
             # aiosmtpd counts only STARTTLS as TLS; an implicit-TLS connection is one too.
             smtp_options.update(
                 auth_required=True,
-                auth_require_tls=not implicit_tls,
+                auth_require_tls=not (implicit_tls or cleartext_auth),
                 authenticator=self._authenticate,
             )
         self._controller = _CountingController(

@@ -10,6 +10,7 @@ misread.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -22,7 +23,10 @@ import pytest
 from tests.conftest import PROJECT_ROOT
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
-SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "mailcatcher")
+MAILCATCHER_FILE = PROJECT_ROOT / "docker-compose.mailcatcher.yml"
+SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower")
+# The processes that read the settings (and so need the same mail settings).
+COMMS_SERVICES = ("migrate", "worker", "beat", "flower")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH|TOKEN", re.IGNORECASE)
 # ${VAR} or ${VAR:?message} / ${VAR?message}: a value that must come from outside, with
 # no default (a default would be a secret written into the file).
@@ -239,6 +243,17 @@ def compose() -> dict[str, Any]:
     return read_compose(COMPOSE_FILE.read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def mailcatcher_shape() -> dict[str, Any]:
+    return read_compose(MAILCATCHER_FILE.read_text(encoding="utf-8"))
+
+
+def interpolated_default(value: str) -> str:
+    """What compose makes of ``${VAR:-default}`` when VAR is not set (a plain value as is)."""
+    match = re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", value)
+    return match[1] if match else value
+
+
 def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
     value = compose["services"][name]
     assert isinstance(value, dict), name
@@ -308,7 +323,13 @@ def walk(value: Any, key: str = "") -> Iterator[tuple[str, str]]:
 def literal_secrets(document: Any) -> list[str]:
     problems = []
     for key, value in walk(document):
-        if SECRET_NAME.search(key) and not REQUIRED_INTERPOLATION.fullmatch(value):
+        # A switch named after authentication (..._CLEARTEXT_AUTH: "true") holds no secret.
+        is_switch = value in ("true", "false")
+        if (
+            SECRET_NAME.search(key)
+            and not is_switch
+            and not REQUIRED_INTERPOLATION.fullmatch(value)
+        ):
             problems.append(f"{key}: {value!r}")
         for match in URL_CREDENTIALS.finditer(value):
             if not REQUIRED_INTERPOLATION.fullmatch(match["password"]):
@@ -378,13 +399,28 @@ def test_no_secret_is_written_into_the_file(compose: dict[str, Any]) -> None:
     assert literal_secrets(compose) == []
 
 
-def test_flower_needs_its_basic_auth_from_the_environment(compose: dict[str, Any]) -> None:
-    auth = [w for w in command_words(compose, "flower") if w.startswith("--basic-auth=")]
-    assert len(auth) == 1
-    assert re.fullmatch(r"--basic-auth=\$\{FLOWER_BASIC_AUTH:\?[^}]+\}", auth[0]), auth
+def test_flower_gets_its_basic_auth_from_the_environment(compose: dict[str, Any]) -> None:
+    flower = service(compose, "flower")
+    # Passed through from .env or the shell, never written here; Flower itself refuses to
+    # start without it (tests/test_flower_auth.py).
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] is None
+    assert not any(w.startswith("--basic-auth") for w in command_words(compose, "flower"))
+    # It gets the settings of every other process too.
+    assert set(service(compose, "worker")["environment"]) <= set(flower["environment"])
     # Published on the host's loopback only: Flower's /metrics answers without auth.
-    for port in service(compose, "flower").get("ports") or []:
+    for port in flower.get("ports") or []:
         assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_only_flower_needs_flower_basic_auth(compose: dict[str, Any]) -> None:
+    """``docker compose up worker`` works without FLOWER_BASIC_AUTH: compose interpolates
+    the whole file, so no ${...:?} may require it, and only POSTGRES_PASSWORD (which
+    every service needs, through the database URL) is required."""
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text))
+    assert required == {"POSTGRES_PASSWORD"}, required
+    assert "${FLOWER_BASIC_AUTH" not in text
 
 
 def test_beat_uses_redbeat(compose: dict[str, Any]) -> None:
@@ -417,3 +453,57 @@ def test_make_flower_without_basic_auth_refuses_to_start() -> None:
     # Refused before anything ran: no install, no Celery.
     assert time.monotonic() - started < 10
     assert "pip" not in output and "celery" not in output.lower(), output
+
+
+# --- mail: STARTTLS in production, clear text only towards the mail catcher ------------
+
+
+def test_production_shape_sends_over_starttls_by_default(compose: dict[str, Any]) -> None:
+    for name in COMMS_SERVICES:
+        environment = service(compose, name)["environment"]
+        assert interpolated_default(environment["COMMS_SMTP_SECURITY"]) == "starttls", name
+        assert "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH" not in environment, name
+    assert "mailcatcher" not in compose["services"]
+
+
+def test_mailcatcher_shape_says_clear_text_and_opts_in(
+    compose: dict[str, Any], mailcatcher_shape: dict[str, Any]
+) -> None:
+    assert "mailcatcher" in mailcatcher_shape["services"]
+    for port in service(mailcatcher_shape, "mailcatcher").get("ports") or []:
+        assert str(port).startswith("127.0.0.1:"), port
+    for name in COMMS_SERVICES:
+        assert name in compose["services"], name
+        environment = service(mailcatcher_shape, name)["environment"]
+        assert environment["COMMS_SMTP_HOST"] == "mailcatcher", name
+        assert environment["COMMS_SMTP_SECURITY"] == "none", name
+        assert environment["COMMS_SMTP_INSECURE_CLEARTEXT_AUTH"] == "true", name
+    assert literal_secrets(mailcatcher_shape) == []
+
+
+def test_mailcatcher_shape_settings_load_with_credentials_of_a_copied_env(
+    mailcatcher_shape: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catcher's environment on top of an .env with a relay's login still starts."""
+    from comms_tasks.settings import load_settings
+
+    for name in [n for n in os.environ if n.startswith("COMMS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("COMMS_SMTP_USERNAME", "relay-user")
+    monkeypatch.setenv("COMMS_SMTP_PASSWORD", "relay-password")
+    for key, value in service(mailcatcher_shape, "worker")["environment"].items():
+        monkeypatch.setenv(key, value)
+
+    settings = load_settings()
+
+    assert (settings.smtp_host, settings.smtp_security) == ("mailcatcher", "none")
+
+
+def test_compose_never_runs_the_file_backend(
+    compose: dict[str, Any], mailcatcher_shape: dict[str, Any]
+) -> None:
+    # Written as a value, not ${COMMS_MAIL_BACKEND:-smtp}: a COMMS_MAIL_BACKEND=file copied
+    # from .env.example must not reach a container whose var/outbox/ nobody reads.
+    for shape in (compose, mailcatcher_shape):
+        for name in COMMS_SERVICES:
+            assert service(shape, name)["environment"]["COMMS_MAIL_BACKEND"] == "smtp", name

@@ -263,3 +263,156 @@ def test_the_longest_sender_the_settings_accept_is_stored_in_every_email(
         email = session.get(Email, email_id)
         assert email is not None
         assert email.sender_name == "N" * MAX_NAME
+
+
+# --- files and states that cannot work stop start-up ---------------------------------
+
+
+@pytest.mark.parametrize("variable", ["COMMS_SMTP_PASSWORD_FILE", "COMMS_SMTP_CA_FILE"])
+@pytest.mark.parametrize("problem", ["missing", "a folder", "unreadable"])
+def test_an_smtp_file_that_cannot_be_read_stops_start_up_naming_the_variable(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, variable: str, problem: str
+) -> None:
+    path = tmp_path / "secret"
+    if problem == "a folder":
+        path.mkdir()
+    elif problem == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads every file")
+        path.write_text("x", encoding="utf-8")
+        path.chmod(0)
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_USERNAME", "relay-user")
+    clean_env.setenv(variable, str(path))
+
+    with pytest.raises(ConfigurationError, match=variable):
+        load_settings()
+
+
+def test_a_ca_file_that_holds_no_certificate_stops_start_up(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "ca.pem"
+    path.write_text("not a certificate\n", encoding="utf-8")
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_CA_FILE", str(path))
+
+    with pytest.raises(ConfigurationError, match="COMMS_SMTP_CA_FILE"):
+        load_settings()
+
+
+def test_an_empty_password_file_with_a_username_stops_start_up(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "smtp-password"
+    path.write_text("\n", encoding="utf-8")
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_USERNAME", "relay-user")
+    clean_env.setenv("COMMS_SMTP_PASSWORD_FILE", str(path))
+
+    with pytest.raises(ConfigurationError, match="COMMS_SMTP_PASSWORD_FILE"):
+        load_settings()
+
+
+def test_the_file_backend_does_not_look_at_smtp_files(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The file backend never connects: a staging .env may keep the relay's paths.
+    clean_env.setenv("COMMS_MAIL_BACKEND", "file")
+    clean_env.setenv("COMMS_SMTP_PASSWORD_FILE", str(tmp_path / "missing"))
+    clean_env.setenv("COMMS_SMTP_CA_FILE", str(tmp_path / "missing-ca"))
+
+    assert load_settings().mail_backend == "file"
+
+
+def holiday_states_listed() -> list[str]:
+    """What the error message for a wrong COMMS_HOLIDAY_STATE offers."""
+    os.environ["COMMS_HOLIDAY_STATE"] = "XX"
+    try:
+        load_settings()
+    except ConfigurationError as exc:
+        message = str(exc)
+    finally:
+        del os.environ["COMMS_HOLIDAY_STATE"]
+    listed = message.split("one of ", 1)[1]
+    return [name.strip() for name in re.split(r",|\bor\b", listed.split(";")[0]) if name.strip()]
+
+
+def test_every_holiday_state_the_message_lists_is_accepted(clean_env: pytest.MonkeyPatch) -> None:
+    listed = holiday_states_listed()
+    assert "BY" in listed and len(listed) >= 16, listed
+
+    for name in listed:
+        clean_env.setenv("COMMS_HOLIDAY_STATE", name)
+        assert load_settings().holiday_state, name
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("Augsburg", "Augsburg"), ("augsburg", "Augsburg"), ("Bayern", "BY")]
+)
+def test_holiday_state_accepts_the_city_and_state_names_of_the_holidays_library(
+    clean_env: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    from comms_tasks.slots import Holidays
+
+    clean_env.setenv("COMMS_HOLIDAY_STATE", value)
+
+    state = load_settings().holiday_state
+    assert state == expected
+    # The Augsburger Friedensfest (8 August) is a holiday in Augsburg only.
+    import datetime as dt
+
+    assert (dt.date(2026, 8, 8) in Holidays(state)) is (expected == "Augsburg")
+
+
+# --- SMTP credentials never travel in clear by accident --------------------------------
+
+
+@pytest.mark.parametrize("credential", ["COMMS_SMTP_USERNAME", "COMMS_SMTP_PASSWORD"])
+def test_credentials_with_smtp_security_none_are_refused(
+    clean_env: pytest.MonkeyPatch, credential: str
+) -> None:
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", "none")
+    clean_env.setenv(credential, "relay-credential")
+
+    with pytest.raises(ConfigurationError, match="COMMS_SMTP_SECURITY") as caught:
+        load_settings()
+
+    assert "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH" in str(caught.value)
+    assert "relay-credential" not in str(caught.value)
+
+
+def test_credentials_with_smtp_security_none_need_the_loud_opt_in(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", "none")
+    clean_env.setenv("COMMS_SMTP_USERNAME", "catcher")
+    clean_env.setenv("COMMS_SMTP_PASSWORD", "catcher")
+    clean_env.setenv("COMMS_SMTP_INSECURE_CLEARTEXT_AUTH", "true")
+
+    settings = load_settings()
+
+    assert settings.smtp_insecure_cleartext_auth is True
+    from comms_tasks.mail.sender import SmtpSender, sender_from_settings
+
+    sender = sender_from_settings(settings)
+    assert isinstance(sender, SmtpSender) and sender.insecure_cleartext_auth
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_credentials_over_tls_need_no_opt_in(clean_env: pytest.MonkeyPatch, security: str) -> None:
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", security)
+    clean_env.setenv("COMMS_SMTP_USERNAME", "relay-user")
+
+    assert load_settings().smtp_username == "relay-user"
+
+
+def test_no_credentials_with_smtp_security_none_is_allowed(clean_env: pytest.MonkeyPatch) -> None:
+    # A catcher or a local relay without AUTH (the test suite's own SMTP server).
+    clean_env.setenv("COMMS_MAIL_BACKEND", "smtp")
+    clean_env.setenv("COMMS_SMTP_SECURITY", "none")
+
+    assert load_settings().smtp_security == "none"

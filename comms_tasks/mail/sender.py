@@ -127,7 +127,15 @@ class SmtpSender:
         timeout: float,
         ca_file: Path | None = None,
         local_hostname: str | None = None,
+        insecure_cleartext_auth: bool = False,
     ) -> None:
+        if security == "none" and username and not insecure_cleartext_auth:
+            # The settings refuse this already; a sender built another way must too.
+            raise ValueError(
+                "SMTP credentials over an unencrypted connection need "
+                "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH=true (a local mail catcher only)"
+            )
+        self.insecure_cleartext_auth = insecure_cleartext_auth
         self.host = host
         self.port = port
         self.security = security
@@ -362,5 +370,6 @@ def sender_from_settings(settings: Settings) -> Sender:
             password=settings.smtp_password_value,
             timeout=settings.smtp_timeout,
             ca_file=settings.smtp_ca_file,
+            insecure_cleartext_auth=settings.smtp_insecure_cleartext_auth,
         )
     return FileSender(settings.outbox_folder)

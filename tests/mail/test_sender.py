@@ -691,3 +691,32 @@ def test_sender_from_settings(tmp_path: Path) -> None:
         12,
     )
     assert PASSWORD not in repr(vars(smtp))
+
+
+# --- credentials never travel in clear unless told so ---------------------------------
+
+
+def test_credentials_without_tls_are_refused_before_connecting() -> None:
+    with running(SmtpSink(auth=(USER, PASSWORD), cleartext_auth=True)) as sink:
+        with pytest.raises(ValueError, match="COMMS_SMTP_INSECURE_CLEARTEXT_AUTH"):
+            smtp_sender(sink, security="none", username=USER, password=PASSWORD)
+
+        assert sink.connections == 0
+
+
+def test_credentials_without_tls_go_to_a_local_catcher_with_the_opt_in() -> None:
+    with running(SmtpSink(auth=(USER, PASSWORD), cleartext_auth=True)) as sink:
+        sender = SmtpSender(
+            host=sink.host,
+            port=sink.port,
+            security="none",
+            username=USER,
+            password=lambda: PASSWORD,
+            timeout=CLIENT_TIMEOUT,
+            local_hostname="localhost",
+            insecure_cleartext_auth=True,
+        )
+        [result] = sender.send([outgoing()])
+
+        assert result.delivered, result.error
+        assert len(sink.accepted) == 1
