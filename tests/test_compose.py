@@ -463,14 +463,18 @@ def test_production_shape_sends_over_starttls_by_default(compose: dict[str, Any]
         environment = service(compose, name)["environment"]
         assert interpolated_default(environment["COMMS_SMTP_SECURITY"]) == "starttls", name
         assert "COMMS_SMTP_INSECURE_CLEARTEXT_AUTH" not in environment, name
-    assert "mailcatcher" not in compose["services"]
+    # The catcher runs beside them (SPEC §2), but nothing is sent to it.
+    assert "mailcatcher" in compose["services"]
+    for name in COMMS_SERVICES:
+        host = service(compose, name)["environment"].get("COMMS_SMTP_HOST", "")
+        assert "mailcatcher" not in host, name
 
 
 def test_mailcatcher_shape_says_clear_text_and_opts_in(
     compose: dict[str, Any], mailcatcher_shape: dict[str, Any]
 ) -> None:
-    assert "mailcatcher" in mailcatcher_shape["services"]
-    for port in service(mailcatcher_shape, "mailcatcher").get("ports") or []:
+    assert "mailcatcher" in service(mailcatcher_shape, "worker")["depends_on"]
+    for port in service(compose, "mailcatcher").get("ports") or []:
         assert str(port).startswith("127.0.0.1:"), port
     for name in COMMS_SERVICES:
         assert name in compose["services"], name
