@@ -264,7 +264,9 @@ class ImapSource:
                 client.login(self.username, credential)
             self._learn_namespace(client)
         except BaseException:
-            client.shutdown()
+            # Closing what a failed TLS handshake left may fail too: keep the first error.
+            with contextlib.suppress(Exception):
+                client.shutdown()
             raise
         self._existing = set()
         return client

@@ -61,8 +61,12 @@ class PrivateDovecot:
         separator: str = ".",
         capabilities: str | None = None,
         mechanisms: str = "plain login",
+        certificate: tuple[Path, Path] | None = None,
     ) -> None:
         self.port = free_port()
+        # With a (certificate, key): STARTTLS on ``port`` and implicit TLS on ``tls_port``.
+        self.certificate = certificate
+        self.tls_port = free_port() if certificate else 0
         self.root = Path(tempfile.mkdtemp(prefix="comms-dovecot-"))
         # Mail is owned by MAIL_UID: every folder above it must be traversable.
         self.root.chmod(0o755)
@@ -90,6 +94,11 @@ class PrivateDovecot:
                 f"first_valid_uid = {uid}\nfirst_valid_gid = {gid}\n"
             )
         capability = f"imap_capability = {self.capabilities}\n" if self.capabilities else ""
+        if self.certificate:
+            cert, key = self.certificate
+            tls = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n"
+        else:
+            tls = "ssl = no\n"
         self.config.write_text(
             f"""\
 protocols = imap
@@ -98,8 +107,7 @@ base_dir = {self.root}/run
 state_dir = {self.root}/state
 log_path = {self.log}
 info_log_path = {self.log}
-ssl = no
-disable_plaintext_auth = no
+{tls}disable_plaintext_auth = no
 auth_mechanisms = {self.mechanisms}
 auth_failure_delay = 0
 {users}{capability}passdb {{
@@ -121,7 +129,8 @@ service imap-login {{
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {self.tls_port}
   }}
 }}
 service pop3-login {{

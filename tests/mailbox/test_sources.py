@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -475,3 +476,71 @@ def test_the_imap_port_follows_the_security() -> None:
     assert Settings(imap_security="tls").effective_imap_port == 993
     assert Settings(imap_security="starttls").effective_imap_port == 143
     assert Settings(imap_security="tls", imap_port=10993).effective_imap_port == 10993
+
+
+# TLS: certificates are verified, against the system's trust store or COMMS_IMAP_CA_FILE.
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A test CA, and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    ca, ca_key = folder / "ca.pem", folder / "ca.key"
+    cert, key, request = folder / "server.pem", folder / "server.key", folder / "server.csr"
+    extensions = folder / "server.ext"
+    extensions.write_text("subjectAltName = IP:127.0.0.1\n", encoding="utf-8")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    days = ("-days", "2")
+    openssl(
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", *days, "-subj", "/CN=comms test CA"),
+        *("-keyout", str(ca_key), "-out", str(ca)),
+    )
+    openssl(
+        *("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"),
+        *("-keyout", str(key), "-out", str(request)),
+    )
+    openssl(
+        *("x509", "-req", "-in", str(request), "-CA", str(ca), "-CAkey", str(ca_key)),
+        *("-CAcreateserial", *days, "-extfile", str(extensions), "-out", str(cert)),
+    )
+    return ca, cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    folder = tmp_path_factory.mktemp("certificates")
+    folder.chmod(0o755)
+    ca, cert, key = make_certificates(folder)
+    server = start_dovecot(certificate=(cert, key))
+    yield server, ca
+    server.close()
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_tls_and_starttls_read_mail_from_a_server_signed_by_the_ca_file(
+    tls_server: tuple[PrivateDovecot, Path], security: str
+) -> None:
+    server, ca_file = tls_server
+    mailbox = ImapHarness(server)
+    fill(mailbox, 1)
+    port = server.tls_port if security == "tls" else server.port
+    with mailbox.source(security=security, port=port, ca_file=ca_file) as source:
+        (item,) = source.fetch_new(10)
+        source.move(item.key, REPLIES)
+    assert mailbox.subjects(REPLIES) == ["Antwort 1"]
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_a_certificate_no_trusted_ca_signed_is_refused_before_login(
+    tls_server: tuple[PrivateDovecot, Path], security: str
+) -> None:
+    server, _ = tls_server
+    mailbox = ImapHarness(server)
+    fill(mailbox, 1)
+    port = server.tls_port if security == "tls" else server.port
+    with (
+        mailbox.source(security=security, port=port) as source,
+        pytest.raises(MailboxPermanentError, match="certificate verification failed"),
+    ):
+        source.fetch_new(10)
