@@ -282,6 +282,84 @@ class Settings(BaseSettings):
             return self.smtp_password_file.read_text(encoding="utf-8").strip()
         return None
 
+    # --- The mailbox: where replies, automatic answers and bounces are read from -------
+    # (comms_tasks/mailbox/sources.py; docs/operations.md "Mailbox: where it reads").
+    mailbox_backend: Literal["maildir", "imap"] = "maildir"
+    # The embedded default's Maildir; var_dir / "mailbox" unless set.
+    mailbox_dir: Path | None = None
+    imap_host: str | None = None
+    # 993 for tls, 143 for starttls and none, unless set.
+    imap_port: int | None = Field(default=None, ge=1, le=65535)
+    imap_security: Literal["tls", "starttls", "none"] = "tls"
+    imap_username: str | None = None
+    imap_password: SecretStr | None = None
+    imap_password_file: Path | None = None
+    # XOAUTH2 (Microsoft 365, Google): an access token that something else keeps fresh.
+    imap_oauth2_token_file: Path | None = None
+    # Extra CA bundle, as for SMTP; verification itself cannot be turned off.
+    imap_ca_file: Path | None = None
+    imap_folder: str = "INBOX"
+    imap_timeout: float = Field(default=30.0, gt=0)
+    # Messages one poll reads, and the bytes one message (and one fetch) may take in
+    # memory: a larger message is read as its header only.
+    mailbox_batch: int = Field(default=50, ge=1, le=1000)
+    mailbox_max_bytes: int = Field(default=10 * 1024 * 1024, ge=64 * 1024, le=1024**3)
+
+    @field_validator("imap_host", "imap_username", "imap_folder")
+    @classmethod
+    def _single_line(cls, value: str | None) -> str | None:
+        # These travel in IMAP commands: a line break would end the command.
+        if value is not None and (not value.strip() or any(ord(c) < 32 for c in value)):
+            raise ValueError("must be one line without control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _usable_mailbox(self) -> Settings:
+        if self.imap_password is not None and self.imap_password_file is not None:
+            raise ValueError("set COMMS_IMAP_PASSWORD or COMMS_IMAP_PASSWORD_FILE, not both")
+        has_password = self.imap_password is not None or self.imap_password_file is not None
+        if has_password and self.imap_oauth2_token_file is not None:
+            raise ValueError(
+                "set a password (COMMS_IMAP_PASSWORD or _FILE) or COMMS_IMAP_OAUTH2_TOKEN_FILE,"
+                " not both"
+            )
+        if self.mailbox_backend != "imap":
+            return self
+        if self.imap_host is None:
+            raise ValueError("COMMS_IMAP_HOST is required when COMMS_MAILBOX_BACKEND=imap")
+        if self.imap_username is None:
+            raise ValueError("COMMS_IMAP_USERNAME is required when COMMS_MAILBOX_BACKEND=imap")
+        if not has_password and self.imap_oauth2_token_file is None:
+            raise ValueError(
+                "COMMS_MAILBOX_BACKEND=imap needs COMMS_IMAP_PASSWORD, COMMS_IMAP_PASSWORD_FILE"
+                " or COMMS_IMAP_OAUTH2_TOKEN_FILE"
+            )
+        return self
+
+    @property
+    def mailbox_folder(self) -> Path:
+        return self.mailbox_dir or self.var_dir / "mailbox"
+
+    @property
+    def effective_imap_port(self) -> int:
+        return self.imap_port or (993 if self.imap_security == "tls" else 143)
+
+    def imap_password_value(self) -> str | None:
+        """The IMAP password, read from its file at every connect (rotation needs no restart)."""
+        if self.imap_password is not None:
+            return self.imap_password.get_secret_value()
+        if self.imap_password_file is not None:
+            return self.imap_password_file.read_text(encoding="utf-8").strip()
+        return None
+
+    def imap_oauth2_token_value(self) -> str | None:
+        """The XOAUTH2 access token, read from its file at every connect (tokens expire)."""
+        if self.imap_oauth2_token_file is None:
+            return None
+        return self.imap_oauth2_token_file.read_text(encoding="utf-8").strip()
+
+    # --- end of the mailbox settings -----------------------------------------------------
+
 
 def startup_warnings(settings: Settings) -> list[str]:
     """Settings that work but are almost surely a mistake, one line each, for start-up."""
