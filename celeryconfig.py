@@ -121,4 +121,4 @@ else:
     beat_scheduler = "comms_tasks.beat_health:HeartbeatPersistentScheduler"
     beat_schedule_filename = str(_settings.var_dir / "celerybeat-schedule")
 
-imports = ("comms_tasks.tasks",)
+imports = ("comms_tasks.tasks", "comms_tasks.mailbox.tasks")

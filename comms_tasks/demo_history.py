@@ -17,9 +17,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comms_tasks.demo import DemoMessage
-from comms_tasks.emails import patient_entry, renderer_for
+from comms_tasks.emails import patient_entry, renderer_for, reply_address
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import PatientEntry, Recipient
+from comms_tasks.mailbox.match import new_token
 from comms_tasks.models import Email, EmailBatch, EmailStatus, EmailTemplate
 from comms_tasks.models.read_models import full_name
 from comms_tasks.settings import Settings
@@ -104,7 +105,8 @@ def record_past_emails(
                 ),
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
-                reply_to=settings.reply_to,
+                reply_token=(token := new_token()),
+                reply_to=reply_address(settings, token),
                 subject=rendered.subject,
                 body_html=rendered.body_html,
                 body_text=rendered.body_text,

@@ -36,6 +36,7 @@ from comms_tasks.mail.render import (
     Recipient,
     RenderedEmail,
 )
+from comms_tasks.mailbox.match import new_token, tagged_address
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -84,6 +85,20 @@ def recipient_of(therapist: Therapist) -> Recipient:
 
 
 # --- who may be contacted ------------------------------------------------------------
+
+
+def reply_address(settings: Settings, token: str) -> str | None:
+    """Where the therapist's reply goes: the email's own tagged address, when configured."""
+    if settings.reply_address is not None:
+        return tagged_address(settings.reply_address, token)
+    return settings.reply_to
+
+
+def bounce_address(settings: Settings, token: str | None) -> str | None:
+    """The envelope sender bounces go to (VERP), when configured; else the sender's."""
+    if settings.bounce_address is not None and token is not None:
+        return tagged_address(settings.bounce_address, token)
+    return None
 
 
 def therapist_facts(
@@ -413,7 +428,8 @@ def queue_emails(
                 recipient_name=therapist.display_name,
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
-                reply_to=settings.reply_to,
+                reply_token=(token := new_token()),
+                reply_to=reply_address(settings, token),
                 subject=rendered.subject,
                 body_html=rendered.body_html,
                 body_text=rendered.body_text,

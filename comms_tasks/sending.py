@@ -26,6 +26,7 @@ from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import (
     ASKING_TEMPLATES,
     COUNTING_TEMPLATES,
+    bounce_address,
     bounced_since,
     cancel_unsent,
     patients_of,
@@ -240,7 +241,7 @@ def rerender_or_cancel(
     return True
 
 
-def outgoing(session: Session, email: Email) -> OutgoingMessage:
+def outgoing(session: Session, email: Email, settings: Settings | None = None) -> OutgoingMessage:
     references: tuple[str, ...] = ()
     in_reply_to = None
     if email.in_reply_to_email_id is not None:
@@ -262,6 +263,7 @@ def outgoing(session: Session, email: Email) -> OutgoingMessage:
         date=email.queued_at or email.created_at,
         in_reply_to=in_reply_to,
         references=references,
+        envelope_sender=bounce_address(settings or get_settings(), email.reply_token),
     )
 
 

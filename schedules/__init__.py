@@ -17,6 +17,8 @@ SEND_INTERVAL_SECONDS = 60.0
 BATCH_TIME = {"hour": 7, "minute": 30}
 BATCH_DAYS = "mon-fri"
 FOLLOW_UP_TIME = {"hour": 9, "minute": 0}
+# Seconds between polls of the mailbox (replies, automatic answers, bounces).
+MAILBOX_POLL_INTERVAL_SECONDS = 120.0
 # Email bodies past the retention period are redacted once a night.
 RETENTION_TIME = {"hour": 3, "minute": 15}
 # A message header every beat entry sets: only runs that beat started move the task's
@@ -42,6 +44,12 @@ beat_schedule: dict[str, dict[str, Any]] = {
     "purge-expired": {
         "task": "comms.purge_expired",
         "schedule": crontab(**RETENTION_TIME),
+    },
+    "poll-mailbox": {
+        "task": "comms.poll_mailbox",
+        "schedule": MAILBOX_POLL_INTERVAL_SECONDS,
+        # A poll that could not start in time is superseded by the next one.
+        "options": {"expires": MAILBOX_POLL_INTERVAL_SECONDS},
     },
     "relay-outbox": {
         "task": "comms.relay_outbox",

@@ -8,9 +8,11 @@ import zoneinfo
 import pytest
 from celery.schedules import crontab
 
-import comms_tasks.tasks  # noqa: F401 - registers the tasks
 from comms_tasks.app import app
 from schedules import beat_schedule
+
+# What a worker imports (celeryconfig ``imports``): every module with tasks.
+app.loader.import_default_modules()
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
@@ -28,6 +30,7 @@ def test_the_pipeline_is_scheduled() -> None:
         "comms.send_email",
         "comms.follow_up_check",
         "comms.relay_outbox",
+        "comms.poll_mailbox",
     } <= tasks
 
 

@@ -59,6 +59,8 @@ class OutgoingMessage:
     date: datetime.datetime  # aware
     in_reply_to: str | None = None  # Message-ID of the original, for follow-ups
     references: tuple[str, ...] = ()
+    # The SMTP envelope sender (MAIL FROM), where bounces go; None: ``sender_email``.
+    envelope_sender: str | None = None
 
 
 def new_message_id(sender_email: str) -> str:

@@ -187,7 +187,7 @@ class SmtpSender:
         try:
             # The envelope comes from the message's fields, never parsed from headers.
             connection.sendmail(
-                ascii_address(message.sender_email),
+                ascii_address(message.envelope_sender or message.sender_email),
                 [ascii_address(message.recipient_email)],
                 mime,
             )

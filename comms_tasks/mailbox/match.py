@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import Message
 
+from comms_tasks.contracts.limits import REPLY_TOKEN_LENGTH
 from comms_tasks.mailbox import _mime
 from comms_tasks.mailbox.classify import Classified, MailKind
 
@@ -30,7 +31,7 @@ __all__ = ["TOKEN_LENGTH", "MatchKeys", "keys", "new_token", "tagged_address"]
 # 128 random bits: lowercase base32 without padding, 26 characters. Lowercase survives
 # servers that lowercase local parts; base32 has no character that needs quoting.
 TOKEN_BYTES = 16
-TOKEN_LENGTH = 26
+TOKEN_LENGTH = REPLY_TOKEN_LENGTH
 _TOKEN = re.compile(rf"\A[a-z2-7]{{{TOKEN_LENGTH}}}\Z")
 # Headers that name the mailbox a message was delivered to, in order of trust.
 RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")

@@ -1,0 +1,408 @@
+"""What a message from the mailbox changes: found its email, then recorded once.
+
+One transaction per message, with its outbox events: the message's row in
+``inbound_mail`` (unique on where the mailbox keeps it and on its bytes' hash) and its
+effects. A message seen again — a poll that crashed between its commit and the move — is
+found by either and changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import email.utils
+import hashlib
+import re
+import uuid
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from comms_tasks import emails as email_rules
+from comms_tasks.contracts import inbound
+from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
+from comms_tasks.contracts.outbound import EmailBouncedPayload
+from comms_tasks.inbox import Rejected
+from comms_tasks.mailbox.classify import Classified, MailKind
+from comms_tasks.mailbox.match import MatchKeys
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    EmailTemplate,
+    InboundMail,
+    InboundMailKind,
+    InboundMailState,
+    PhoneCall,
+    PhoneCallStatus,
+    Therapist,
+)
+from comms_tasks.models.mailbox import (
+    MAX_DIAGNOSTIC,
+    MAX_MAIL_MESSAGE_ID,
+    MAX_MAIL_SUBJECT,
+    MAX_REASON,
+)
+from comms_tasks.outbox import record_event
+from comms_tasks.settings import Settings
+
+# Commands recorded for mailbox replies get ids of their own namespace: the same message
+# always makes the same command id.
+MAILBOX_COMMANDS = uuid.UUID("8f0e1d4c-5b6a-4e1f-9a3b-2c7d6e5f4a31")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """One message as the mailbox holds it (see ``sources.Fetched``)."""
+
+    key: str
+    raw: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    email: Email
+    method: str  # token, thread, sender or operator
+    review_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What one message did: its row, and whether it was new (False: seen before)."""
+
+    mail_id: int
+    kind: InboundMailKind
+    state: InboundMailState
+    new: bool
+    # A permanent bounce marked an email as waiting for its call: book it now.
+    call_requested: bool = False
+    # A reply queued confirmation emails (never: outcomes are not guessed) or cancelled.
+    email_id: int | None = None
+
+
+def one_line(value: str | None, limit: int) -> str | None:
+    """A stranger's header value, storable and showable: no control characters, bounded."""
+    if value is None:
+        return None
+    text = " ".join(_CONTROL.sub(" ", str(value)).split())
+    return text[:limit] or None
+
+
+def reply_content(text: str | None) -> str | None:
+    """A reply's new text as a response's content: line breaks kept, nothing else hidden."""
+    if not text:
+        return None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    cleaned = "\n".join(_CONTROL.sub("", line.replace("\t", "    ")).rstrip() for line in lines)
+    return cleaned.strip()[:MAX_TEXT] or None
+
+
+def message_date(raw_date: str | None, now: dt.datetime) -> dt.datetime:
+    """The message's Date header when it is a plausible past instant, else ``now``."""
+    if raw_date:
+        try:
+            parsed = email.utils.parsedate_to_datetime(raw_date)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            parsed = parsed.astimezone(dt.UTC)
+            if dt.datetime(2000, 1, 1, tzinfo=dt.UTC) <= parsed <= now:
+                return parsed
+    return now
+
+
+def raw_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def seen_before(session: Session, source: str, fetched: Fetched) -> InboundMail | None:
+    return session.scalar(
+        select(InboundMail)
+        .where(
+            or_(
+                (InboundMail.source == source) & (InboundMail.source_key == fetched.key),
+                InboundMail.raw_sha256 == raw_hash(fetched.raw),
+            )
+        )
+        .limit(1)
+    )
+
+
+# --- finding the email -------------------------------------------------------------------
+
+
+def find_email(session: Session, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
+    """The email a message answers: its token, then the thread, then (unsure) the sender."""
+    for token in keys.tokens:
+        found = session.scalar(select(Email).where(Email.reply_token == token))
+        if found is not None:
+            return Found(found, "token", _other_sender(found, keys, kind))
+    for message_id in keys.message_ids:
+        found = session.scalar(select(Email).where(Email.message_id == message_id))
+        if found is not None:
+            return Found(found, "thread", _other_sender(found, keys, kind))
+    if kind in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY) and keys.sender:
+        found = _only_unanswered_email_of(session, keys.sender)
+        if found is not None:
+            return Found(found, "sender", "matched by its sender alone")
+    return None
+
+
+def _other_sender(found: Email, keys: MatchKeys, kind: InboundMailKind) -> str | None:
+    if kind not in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY):
+        return None  # bounces come from the mail system, not from the therapist
+    if keys.sender and keys.sender.lower() == found.recipient_email.lower():
+        return None
+    return "sent from an address other than the therapist's"
+
+
+def _only_unanswered_email_of(session: Session, sender: str) -> Email | None:
+    therapists = list(
+        session.scalars(
+            select(Therapist.id).where(func.lower(Therapist.email) == sender.lower()).limit(2)
+        )
+    )
+    if len(therapists) != 1:
+        return None
+    unanswered = list(
+        session.scalars(
+            select(Email)
+            .where(Email.therapist_id == therapists[0])
+            .where(Email.template.in_((*email_rules.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
+            .where(Email.status == EmailStatus.SENT)
+            .where(Email.response_received.is_(False))
+            .limit(2)
+        )
+    )
+    return unanswered[0] if len(unanswered) == 1 else None
+
+
+# --- recording it --------------------------------------------------------------------------
+
+
+def record_mail(
+    session: Session,
+    source: str,
+    fetched: Fetched,
+    classified: Classified,
+    keys: MatchKeys,
+    *,
+    subject: str | None,
+    message_id: str | None,
+    date: str | None,
+    now: dt.datetime,
+    settings: Settings,
+) -> Applied:
+    """Keep one message from the mailbox and apply what it means, once."""
+    known = seen_before(session, source, fetched)
+    if known is not None:
+        return Applied(known.id, known.kind, known.state, new=False, email_id=known.email_id)
+    kind = InboundMailKind(classified.kind.value)
+    mail = InboundMail(
+        source=source,
+        source_key=fetched.key,
+        raw_sha256=raw_hash(fetched.raw),
+        size=len(fetched.raw),
+        fetched_at=now,
+        received_at=message_date(date, now),
+        kind=kind,
+        state=InboundMailState.UNMATCHED,
+        sender=one_line(keys.sender, MAX_EMAIL),
+        subject=one_line(subject, MAX_MAIL_SUBJECT),
+        message_id=one_line(message_id, MAX_MAIL_MESSAGE_ID),
+        status_code=_status(classified.status_code),
+        diagnostic=one_line(classified.diagnostic, MAX_DIAGNOSTIC),
+        auto_reason=one_line(classified.auto_submitted_reason, MAX_REASON),
+        defect=one_line(classified.defect, MAX_REASON),
+        reply_text=reply_content(classified.reply_text),
+        raw=fetched.raw,
+    )
+    session.add(mail)
+    found = None if kind is InboundMailKind.UNRELATED else find_email(session, keys, kind)
+    call_requested = False
+    if found is not None:
+        call_requested = apply_to(session, mail, found, classified, now, settings)
+    session.flush()
+    return Applied(
+        mail.id,
+        mail.kind,
+        mail.state,
+        new=True,
+        call_requested=call_requested,
+        email_id=mail.email_id,
+    )
+
+
+def apply_to(
+    session: Session,
+    mail: InboundMail,
+    found: Found,
+    classified: Classified,
+    now: dt.datetime,
+    settings: Settings,
+) -> bool:
+    """Apply a matched message to its email; True when a call is to be booked now.
+
+    A reply the email cannot take (not sent, say) stays unmatched, with the reason.
+    """
+    mail.email_id = found.email.id
+    mail.match_method = found.method
+    mail.to_review = found.review_reason is not None
+    mail.review_reason = found.review_reason
+    mail.state = InboundMailState.MATCHED
+    if mail.kind is InboundMailKind.REPLY:
+        try:
+            record_reply(session, mail, found.email, now, settings)
+        except Rejected as exc:
+            mail.state = InboundMailState.UNMATCHED
+            mail.to_review = True
+            mail.review_reason = one_line(exc.reason, MAX_REASON)
+        return False
+    if mail.kind in (InboundMailKind.BOUNCE, InboundMailKind.DELAYED):
+        permanent = mail.kind is InboundMailKind.BOUNCE
+        return record_bounce(
+            session,
+            found.email,
+            permanent=permanent,
+            status=mail.status_code,
+            diagnostic=mail.diagnostic,
+            failed_recipients=classified.failed_recipients,
+            bounced_at=mail.received_at,
+            now=now,
+        )
+    return False  # an automatic answer: kept and shown, the 7-day clock runs on
+
+
+def record_reply(
+    session: Session, mail: InboundMail, email: Email, now: dt.datetime, settings: Settings
+) -> None:
+    """A human reply, through the path of ``comms.record_email_response``; no outcomes."""
+    received_at = max(mail.received_at, email.sent_at) if email.sent_at else mail.received_at
+    fields = {
+        "command_id": str(uuid.uuid5(MAILBOX_COMMANDS, mail.raw_sha256)),
+        "email_id": email.id,
+        "received_at": received_at,
+        "content": mail.reply_text,
+        "outcomes": [],
+    }
+    try:
+        command = inbound.RecordEmailResponse.model_validate(fields)
+    except ValidationError:
+        # Text the contract refuses (it never should: cleaned above) is kept on the
+        # message only; the response is recorded without it.
+        command = inbound.RecordEmailResponse.model_validate({**fields, "content": None})
+    email_rules.record_response(session, command, now, settings, source="mailbox")
+
+
+def _status(value: str | None) -> str | None:
+    return value if value and _STATUS.match(value) else None
+
+
+def record_bounce(
+    session: Session,
+    email: Email,
+    *,
+    permanent: bool,
+    status: str | None,
+    diagnostic: str | None,
+    failed_recipients: Sequence[str],
+    bounced_at: dt.datetime,
+    now: dt.datetime,
+) -> bool:
+    """Note a bounce on its email; a permanent one also flags the address and asks a call.
+
+    A temporary bounce after a permanent one changes nothing; a permanent one upgrades a
+    temporary one. Returns whether the email now waits for its follow-up call.
+    """
+    locked = session.get(Email, email.id, with_for_update=True)
+    assert locked is not None
+    if locked.bounce_permanent and not permanent:
+        return False
+    if locked.bounced_at is not None and locked.bounce_permanent == permanent:
+        return False  # the same news again (a second delay notice, a second bounce)
+    locked.bounced_at = bounced_at
+    locked.bounce_permanent = permanent
+    locked.bounce_status = status
+    locked.bounce_diagnostic = diagnostic
+    record_event(
+        session,
+        EmailBouncedPayload(
+            email_id=locked.id,
+            therapist_id=locked.therapist_id,
+            permanent=permanent,
+            status=status,
+            bounced_at=bounced_at,
+        ),
+        occurred_at=now,
+    )
+    if not permanent:
+        return False
+    recipients = {address.lower() for address in failed_recipients}
+    if not recipients or locked.recipient_email.lower() in recipients:
+        flag_undeliverable(session, locked, status, bounced_at)
+    return request_call_now(session, locked, now)
+
+
+def flag_undeliverable(
+    session: Session, email: Email, status: str | None, bounced_at: dt.datetime
+) -> None:
+    """The address the email bounced from, while it is the therapist's: no more email."""
+    therapist = session.get(Therapist, email.therapist_id, with_for_update=True)
+    if therapist is None or not therapist.email:
+        return
+    if therapist.email.lower() != email.recipient_email.lower():
+        return  # the therapist service already sent another address
+    therapist.undeliverable_email = therapist.email
+    therapist.undeliverable_since = bounced_at
+    therapist.undeliverable_status = status
+
+
+def request_call_now(session: Session, email: Email, now: dt.datetime) -> bool:
+    """The follow-up call of a bounced email, now rather than after the waiting days.
+
+    A reminder that bounced asks for the call of the email it follows up. Nothing when
+    the email was answered, already waits for a call, or has one.
+    """
+    asking = email
+    if email.template is EmailTemplate.FOLLOW_UP and email.in_reply_to_email_id is not None:
+        original = session.get(Email, email.in_reply_to_email_id, with_for_update=True)
+        if original is None:
+            return False
+        asking = original
+    if asking.template not in email_rules.ASKING_TEMPLATES or asking.status is not EmailStatus.SENT:
+        return False
+    if (
+        asking.response_received
+        or asking.call_requested_at is not None
+        or asking.follow_up_settled_at is not None
+    ):
+        return False
+    has_call = session.scalar(
+        select(func.count(PhoneCall.id))
+        .where(PhoneCall.email_id == asking.id)
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+    )
+    if has_call:
+        return False
+    asking.call_requested_at = now
+    return True
+
+
+def assign(
+    session: Session, mail: InboundMail, email: Email, now: dt.datetime, settings: Settings
+) -> bool:
+    """An operator's match: applied as if the mailbox had found it."""
+    classified = Classified(
+        kind=MailKind(mail.kind.value),
+        status_code=mail.status_code,
+        diagnostic=mail.diagnostic,
+        failed_recipients=(),
+        returned_message_ids=(),
+        reply_text=mail.reply_text,
+        auto_submitted_reason=mail.auto_reason,
+        defect=mail.defect,
+    )
+    return apply_to(session, mail, Found(email, "operator"), classified, now, settings)

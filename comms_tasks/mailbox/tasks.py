@@ -1,0 +1,214 @@
+"""``comms.poll_mailbox``: read new mail, apply each message once, then file it away.
+
+Each message is classified and matched, then recorded in a transaction of its own with
+its events; only after that commit is it moved to the folder of its kind. A crash in
+between leaves it in the inbox: the next poll finds its row and moves it, applying
+nothing twice. Nothing is ever deleted from the mailbox. One poll at a time: a second
+one that starts while the first runs returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from comms_tasks.app import app
+from comms_tasks.db import get_engine, transaction
+from comms_tasks.mailbox import apply
+from comms_tasks.mailbox.classify import classify, parse
+from comms_tasks.mailbox.match import keys
+from comms_tasks.mailbox.sources import (
+    FOLDERS,
+    Fetched,
+    MailboxError,
+    StaleKeyError,
+    open_source,
+)
+from comms_tasks.models import InboundMail, InboundMailKind, InboundMailState, MailboxPoll
+from comms_tasks.models.base import utcnow
+from comms_tasks.models.mailbox import MAX_REASON
+from comms_tasks.settings import Settings, get_settings
+
+POLL_MAILBOX = "comms.poll_mailbox"
+# pg_try_advisory_lock key of the poll (the claim and booking locks have their own).
+POLL_LOCK_KEY = 7_310_642_205
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def poll_lock(settings: Settings) -> Iterator[bool]:
+    """Whether this process may poll: one poll at a time, across workers.
+
+    PostgreSQL: a session advisory lock on a connection of its own, held for the whole
+    poll (its transactions come and go). SQLite runs on one machine: a lock file.
+    """
+    engine = get_engine()
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            held = bool(
+                connection.execute(
+                    text("SELECT pg_try_advisory_lock(:key)"), {"key": POLL_LOCK_KEY}
+                ).scalar()
+            )
+            connection.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    connection.execute(
+                        text("SELECT pg_advisory_unlock(:key)"), {"key": POLL_LOCK_KEY}
+                    )
+                    connection.commit()
+        return
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.var_dir / "mailbox.lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def folder_for(kind: InboundMailKind, state: InboundMailState) -> str:
+    if state is not InboundMailState.MATCHED:
+        return FOLDERS["unmatched"]
+    if kind is InboundMailKind.DELAYED:
+        return FOLDERS["bounce"]  # delayed and permanent bounces share their folder
+    return FOLDERS[kind.value]
+
+
+def _header(message: Any, name: str) -> str | None:
+    if message is None:
+        return None
+    try:
+        value = message.get(name)
+    except Exception:  # noqa: BLE001 - a stranger's header the email package cannot read
+        return None
+    return None if value is None else str(value)
+
+
+def process(source_name: str, fetched: apply.Fetched, settings: Settings) -> apply.Applied:
+    """Classify, match and record one message, in its own transaction."""
+    message = parse(fetched.raw)
+    classified = classify(fetched.raw, parsed=message)
+    found_keys = keys(
+        message if message is not None else fetched.raw,
+        classified,
+        reply_address=settings.reply_address,
+        bounce_address=settings.bounce_address,
+    )
+    with transaction() as session:
+        return apply.record_mail(
+            session,
+            source_name,
+            fetched,
+            classified,
+            found_keys,
+            subject=_header(message, "Subject"),
+            message_id=_header(message, "Message-ID"),
+            date=_header(message, "Date"),
+            now=utcnow(),
+            settings=settings,
+        )
+
+
+def keep_unreadable(source_name: str, fetched: apply.Fetched, reason: str) -> apply.Applied:
+    """A message whose recording failed: kept as unmatched with the reason, once."""
+    now = utcnow()
+    with transaction() as session:
+        known = apply.seen_before(session, source_name, fetched)
+        if known is not None:
+            return apply.Applied(known.id, known.kind, known.state, new=False)
+        mail = InboundMail(
+            source=source_name,
+            source_key=fetched.key,
+            raw_sha256=apply.raw_hash(fetched.raw),
+            size=len(fetched.raw),
+            fetched_at=now,
+            received_at=now,
+            kind=InboundMailKind.UNRELATED,
+            state=InboundMailState.UNMATCHED,
+            defect=reason[:MAX_REASON],
+            raw=fetched.raw,
+        )
+        session.add(mail)
+        session.flush()
+        return apply.Applied(mail.id, mail.kind, mail.state, new=True)
+
+
+def record_poll(source_name: str, fetched: int, error: str | None) -> None:
+    with transaction() as session:
+        session.merge(
+            MailboxPoll(source=source_name, polled_at=utcnow(), fetched=fetched, error=error)
+        )
+
+
+@app.task(name=POLL_MAILBOX)
+def poll_mailbox() -> dict[str, Any]:
+    """Read the mailbox once; returns counts by kind (ids only, never contents)."""
+    settings = get_settings()
+    counts: dict[str, int] = {}
+    calls_requested = False
+    with poll_lock(settings) as held:
+        if not held:
+            return {"skipped": "another poll is running"}
+        source = open_source(settings)
+        fetched_in_all = 0
+        try:
+            with source:
+                while fetched_in_all < settings.mailbox_batch:
+                    batch = source.fetch_new(settings.mailbox_batch - fetched_in_all)
+                    if not batch:
+                        break
+                    fetched_in_all += len(batch)
+                    for fetched in batch:
+                        applied = apply_one(source.name, fetched, settings)
+                        try:
+                            source.move(fetched.key, folder_for(applied.kind, applied.state))
+                        except StaleKeyError:
+                            # The mailbox renumbered its messages: this one comes back under
+                            # a new key, is found by its bytes and moved then.
+                            counts["stale_key"] = counts.get("stale_key", 0) + 1
+                            continue
+                        label = applied.kind.value if applied.new else "seen_before"
+                        counts[label] = counts.get(label, 0) + 1
+                        calls_requested = calls_requested or applied.call_requested
+            record_poll(source.name, fetched_in_all, None)
+        except MailboxError as exc:
+            # One line, no contents: the next poll tries again.
+            log.warning("mailbox poll failed: %s", exc)
+            record_poll(source.name, fetched_in_all, str(exc)[:MAX_REASON])
+            counts["error"] = 1
+    if calls_requested:
+        from comms_tasks.tasks.calls import schedule_calls
+
+        schedule_calls.delay()
+    return counts
+
+
+def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
+    """Record one message; one that cannot be recorded is kept as unmatched, with why."""
+    item = apply.Fetched(key=fetched.key, raw=fetched.raw)
+    if fetched.headers_only:
+        return keep_unreadable(source_name, item, f"too large ({fetched.size} bytes): header kept")
+    try:
+        return process(source_name, item, settings)
+    except OperationalError:
+        raise  # the database is away: the message stays in the inbox for the next poll
+    except Exception as exc:  # noqa: BLE001 - one message never stops a poll
+        log.warning(
+            "mailbox message %s could not be applied (%s); kept as unmatched",
+            fetched.key,
+            type(exc).__name__,
+        )
+        return keep_unreadable(source_name, item, f"could not be applied: {type(exc).__name__}")
