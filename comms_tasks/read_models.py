@@ -15,6 +15,7 @@ from comms_tasks.contracts import inbound
 from comms_tasks.contracts.common import availability_to_json
 from comms_tasks.dead_letters import erase_patient_from_dead_letters
 from comms_tasks.inbox import Rejected
+from comms_tasks.mailbox.redaction import erase_patient_from_mail
 from comms_tasks.models import (
     Patient,
     PlacementRequest,
@@ -112,6 +113,7 @@ def apply_patient_event(session: Session, event: inbound.Envelope) -> None:
         erase_patient_from_emails(
             session, event.payload.patient_id, event.occurred_at, get_settings()
         )
+        erase_patient_from_mail(session, event.payload.patient_id, event.occurred_at)
         erase_patient_from_dead_letters(session, event.payload.patient_id, event.occurred_at)
         erase_patient_from_calls(session, event.payload.patient_id, event.occurred_at)
     else:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, selectinload
 from comms_tasks.db import transaction
 from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
 from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
+from comms_tasks.mailbox.redaction import purge_expired_mail
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -48,6 +49,7 @@ WAITING = (EmailStatus.DRAFT, EmailStatus.QUEUED)
 EMAILS_PER_CHUNK = 1000
 CALLS_PER_CHUNK = 1000
 REQUESTS_PER_CHUNK = 1000
+MAIL_PER_CHUNK = 1000
 
 
 def redact(email: Email, now: dt.datetime) -> None:
@@ -157,6 +159,9 @@ def purge_all_expired(
         ),
         "status_reasons_redacted": _in_chunks(
             purge_expired_status_reasons, now, retention_days, REQUESTS_PER_CHUNK, on_chunk
+        ),
+        "mail_redacted": _in_chunks(
+            purge_expired_mail, now, retention_days, MAIL_PER_CHUNK, on_chunk
         ),
         "outbox_files_removed": remove_outbox_copies(get_settings().outbox_folder),
     }

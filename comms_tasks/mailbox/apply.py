@@ -27,6 +27,7 @@ from comms_tasks.contracts.outbound import EmailBouncedPayload
 from comms_tasks.inbox import Rejected
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys
+from comms_tasks.mailbox.redaction import redact_mail
 from comms_tasks.models import (
     Email,
     EmailStatus,
@@ -225,6 +226,9 @@ def record_mail(
     call_requested = False
     if found is not None:
         call_requested = apply_to(session, mail, found, classified, now, settings)
+        if found.email.body_redacted_at is not None:
+            # Its email was redacted (erasure or retention): a reply quoting it is too.
+            redact_mail(mail, now)
     session.flush()
     return Applied(
         mail.id,

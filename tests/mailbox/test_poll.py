@@ -24,13 +24,22 @@ from comms_tasks.models import (
     Therapist,
 )
 from comms_tasks.models.base import utcnow
+from comms_tasks.retention import purge_all_expired
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks.calls import schedule_calls
 from comms_tasks.tasks.sending import send_email
+from tests import factories as f
 from tests.mailbox.conftest import Harness, ImapHarness
 from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
 from tests.smtp import SmtpSink
-from tests.test_email_pipeline import all_emails, events_of, open_requests, run_batch, therapist
+from tests.test_email_pipeline import (
+    all_emails,
+    apply,
+    events_of,
+    open_requests,
+    run_batch,
+    therapist,
+)
 
 T0 = dt.datetime(2026, 11, 23, 6, 30, tzinfo=dt.UTC)
 THERAPIST_ID = 7
@@ -312,3 +321,62 @@ def test_a_reply_to_a_reminder_answers_the_original_through_its_thread(
             select(func.count(Email.id)).where(Email.response_received.is_(True))
         )
     assert answered == 2  # the reminder and the original it asked again
+
+
+# --- privacy: mail is health data -------------------------------------------------------
+
+PATIENT = "comms.handle_patient_event"
+
+
+def test_erasing_a_patient_redacts_the_replies_to_emails_about_them(
+    polled: Harness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    email = sent_email(committed_db, smtp)
+    polled.append(sample("thunderbird_reply.eml", email.reply_token or ""))
+    assert poll_mailbox() == {"reply": 1}
+    [before] = mails(committed_db)
+    assert before.raw and before.reply_text
+
+    apply(PATIENT, f.patient_erased(10_070, occurred_at=utcnow()))
+
+    [after] = mails(committed_db)
+    assert (after.raw, after.reply_text, after.subject) == (None, None, None)
+    assert after.redacted_at is not None
+    assert (after.kind, after.email_id) == (InboundMailKind.REPLY, email.id)
+    assert load(committed_db).response_content is None
+
+
+def test_a_reply_that_arrives_after_the_erasure_is_kept_redacted(
+    polled: Harness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    email = sent_email(committed_db, smtp)
+    apply(PATIENT, f.patient_erased(10_070, occurred_at=utcnow()))
+    polled.append(sample("thunderbird_reply.eml", email.reply_token or ""))
+
+    assert poll_mailbox() == {"reply": 1}
+
+    [mail] = mails(committed_db)
+    assert (mail.raw, mail.reply_text, mail.subject) == (None, None, None)
+    assert load(committed_db).response_received is True
+    assert load(committed_db).response_content is None
+
+
+def test_retention_redacts_mail_read_longer_ago_than_the_period(
+    polled: Harness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    email = sent_email(committed_db, smtp)
+    polled.append(sample("thunderbird_reply.eml", email.reply_token or ""))
+    polled.append(sample("mailing_list.eml"))
+    assert poll_mailbox() == {"reply": 1, "unrelated": 1}
+    old, _recent = mails(committed_db)
+    with Session(committed_db) as session, session.begin():
+        aged = session.get(InboundMail, old.id)
+        assert aged is not None
+        aged.fetched_at = utcnow() - dt.timedelta(days=181)
+
+    counts = purge_all_expired(utcnow(), 180)
+
+    assert counts["mail_redacted"] == 1
+    redacted, kept = mails(committed_db)
+    assert redacted.raw is None and redacted.redacted_at is not None
+    assert kept.raw is not None and kept.redacted_at is None
