@@ -53,6 +53,9 @@ else:
 # by default none are stored; a backend can be configured for operators who want them.
 result_backend = _settings.result_backend
 task_ignore_result = _settings.result_backend is None
+# A backend never stores a task's arguments (inbound ones hold patient data), whatever a
+# later Celery defaults to.
+result_extended = False
 
 # JSON only: pickle would let anyone who can publish to the broker run code here.
 accept_content = ["json"]

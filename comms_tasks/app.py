@@ -17,7 +17,8 @@ import comms_tasks.task_runs  # noqa: F401 - records when scheduled tasks ran
 # of booking 10,000 calls, see docs/performance.md). Cycles wait for 20,000 allocations.
 GC_THRESHOLDS = (20_000, 20, 20)
 
-app = Celery("comms_tasks")
+# Inbound tasks' messages show their ids only, retries included (comms_tasks.privacy).
+app = Celery("comms_tasks", amqp="comms_tasks.privacy:IdsOnlyAMQP")
 app.config_from_object("celeryconfig")
 
 

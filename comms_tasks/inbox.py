@@ -173,7 +173,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def failure_reason(exc: BaseException, retries: int = 0) -> str:
     """A dead letter's reason for an exception: its class (and the driver's), no values."""
-    name = _cause_of(exc)
+    name = cause_of(exc)
     if retries:
         return f"could not be applied after {retries} retries: {name}"
     return f"could not be applied: {name}"
@@ -190,7 +190,7 @@ def store_failure(
     return _keep_call(task_name, args, kwargs, reason)
 
 
-def _cause_of(exc: BaseException) -> str:
+def cause_of(exc: BaseException) -> str:
     name = type(exc).__name__
     orig = getattr(exc, "orig", None)
     if orig is not None:
@@ -207,7 +207,7 @@ def store_unstorable(
     not lost without a trace, and the producer can send it again once fixed. Redelivered,
     it counts on the same letter (fingerprint of the message as received).
     """
-    reason = f"the message could not be stored: {_cause_of(exc)}"
+    reason = f"the message could not be stored: {cause_of(exc)}"
     return _keep_call(task_name, args, kwargs, reason, unstorable=True)
 
 
