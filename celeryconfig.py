@@ -72,6 +72,10 @@ task_reject_on_worker_lost = True
 # messages another process could run.
 worker_prefetch_multiplier = 1
 
+# A message the worker cannot run (an unknown task name, a body it cannot decode) is a
+# dead letter, never a log line with its body (comms_tasks.stray_messages).
+worker_consumer = "comms_tasks.stray_messages:DeadLetteringConsumer"
+
 # Task events, so Flower shows every task with its state and runtime.
 worker_send_task_events = True
 task_send_sent_event = True
