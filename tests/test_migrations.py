@@ -26,6 +26,7 @@ EXPECTED_TABLES = {
     "processed_messages",
     "dead_letters",
     "task_runs",
+    "task_deliveries",
 }
 
 
