@@ -53,6 +53,9 @@ else:
 # by default none are stored; a backend can be configured for operators who want them.
 result_backend = _settings.result_backend
 task_ignore_result = _settings.result_backend is None
+# A backend never stores a task's arguments (inbound ones hold patient data), whatever a
+# later Celery defaults to.
+result_extended = False
 
 # JSON only: pickle would let anyone who can publish to the broker run code here.
 accept_content = ["json"]
@@ -68,6 +71,10 @@ task_reject_on_worker_lost = True
 # Short tasks: take one message at a time per process so a slow one does not hold back
 # messages another process could run.
 worker_prefetch_multiplier = 1
+
+# A message the worker cannot run (an unknown task name, a body it cannot decode) is a
+# dead letter, never a log line with its body (comms_tasks.stray_messages).
+worker_consumer = "comms_tasks.stray_messages:DeadLetteringConsumer"
 
 # Task events, so Flower shows every task with its state and runtime.
 worker_send_task_events = True

@@ -23,7 +23,13 @@ import comms_tasks.task_runs  # noqa: F401
 # of booking 10,000 calls, see docs/performance.md). Cycles wait for 20,000 allocations.
 GC_THRESHOLDS = (20_000, 20, 20)
 
-app = Celery("comms_tasks")
+# Inbound tasks' messages show their ids only, retries included (comms_tasks.privacy);
+# every task counts its starts, so a message that kills its worker stops (deliveries).
+app = Celery(
+    "comms_tasks",
+    amqp="comms_tasks.privacy:IdsOnlyAMQP",
+    task_cls="comms_tasks.deliveries:CountedTask",
+)
 app.config_from_object("celeryconfig")
 
 

@@ -47,6 +47,8 @@ from comms_tasks.models.base import utcnow
 from comms_tasks.models.messaging import PENDING_UNREDACTED
 
 log = logging.getLogger(__name__)
+# What the dead letters' task_name column holds.
+MAX_TASK_NAME = 100
 
 
 class Rejected(ContractViolation):
@@ -173,7 +175,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def failure_reason(exc: BaseException, retries: int = 0) -> str:
     """A dead letter's reason for an exception: its class (and the driver's), no values."""
-    name = _cause_of(exc)
+    name = cause_of(exc)
     if retries:
         return f"could not be applied after {retries} retries: {name}"
     return f"could not be applied: {name}"
@@ -190,7 +192,7 @@ def store_failure(
     return _keep_call(task_name, args, kwargs, reason)
 
 
-def _cause_of(exc: BaseException) -> str:
+def cause_of(exc: BaseException) -> str:
     name = type(exc).__name__
     orig = getattr(exc, "orig", None)
     if orig is not None:
@@ -207,7 +209,7 @@ def store_unstorable(
     not lost without a trace, and the producer can send it again once fixed. Redelivered,
     it counts on the same letter (fingerprint of the message as received).
     """
-    reason = f"the message could not be stored: {_cause_of(exc)}"
+    reason = f"the message could not be stored: {cause_of(exc)}"
     return _keep_call(task_name, args, kwargs, reason, unstorable=True)
 
 
@@ -275,6 +277,27 @@ def fingerprint(task_name: str, payload: Any) -> str:
 
 # What a minimal letter (:func:`store_unstorable`) keeps in place of the message.
 NOT_STORED = "[the message could not be stored]"
+# Where a letter keeps the body of a message that could not be decoded
+# (:mod:`comms_tasks.stray_messages`): as text, or as base64 when it is not UTF-8.
+UNDECODED_BODY = "undecoded_body"
+UNDECODED_BODY_BASE64 = "undecoded_body_base64"
+
+
+def store_stray(task_name: str, message_id: str | None, reason: str, payload: Any) -> int:
+    """Keep a message the worker cannot run (unknown task, undecodable) as a dead letter.
+
+    ``task_name`` is the producer's, cut to what the column holds; redelivered, the
+    message counts on the same letter.
+    """
+    return _store_dead_letter(
+        task_name[:MAX_TASK_NAME], ContractViolation(reason, message_id), payload
+    )
+
+
+def _is_undecoded(payload: Any) -> bool:
+    return isinstance(payload, dict) and bool(
+        {UNDECODED_BODY, UNDECODED_BODY_BASE64} & set(payload)
+    )
 
 
 def _store_dead_letter(
@@ -439,7 +462,16 @@ def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
             )
         task_name, payload = letter.task_name, letter.payload
     if task_name not in appliers:
-        raise NotReplayable(f"dead letter {dead_letter_id}: no task {task_name} to replay it")
+        raise NotReplayable(
+            f"dead letter {dead_letter_id}: {task_name} is no task of this service (a name "
+            "the producer got wrong); nothing is replayed, the producer sends it again under "
+            "the right name"
+        )
+    if _is_undecoded(payload):
+        raise NotReplayable(
+            f"dead letter {dead_letter_id}: the message could not be decoded; nothing is "
+            "replayed, the producer sends it again"
+        )
     raw = payload
     if isinstance(payload, dict) and set(payload) == {"args", "kwargs"}:
         # Stored whole because the call itself was malformed; unpack it the same way.

@@ -28,6 +28,7 @@ EXPECTED_TABLES = {
     "task_runs",
     "inbound_mail",
     "mailbox_polls",
+    "task_deliveries",
 }
 
 

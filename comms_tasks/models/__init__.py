@@ -14,7 +14,13 @@ from comms_tasks.models.enums import (
     TherapistStatus,
 )
 from comms_tasks.models.mailbox import InboundMail, MailboxPoll
-from comms_tasks.models.messaging import DeadLetter, OutboxEvent, ProcessedMessage, TaskRun
+from comms_tasks.models.messaging import (
+    DeadLetter,
+    OutboxEvent,
+    ProcessedMessage,
+    TaskDelivery,
+    TaskRun,
+)
 from comms_tasks.models.phone_call import PhoneCall, PhoneCallBatch
 from comms_tasks.models.read_models import Patient, PlacementRequest, Therapist
 
@@ -40,6 +46,7 @@ __all__ = [
     "PlacementRequestStatus",
     "ProcessedMessage",
     "ResponseOutcome",
+    "TaskDelivery",
     "TaskRun",
     "Therapist",
     "TherapistStatus",

@@ -108,3 +108,20 @@ class TaskRun(Base):
     last_finished_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     last_state: Mapped[str] = mapped_column(String(20))
     runs: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+
+
+class TaskDelivery(Base):
+    """A task message that started running and has not finished (``comms_tasks.deliveries``).
+
+    One row per message and attempt (``retries``): written, committed, before the task's
+    body runs, removed when it returns or raises. A row still there when the message
+    arrives again means the process running it died.
+    """
+
+    __tablename__ = "task_deliveries"
+
+    task_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    retries: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(100))
+    deliveries: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    last_delivered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

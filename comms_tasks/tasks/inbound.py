@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -18,6 +18,7 @@ from comms_tasks.contracts import (
 )
 from comms_tasks.inbox import (
     Applier,
+    cause_of,
     failure_reason,
     handle_call,
     is_transient,
@@ -81,27 +82,47 @@ def run_inbound(
     try:
         return handle_call(task_name, args, kwargs, applier).as_dict()
     except Exception as exc:  # noqa: BLE001 - every failure is retried or dead-lettered
-        if retries < retries_allowed(exc):
-            countdown = get_exponential_backoff_interval(
-                factor=1, retries=retries, maximum=MAX_BACKOFF_SECONDS, full_jitter=True
-            )
-            raise task.retry(exc=exc, countdown=countdown) from None
-        reason = failure_reason(exc, retries)
+        failure = exc
+    if retries < retries_allowed(failure):
+        countdown = get_exponential_backoff_interval(
+            factor=1, retries=retries, maximum=MAX_BACKOFF_SECONDS, full_jitter=True
+        )
+        retry(task, failure, countdown)
+    reason = failure_reason(failure, retries)
     try:
         return store_failure(task_name, args, kwargs, reason).as_dict()
     except Exception as exc:  # noqa: BLE001 - an outage is retried, anything else kept below
-        if is_transient(exc):
-            # The database is still away: the message stays in the queue, not lost.
-            raise task.retry(exc=exc, countdown=MAX_BACKOFF_SECONDS) from None
-        unstorable = exc
+        failure = exc
+    if is_transient(failure):
+        # The database is still away: the message stays in the queue, not lost.
+        retry(task, failure, MAX_BACKOFF_SECONDS)
     # The letter itself cannot be written (what it holds, not an outage): a minimal one
     # naming the task, the message id and the cause is kept instead.
+    unstorable = failure
     try:
         return store_unstorable(task_name, args, kwargs, unstorable).as_dict()
     except Exception as exc:
         if not is_transient(exc):
             raise
-        raise task.retry(exc=exc, countdown=MAX_BACKOFF_SECONDS) from None
+        failure = exc
+    retry(task, failure, MAX_BACKOFF_SECONDS)
+
+
+class RetriedOutage(Exception):
+    """What a retry reports (task-retried event, result backend): the cause's class only.
+
+    The exception itself carries the server's message and a traceback, which may quote
+    values of the message; neither may reach an event or Flower.
+    """
+
+
+def retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
+    """Retry ``task`` in ``countdown`` seconds, reporting ``exc`` by its class only.
+
+    Called outside any ``except`` block, so that the reported traceback chains no
+    exception with its message.
+    """
+    raise task.retry(exc=RetriedOutage(cause_of(exc)), countdown=countdown)
 
 
 handle_therapist_event = inbound_task(HANDLE_THERAPIST_EVENT, APPLIERS[HANDLE_THERAPIST_EVENT])

@@ -1,0 +1,34 @@
+"""Test only: makes a worker's pool process die on one chosen inbound message.
+
+Loaded into a real worker with ``--include tests.worker_crash_hook`` (never by the
+service). It simulates what no test can cause on demand: a message whose handling kills
+the process running it (out of memory, a segfault in a C extension). The inbound task
+runs as always; where it would apply the message, a therapist event whose last name is
+:data:`CRASH_NAME` ends the process with ``os._exit`` instead, after noting the
+process id in the file named by ``CRASH_HOOK_LOG``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from comms_tasks.tasks import inbound
+
+CRASH_NAME = "Absturz-Testfall"
+_handle_call = inbound.handle_call
+
+
+def _crashing_handle_call(
+    task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], apply: Any
+) -> Any:
+    event = kwargs.get("event")
+    payload = event.get("payload") if isinstance(event, dict) else None
+    if isinstance(payload, dict) and payload.get("last_name") == CRASH_NAME:
+        with open(os.environ["CRASH_HOOK_LOG"], "a", encoding="utf-8") as crashes:
+            crashes.write(f"{os.getpid()}\n")
+        os._exit(1)
+    return _handle_call(task_name, args, kwargs, apply)
+
+
+inbound.handle_call = _crashing_handle_call
