@@ -6,7 +6,9 @@ one-line reason on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import signal
@@ -24,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from typer.exceptions import TyperException
 
 from comms_tasks.settings import ConfigurationError, get_settings
@@ -112,6 +115,28 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+@functools.cache
+def require_database() -> None:
+    """Stop with one line unless the database exists and is migrated (checked once).
+
+    Only ``comms db upgrade`` creates a database: any other command pointed at a SQLite
+    file that is not there says where it looked instead of leaving an empty file behind.
+    """
+    from comms_tasks import migrate
+
+    reason = migrate.not_ready(get_settings().effective_database_url)
+    if reason is not None:
+        raise fail(reason)
+
+
+def database() -> contextlib.AbstractContextManager[Session]:
+    """One transaction on the configured database, once :func:`require_database` passed."""
+    from comms_tasks.db import transaction
+
+    require_database()
+    return transaction()
+
+
 def send_message(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
     """Send a public message as other services do, showing only its ids in task events."""
     from comms_tasks.app import app as celery_app
@@ -143,7 +168,11 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision."
     """Undo migrations down to REVISION (``base`` removes every table)."""
     from comms_tasks import migrate
 
-    migrate.downgrade(get_settings().effective_database_url, revision)
+    url = get_settings().effective_database_url
+    missing = migrate.not_there(url)
+    if missing is not None:
+        raise fail(missing)
+    migrate.downgrade(url, revision)
     console.print(f"database at revision {revision}")
 
 
@@ -201,10 +230,9 @@ def dead_letters_list(
     as_json: JsonOption = False,
 ) -> None:
     """List dead letters (pending ones unless --all)."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import DeadLetter, DeadLetterStatus
 
-    with transaction() as session:
+    with database() as session:
         query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
         if not show_all:
             query = query.where(DeadLetter.status == DeadLetterStatus.PENDING)
@@ -236,10 +264,9 @@ def dead_letters_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one dead letter with the message it kept (patient data masked)."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import DeadLetter
 
-    with transaction() as session:
+    with database() as session:
         letter = session.get(DeadLetter, dead_letter_id)
         if letter is None:
             raise fail(f"dead letter {dead_letter_id} does not exist")
@@ -265,7 +292,6 @@ def dead_letters_replay(
     """Validate and apply dead letters again (e.g. after the producer was fixed)."""
     from rich.progress import track
 
-    from comms_tasks.db import transaction
     from comms_tasks.inbox import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
     from comms_tasks.tasks import APPLIERS
@@ -273,7 +299,7 @@ def dead_letters_replay(
     if bool(dead_letter_ids) == replay_all:
         raise fail("give dead letter ids or --all, not both or neither", code=USAGE_ERROR)
     if replay_all:
-        with transaction() as session:
+        with database() as session:
             dead_letter_ids = list(
                 session.scalars(
                     select(DeadLetter.id)
@@ -283,6 +309,7 @@ def dead_letters_replay(
                     .order_by(DeadLetter.id)
                 )
             )
+    require_database()
     ids = dead_letter_ids or []
     results = []
     for letter_id in track(ids, description="replaying", console=errors, disable=len(ids) < 10):
@@ -337,7 +364,6 @@ def emails_list(
     as_json: JsonOption = False,
 ) -> None:
     """List emails, newest first."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email, EmailStatus
 
     query = select(Email).order_by(Email.id.desc()).limit(limit)
@@ -349,7 +375,7 @@ def emails_list(
             raise fail(f"--status: must be one of {choices}", code=USAGE_ERROR) from None
     if therapist is not None:
         query = query.where(Email.therapist_id == therapist)
-    with transaction() as session:
+    with database() as session:
         items = [_email_summary(email) for email in session.scalars(query)]
     if as_json:
         emit_json(items)
@@ -378,10 +404,9 @@ def emails_show(
     as_json: JsonOption = False,
 ) -> None:
     """One email: headers, state, the requests it asks about (and its body with --body)."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email
 
-    with transaction() as session:
+    with database() as session:
         email = session.get(Email, email_id)
         if email is None:
             raise fail(f"email {email_id} does not exist")
@@ -421,11 +446,10 @@ def emails_show(
 
 
 def _change_email(email_id: int, change: Any, verb: str, as_json: bool) -> None:
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email
     from comms_tasks.models.base import utcnow
 
-    with transaction() as session:
+    with database() as session:
         email = session.get(Email, email_id, with_for_update=True)
         if email is None:
             raise fail(f"email {email_id} does not exist")
@@ -490,10 +514,9 @@ def _day(value: str | None) -> dt.date:
 
 
 def _sheet(day: dt.date) -> list[dict[str, Any]]:
-    from comms_tasks.db import transaction
     from comms_tasks.reports import call_sheet
 
-    with transaction() as session:
+    with database() as session:
         return call_sheet(session, day)
 
 
@@ -601,6 +624,7 @@ def calls_outcome(
 
     from comms_tasks.contracts import RECORD_CALL_OUTCOME, ContractViolation, validate_command
 
+    require_database()
     requests = []
     for item in request or []:
         request_id, _, outcome = item.partition("=")
@@ -645,11 +669,10 @@ def calls_outcome(
 
 def _preview(therapist_id: int) -> Any:
     """What the next batch would do for the therapist, computed and rolled back."""
-    from comms_tasks.db import transaction
     from comms_tasks.emails import preview_batch
     from comms_tasks.models.base import utcnow
 
-    with transaction() as session:
+    with database() as session:
         try:
             result = preview_batch(session, therapist_id, utcnow(), get_settings())
         except LookupError as exc:
@@ -729,6 +752,7 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
     from comms_tasks.models.base import utcnow
     from comms_tasks.retention import purge_all_expired
 
+    require_database()
     settings = get_settings()
     # Progress is for a person at a terminal; in a pipe it would leave an empty line.
     with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
@@ -758,10 +782,9 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """Counts per status, the oldest queued email, the outbox backlog, dead letters."""
-    from comms_tasks.db import transaction
     from comms_tasks.reports import status_snapshot
 
-    with transaction() as session:
+    with database() as session:
         snapshot = status_snapshot(session)
     if as_json:
         emit_json(snapshot)
@@ -812,6 +835,7 @@ def demo(
     from comms_tasks.app import app as celery_app
     from comms_tasks.demo import demo_messages
 
+    require_database()
     messages = demo_messages(dt.datetime.now(dt.UTC))
     sent: dict[str, int] = {}
     with celery_app.producer_or_acquire() as producer:
@@ -821,10 +845,9 @@ def demo(
             sent[event_type] = sent.get(event_type, 0) + 1
     history = 0
     if with_history:
-        from comms_tasks.db import transaction
         from comms_tasks.demo_history import past_emails, record_past_emails
 
-        with transaction() as session:
+        with database() as session:
             history = record_past_emails(
                 session, past_emails(messages), dt.datetime.now(dt.UTC), get_settings()
             )
@@ -854,7 +877,6 @@ def _celery(*arguments: str) -> subprocess.Popen[bytes]:
 
 
 def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> None:
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email, EmailStatus, PhoneCall, PhoneCallStatus
 
     console.rule("what happened")
@@ -864,7 +886,7 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
         f"{sum(snapshot['placement_requests'].values())} placement requests.",
         highlight=False,
     )
-    with transaction() as session:
+    with database() as session:
         sent = session.execute(
             select(Email.therapist_id)
             .where(Email.status == EmailStatus.SENT)
@@ -880,7 +902,7 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
         console.print(
             f"Mail written to {settings.outbox_folder}/; open {files[0]}", highlight=False
         )
-    with transaction() as session:
+    with database() as session:
         first_call = session.scalar(
             select(PhoneCall.scheduled_date)
             .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
@@ -908,15 +930,11 @@ def run(
 ) -> None:
     """Run a worker and beat in the foreground and report what they did."""
     from comms_tasks.app import app as celery_app
-    from comms_tasks.db import check_database, transaction
     from comms_tasks.reports import activity_counts, describe_changes, status_snapshot
 
     settings = get_settings()
-    try:
-        # Before worker and beat start, so a wrong URL is said once, not by each of them.
-        check_database()
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
+    # Before worker and beat start, so a wrong URL is said once, not by each of them.
+    require_database()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     log_level = settings.log_level
     worker = _celery("worker", f"--loglevel={log_level}", f"--concurrency={concurrency}")
@@ -943,7 +961,7 @@ def run(
             time.sleep(1)
             if worker.poll() is not None or beat.poll() is not None:
                 raise fail("worker or beat exited; see its output above")
-            with transaction() as session:
+            with database() as session:
                 snapshot = status_snapshot(session)
             now_counts = activity_counts(snapshot)
             if reported:
