@@ -15,11 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from kombu.exceptions import OperationalError as KombuOperationalError
 from rich.console import Console
 from rich.segment import Segment
 from rich.table import Table
@@ -107,6 +108,10 @@ def fail(reason: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
@@ -137,6 +142,68 @@ def database() -> contextlib.AbstractContextManager[Session]:
     return transaction()
 
 
+# A broker that refuses, or accepts and never answers, is reported within seconds: each
+# attempt to connect or to read waits this long, and there are this many attempts.
+BROKER_TIMEOUT_SECONDS = 4.0
+BROKER_ATTEMPTS = 2
+
+
+def masked_broker_url(url: str) -> str:
+    """The broker URL (or ``;``-separated failover URLs) with every password masked."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return ";".join(str(maybe_sanitize_url(part, mask=MASK)) for part in url.split(";"))
+
+
+def broker_unreachable(url: str, error: BaseException) -> str:
+    """One line naming ``COMMS_BROKER_URL``, masked; the reason without the password."""
+    from kombu.utils.url import url_to_parts
+
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].strip()
+    for part in url.split(";"):
+        try:
+            password = url_to_parts(part).password
+        except Exception:  # noqa: BLE001 - an unparsable URL has no password to hide
+            password = None
+        if password:
+            reason = reason.replace(password, MASK)
+    return f"COMMS_BROKER_URL: cannot reach {masked_broker_url(url)}: {reason or 'no reason given'}"
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[Any]:
+    """A producer on a connection made for this command, with bounded waits.
+
+    The app's own pool would retry a dead broker for long and, on Redis, wait forever for
+    a server that accepted the connection and never answers; here both end after
+    :data:`BROKER_ATTEMPTS` attempts with one line (see :func:`broker_unreachable`).
+    """
+    from kombu.exceptions import OperationalError
+
+    from comms_tasks.app import app as celery_app
+
+    url = str(celery_app.conf.broker_url)
+    waits = {
+        # Redis (the others ignore them)...
+        "socket_timeout": BROKER_TIMEOUT_SECONDS,
+        "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
+        # ...and AMQP.
+        "read_timeout": BROKER_TIMEOUT_SECONDS,
+        "write_timeout": BROKER_TIMEOUT_SECONDS,
+    }
+    connection = celery_app.connection_for_write(
+        connect_timeout=BROKER_TIMEOUT_SECONDS, transport_options=waits
+    )
+    try:
+        with connection:
+            connection.ensure_connection(
+                max_retries=BROKER_ATTEMPTS - 1, interval_start=0, interval_step=1, interval_max=1
+            )
+            yield connection.Producer()
+    except (OperationalError, OSError) as exc:
+        raise fail(broker_unreachable(url, exc)) from None
+
+
 def send_message(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
     """Send a public message as other services do, showing only its ids in task events."""
     from comms_tasks.app import app as celery_app
@@ -156,23 +223,33 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Run the migrations up to REVISION (default: the newest)."""
+    from alembic.util import CommandError
+
     from comms_tasks import migrate
 
     url = get_settings().effective_database_url
-    migrate.upgrade(url, revision)
+    try:
+        migrate.upgrade(url, revision)
+    except CommandError as exc:
+        raise fail(f"db upgrade: {_first_line(exc)}") from None
     console.print(f"database at revision {revision}")
 
 
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]) -> None:
     """Undo migrations down to REVISION (``base`` removes every table)."""
+    from alembic.util import CommandError
+
     from comms_tasks import migrate
 
     url = get_settings().effective_database_url
     missing = migrate.not_there(url)
     if missing is not None:
         raise fail(missing)
-    migrate.downgrade(url, revision)
+    try:
+        migrate.downgrade(url, revision)
+    except CommandError as exc:
+        raise fail(f"db downgrade: {_first_line(exc)}") from None
     console.print(f"database at revision {revision}")
 
 
@@ -596,7 +673,10 @@ def calls_ics(
             event.add("location", call["phone"])
         calendar.add_component(event)
     calendar.add_missing_timezones()
-    output.write_bytes(calendar.to_ical())
+    try:
+        output.write_bytes(calendar.to_ical())
+    except OSError as exc:
+        raise fail(f"--output: cannot write {output}: {exc.strerror or exc}") from None
     console.print(f"wrote {len(sheet)} calls to {output}")
 
 
@@ -657,7 +737,8 @@ def calls_outcome(
         validate_command(RECORD_CALL_OUTCOME, command)
     except ContractViolation as exc:
         raise fail(exc.reason.removeprefix("command."), code=USAGE_ERROR) from None
-    send_message(RECORD_CALL_OUTCOME, {"command": command})
+    with broker() as producer:
+        send_message(RECORD_CALL_OUTCOME, {"command": command}, producer=producer)
     if as_json:
         emit_json(command)
     else:
@@ -832,13 +913,12 @@ def demo(
     """Load a realistic sample by sending the public messages other services send."""
     from rich.progress import track
 
-    from comms_tasks.app import app as celery_app
     from comms_tasks.demo import demo_messages
 
     require_database()
     messages = demo_messages(dt.datetime.now(dt.UTC))
     sent: dict[str, int] = {}
-    with celery_app.producer_or_acquire() as producer:
+    with broker() as producer:
         for message in track(messages, description="sending demo messages", console=errors):
             send_message(message.task_name, message.kwargs, producer=producer)
             event_type = message.kwargs["event"]["event_type"]
@@ -935,6 +1015,8 @@ def run(
     settings = get_settings()
     # Before worker and beat start, so a wrong URL is said once, not by each of them.
     require_database()
+    with broker():
+        pass
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     log_level = settings.log_level
     worker = _celery("worker", f"--loglevel={log_level}", f"--concurrency={concurrency}")
@@ -1026,4 +1108,13 @@ def main() -> None:
         reason = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         say_error(reason)
         raise SystemExit(USAGE_ERROR) from None
+    except KombuOperationalError as exc:
+        # The broker went away after the command reached it (see broker()).
+        say_error(broker_unreachable(get_settings().effective_broker_url, exc))
+        raise SystemExit(1) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        say_error(f"{exc.filename}: {exc.strerror or exc}")
+        raise SystemExit(1) from None
     raise SystemExit(result if isinstance(result, int) else 0)
