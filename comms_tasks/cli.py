@@ -680,6 +680,49 @@ def calls_ics(
     console.print(f"wrote {len(sheet)} calls to {output}")
 
 
+def _check_outcome_options(status: str, with_requests: bool, retry_after: str | None) -> None:
+    """Options that cannot go with the status: the worker would ignore or refuse them."""
+    if with_requests and status != "completed":
+        raise fail(
+            f"--request: only with --status completed (a {status} call discussed nothing)",
+            code=USAGE_ERROR,
+        )
+    if retry_after is None:
+        return
+    if status != "failed":
+        raise fail("--retry-after: only with --status failed", code=USAGE_ERROR)
+    today = dt.datetime.now(get_settings().zone).date()
+    # The contract has checked the shape already.
+    if dt.date.fromisoformat(retry_after) < today:
+        raise fail(
+            f"--retry-after: {retry_after} lies in the past (today is {today.isoformat()})",
+            code=USAGE_ERROR,
+        )
+
+
+def _check_outcome_against_the_call(call_id: int, request_ids: list[int]) -> None:
+    """What the database knows: the call exists, is still scheduled, has these requests.
+
+    The worker checks again when it applies the message (a call may change meanwhile);
+    this is so that the operator hears of a mistake at once instead of in a dead letter.
+    """
+    from comms_tasks.models import PhoneCall, PhoneCallStatus
+
+    with database() as session:
+        call = session.get(PhoneCall, call_id)
+        if call is None:
+            raise fail(f"call {call_id} does not exist")
+        if call.status is not PhoneCallStatus.SCHEDULED:
+            raise fail(f"call {call_id} is already {call.status.value}: its outcome was recorded")
+        on_the_call = sorted(batch.placement_request_id for batch in call.batches)
+    for request_id in request_ids:
+        if request_id not in on_the_call:
+            raise fail(
+                f"--request: request {request_id} is not part of call {call_id} "
+                f"(its requests: {', '.join(map(str, on_the_call))})"
+            )
+
+
 @calls_app.command("outcome")
 def calls_outcome(
     call_id: Annotated[int, typer.Argument(help="The call's id.")],
@@ -706,6 +749,7 @@ def calls_outcome(
 
     require_database()
     requests = []
+    request_ids: list[int] = []
     for item in request or []:
         request_id, _, outcome = item.partition("=")
         if not request_id.isdigit() or outcome not in (
@@ -715,6 +759,7 @@ def calls_outcome(
             "discussed",
         ):
             raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
+        request_ids.append(int(request_id))
         requests.append(
             {
                 "placement_request_id": int(request_id),
@@ -737,6 +782,8 @@ def calls_outcome(
         validate_command(RECORD_CALL_OUTCOME, command)
     except ContractViolation as exc:
         raise fail(exc.reason.removeprefix("command."), code=USAGE_ERROR) from None
+    _check_outcome_options(status_value, bool(requests), retry_after)
+    _check_outcome_against_the_call(call_id, request_ids)
     with broker() as producer:
         send_message(RECORD_CALL_OUTCOME, {"command": command}, producer=producer)
     if as_json:
