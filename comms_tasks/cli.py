@@ -955,15 +955,36 @@ def demo(
             help="Also record a few emails sent nine days ago, still unanswered.",
         ),
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Load it even into a database that holds data other than the demo's "
+            "(never in production: fake therapists 1-30 and 'sent' emails).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Load a realistic sample by sending the public messages other services send."""
+    """Load a realistic sample by sending the public messages other services send.
+
+    Only into an empty database, or one holding the demo's own data (then it changes
+    nothing), unless --force.
+    """
     from rich.progress import track
 
     from comms_tasks.demo import demo_messages
+    from comms_tasks.demo_guard import data_not_from_the_demo, describe
+    from comms_tasks.settings import safe_database_url
 
-    require_database()
     messages = demo_messages(dt.datetime.now(dt.UTC))
+    with database() as session:
+        foreign = data_not_from_the_demo(session, messages)
+    if foreign and not force:
+        where = safe_database_url(get_settings().effective_database_url)
+        raise fail(
+            f"the database at {where} holds data that is not the demo's ({describe(foreign)}): "
+            "the demo loads only into an empty database; --force loads it anyway"
+        )
     sent: dict[str, int] = {}
     with broker() as producer:
         for message in track(messages, description="sending demo messages", console=errors):
