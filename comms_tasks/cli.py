@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from typer.exceptions import TyperException
 
+from comms_tasks.local_time import local_clock, local_iso, local_text
 from comms_tasks.settings import ConfigurationError, get_settings
 
 app = typer.Typer(
@@ -117,7 +118,7 @@ def emit_json(data: Any) -> None:
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    return local_iso(value)
 
 
 @functools.cache
@@ -323,7 +324,7 @@ def dead_letters_list(
     for item in letters:
         table.add_row(
             str(item["id"]),
-            item["received_at"][:19],
+            local_text(item["received_at"]),
             item["task_name"],
             item["message_id"] or "-",
             item["status"] + (" (redacted)" if item["payload_redacted_at"] else ""),
@@ -466,8 +467,8 @@ def emails_list(
             str(item["therapist_id"]),
             item["template"],
             item["status"],
-            (item["queued_at"] or "-")[:16],
-            (item["sent_at"] or "-")[:16],
+            local_text(item["queued_at"]),
+            local_text(item["sent_at"]),
             str(item["retry_count"]),
             item["subject"],
         )
@@ -598,7 +599,12 @@ def _sheet(day: dt.date) -> list[dict[str, Any]]:
 
 
 def _field(key: str, value: Any) -> Text:
-    """``key: value``, the key in bold; the value as written, whatever brackets it holds."""
+    """``key: value``, the key in bold; the value as written, whatever brackets it holds.
+
+    A time (``*_at``, held as ISO) is shown in local time with its zone, to the second.
+    """
+    if key.endswith("_at") and isinstance(value, str) and value:
+        value = local_text(value, seconds=True)
     return Text.assemble((key, "bold"), f": {value}" if value != "" else ":")
 
 
@@ -627,7 +633,7 @@ def calls_today(date: DateOption = None, as_json: JsonOption = False) -> None:
         table.add_column(column, overflow="fold")
     for call in sheet:
         table.add_row(
-            call["time"],
+            local_clock(call["scheduled_at"]),
             str(call["call_id"]),
             call["therapist"] or f"therapist {call['therapist_id']}",
             call["phone"] or "-",
@@ -772,7 +778,7 @@ def calls_outcome(
         "command_id": str(uuid.uuid4()),
         "call_id": call_id,
         "status": status_value,
-        "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
+        "occurred_at": local_iso(dt.datetime.now(dt.UTC)),
         "outcome": None,
         "notes": notes,
         "retry_after": retry_after,
@@ -939,7 +945,8 @@ def print_status(snapshot: dict[str, Any]) -> None:
     for column in ("task", "last finished", "state"):
         runs.add_column(column)
     for name, run in snapshot["last_runs"].items():
-        runs.add_row(name, (run["last_finished_at"] or "never")[:19], run["last_state"] or "-")
+        last = local_text(run["last_finished_at"], missing="never")
+        runs.add_row(name, last, run["last_state"] or "-")
     console.print(runs)
 
 
@@ -1115,7 +1122,7 @@ def run(
                 snapshot = status_snapshot(session)
             now_counts = activity_counts(snapshot)
             if reported:
-                stamp = dt.datetime.now(settings.zone).strftime("%H:%M:%S")
+                stamp = local_clock(dt.datetime.now(dt.UTC), seconds=True)
                 for change in describe_changes(counts or {}, now_counts):
                     console.print(f"{stamp} {change}", highlight=False, markup=False)
                 counts = now_counts
