@@ -4,6 +4,9 @@ An unknown call, a request that is not on the call, a call already recorded, req
 outcomes with ``--status failed`` or ``cancelled``, a ``--retry-after`` without
 ``failed`` or in the past: one line, a non-zero exit, and no message on the broker
 (which would only become a dead letter).
+
+The command publishes to the embedded filesystem broker of the test's own folder, where
+no worker takes messages away: its files are the messages sent.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 from sqlalchemy import Engine, update
 
 from comms_tasks.models import PhoneCall, PhoneCallStatus
@@ -23,7 +25,6 @@ from tests.conftest import worker_environment
 from tests.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
 
 COMMS = Path(sys.executable).parent / "comms"
-QUEUE = "celery"
 BERLIN = ZoneInfo("Europe/Berlin")
 
 
@@ -38,19 +39,23 @@ def call_id(committed_db: Engine) -> int:
     return call.id
 
 
+class Broker:
+    """The messages waiting in the filesystem broker under ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder / "broker" / "queue"
+
+    def sent(self) -> int:
+        return len(list(self.folder.glob("*.msg"))) if self.folder.exists() else 0
+
+
 @pytest.fixture
-def broker(redis_url: str) -> redis.Redis:
-    client = redis.Redis.from_url(redis_url)
-    client.delete(QUEUE)
-    return client
+def broker(tmp_path: Path) -> Broker:
+    return Broker(tmp_path)
 
 
-def outcome(
-    committed_url: str, redis_url: str, tmp_path: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url, COMMS_BROKER_URL=redis_url, COMMS_VAR_DIR=str(tmp_path)
-    )
+def outcome(committed_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = worker_environment(COMMS_DATABASE_URL=committed_url, COMMS_VAR_DIR=str(tmp_path))
     return subprocess.run(
         [str(COMMS), "calls", "outcome", *args],
         env=env,
@@ -70,20 +75,19 @@ def today() -> dt.date:
 
 
 def test_an_unknown_call_is_refused_and_nothing_is_sent(
-    committed_db: Engine, committed_url: str, redis_url: str, broker: redis.Redis, tmp_path: Path
+    committed_db: Engine, committed_url: str, broker: Broker, tmp_path: Path
 ) -> None:
-    result = outcome(committed_url, redis_url, tmp_path, "99999", "--status", "completed")
+    result = outcome(committed_url, tmp_path, "99999", "--status", "completed")
 
     refused(result, "call 99999 does not exist", 1)
-    assert broker.llen(QUEUE) == 0
+    assert broker.sent() == 0
 
 
 def test_a_request_that_is_not_on_the_call_is_refused(
-    call_id: int, committed_url: str, redis_url: str, broker: redis.Redis, tmp_path: Path
+    call_id: int, committed_url: str, broker: Broker, tmp_path: Path
 ) -> None:
     result = outcome(
         committed_url,
-        redis_url,
         tmp_path,
         str(call_id),
         *("--status", "completed", "--request", "510=accepted", "--request", "999=rejected"),
@@ -92,15 +96,14 @@ def test_a_request_that_is_not_on_the_call_is_refused(
     refused(
         result, f"--request: request 999 is not part of call {call_id} (its requests: 510, 511)", 1
     )
-    assert broker.llen(QUEUE) == 0
+    assert broker.sent() == 0
 
 
 def test_a_call_already_recorded_is_refused(
     call_id: int,
     committed_db: Engine,
     committed_url: str,
-    redis_url: str,
-    broker: redis.Redis,
+    broker: Broker,
     tmp_path: Path,
 ) -> None:
     with committed_db.begin() as connection:
@@ -110,10 +113,10 @@ def test_a_call_already_recorded_is_refused(
             .values(status=PhoneCallStatus.COMPLETED)
         )
 
-    result = outcome(committed_url, redis_url, tmp_path, str(call_id), "--status", "cancelled")
+    result = outcome(committed_url, tmp_path, str(call_id), "--status", "cancelled")
 
     refused(result, f"call {call_id} is already completed: its outcome was recorded", 1)
-    assert broker.llen(QUEUE) == 0
+    assert broker.sent() == 0
 
 
 @pytest.mark.parametrize(
@@ -136,36 +139,34 @@ def test_a_call_already_recorded_is_refused(
 def test_options_that_do_not_fit_the_status_are_refused(
     call_id: int,
     committed_url: str,
-    redis_url: str,
-    broker: redis.Redis,
+    broker: Broker,
     tmp_path: Path,
     arguments: list[str],
     message: str,
 ) -> None:
-    result = outcome(committed_url, redis_url, tmp_path, str(call_id), *arguments)
+    result = outcome(committed_url, tmp_path, str(call_id), *arguments)
 
     refused(result, message, 2)
-    assert broker.llen(QUEUE) == 0
+    assert broker.sent() == 0
 
 
 def test_a_retry_after_in_the_past_is_refused(
-    call_id: int, committed_url: str, redis_url: str, broker: redis.Redis, tmp_path: Path
+    call_id: int, committed_url: str, broker: Broker, tmp_path: Path
 ) -> None:
     day = (today() - dt.timedelta(days=1)).isoformat()
     result = outcome(
-        committed_url, redis_url, tmp_path, str(call_id), "--status", "failed", "--retry-after", day
+        committed_url, tmp_path, str(call_id), "--status", "failed", "--retry-after", day
     )
 
     refused(result, f"--retry-after: {day} lies in the past (today is {today().isoformat()})", 2)
-    assert broker.llen(QUEUE) == 0
+    assert broker.sent() == 0
 
 
 def test_a_fitting_outcome_is_sent(
-    call_id: int, committed_url: str, redis_url: str, broker: redis.Redis, tmp_path: Path
+    call_id: int, committed_url: str, broker: Broker, tmp_path: Path
 ) -> None:
     result = outcome(
         committed_url,
-        redis_url,
         tmp_path,
         str(call_id),
         *("--status", "failed", "--retry-after", today().isoformat()),
@@ -173,4 +174,4 @@ def test_a_fitting_outcome_is_sent(
 
     assert result.returncode == 0, result.stderr
     assert f"sent the outcome of call {call_id}" in result.stdout
-    assert broker.llen(QUEUE) == 1
+    assert broker.sent() == 1

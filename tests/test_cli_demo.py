@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -23,7 +22,6 @@ from tests import factories as f
 from tests.conftest import PROJECT_ROOT, worker_environment
 
 COMMS = Path(sys.executable).parent / "comms"
-QUEUE = "celery"
 
 
 def comms(
@@ -39,12 +37,10 @@ def comms(
     )
 
 
-@pytest.fixture
-def broker(redis_url: str) -> redis.Redis:
-    client = redis.Redis.from_url(redis_url)
-    client.delete(QUEUE)
-    yield client
-    client.delete(QUEUE)
+def messages_sent(var_dir: Path) -> int:
+    """Messages in the embedded filesystem broker under ``var_dir``: no worker takes them."""
+    folder = var_dir / "broker" / "queue"
+    return len(list(folder.glob("*.msg"))) if folder.exists() else 0
 
 
 def a_therapist_written_directly() -> None:
@@ -70,16 +66,12 @@ def count(engine: Engine, model: type) -> int:
 def test_demo_refuses_a_database_with_data_of_its_own_unless_forced(
     committed_db: Engine,
     committed_url: str,
-    redis_url: str,
-    broker: redis.Redis,
     tmp_path: Path,
     existing: object,
 ) -> None:
     assert callable(existing)
     existing()
-    env = worker_environment(
-        COMMS_DATABASE_URL=committed_url, COMMS_BROKER_URL=redis_url, COMMS_VAR_DIR=str(tmp_path)
-    )
+    env = worker_environment(COMMS_DATABASE_URL=committed_url, COMMS_VAR_DIR=str(tmp_path))
 
     refused = comms(env, "demo")
 
@@ -88,13 +80,13 @@ def test_demo_refuses_a_database_with_data_of_its_own_unless_forced(
     [line] = refused.stderr.splitlines()
     assert line.startswith("error: the database at postgresql")
     assert "1 therapist" in line and "--force" in line
-    assert broker.llen(QUEUE) == 0
+    assert messages_sent(tmp_path) == 0
     assert count(committed_db, Email) == 0
 
     forced = comms(env, "demo", "--force", "--json")
 
     assert forced.returncode == 0, forced.stderr
-    assert broker.llen(QUEUE) == 150
+    assert messages_sent(tmp_path) == 150
     assert count(committed_db, Email) > 0
 
 
