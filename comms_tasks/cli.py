@@ -6,26 +6,31 @@ one-line reason on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from kombu.exceptions import OperationalError as KombuOperationalError
 from rich.console import Console
 from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from typer.exceptions import TyperException
 
+from comms_tasks.local_time import local_clock, local_iso, local_text
 from comms_tasks.settings import ConfigurationError, get_settings
 
 app = typer.Typer(
@@ -104,12 +109,100 @@ def fail(reason: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    return local_iso(value)
+
+
+@functools.cache
+def require_database() -> None:
+    """Stop with one line unless the database exists and is migrated (checked once).
+
+    Only ``comms db upgrade`` creates a database: any other command pointed at a SQLite
+    file that is not there says where it looked instead of leaving an empty file behind.
+    """
+    from comms_tasks import migrate
+
+    reason = migrate.not_ready(get_settings().effective_database_url)
+    if reason is not None:
+        raise fail(reason)
+
+
+def database() -> contextlib.AbstractContextManager[Session]:
+    """One transaction on the configured database, once :func:`require_database` passed."""
+    from comms_tasks.db import transaction
+
+    require_database()
+    return transaction()
+
+
+# A broker that refuses, or accepts and never answers, is reported within seconds: each
+# attempt to connect or to read waits this long, and there are this many attempts.
+BROKER_TIMEOUT_SECONDS = 4.0
+BROKER_ATTEMPTS = 2
+
+
+def masked_broker_url(url: str) -> str:
+    """The broker URL (or ``;``-separated failover URLs) with every password masked."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return ";".join(str(maybe_sanitize_url(part, mask=MASK)) for part in url.split(";"))
+
+
+def broker_unreachable(url: str, error: BaseException) -> str:
+    """One line naming ``COMMS_BROKER_URL``, masked; the reason without the password."""
+    from kombu.utils.url import url_to_parts
+
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].strip()
+    for part in url.split(";"):
+        try:
+            password = url_to_parts(part).password
+        except Exception:  # noqa: BLE001 - an unparsable URL has no password to hide
+            password = None
+        if password:
+            reason = reason.replace(password, MASK)
+    return f"COMMS_BROKER_URL: cannot reach {masked_broker_url(url)}: {reason or 'no reason given'}"
+
+
+@contextlib.contextmanager
+def broker() -> Iterator[Any]:
+    """A producer on a connection made for this command, with bounded waits.
+
+    The app's own pool would retry a dead broker for long and, on Redis, wait forever for
+    a server that accepted the connection and never answers; here both end after
+    :data:`BROKER_ATTEMPTS` attempts with one line (see :func:`broker_unreachable`).
+    """
+    from kombu.exceptions import OperationalError
+
+    from comms_tasks.app import app as celery_app
+
+    url = str(celery_app.conf.broker_url)
+    waits = {
+        # Redis (the others ignore them)...
+        "socket_timeout": BROKER_TIMEOUT_SECONDS,
+        "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
+        # ...and AMQP.
+        "read_timeout": BROKER_TIMEOUT_SECONDS,
+        "write_timeout": BROKER_TIMEOUT_SECONDS,
+    }
+    connection = celery_app.connection_for_write(
+        connect_timeout=BROKER_TIMEOUT_SECONDS, transport_options=waits
+    )
+    try:
+        with connection:
+            connection.ensure_connection(
+                max_retries=BROKER_ATTEMPTS - 1, interval_start=0, interval_step=1, interval_max=1
+            )
+            yield connection.Producer()
+    except (OperationalError, OSError) as exc:
+        raise fail(broker_unreachable(url, exc)) from None
 
 
 def send_message(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
@@ -131,19 +224,33 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Run the migrations up to REVISION (default: the newest)."""
+    from alembic.util import CommandError
+
     from comms_tasks import migrate
 
     url = get_settings().effective_database_url
-    migrate.upgrade(url, revision)
+    try:
+        migrate.upgrade(url, revision)
+    except CommandError as exc:
+        raise fail(f"db upgrade: {_first_line(exc)}") from None
     console.print(f"database at revision {revision}")
 
 
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]) -> None:
     """Undo migrations down to REVISION (``base`` removes every table)."""
+    from alembic.util import CommandError
+
     from comms_tasks import migrate
 
-    migrate.downgrade(get_settings().effective_database_url, revision)
+    url = get_settings().effective_database_url
+    missing = migrate.not_there(url)
+    if missing is not None:
+        raise fail(missing)
+    try:
+        migrate.downgrade(url, revision)
+    except CommandError as exc:
+        raise fail(f"db downgrade: {_first_line(exc)}") from None
     console.print(f"database at revision {revision}")
 
 
@@ -201,10 +308,9 @@ def dead_letters_list(
     as_json: JsonOption = False,
 ) -> None:
     """List dead letters (pending ones unless --all)."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import DeadLetter, DeadLetterStatus
 
-    with transaction() as session:
+    with database() as session:
         query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
         if not show_all:
             query = query.where(DeadLetter.status == DeadLetterStatus.PENDING)
@@ -218,7 +324,7 @@ def dead_letters_list(
     for item in letters:
         table.add_row(
             str(item["id"]),
-            item["received_at"][:19],
+            local_text(item["received_at"]),
             item["task_name"],
             item["message_id"] or "-",
             item["status"] + (" (redacted)" if item["payload_redacted_at"] else ""),
@@ -236,10 +342,9 @@ def dead_letters_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one dead letter with the message it kept (patient data masked)."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import DeadLetter
 
-    with transaction() as session:
+    with database() as session:
         letter = session.get(DeadLetter, dead_letter_id)
         if letter is None:
             raise fail(f"dead letter {dead_letter_id} does not exist")
@@ -265,7 +370,6 @@ def dead_letters_replay(
     """Validate and apply dead letters again (e.g. after the producer was fixed)."""
     from rich.progress import track
 
-    from comms_tasks.db import transaction
     from comms_tasks.inbox import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
     from comms_tasks.tasks import APPLIERS
@@ -273,7 +377,7 @@ def dead_letters_replay(
     if bool(dead_letter_ids) == replay_all:
         raise fail("give dead letter ids or --all, not both or neither", code=USAGE_ERROR)
     if replay_all:
-        with transaction() as session:
+        with database() as session:
             dead_letter_ids = list(
                 session.scalars(
                     select(DeadLetter.id)
@@ -283,6 +387,7 @@ def dead_letters_replay(
                     .order_by(DeadLetter.id)
                 )
             )
+    require_database()
     ids = dead_letter_ids or []
     results = []
     for letter_id in track(ids, description="replaying", console=errors, disable=len(ids) < 10):
@@ -337,7 +442,6 @@ def emails_list(
     as_json: JsonOption = False,
 ) -> None:
     """List emails, newest first."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email, EmailStatus
 
     query = select(Email).order_by(Email.id.desc()).limit(limit)
@@ -349,7 +453,7 @@ def emails_list(
             raise fail(f"--status: must be one of {choices}", code=USAGE_ERROR) from None
     if therapist is not None:
         query = query.where(Email.therapist_id == therapist)
-    with transaction() as session:
+    with database() as session:
         items = [_email_summary(email) for email in session.scalars(query)]
     if as_json:
         emit_json(items)
@@ -363,8 +467,8 @@ def emails_list(
             str(item["therapist_id"]),
             item["template"],
             item["status"],
-            (item["queued_at"] or "-")[:16],
-            (item["sent_at"] or "-")[:16],
+            local_text(item["queued_at"]),
+            local_text(item["sent_at"]),
             str(item["retry_count"]),
             item["subject"],
         )
@@ -378,10 +482,9 @@ def emails_show(
     as_json: JsonOption = False,
 ) -> None:
     """One email: headers, state, the requests it asks about (and its body with --body)."""
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email
 
-    with transaction() as session:
+    with database() as session:
         email = session.get(Email, email_id)
         if email is None:
             raise fail(f"email {email_id} does not exist")
@@ -421,11 +524,10 @@ def emails_show(
 
 
 def _change_email(email_id: int, change: Any, verb: str, as_json: bool) -> None:
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email
     from comms_tasks.models.base import utcnow
 
-    with transaction() as session:
+    with database() as session:
         email = session.get(Email, email_id, with_for_update=True)
         if email is None:
             raise fail(f"email {email_id} does not exist")
@@ -490,15 +592,19 @@ def _day(value: str | None) -> dt.date:
 
 
 def _sheet(day: dt.date) -> list[dict[str, Any]]:
-    from comms_tasks.db import transaction
     from comms_tasks.reports import call_sheet
 
-    with transaction() as session:
+    with database() as session:
         return call_sheet(session, day)
 
 
 def _field(key: str, value: Any) -> Text:
-    """``key: value``, the key in bold; the value as written, whatever brackets it holds."""
+    """``key: value``, the key in bold; the value as written, whatever brackets it holds.
+
+    A time (``*_at``, held as ISO) is shown in local time with its zone, to the second.
+    """
+    if key.endswith("_at") and isinstance(value, str) and value:
+        value = local_text(value, seconds=True)
     return Text.assemble((key, "bold"), f": {value}" if value != "" else ":")
 
 
@@ -527,7 +633,7 @@ def calls_today(date: DateOption = None, as_json: JsonOption = False) -> None:
         table.add_column(column, overflow="fold")
     for call in sheet:
         table.add_row(
-            call["time"],
+            local_clock(call["scheduled_at"]),
             str(call["call_id"]),
             call["therapist"] or f"therapist {call['therapist_id']}",
             call["phone"] or "-",
@@ -573,8 +679,54 @@ def calls_ics(
             event.add("location", call["phone"])
         calendar.add_component(event)
     calendar.add_missing_timezones()
-    output.write_bytes(calendar.to_ical())
+    try:
+        output.write_bytes(calendar.to_ical())
+    except OSError as exc:
+        raise fail(f"--output: cannot write {output}: {exc.strerror or exc}") from None
     console.print(f"wrote {len(sheet)} calls to {output}")
+
+
+def _check_outcome_options(status: str, with_requests: bool, retry_after: str | None) -> None:
+    """Options that cannot go with the status: the worker would ignore or refuse them."""
+    if with_requests and status != "completed":
+        raise fail(
+            f"--request: only with --status completed (a {status} call discussed nothing)",
+            code=USAGE_ERROR,
+        )
+    if retry_after is None:
+        return
+    if status != "failed":
+        raise fail("--retry-after: only with --status failed", code=USAGE_ERROR)
+    today = dt.datetime.now(get_settings().zone).date()
+    # The contract has checked the shape already.
+    if dt.date.fromisoformat(retry_after) < today:
+        raise fail(
+            f"--retry-after: {retry_after} lies in the past (today is {today.isoformat()})",
+            code=USAGE_ERROR,
+        )
+
+
+def _check_outcome_against_the_call(call_id: int, request_ids: list[int]) -> None:
+    """What the database knows: the call exists, is still scheduled, has these requests.
+
+    The worker checks again when it applies the message (a call may change meanwhile);
+    this is so that the operator hears of a mistake at once instead of in a dead letter.
+    """
+    from comms_tasks.models import PhoneCall, PhoneCallStatus
+
+    with database() as session:
+        call = session.get(PhoneCall, call_id)
+        if call is None:
+            raise fail(f"call {call_id} does not exist")
+        if call.status is not PhoneCallStatus.SCHEDULED:
+            raise fail(f"call {call_id} is already {call.status.value}: its outcome was recorded")
+        on_the_call = sorted(batch.placement_request_id for batch in call.batches)
+    for request_id in request_ids:
+        if request_id not in on_the_call:
+            raise fail(
+                f"--request: request {request_id} is not part of call {call_id} "
+                f"(its requests: {', '.join(map(str, on_the_call))})"
+            )
 
 
 @calls_app.command("outcome")
@@ -601,7 +753,9 @@ def calls_outcome(
 
     from comms_tasks.contracts import RECORD_CALL_OUTCOME, ContractViolation, validate_command
 
+    require_database()
     requests = []
+    request_ids: list[int] = []
     for item in request or []:
         request_id, _, outcome = item.partition("=")
         if not request_id.isdigit() or outcome not in (
@@ -611,6 +765,7 @@ def calls_outcome(
             "discussed",
         ):
             raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
+        request_ids.append(int(request_id))
         requests.append(
             {
                 "placement_request_id": int(request_id),
@@ -623,7 +778,7 @@ def calls_outcome(
         "command_id": str(uuid.uuid4()),
         "call_id": call_id,
         "status": status_value,
-        "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
+        "occurred_at": local_iso(dt.datetime.now(dt.UTC)),
         "outcome": None,
         "notes": notes,
         "retry_after": retry_after,
@@ -633,7 +788,10 @@ def calls_outcome(
         validate_command(RECORD_CALL_OUTCOME, command)
     except ContractViolation as exc:
         raise fail(exc.reason.removeprefix("command."), code=USAGE_ERROR) from None
-    send_message(RECORD_CALL_OUTCOME, {"command": command})
+    _check_outcome_options(status_value, bool(requests), retry_after)
+    _check_outcome_against_the_call(call_id, request_ids)
+    with broker() as producer:
+        send_message(RECORD_CALL_OUTCOME, {"command": command}, producer=producer)
     if as_json:
         emit_json(command)
     else:
@@ -645,11 +803,10 @@ def calls_outcome(
 
 def _preview(therapist_id: int) -> Any:
     """What the next batch would do for the therapist, computed and rolled back."""
-    from comms_tasks.db import transaction
     from comms_tasks.emails import preview_batch
     from comms_tasks.models.base import utcnow
 
-    with transaction() as session:
+    with database() as session:
         try:
             result = preview_batch(session, therapist_id, utcnow(), get_settings())
         except LookupError as exc:
@@ -729,6 +886,7 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
     from comms_tasks.models.base import utcnow
     from comms_tasks.retention import purge_all_expired
 
+    require_database()
     settings = get_settings()
     # Progress is for a person at a terminal; in a pipe it would leave an empty line.
     with Progress(console=errors, transient=True, disable=not errors.is_terminal) as progress:
@@ -758,10 +916,9 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """Counts per status, the oldest queued email, the outbox backlog, dead letters."""
-    from comms_tasks.db import transaction
     from comms_tasks.reports import status_snapshot
 
-    with transaction() as session:
+    with database() as session:
         snapshot = status_snapshot(session)
     if as_json:
         emit_json(snapshot)
@@ -788,7 +945,8 @@ def print_status(snapshot: dict[str, Any]) -> None:
     for column in ("task", "last finished", "state"):
         runs.add_column(column)
     for name, run in snapshot["last_runs"].items():
-        runs.add_row(name, (run["last_finished_at"] or "never")[:19], run["last_state"] or "-")
+        last = local_text(run["last_finished_at"], missing="never")
+        runs.add_row(name, last, run["last_state"] or "-")
     console.print(runs)
 
 
@@ -804,27 +962,47 @@ def demo(
             help="Also record a few emails sent nine days ago, still unanswered.",
         ),
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Load it even into a database that holds data other than the demo's "
+            "(never in production: fake therapists 1-30 and 'sent' emails).",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Load a realistic sample by sending the public messages other services send."""
+    """Load a realistic sample by sending the public messages other services send.
+
+    Only into an empty database, or one holding the demo's own data (then it changes
+    nothing), unless --force.
+    """
     from rich.progress import track
 
-    from comms_tasks.app import app as celery_app
     from comms_tasks.demo import demo_messages
+    from comms_tasks.demo_guard import data_not_from_the_demo, describe
+    from comms_tasks.settings import safe_database_url
 
     messages = demo_messages(dt.datetime.now(dt.UTC))
+    with database() as session:
+        foreign = data_not_from_the_demo(session, messages)
+    if foreign and not force:
+        where = safe_database_url(get_settings().effective_database_url)
+        raise fail(
+            f"the database at {where} holds data that is not the demo's ({describe(foreign)}): "
+            "the demo loads only into an empty database; --force loads it anyway"
+        )
     sent: dict[str, int] = {}
-    with celery_app.producer_or_acquire() as producer:
+    with broker() as producer:
         for message in track(messages, description="sending demo messages", console=errors):
             send_message(message.task_name, message.kwargs, producer=producer)
             event_type = message.kwargs["event"]["event_type"]
             sent[event_type] = sent.get(event_type, 0) + 1
     history = 0
     if with_history:
-        from comms_tasks.db import transaction
         from comms_tasks.demo_history import past_emails, record_past_emails
 
-        with transaction() as session:
+        with database() as session:
             history = record_past_emails(
                 session, past_emails(messages), dt.datetime.now(dt.UTC), get_settings()
             )
@@ -854,7 +1032,6 @@ def _celery(*arguments: str) -> subprocess.Popen[bytes]:
 
 
 def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> None:
-    from comms_tasks.db import transaction
     from comms_tasks.models import Email, EmailStatus, PhoneCall, PhoneCallStatus
 
     console.rule("what happened")
@@ -864,7 +1041,7 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
         f"{sum(snapshot['placement_requests'].values())} placement requests.",
         highlight=False,
     )
-    with transaction() as session:
+    with database() as session:
         sent = session.execute(
             select(Email.therapist_id)
             .where(Email.status == EmailStatus.SENT)
@@ -880,7 +1057,7 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
         console.print(
             f"Mail written to {settings.outbox_folder}/; open {files[0]}", highlight=False
         )
-    with transaction() as session:
+    with database() as session:
         first_call = session.scalar(
             select(PhoneCall.scheduled_date)
             .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
@@ -908,15 +1085,13 @@ def run(
 ) -> None:
     """Run a worker and beat in the foreground and report what they did."""
     from comms_tasks.app import app as celery_app
-    from comms_tasks.db import check_database, transaction
     from comms_tasks.reports import activity_counts, describe_changes, status_snapshot
 
     settings = get_settings()
-    try:
-        # Before worker and beat start, so a wrong URL is said once, not by each of them.
-        check_database()
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
+    # Before worker and beat start, so a wrong URL is said once, not by each of them.
+    require_database()
+    with broker():
+        pass
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     log_level = settings.log_level
     worker = _celery("worker", f"--loglevel={log_level}", f"--concurrency={concurrency}")
@@ -943,11 +1118,11 @@ def run(
             time.sleep(1)
             if worker.poll() is not None or beat.poll() is not None:
                 raise fail("worker or beat exited; see its output above")
-            with transaction() as session:
+            with database() as session:
                 snapshot = status_snapshot(session)
             now_counts = activity_counts(snapshot)
             if reported:
-                stamp = dt.datetime.now(settings.zone).strftime("%H:%M:%S")
+                stamp = local_clock(dt.datetime.now(dt.UTC), seconds=True)
                 for change in describe_changes(counts or {}, now_counts):
                     console.print(f"{stamp} {change}", highlight=False, markup=False)
                 counts = now_counts
@@ -1008,4 +1183,13 @@ def main() -> None:
         reason = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         say_error(reason)
         raise SystemExit(USAGE_ERROR) from None
+    except KombuOperationalError as exc:
+        # The broker went away after the command reached it (see broker()).
+        say_error(broker_unreachable(get_settings().effective_broker_url, exc))
+        raise SystemExit(1) from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        say_error(f"{exc.filename}: {exc.strerror or exc}")
+        raise SystemExit(1) from None
     raise SystemExit(result if isinstance(result, int) else 0)

@@ -28,6 +28,8 @@ from comms_tasks.settings import Settings
 HISTORY_THERAPISTS = 5
 HISTORY_REQUESTS_PER_EMAIL = 2
 HISTORY_SENT_AGO = dt.timedelta(days=9)
+# The past emails' dedup keys start with this (a therapist's id follows).
+DEDUP_PREFIX = "demo-history:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,7 @@ def record_past_emails(
     added = 0
     for past in history:
         therapist = past.therapist
-        dedup_key = f"demo-history:{therapist['therapist_id']}"
+        dedup_key = f"{DEDUP_PREFIX}{therapist['therapist_id']}"
         if session.scalar(select(Email.id).where(Email.dedup_key == dedup_key)) is not None:
             continue
         entries = [_entry(n, request) for n, request in enumerate(past.requests, start=1)]

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.local_time import local_iso
 from comms_tasks.models import (
     DeadLetter,
     DeadLetterStatus,
@@ -145,7 +146,7 @@ def call_sheet(session: Session, day: dt.date) -> list[dict[str, Any]]:
             {
                 "call_id": call.id,
                 "time": call.scheduled_time.strftime("%H:%M"),
-                "scheduled_at": call.scheduled_at.isoformat(),
+                "scheduled_at": local_iso(call.scheduled_at),
                 "duration_minutes": call.duration_minutes,
                 "status": call.status.value,
                 "attempt": call.attempt,

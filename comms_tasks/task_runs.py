@@ -12,6 +12,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from comms_tasks.local_time import local_iso
 from comms_tasks.models import TaskRun
 from comms_tasks.models.base import utcnow
 from schedules import BEAT_HEADER, beat_schedule
@@ -39,7 +40,8 @@ def last_runs(session: Session) -> dict[str, dict[str, Any]]:
     runs = {row.task_name: row for row in session.scalars(select(TaskRun))}
     return {
         name: {
-            "last_finished_at": runs[name].last_finished_at.isoformat() if name in runs else None,
+            # Local time with its offset: what operators read (comms status).
+            "last_finished_at": local_iso(runs[name].last_finished_at) if name in runs else None,
             "last_state": runs[name].last_state if name in runs else None,
         }
         for name in sorted(SCHEDULED_TASKS)
