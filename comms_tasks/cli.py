@@ -564,6 +564,74 @@ def emails_cancel(
     )
 
 
+@emails_app.command("respond")
+def emails_respond(
+    email_id: Annotated[int, typer.Argument(help="The email that was answered.")],
+    request: Annotated[
+        list[str] | None,
+        typer.Option("--request", help="REQUEST_ID=accepted|rejected|needs_follow_up, repeatable."),
+    ] = None,
+    note: Annotated[str | None, typer.Option("--note", help="What the therapist said.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record a therapist's answer (by mail, fax or phone) and its outcomes per request.
+
+    The same path as the record_email_response message: the follow-up call is cancelled
+    and confirmations of accepted requests are queued. Recorded with source ``operator``.
+    """
+    import uuid
+
+    from pydantic import ValidationError
+
+    from comms_tasks.contracts import ContractViolation, inbound
+    from comms_tasks.emails import record_response
+    from comms_tasks.models.base import utcnow
+
+    outcomes = []
+    for item in request or []:
+        request_id, _, outcome = item.partition("=")
+        if not request_id.isdigit() or outcome not in ("accepted", "rejected", "needs_follow_up"):
+            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
+        if any(named["placement_request_id"] == int(request_id) for named in outcomes):
+            raise fail(f"--request: request {request_id} is named twice", code=USAGE_ERROR)
+        outcomes.append(
+            {"placement_request_id": int(request_id), "outcome": outcome, "notes": None}
+        )
+    now = utcnow()
+    try:
+        command = inbound.RecordEmailResponse.model_validate(
+            {
+                "command_id": str(uuid.uuid4()),
+                "email_id": email_id,
+                "received_at": now,
+                "content": note,
+                "outcomes": outcomes,
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]).replace("outcomes", "--request")
+        raise fail(f"{where or 'answer'}: {first['msg']}", code=USAGE_ERROR) from None
+    with database() as session:
+        try:
+            confirmations = record_response(session, command, now, get_settings(), "operator")
+        except ContractViolation as exc:
+            reason = exc.reason.removeprefix("command.").replace("outcomes", "--request")
+            raise fail(reason) from None
+    if confirmations:
+        try:
+            with broker() as producer:
+                send_message("comms.send_email", {}, producer=producer)
+        except typer.Exit:
+            console.print("confirmations go out with the next send (every minute)")
+    result = {"email_id": email_id, "outcomes": outcomes, "confirmations": confirmations}
+    if as_json:
+        emit_json(result)
+    else:
+        queued = f"; {len(confirmations)} confirmation(s) queued" if confirmations else ""
+        console.print(f"answer to email {email_id} recorded{queued}")
+
+
 @emails_app.command("examples")
 def emails_examples(
     folder: Annotated[Path, typer.Option("--dir", help="Where to write.")] = Path("docs/emails"),
@@ -902,8 +970,9 @@ def purge_expired_command(as_json: JsonOption = False) -> None:
         console.print(
             f"redacted {redacted['redacted']} email bodies, "
             f"{redacted['dead_letters_redacted']} dead letters, "
-            f"{redacted['calls_redacted']} calls' notes and "
-            f"{redacted['status_reasons_redacted']} status reasons older than "
+            f"{redacted['calls_redacted']} calls' notes, "
+            f"{redacted['status_reasons_redacted']} status reasons and "
+            f"{redacted['mail_redacted']} messages from the mailbox older than "
             f"{settings.retention_days} days; removed {redacted['outbox_files_removed']} "
             "outbox copies of redacted emails",
             highlight=False,
@@ -940,6 +1009,13 @@ def print_status(snapshot: dict[str, Any]) -> None:
     table.add_row("retries waiting", str(snapshot["retries_waiting"]))
     table.add_row("outbox pending", str(snapshot["outbox_pending"]))
     table.add_row("dead letters pending", str(snapshot["dead_letters_pending"]))
+    mailbox = snapshot["mailbox"]
+    table.add_row("mailbox: unmatched", str(mailbox["unmatched"]))
+    table.add_row("mailbox: to review", str(mailbox["to_review"]))
+    polled = local_text(mailbox["last_poll_at"], missing="never")
+    if mailbox["last_poll_error"]:
+        polled += f" ({mailbox['last_poll_error']})"
+    table.add_row("mailbox: last poll", polled)
     console.print(table)
     runs = Table(title="Scheduled tasks")
     for column in ("task", "last finished", "state"):
@@ -1153,6 +1229,16 @@ def run(
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _add_mailbox_commands() -> None:
+    # Its own module (comms_tasks/mailbox/commands.py), which uses the helpers above.
+    from comms_tasks.mailbox.commands import mailbox_app
+
+    app.add_typer(mailbox_app, name="mailbox")
+
+
+_add_mailbox_commands()
 
 
 def main() -> None:

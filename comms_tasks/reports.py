@@ -75,7 +75,33 @@ def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[st
             .where(DeadLetter.status == DeadLetterStatus.PENDING)
         )
         or 0,
+        "mailbox": mailbox_backlog(session),
         "last_runs": last_runs(session),
+    }
+
+
+def mailbox_backlog(session: Session) -> dict[str, Any]:
+    """What waits for an operator in the mailbox, and when it was last read."""
+    from comms_tasks.local_time import local_iso
+    from comms_tasks.models import InboundMail, InboundMailState, MailboxPoll
+
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(InboundMail)
+        .where(InboundMail.state == InboundMailState.UNMATCHED)
+    )
+    to_review = session.scalar(
+        select(func.count())
+        .select_from(InboundMail)
+        .where(InboundMail.state == InboundMailState.MATCHED)
+        .where(InboundMail.to_review.is_(True))
+    )
+    last = session.scalars(select(MailboxPoll).order_by(MailboxPoll.polled_at.desc())).first()
+    return {
+        "unmatched": waiting or 0,
+        "to_review": to_review or 0,
+        "last_poll_at": local_iso(last.polled_at) if last else None,
+        "last_poll_error": last.error if last else None,
     }
 
 

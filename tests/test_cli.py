@@ -256,11 +256,18 @@ def test_status_counts_everything_in_a_stable_shape(comms: Run, committed_db: En
         "retries_waiting": 0,
         "outbox_pending": outbox,
         "dead_letters_pending": 1,
+        "mailbox": {
+            "unmatched": 0,
+            "to_review": 0,
+            "last_poll_at": None,
+            "last_poll_error": None,
+        },
         "last_runs": {
             name: {"last_finished_at": None, "last_state": None}
             for name in (
                 "comms.batch_requests",
                 "comms.follow_up_check",
+                "comms.poll_mailbox",
                 "comms.purge_expired",
                 "comms.relay_outbox",
                 "comms.send_email",
@@ -292,6 +299,7 @@ def test_status_of_an_empty_database_has_the_same_keys(comms: Run) -> None:
         "retries_waiting",
         "outbox_pending",
         "dead_letters_pending",
+        "mailbox",
         "last_runs",
     ]
     assert snapshot["oldest_queued_email_age_seconds"] is None
@@ -689,6 +697,7 @@ def test_purge_expired_redacts_old_dead_letters_too(comms: Run, committed_db: En
         "dead_letters_redacted": 1,
         "calls_redacted": 0,
         "status_reasons_redacted": 0,
+        "mail_redacted": 0,
         "outbox_files_removed": 0,
     }
     printed = ok(comms("purge-expired"))
