@@ -587,7 +587,7 @@ def emails_respond(
     from comms_tasks.emails import record_response
     from comms_tasks.models.base import utcnow
 
-    outcomes = []
+    outcomes: list[dict[str, Any]] = []
     for item in request or []:
         request_id, _, outcome = item.partition("=")
         if not request_id.isdigit() or outcome not in ("accepted", "rejected", "needs_follow_up"):
