@@ -117,8 +117,8 @@ beat_schedule = _beat_schedule
 if _settings.redbeat_redis_url:
     # Production: RedBeat keeps the schedule in Redis and holds a lock, so only one beat
     # is active however many are started.
-    # RedBeat, touching a heartbeat file at each tick (comms_tasks.beat_health).
-    beat_scheduler = "comms_tasks.beat_health:HeartbeatRedBeatScheduler"
+    # RedBeat, touching a heartbeat file at each tick (comms_tasks.beat_redbeat).
+    beat_scheduler = "comms_tasks.beat_redbeat:HeartbeatRedBeatScheduler"
     redbeat_redis_url = _settings.redbeat_redis_url
     redbeat_lock_timeout = 60
     beat_max_loop_interval = 5

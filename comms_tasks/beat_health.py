@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from celery.beat import PersistentScheduler
-from redbeat import RedBeatScheduler
 
 from comms_tasks.settings import get_settings
 
@@ -28,7 +27,7 @@ def heartbeat_path() -> Path:
     return get_settings().var_dir / HEARTBEAT_NAME
 
 
-class _Heartbeat:
+class Heartbeat:
     def tick(self, *args: Any, **kwargs: Any) -> Any:
         interval = super().tick(*args, **kwargs)  # type: ignore[misc]
         path = heartbeat_path()
@@ -37,11 +36,7 @@ class _Heartbeat:
         return interval
 
 
-class HeartbeatRedBeatScheduler(_Heartbeat, RedBeatScheduler):
-    """RedBeat (production), with a heartbeat."""
-
-
-class HeartbeatPersistentScheduler(_Heartbeat, PersistentScheduler):
+class HeartbeatPersistentScheduler(Heartbeat, PersistentScheduler):
     """The file scheduler (embedded default), with a heartbeat."""
 
 
