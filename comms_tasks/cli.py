@@ -1074,21 +1074,30 @@ def demo(
             send_message(message.task_name, message.kwargs, producer=producer)
             event_type = message.kwargs["event"]["event_type"]
             sent[event_type] = sent.get(event_type, 0) + 1
-    history = 0
+    history = answers = 0
     if with_history:
         from comms_tasks.demo_history import past_emails, record_past_emails
+        from comms_tasks.demo_mail import drop_demo_mail
 
         with database() as session:
             history = record_past_emails(
                 session, past_emails(messages), dt.datetime.now(dt.UTC), get_settings()
             )
+        with database() as session:
+            answers = drop_demo_mail(session, get_settings())
     if as_json:
-        emit_json({"sent": sent, "past_emails": history})
+        emit_json({"sent": sent, "past_emails": history, "mailbox_messages": answers})
         return
     for event_type, count in sent.items():
         console.print(f"sent {count} {event_type} messages")
     if history:
         console.print(f"recorded {history} emails sent nine days ago and not yet answered")
+    if answers:
+        console.print(
+            f"put {answers} answers to them into the mailbox {get_settings().mailbox_folder}/"
+            " (a reply, an out-of-office, a bounce)",
+            highlight=False,
+        )
 
 
 def _queued_messages() -> int | None:
@@ -1140,9 +1149,45 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
             .order_by(PhoneCall.scheduled_at)
             .limit(1)
         )
+    _report_mailbox()
     if first_call is not None:
         console.print("Follow-up calls are booked; the first day's call sheet:", highlight=False)
         calls_today(date=first_call.isoformat(), as_json=False)
+
+
+def _report_mailbox() -> None:
+    """One line per message read from the mailbox: what it was and what it changed."""
+    from comms_tasks.models import Email, InboundMail, InboundMailKind, PhoneCall
+
+    with database() as session:
+        mails = session.scalars(select(InboundMail).order_by(InboundMail.id)).all()
+        lines = []
+        for mail in mails:
+            email = session.get(Email, mail.email_id) if mail.email_id else None
+            calls = (
+                session.scalars(select(PhoneCall).where(PhoneCall.email_id == email.id)).all()
+                if email
+                else []
+            )
+            call = ", ".join(f"call {c.id} {c.status.value}" for c in calls) or "no call"
+            if email is None:
+                effect = "kept for operators (comms mailbox list --unmatched)"
+            elif mail.kind is InboundMailKind.REPLY:
+                effect = f"response recorded on email {email.id}; {call}"
+            elif mail.kind is InboundMailKind.AUTO_REPLY:
+                effect = f"kept on email {email.id}, not a response; {call}"
+            elif mail.kind is InboundMailKind.BOUNCE:
+                effect = (
+                    f"email {email.id} undeliverable ({mail.status_code or 'no status'}), "
+                    f"the address flagged; {call}"
+                )
+            else:
+                effect = f"noted on email {email.id} ({mail.status_code or 'no status'}); {call}"
+            lines.append(f"mailbox message {mail.id}: {mail.kind.value}: {effect}")
+    if lines:
+        console.print("Read from the mailbox:", highlight=False)
+        for line in lines:
+            console.print(f"  {line}", highlight=False)
 
 
 @app.command()
@@ -1188,7 +1233,9 @@ def run(
     reported = False
     quiet_since = time.monotonic()
     # The daily pipeline, run at once when asked: the batch, then the follow-up check.
-    kicks = ["comms.batch_requests", "comms.follow_up_check"] if batch_now else []
+    kicks = (
+        ["comms.batch_requests", "comms.follow_up_check", "comms.poll_mailbox"] if batch_now else []
+    )
     try:
         while not stopping and (seconds is None or time.monotonic() - started < seconds):
             time.sleep(1)
