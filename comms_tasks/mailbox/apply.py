@@ -225,6 +225,7 @@ def record_mail(
     found = None if kind is InboundMailKind.UNRELATED else find_email(session, keys, kind)
     call_requested = False
     if found is not None:
+        lock_found(session, found)
         call_requested = apply_to(session, mail, found, classified, now, settings)
         if found.email.body_redacted_at is not None:
             # Its email was redacted (erasure or retention): a reply quoting it is too.
@@ -238,6 +239,19 @@ def record_mail(
         call_requested=call_requested,
         email_id=mail.email_id,
     )
+
+
+def lock_found(session: Session, found: Found) -> None:
+    """Lock the email found and its thread, and read them again, before applying.
+
+    The email was found without a lock: a ``patient.erased`` (or the purge) may have
+    redacted it since, and its redaction decides what of the message is kept. Locked in id
+    order up the thread (:func:`~comms_tasks.emails.lock_thread`), the order erasure and
+    answers lock in: an erasure under way is waited for and then seen, and one that starts
+    now waits for this message's row and then redacts it.
+    """
+    email_rules.lock_thread(session, found.email.id)
+    session.refresh(found.email)
 
 
 def apply_to(
@@ -409,4 +423,9 @@ def assign(
         auto_submitted_reason=mail.auto_reason,
         defect=mail.defect,
     )
-    return apply_to(session, mail, Found(email, "operator"), classified, now, settings)
+    found = Found(email, "operator")
+    lock_found(session, found)
+    call_requested = apply_to(session, mail, found, classified, now, settings)
+    if email.body_redacted_at is not None:
+        redact_mail(mail, now)
+    return call_requested

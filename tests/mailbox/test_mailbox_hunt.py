@@ -1,0 +1,154 @@
+"""Probes of the mailbox stage by attack: what a stranger's mail, a second copy, a second
+writer or the clock can do to it. Each test names the defect it showed; the Maildir
+backend only (the IMAP one shares every line of the code under attack)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from comms_tasks.mailbox import apply as mail_apply
+from comms_tasks.mailbox.tasks import poll_mailbox
+from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
+from comms_tasks.models.base import utcnow
+from comms_tasks.retention import purge_all_expired
+from comms_tasks.settings import get_settings
+from tests import factories as f
+from tests.mailbox.conftest import MaildirHarness
+from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
+from tests.mailbox.test_poll import MISTYPED, load, mails, sent_email
+from tests.smtp import SmtpSink
+from tests.test_email_pipeline import apply, events_of
+
+PATIENT = "comms.handle_patient_event"
+# The first patient of the email sent_email() makes (requests 70 and 71).
+PATIENT_ID = 10_070
+
+
+@pytest.fixture
+def inbox(
+    tmp_path: Path, smtp: SmtpSink, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> MaildirHarness:
+    """A Maildir the settings point at, with tagged reply and bounce addresses."""
+    harness = MaildirHarness(tmp_path / "mailbox")
+    monkeypatch.setenv("COMMS_REPLY_ADDRESS", REPLY_ADDRESS)
+    monkeypatch.setenv("COMMS_BOUNCE_ADDRESS", BOUNCE_ADDRESS)
+    monkeypatch.setenv("COMMS_MAILBOX_BACKEND", "maildir")
+    monkeypatch.setenv("COMMS_MAILBOX_DIR", str(harness.root))
+    get_settings.cache_clear()
+    return harness
+
+
+def in_another_transaction(action: Callable[[], None]) -> None:
+    """Run ``action`` to its commit on a thread (and connection) of its own."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the other transaction waited for a lock of the poll"
+    assert not errors, errors
+
+
+def erase_right_after_matching(monkeypatch: pytest.MonkeyPatch) -> None:
+    """patient.erased runs and commits just after the poll found the email, before it
+    applies the message: the interleaving of two workers at the wrong moment."""
+    finding = mail_apply.find_email
+    done: list[bool] = []
+
+    def find_then_erase(*args: Any, **kwargs: Any) -> Any:
+        found = finding(*args, **kwargs)
+        if found is not None and not done:
+            done.append(True)
+            in_another_transaction(
+                lambda: apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow()))
+            )
+        return found
+
+    monkeypatch.setattr(mail_apply, "find_email", find_then_erase)
+
+
+# --- a second copy of one message ---------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="each copy is applied: two response_recorded events")
+def test_a_reply_delivered_twice_is_recorded_once(
+    inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    """Reply-all to our sender and our tagged Reply-To on one mailbox: the MTA delivers
+    one copy per recipient address, each with its own Delivered-To line on top."""
+    email = sent_email(committed_db, smtp)
+    reply = sample("thunderbird_reply.eml", email.reply_token or "")
+    inbox.append(reply)
+    inbox.append(b"Delivered-To: antwort@praxis-service.example\r\n" + reply)
+
+    poll_mailbox()
+
+    assert len(events_of(committed_db, "email.response_recorded")) == 1
+    assert inbox.subjects() == []
+
+
+# --- two writers: a reply and patient.erased ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["thunderbird_reply.eml", "exchange_ooo.eml"])
+def test_mail_applied_while_its_patient_is_erased_keeps_nothing_of_it(
+    inbox: MaildirHarness,
+    committed_db: Engine,
+    smtp: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+) -> None:
+    email = sent_email(committed_db, smtp)
+    inbox.append(sample(name, email.reply_token or ""))
+    erase_right_after_matching(monkeypatch)
+
+    poll_mailbox()
+
+    [mail] = mails(committed_db)
+    assert mail.email_id == email.id
+    assert (mail.raw, mail.reply_text, mail.subject) == (None, None, None)
+    assert load(committed_db).response_content is None
+
+
+# --- retention ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="mail is purged by its fetch time only")
+def test_retention_redacts_the_returned_body_of_a_bounce_with_its_email(
+    inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    """A bounce returns our email (the patients' summaries) and moves no clock of the
+    email: when retention redacts the email, the copy in the bounce goes too."""
+    email = sent_email(committed_db, smtp, address=MISTYPED)
+    # Postfix gives up after 5 days: the bounce came 5 days after the email.
+    inbox.append(sample("postfix_bounce.eml", email.reply_token or ""))
+    assert poll_mailbox() == {"bounce": 1}
+    now = utcnow()
+    with Session(committed_db) as session, session.begin():
+        sent = session.get(Email, email.id)
+        assert sent is not None
+        sent.last_activity_at = now - dt.timedelta(days=181)
+        [bounce] = session.scalars(select(InboundMail)).all()
+        bounce.fetched_at = now - dt.timedelta(days=176)
+
+    counts = purge_all_expired(now, 180)
+
+    assert counts["redacted"] == 1
+    assert load(committed_db).body_redacted_at is not None
+    [bounce] = mails(committed_db)
+    assert (bounce.kind, bounce.state) == (InboundMailKind.BOUNCE, InboundMailState.MATCHED)
+    assert bounce.raw is None and bounce.redacted_at is not None
