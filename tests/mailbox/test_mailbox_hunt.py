@@ -127,7 +127,6 @@ def test_mail_applied_while_its_patient_is_erased_keeps_nothing_of_it(
 # --- retention ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="mail is purged by its fetch time only")
 def test_retention_redacts_the_returned_body_of_a_bounce_with_its_email(
     inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink
 ) -> None:
