@@ -226,7 +226,11 @@ def record_mail(
     call_requested = False
     if found is not None:
         lock_found(session, found)
-        call_requested = apply_to(session, mail, found, classified, now, settings)
+        copy = earlier_copy(session, mail, found.email)
+        if copy is not None:
+            keep_as_copy(mail, found, copy)
+        else:
+            call_requested = apply_to(session, mail, found, classified, now, settings)
         if found.email.body_redacted_at is not None:
             # Its email was redacted (erasure or retention): a reply quoting it is too.
             redact_mail(mail, now)
@@ -252,6 +256,39 @@ def lock_found(session: Session, found: Found) -> None:
     """
     email_rules.lock_thread(session, found.email.id)
     session.refresh(found.email)
+
+
+def earlier_copy(session: Session, mail: InboundMail, email: Email) -> InboundMail | None:
+    """Another copy of ``mail`` already applied to ``email``, if one is.
+
+    One message can reach the mailbox twice with different bytes: a reply to all of our
+    sender and our tagged reply address is delivered once per address, each copy with a
+    Delivered-To line of its own, so neither the key nor the hash knows it. The same
+    Message-ID from the same sender, of the same kind, already applied to the same email is
+    that message again (the email's own messages only: a handful, by their index).
+    """
+    if mail.message_id is None or mail.sender is None:
+        return None
+    return session.scalar(
+        select(InboundMail)
+        .where(InboundMail.email_id == email.id)
+        .where(InboundMail.id != mail.id)
+        .where(InboundMail.state == InboundMailState.MATCHED)
+        .where(InboundMail.kind == mail.kind)
+        .where(InboundMail.message_id == mail.message_id)
+        .where(InboundMail.sender == mail.sender)
+        .order_by(InboundMail.id)
+        .limit(1)
+    )
+
+
+def keep_as_copy(mail: InboundMail, found: Found, copy: InboundMail) -> None:
+    """Keep a second copy with its email, filed like the first, applying nothing again."""
+    mail.email_id = found.email.id
+    mail.match_method = found.method
+    mail.state = InboundMailState.MATCHED
+    mail.to_review = False
+    mail.review_reason = one_line(f"another copy of message {copy.id}: not applied", MAX_REASON)
 
 
 def apply_to(
