@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.mailbox import apply as mail_apply
+from comms_tasks.mailbox import sources, tasks
 from comms_tasks.mailbox.tasks import poll_mailbox
 from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
 from comms_tasks.models.base import utcnow
@@ -154,3 +155,96 @@ def test_retention_redacts_the_returned_body_of_a_bounce_with_its_email(
     [bounce] = mails(committed_db)
     assert (bounce.kind, bounce.state) == (InboundMailKind.BOUNCE, InboundMailState.MATCHED)
     assert bounce.raw is None and bounce.redacted_at is not None
+
+
+# --- two polls at once, a message that raises -------------------------------------------
+
+
+def test_two_polls_at_once_on_postgresql_apply_each_message_once(
+    inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second poll starts (its own connection, its own thread) while the first is in
+    the middle of a message: it returns at once, and the message is applied once."""
+    email = sent_email(committed_db, smtp)
+    inbox.append(sample("thunderbird_reply.eml", email.reply_token or ""))
+    inbox.append(sample("exchange_ooo.eml", email.reply_token or ""))
+    applying = tasks.apply_one
+    second: list[dict[str, Any]] = []
+
+    def apply_while_another_polls(*args: Any, **kwargs: Any) -> Any:
+        if not second:
+            in_another_transaction(lambda: second.append(poll_mailbox()))
+        return applying(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "apply_one", apply_while_another_polls)
+
+    assert poll_mailbox() == {"reply": 1, "auto_reply": 1}
+
+    assert second == [{"skipped": "another poll is running"}]
+    assert len(mails(committed_db)) == 2
+    assert len(events_of(committed_db, "email.response_recorded")) == 1
+
+
+def test_a_message_that_raises_while_applied_is_kept_with_its_reason_and_moved(
+    inbox: MaildirHarness,
+    committed_db: Engine,
+    smtp: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    email = sent_email(committed_db, smtp)
+    inbox.append(sample("thunderbird_reply.eml", email.reply_token or ""))
+    inbox.append(sample("exchange_ooo.eml", email.reply_token or ""))
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Frau Muster, Diagnose F32.1")  # a message's text in an error
+
+    monkeypatch.setattr(mail_apply, "record_reply", broken)
+
+    assert poll_mailbox() == {"unrelated": 1, "auto_reply": 1}
+    assert poll_mailbox() == {}
+
+    reply, ooo = mails(committed_db)
+    assert (reply.state, reply.defect) == (
+        InboundMailState.UNMATCHED,
+        "could not be applied: RuntimeError",
+    )
+    assert reply.raw is not None
+    assert ooo.state is InboundMailState.MATCHED
+    assert inbox.subjects() == []
+    assert len(inbox.subjects("Unmatched")) == 1
+    assert load(committed_db).response_received is False
+    assert "Muster" not in caplog.text and "Beispiel" not in caplog.text
+
+
+# --- a poll killed after a bounce's commit ------------------------------------------------
+
+
+def test_a_bounce_whose_poll_died_after_its_commit_still_gets_its_call_booked(
+    inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounce's transaction asked for the call now; the poll that should start
+    comms.schedule_calls died before its end. The next poll finds the bounce seen before:
+    the call must still be booked now, not at tomorrow's follow-up check."""
+    from comms_tasks.tasks.calls import schedule_calls
+
+    email = sent_email(committed_db, smtp, address=MISTYPED)
+    inbox.append(sample("postfix_bounce.eml", email.reply_token or ""))
+    started: list[bool] = []
+    monkeypatch.setattr(schedule_calls, "delay", lambda *a, **k: started.append(True))
+    source_class = type(sources.open_source(get_settings()))
+    moving = source_class.move
+
+    def crash(self: Any, key: str, folder: str) -> None:
+        raise KeyboardInterrupt("the worker died here")
+
+    monkeypatch.setattr(source_class, "move", crash)
+    with pytest.raises(KeyboardInterrupt):
+        poll_mailbox()
+    monkeypatch.setattr(source_class, "move", moving)
+    assert load(committed_db).call_requested_at is not None
+    assert started == []
+
+    assert poll_mailbox() == {"seen_before": 1}
+
+    assert started == [True]
