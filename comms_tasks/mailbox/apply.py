@@ -349,7 +349,9 @@ def record_reply(
         # Text the contract refuses (it never should: cleaned above) is kept on the
         # message only; the response is recorded without it.
         command = inbound.RecordEmailResponse.model_validate({**fields, "content": None})
-    email_rules.record_response(session, command, now, settings, source="mailbox")
+    # Reminders queued before now (the reply read, or assigned by an operator) were queued
+    # without knowing of it, whatever its Date says.
+    email_rules.record_response(session, command, now, settings, source="mailbox", known_at=now)
 
 
 def _status(value: str | None) -> str | None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.mailbox import apply as mail_apply
 from comms_tasks.mailbox import sources, tasks
 from comms_tasks.mailbox.tasks import poll_mailbox
-from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
+from comms_tasks.models import Email, EmailStatus, InboundMail, InboundMailKind, InboundMailState
 from comms_tasks.models.base import utcnow
 from comms_tasks.retention import purge_all_expired
 from comms_tasks.settings import get_settings
@@ -248,3 +248,32 @@ def test_a_bounce_whose_poll_died_after_its_commit_still_gets_its_call_booked(
     assert poll_mailbox() == {"seen_before": 1}
 
     assert started == [True]
+
+
+# --- two clocks: when the therapist wrote, and when we learned of it --------------------
+
+
+def test_a_reply_read_after_its_reminder_was_queued_cancels_the_unsent_reminder(
+    inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    """The reply was written (its Date) before the reminder was queued, and read from the
+    mailbox after: the reminder was asked for without knowing of the answer, and must
+    not go out to a therapist who answered."""
+    from tests.test_send_rechecks import queue_command_email
+
+    email = sent_email(committed_db, smtp)
+    reminder = queue_command_email(email, "follow_up")  # queued now, not yet sent
+    written = (utcnow() - dt.timedelta(hours=1)).astimezone(dt.timezone(dt.timedelta(hours=1)))
+    raw = sample("thunderbird_reply.eml", email.reply_token or "").replace(
+        b"Date: Mon, 2 Mar 2026 09:12:41 +0100",
+        f"Date: {written:%a, %d %b %Y %H:%M:%S %z}".encode(),
+    )
+    inbox.append(raw)
+
+    assert poll_mailbox() == {"reply": 1}
+
+    assert load(committed_db).response_received is True
+    with Session(committed_db) as session:
+        unsent = session.get(Email, reminder.id)
+        assert unsent is not None
+        assert unsent.status is EmailStatus.CANCELLED, unsent.status
