@@ -277,3 +277,34 @@ def test_a_reply_read_after_its_reminder_was_queued_cancels_the_unsent_reminder(
         unsent = session.get(Email, reminder.id)
         assert unsent is not None
         assert unsent.status is EmailStatus.CANCELLED, unsent.status
+
+
+# --- erasure of mail that matched nothing -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="patient.erased redacts only mail matched to an email about the patient; an "
+    "unmatched message quoting the email keeps the patient's summary until retention",
+)
+def test_an_unmatched_reply_quoting_the_email_is_redacted_by_the_erasure(
+    inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink
+) -> None:
+    """Answered from a private address in a new message (no token, no thread headers),
+    quoting the whole email: nothing matches it, and it holds the patient's summary."""
+    sent_email(committed_db, smtp)
+    raw = b"\n".join(
+        line
+        for line in sample("gmail_reply.eml", "").replace(b"antwort+@", b"antwort@").split(b"\n")
+        if not line.lower().startswith((b"in-reply-to:", b"references:"))
+    )
+    inbox.append(raw)
+    poll_mailbox()
+    [kept] = mails(committed_db)
+    assert (kept.state, kept.email_id) == (InboundMailState.UNMATCHED, None)
+    assert kept.raw is not None
+
+    apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow()))
+
+    [after] = mails(committed_db)
+    assert after.raw is None
