@@ -313,8 +313,9 @@ def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settin
     return len(email_ids)
 
 
-def waiting_for_call(session: Session) -> list[int]:
-    """Emails the follow-up check marked that have no call yet, oldest first (ids only)."""
+def waiting_for_call(session: Session, limit: int | None = None) -> list[int]:
+    """Emails marked for a call (by the follow-up check or a bounce) that have no call
+    yet, oldest first (ids only; at most ``limit``)."""
     has_call = exists(select(PhoneCall.id).where(PhoneCall.email_id == Email.id))
     return list(
         session.scalars(
@@ -325,6 +326,7 @@ def waiting_for_call(session: Session) -> list[int]:
             .where(Email.response_received.is_(False))
             .where(~has_call)
             .order_by(Email.call_requested_at, Email.id)
+            .limit(limit)
         )
     )
 

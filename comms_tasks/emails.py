@@ -743,11 +743,14 @@ def record_response(
     now: dt.datetime,
     settings: Settings,
     source: ResponseSource = "message",
+    known_at: dt.datetime | None = None,
 ) -> list[int]:
     """Apply a therapist's answer; returns the ids of confirmation emails it queued.
 
     ``source`` says where it came from: a command of another service (``message``), the
-    mailbox or an operator; all three take this path.
+    mailbox or an operator; all three take this path. ``known_at`` is when the service
+    learned of the answer, when that is later than ``received_at`` (the mailbox: a reply
+    is read minutes or hours after its Date): reminders queued before then are cancelled.
     """
     # Lock order (patients -> emails), like patient.erased: the answered requests'
     # patients share-locked first (a confirmation renders them), then the whole thread,
@@ -829,7 +832,9 @@ def record_response(
             original.response_date = received_at
         cancel_follow_up_calls(session, original.id)
     cancel_unsent_reminders(
-        session, [email.id, *(original.id for original in originals)], received_at
+        session,
+        [email.id, *(original.id for original in originals)],
+        max(received_at, known_at) if known_at is not None else received_at,
     )
     return confirmations
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, selectinload
 from comms_tasks.db import transaction
 from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
 from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
-from comms_tasks.mailbox.redaction import purge_expired_mail
+from comms_tasks.mailbox.redaction import purge_expired_mail, redact_mail_of_emails
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -143,6 +143,7 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
     ).all()
     for email in emails:
         redact(email, now)
+    redact_mail_of_emails(session, [email.id for email in emails], now)
     return len(emails)
 
 

@@ -225,7 +225,12 @@ def record_mail(
     found = None if kind is InboundMailKind.UNRELATED else find_email(session, keys, kind)
     call_requested = False
     if found is not None:
-        call_requested = apply_to(session, mail, found, classified, now, settings)
+        lock_found(session, found)
+        copy = earlier_copy(session, mail, found.email)
+        if copy is not None:
+            keep_as_copy(mail, found, copy)
+        else:
+            call_requested = apply_to(session, mail, found, classified, now, settings)
         if found.email.body_redacted_at is not None:
             # Its email was redacted (erasure or retention): a reply quoting it is too.
             redact_mail(mail, now)
@@ -238,6 +243,52 @@ def record_mail(
         call_requested=call_requested,
         email_id=mail.email_id,
     )
+
+
+def lock_found(session: Session, found: Found) -> None:
+    """Lock the email found and its thread, and read them again, before applying.
+
+    The email was found without a lock: a ``patient.erased`` (or the purge) may have
+    redacted it since, and its redaction decides what of the message is kept. Locked in id
+    order up the thread (:func:`~comms_tasks.emails.lock_thread`), the order erasure and
+    answers lock in: an erasure under way is waited for and then seen, and one that starts
+    now waits for this message's row and then redacts it.
+    """
+    email_rules.lock_thread(session, found.email.id)
+    session.refresh(found.email)
+
+
+def earlier_copy(session: Session, mail: InboundMail, email: Email) -> InboundMail | None:
+    """Another copy of ``mail`` already applied to ``email``, if one is.
+
+    One message can reach the mailbox twice with different bytes: a reply to all of our
+    sender and our tagged reply address is delivered once per address, each copy with a
+    Delivered-To line of its own, so neither the key nor the hash knows it. The same
+    Message-ID from the same sender, of the same kind, already applied to the same email is
+    that message again (the email's own messages only: a handful, by their index).
+    """
+    if mail.message_id is None or mail.sender is None:
+        return None
+    return session.scalar(
+        select(InboundMail)
+        .where(InboundMail.email_id == email.id)
+        .where(InboundMail.id != mail.id)
+        .where(InboundMail.state == InboundMailState.MATCHED)
+        .where(InboundMail.kind == mail.kind)
+        .where(InboundMail.message_id == mail.message_id)
+        .where(InboundMail.sender == mail.sender)
+        .order_by(InboundMail.id)
+        .limit(1)
+    )
+
+
+def keep_as_copy(mail: InboundMail, found: Found, copy: InboundMail) -> None:
+    """Keep a second copy with its email, filed like the first, applying nothing again."""
+    mail.email_id = found.email.id
+    mail.match_method = found.method
+    mail.state = InboundMailState.MATCHED
+    mail.to_review = False
+    mail.review_reason = one_line(f"another copy of message {copy.id}: not applied", MAX_REASON)
 
 
 def apply_to(
@@ -298,7 +349,9 @@ def record_reply(
         # Text the contract refuses (it never should: cleaned above) is kept on the
         # message only; the response is recorded without it.
         command = inbound.RecordEmailResponse.model_validate({**fields, "content": None})
-    email_rules.record_response(session, command, now, settings, source="mailbox")
+    # Reminders queued before now (the reply read, or assigned by an operator) were queued
+    # without knowing of it, whatever its Date says.
+    email_rules.record_response(session, command, now, settings, source="mailbox", known_at=now)
 
 
 def _status(value: str | None) -> str | None:
@@ -409,4 +462,9 @@ def assign(
         auto_submitted_reason=mail.auto_reason,
         defect=mail.defect,
     )
-    return apply_to(session, mail, Found(email, "operator"), classified, now, settings)
+    found = Found(email, "operator")
+    lock_found(session, found)
+    call_requested = apply_to(session, mail, found, classified, now, settings)
+    if email.body_redacted_at is not None:
+        redact_mail(mail, now)
+    return call_requested

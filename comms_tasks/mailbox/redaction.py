@@ -41,6 +41,26 @@ def erase_patient_from_mail(session: Session, patient_id: int, now: dt.datetime)
     return len(mails)
 
 
+def redact_mail_of_emails(session: Session, email_ids: list[int], now: dt.datetime) -> int:
+    """Redact the messages matched to emails whose bodies retention just redacted.
+
+    Bounces and automatic answers move no clock of their email, yet a bounce returns the
+    whole email: its copy goes with the email, not days after it.
+    """
+    if not email_ids:
+        return 0
+    mails = session.scalars(
+        select(InboundMail)
+        .where(InboundMail.email_id.in_(email_ids))
+        .where(InboundMail.redacted_at.is_(None))
+        .order_by(InboundMail.id)
+        .with_for_update()
+    ).all()
+    for mail in mails:
+        redact_mail(mail, now)
+    return len(mails)
+
+
 def purge_expired_mail(session: Session, now: dt.datetime, retention_days: int, limit: int) -> int:
     """Redact up to ``limit`` messages read longer ago than the retention period."""
     cutoff = now - dt.timedelta(days=retention_days)

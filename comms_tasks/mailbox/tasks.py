@@ -189,11 +189,25 @@ def poll_mailbox() -> dict[str, Any]:
             log.warning("mailbox poll failed: %s", exc)
             record_poll(source.name, fetched_in_all, str(exc)[:MAX_REASON])
             counts["error"] = 1
-    if calls_requested:
+    if calls_requested or calls_waiting():
         from comms_tasks.tasks.calls import schedule_calls
 
         schedule_calls.delay()
     return counts
+
+
+def calls_waiting() -> bool:
+    """Whether an email waits for a call that no run was started for.
+
+    A bounce asks for its call in its own transaction; the poll that should then start
+    ``comms.schedule_calls`` may die before its end (killed, the database gone), and the
+    next poll finds the bounce seen before. Any poll starts the booking while an email
+    still waits, so that such a call is booked now rather than at the next follow-up check.
+    """
+    from comms_tasks import calls
+
+    with transaction() as session:
+        return bool(calls.waiting_for_call(session, limit=1))
 
 
 def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:

@@ -89,7 +89,11 @@ def test_a_tagged_address_refuses_what_is_not_a_token(token: str) -> None:
 
 @settings(max_examples=200)
 @given(
-    st.from_regex(r"[a-z0-9][a-z0-9._-]{0,30}[a-z0-9]", fullmatch=True),
+    # A dot-atom: dots only between atoms, never two in a row (a plain address).
+    st.from_regex(
+        r"[a-z0-9](?:[a-z0-9_-]{0,6}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9_-]{0,6}[a-z0-9])?){0,3}",
+        fullmatch=True,
+    ),
     st.from_regex(r"[a-z0-9]{1,20}\.[a-z]{2,6}", fullmatch=True),
     st.booleans(),
 )
