@@ -749,6 +749,7 @@ def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
         "dead_letters_redacted": 0,
         "calls_redacted": 0,
         "status_reasons_redacted": 0,
+        "mail_redacted": 0,
         "outbox_files_removed": 0,
     }
 

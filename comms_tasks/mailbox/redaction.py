@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.models import EmailBatch, InboundMail, PlacementRequest
+from comms_tasks.models import Email, EmailBatch, InboundMail, InboundMailState, PlacementRequest
 
 
 def redact_mail(mail: InboundMail, now: dt.datetime) -> None:
@@ -23,15 +23,26 @@ def redact_mail(mail: InboundMail, now: dt.datetime) -> None:
 
 
 def erase_patient_from_mail(session: Session, patient_id: int, now: dt.datetime) -> int:
-    """Redact every message matched to an email that asked about the patient."""
+    """Redact every message that may quote an email about the patient.
+
+    Those matched to such an email, and every message that matched no email and came
+    after the first of them was sent: an unmatched reply (from a private address, in a
+    new thread) cannot say which email it quotes, so erasure takes it too, on the side
+    of privacy. Its kind, sender and time stay for operators.
+    """
     asked_about = (
         select(EmailBatch.email_id)
         .join(PlacementRequest, PlacementRequest.id == EmailBatch.placement_request_id)
         .where(PlacementRequest.patient_id == patient_id)
     )
+    first_sent = session.scalar(select(func.min(Email.sent_at)).where(Email.id.in_(asked_about)))
+    may_quote: ColumnElement[bool] = InboundMail.email_id.in_(asked_about)
+    if first_sent is not None:
+        unmatched = InboundMail.state != InboundMailState.MATCHED
+        may_quote = or_(may_quote, unmatched & (InboundMail.fetched_at >= first_sent))
     mails = session.scalars(
         select(InboundMail)
-        .where(InboundMail.email_id.in_(asked_about))
+        .where(may_quote)
         .where(InboundMail.redacted_at.is_(None))
         .order_by(InboundMail.id)
         .with_for_update()

@@ -282,11 +282,6 @@ def test_a_reply_read_after_its_reminder_was_queued_cancels_the_unsent_reminder(
 # --- erasure of mail that matched nothing -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="patient.erased redacts only mail matched to an email about the patient; an "
-    "unmatched message quoting the email keeps the patient's summary until retention",
-)
 def test_an_unmatched_reply_quoting_the_email_is_redacted_by_the_erasure(
     inbox: MaildirHarness, committed_db: Engine, smtp: SmtpSink
 ) -> None:
