@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from comms_tasks.cli import MASK, JsonOption, console, database, emit_json, fail
 from comms_tasks.local_time import local_iso, local_text
@@ -115,6 +116,16 @@ def mailbox_show(
             console.print(f"{key}: {value if value is not None else '-'}", highlight=False)
 
 
+def _unapplied(session: Session, mail_id: int) -> InboundMail:
+    """The message, locked, unless it does not exist or was applied already."""
+    mail = session.get(InboundMail, mail_id, with_for_update=True)
+    if mail is None:
+        raise fail(f"mailbox message {mail_id} does not exist")
+    if mail.state is InboundMailState.MATCHED:
+        raise fail(f"mailbox message {mail_id} is already matched to email {mail.email_id}")
+    return mail
+
+
 @mailbox_app.command("assign")
 def mailbox_assign(
     mail_id: Annotated[int, typer.Argument(help="The message's id.")],
@@ -127,11 +138,7 @@ def mailbox_assign(
     from comms_tasks.settings import get_settings
 
     with database() as session:
-        mail = session.get(InboundMail, mail_id, with_for_update=True)
-        if mail is None:
-            raise fail(f"mailbox message {mail_id} does not exist")
-        if mail.state is InboundMailState.MATCHED:
-            raise fail(f"mailbox message {mail_id} is already matched to email {mail.email_id}")
+        mail = _unapplied(session, mail_id)
         email = session.get(Email, email_id)
         if email is None:
             raise fail(f"email {email_id} does not exist")
@@ -159,11 +166,7 @@ def mailbox_ignore(
 ) -> None:
     """Mark an unmatched message as needing nothing (it stays, as everything does)."""
     with database() as session:
-        mail = session.get(InboundMail, mail_id, with_for_update=True)
-        if mail is None:
-            raise fail(f"mailbox message {mail_id} does not exist")
-        if mail.state is InboundMailState.MATCHED:
-            raise fail(f"mailbox message {mail_id} was applied to email {mail.email_id}")
+        mail = _unapplied(session, mail_id)
         mail.state = InboundMailState.IGNORED
         result = summary(mail)
     if as_json:

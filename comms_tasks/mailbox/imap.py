@@ -21,14 +21,14 @@ import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from imapclient import IMAPClient
 from imapclient import exceptions as imap_errors
 
 from comms_tasks.mailbox.sources import (
+    ClosingSource,
     Fetched,
     MailboxError,
     MailboxPermanentError,
@@ -56,7 +56,7 @@ def _header_item(cap: int) -> tuple[str, bytes]:
     return f"BODY.PEEK[HEADER]<0.{cap}>", b"BODY[HEADER]<0>"
 
 
-class ImapSource:
+class ImapSource(ClosingSource):
     def __init__(
         self,
         *,
@@ -336,17 +336,6 @@ class ImapSource:
         except Exception:  # noqa: BLE001 - the goodbye of a dead connection changes nothing
             with contextlib.suppress(Exception):
                 client.shutdown()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:

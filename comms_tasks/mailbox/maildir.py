@@ -12,10 +12,9 @@ import mailbox
 import os
 import re
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from comms_tasks.mailbox.sources import (
+    ClosingSource,
     Fetched,
     MailboxPermanentError,
     MailboxTemporaryError,
@@ -36,7 +35,7 @@ def _natural(name: str) -> tuple[object, ...]:
     return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(name))
 
 
-class MaildirSource:
+class MaildirSource(ClosingSource):
     def __init__(self, root: Path, *, max_bytes: int) -> None:
         self.root = root.resolve()
         self.max_bytes = max_bytes
@@ -146,17 +145,6 @@ class MaildirSource:
         if self._maildir is not None:
             self._maildir.close()
             self._maildir = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _describe(source: MaildirSource, what: str, exc: OSError) -> str:

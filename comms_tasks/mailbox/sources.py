@@ -136,6 +136,24 @@ class MailSource(Protocol):
     ) -> None: ...
 
 
+class ClosingSource:
+    """The context manager both backends share: ``close()`` on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def check_folder(folder: str) -> str:
     """``folder`` if it is one of ours; moving anywhere else is a caller's bug."""
     if folder not in ALL_FOLDERS:
