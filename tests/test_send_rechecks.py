@@ -390,6 +390,20 @@ def test_two_claims_at_once_send_one_of_a_therapists_two_emails(
     assert load(committed_db, reminders[1].id).status is EmailStatus.QUEUED
 
 
+def flag_bounced(
+    engine: Engine, original: Email, address: str, new_address: str | None = None
+) -> None:
+    """The therapist's address flagged as a permanent bounce would (and maybe replaced)."""
+    with Session(engine) as session, session.begin():
+        therapist = session.get(Therapist, original.therapist_id)
+        assert therapist is not None
+        therapist.undeliverable_email = address
+        therapist.undeliverable_since = utcnow()
+        therapist.undeliverable_status = "5.1.1"
+        if new_address is not None:
+            therapist.email = new_address
+
+
 def test_a_reminder_to_an_address_that_bounced_for_good_is_cancelled(
     committed_db: Engine, smtp: SmtpSink
 ) -> None:
@@ -397,13 +411,8 @@ def test_a_reminder_to_an_address_that_bounced_for_good_is_cancelled(
     assert send_email() == {"sent": 1}
     sent_before_today(committed_db, original.id)
     reminder = queue_command_email(original, "follow_up")
-    with Session(committed_db) as session, session.begin():
-        therapist = session.get(Therapist, original.therapist_id)
-        assert therapist is not None
-        # Flagged in another spelling: addresses compare without case.
-        therapist.undeliverable_email = original.recipient_email.upper()
-        therapist.undeliverable_since = utcnow()
-        therapist.undeliverable_status = "5.1.1"
+    # Flagged in another spelling: addresses compare without case.
+    flag_bounced(committed_db, original, original.recipient_email.upper())
 
     assert send_email() == {"cancelled": 1}
     cancelled = load(committed_db, reminder.id)
@@ -417,12 +426,7 @@ def test_a_new_address_lifts_the_bounce_flag(committed_db: Engine, smtp: SmtpSin
     assert send_email() == {"sent": 1}
     sent_before_today(committed_db, original.id)
     reminder = queue_command_email(original, "follow_up")
-    with Session(committed_db) as session, session.begin():
-        therapist = session.get(Therapist, original.therapist_id)
-        assert therapist is not None
-        therapist.undeliverable_email = original.recipient_email
-        therapist.undeliverable_since = utcnow()
-        therapist.email = "neu@praxis.example"
+    flag_bounced(committed_db, original, original.recipient_email, new_address="neu@praxis.example")
 
     assert send_email() == {"sent": 1}
     assert load(committed_db, reminder.id).recipient_email == "neu@praxis.example"
