@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks import calls
 from comms_tasks.db import transaction
+from comms_tasks.mailbox import apply as mail_apply
 from comms_tasks.mailbox import sources
 from comms_tasks.mailbox.tasks import poll_lock, poll_mailbox
 from comms_tasks.models import (
@@ -19,6 +20,7 @@ from comms_tasks.models import (
     InboundMail,
     InboundMailKind,
     InboundMailState,
+    MailboxPoll,
     PhoneCall,
     PhoneCallStatus,
     Therapist,
@@ -29,7 +31,7 @@ from comms_tasks.settings import get_settings
 from comms_tasks.tasks.calls import schedule_calls
 from comms_tasks.tasks.sending import send_email
 from tests import factories as f
-from tests.mailbox.conftest import Harness, ImapHarness
+from tests.mailbox.conftest import Harness, ImapHarness, start_dovecot
 from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
 from tests.smtp import SmtpSink
 from tests.test_email_pipeline import (
@@ -53,6 +55,11 @@ def polled(
     mailbox: Harness, smtp: SmtpSink, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> Harness:
     """Settings pointed at the harness's mailbox, with tagged reply and bounce addresses."""
+    point_settings_at(mailbox, monkeypatch)
+    return mailbox
+
+
+def point_settings_at(mailbox: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMMS_REPLY_ADDRESS", REPLY_ADDRESS)
     monkeypatch.setenv("COMMS_BOUNCE_ADDRESS", BOUNCE_ADDRESS)
     if isinstance(mailbox, ImapHarness):
@@ -70,7 +77,6 @@ def polled(
         monkeypatch.setenv("COMMS_MAILBOX_BACKEND", "maildir")
         monkeypatch.setenv("COMMS_MAILBOX_DIR", str(mailbox.root))
     get_settings.cache_clear()
-    return mailbox
 
 
 def sent_email(committed_db: Engine, smtp: SmtpSink, address: str = ADDRESS) -> Email:
@@ -380,3 +386,40 @@ def test_retention_redacts_mail_read_longer_ago_than_the_period(
     redacted, kept = mails(committed_db)
     assert redacted.raw is None and redacted.redacted_at is not None
     assert kept.raw is not None and kept.redacted_at is None
+
+
+def test_the_imap_server_restarting_mid_poll_loses_nothing_and_applies_nothing_twice(
+    smtp: SmtpSink, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_dovecot()
+    try:
+        mailbox = ImapHarness(server)
+        point_settings_at(mailbox, monkeypatch)
+        email = sent_email(committed_db, smtp)
+        mailbox.append(sample("thunderbird_reply.eml", email.reply_token or ""))
+        mailbox.append(sample("exchange_ooo.eml", email.reply_token or ""))
+        recording = mail_apply.record_mail
+
+        def then_restart(*args: Any, **kwargs: Any) -> mail_apply.Applied:
+            applied = recording(*args, **kwargs)
+            server.stop()  # after the first commit, before its move
+            return applied
+
+        monkeypatch.setattr(mail_apply, "record_mail", then_restart)
+        assert poll_mailbox() == {"error": 1}
+        monkeypatch.setattr(mail_apply, "record_mail", recording)
+        with Session(committed_db) as session:
+            [poll] = session.scalars(select(MailboxPoll)).all()
+            assert poll.error and poll.error.startswith("imap://")
+            assert server.password not in poll.error
+        server.start()
+
+        assert poll_mailbox() == {"seen_before": 1, "auto_reply": 1}
+
+        assert len(mails(committed_db)) == 2
+        assert len(events_of(committed_db, "email.response_recorded")) == 1
+        assert mailbox.subjects() == []
+        assert len(mailbox.subjects(sources.REPLIES)) == 1
+        assert len(mailbox.subjects(sources.AUTO_REPLIES)) == 1
+    finally:
+        server.close()
