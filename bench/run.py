@@ -19,7 +19,14 @@ Baselines run in the same run, after the worker has stopped, on the same machine
 - batching: the email and batch rows the service wrote, inserted again in bulk into a
   second database seeded the same way (one transaction, ``executemany``);
 - sending: the same messages, built beforehand, sent with plain ``smtplib`` over one
-  reused connection to the same sink.
+  reused connection to the same sink;
+- mailbox: the files of the mailbox stage's Maildir, each read and parsed with
+  ``email.message_from_bytes`` (``policy.default``) in one process.
+
+The mailbox stage runs in the like-for-like shape after the batching and sending
+baselines, on a worker of its own started with the Maildir settings: every email sent
+gets its answers (replies, automatic answers, bounces, a few unrelated messages) in a
+Maildir, and the bench sends ``comms.poll_mailbox`` until every message is applied.
 
 ``python -m bench --size full`` (``make bench``) or ``--size tiny`` (CI: proves it works;
 targets are shown but not judged at that size). The report goes to
@@ -53,6 +60,7 @@ from rich.console import Console
 from sqlalchemy import Engine, Table, create_engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
+from bench import mailbox as bench_mailbox
 from bench.memory import StagePeak
 from bench.seed import Size, fresh_database, read_model_rows, seed
 from comms_tasks.emails import ASKING_TEMPLATES
@@ -62,6 +70,7 @@ from comms_tasks.models import (
     EmailBatch,
     EmailStatus,
     EmailTemplate,
+    InboundMail,
     OutboxEvent,
     PhoneCall,
     PhoneCallBatch,
@@ -73,7 +82,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUT = PROJECT_ROOT / "var" / "bench"
 SIZES = {
     "full": Size("full", therapists=10_000, requests=50_000, calls=(1_000, 10_000)),
-    "tiny": Size("tiny", therapists=40, requests=200, calls=(10, 40)),
+    # 100 messages in polls of 40: the bench chains three polls, as at full size.
+    "tiny": Size("tiny", therapists=40, requests=200, calls=(10, 40), mails=100, mail_batch=40),
 }
 DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 SERVICE_DATABASE = "comms_bench"
@@ -84,6 +94,7 @@ CALLS_PER_SLOT = 40
 BATCHING_TARGET, BATCHING_AIM = 3.0, 2.0
 SENDING_TARGET, SENDING_AIM = 0.8, 1.0
 GROWTH_TARGET = 12.0
+MAILBOX_TARGET, MAILBOX_AIM = 0.33, 0.5
 MEMORY_LIMIT_MB = 300.0
 STAGE_TIMEOUT = 900.0
 # The 1,000-call run takes under a second: its median of three keeps one slow moment
@@ -96,6 +107,10 @@ SEND_EMAIL_EVERY = 60.0
 FOLLOW_UP_AGE = dt.timedelta(days=8)
 # Times come from the database, so the poll interval only adds to the bench's own run.
 POLL_SECONDS = 0.2
+MAILDIR = OUT / "mailbox"
+MAILBOX_LOG = OUT / "worker-mailbox.log"
+# A poll that made no progress for this long is sent again, as beat would.
+POLL_AGAIN_AFTER = 10.0
 
 
 def table(model: type) -> Table:
@@ -205,8 +220,18 @@ def smtp_sink(stats: Path) -> Iterator[tuple[str, int]]:
 
 
 def worker_environment(
-    database_url: str, broker_url: str, smtp: tuple[str, int], shape: Shape
+    database_url: str,
+    broker_url: str,
+    smtp: tuple[str, int],
+    shape: Shape,
+    mailbox: tuple[Path, int] | None = None,
 ) -> dict[str, str]:
+    """The worker's settings; ``mailbox`` (its Maildir, its batch) for the mailbox stage.
+
+    The reply and bounce addresses are set for the mailbox stage only: the sending
+    baseline builds its messages with the bench's own settings, so the sending stages
+    send what it sends.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("COMMS_")}
     env.update(
         COMMS_DATABASE_URL=database_url,
@@ -219,16 +244,28 @@ def worker_environment(
         COMMS_CALLS_PER_SLOT=str(CALLS_PER_SLOT),
         COMMS_SMTP_CONNECTIONS=str(shape.smtp_connections),
     )
+    if mailbox is not None:
+        folder, batch = mailbox
+        env.update(
+            COMMS_MAILBOX_BACKEND="maildir",
+            COMMS_MAILBOX_DIR=str(folder),
+            COMMS_MAILBOX_BATCH=str(batch),
+            COMMS_REPLY_ADDRESS=bench_mailbox.REPLY_ADDRESS,
+            COMMS_BOUNCE_ADDRESS=bench_mailbox.BOUNCE_ADDRESS,
+        )
     return env
 
 
 @contextlib.contextmanager
-def worker(env: dict[str, str], shape: Shape) -> Iterator[subprocess.Popen[bytes]]:
+def worker(
+    env: dict[str, str], shape: Shape, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "celery", "-A", "comms_tasks", "worker", "--loglevel=INFO"]
     command += [f"--concurrency={shape.processes}", "--pool=prefork"]
     command += ["--without-mingle", "--without-gossip"]
-    with process(command, shape.log, env) as child:
-        wait_for_log(child, shape.log, " ready.")
+    log = log or shape.log
+    with process(command, log, env) as child:
+        wait_for_log(child, log, " ready.")
         yield child
 
 
@@ -330,6 +367,109 @@ class Bench:
             "emails": emails,
             "seconds": seconds,
             "emails_per_second": emails / seconds,
+            "peak_rss_mb": memory,
+        }
+
+    def mailbox(self, maildir: Path) -> dict[str, Any]:
+        """comms.poll_mailbox, as often as it takes, until every message is applied.
+
+        The Maildir holds ``size.mails`` answers to the emails sent (not timed). One poll
+        reads ``size.mail_batch`` messages; the bench keeps the next poll queued behind the
+        running one, so the worker never waits for the bench. The stage ends at the last
+        write of the last message's transaction: its row's ``updated_at`` or its last
+        event.
+        """
+        with Session(self.service) as session:
+            emails = [
+                bench_mailbox.Answered(token, message_id, ascii_address(recipient))
+                for token, message_id, recipient in session.execute(
+                    select(Email.reply_token, Email.message_id, Email.recipient_email)
+                    .where(Email.template.in_(ASKING_TEMPLATES))
+                    .where(Email.status == EmailStatus.SENT)
+                    .where(Email.reply_token.is_not(None))
+                    .order_by(Email.id)
+                )
+                if token is not None
+            ]
+        shutil.rmtree(maildir, ignore_errors=True)
+        expected = bench_mailbox.build_maildir(maildir, emails, self.size.mails)
+        vacuum(self.service)
+        total, batch = self.size.mails, self.size.mail_batch
+        rows = select(func.count(InboundMail.id))
+        polls = {"sent": 0, "rows": -1, "progress": time.monotonic()}
+
+        def applied() -> int:
+            return int(scalar(self.service, rows))
+
+        def play_beat_poll() -> None:
+            # Poll k reads messages (k-1)*batch .. k*batch: once it has started, the next.
+            done = applied()
+            if done != polls["rows"]:
+                polls.update(rows=done, progress=time.monotonic())
+            ahead = polls["sent"] * batch < total and done >= (polls["sent"] - 1) * batch
+            stalled = time.monotonic() - polls["progress"] > POLL_AGAIN_AFTER
+            if ahead or stalled:
+                self.celery.send_task("comms.poll_mailbox")
+                polls["sent"] += 1
+                polls["progress"] = time.monotonic()
+
+        self.peak.start()
+        started = utcnow()
+        play_beat_poll()
+        wait_until(lambda: applied() >= total, f"{total} messages applied", tick=play_beat_poll)
+        memory = self.peak.stop()
+        last_row = scalar(
+            self.service,
+            select(func.max(InboundMail.updated_at)).where(InboundMail.created_at >= started),
+        )
+        last_write = max(
+            last_row, self.last_event(started, "email.response_recorded", "email.bounced")
+        )
+        seconds = (last_write - started).total_seconds()
+        with self.service.connect() as connection:
+            kinds = {
+                (str(kind), str(state)): int(count)
+                for kind, state, count in connection.execute(
+                    select(
+                        InboundMail.kind, InboundMail.state, func.count(InboundMail.id)
+                    ).group_by(InboundMail.kind, InboundMail.state)
+                )
+            }
+            to_review = int(
+                connection.execute(
+                    select(func.count(InboundMail.id)).where(InboundMail.to_review.is_(True))
+                ).scalar_one()
+            )
+            responses = int(
+                connection.execute(
+                    select(func.count(Email.id)).where(Email.response_received.is_(True))
+                ).scalar_one()
+            )
+            bounced = int(
+                connection.execute(
+                    select(func.count(Email.id)).where(Email.bounce_permanent.is_(True))
+                ).scalar_one()
+            )
+        by_kind: dict[str, int] = {}
+        matched: dict[str, int] = {}
+        for (kind, state), count in kinds.items():
+            by_kind[kind] = by_kind.get(kind, 0) + count
+            if state == "matched":
+                matched[kind] = matched.get(kind, 0) + count
+        if by_kind != expected:
+            raise BenchError(f"the mailbox classified {by_kind}, expected {expected}")
+        return {
+            "messages": total,
+            "emails_answered": min(len(emails), total),
+            "batch": batch,
+            "polls_sent": polls["sent"],
+            "seconds": seconds,
+            "messages_per_second": total / seconds,
+            "kinds": by_kind,
+            "matched": matched,
+            "to_review": to_review,
+            "responses_recorded": responses,
+            "permanently_bounced": bounced,
             "peak_rss_mb": memory,
         }
 
@@ -538,6 +678,7 @@ def build_report(
     runs: list[dict[str, Any]],
     baseline_batching: list[float],
     baseline_sending: dict[str, Any],
+    baseline_parsing: dict[str, Any],
     sink: dict[str, Any],
     postgres_version: str,
 ) -> dict[str, Any]:
@@ -545,7 +686,8 @@ def build_report(
 
     ``like_for_like`` and ``scale_out`` hold each shape's ``batching`` and ``sending``
     stage; both are compared with the same baselines (one database connection, one SMTP
-    connection).
+    connection). ``like_for_like`` also holds the ``mailbox`` stage (one process), judged
+    against parsing the same files with the email package in one process.
     """
     baseline_seconds = min(baseline_batching)
     send_message_rate = baseline_sending["send_message_per_second"]
@@ -576,6 +718,14 @@ def build_report(
     sending["bare_sendmail_emails_per_second"] = sendmail_rate
     sending.update(verdict(sending["ratio"], SENDING_TARGET, SENDING_AIM, higher_is_better=True))
     sending["scale_out"] = sending_figures(scale_out["sending"])
+    parsing_rate = baseline_parsing["messages_per_second"]
+    mailbox = {
+        **like_for_like["mailbox"],
+        "ratio": like_for_like["mailbox"]["messages_per_second"] / parsing_rate,
+        "baseline_messages_per_second": parsing_rate,
+        "baseline_messages_per_second_each": baseline_parsing["each"],
+    }
+    mailbox.update(verdict(mailbox["ratio"], MAILBOX_TARGET, MAILBOX_AIM, higher_is_better=True))
     small, large = runs
     growth = large["seconds"] / small["seconds"]
     scheduling = {
@@ -586,7 +736,10 @@ def build_report(
         **verdict(growth, GROWTH_TARGET, None, higher_is_better=False),
     }
     peaks = {
-        **{f"{stage}": like_for_like[stage]["peak_rss_mb"] for stage in ("batching", "sending")},
+        **{
+            f"{stage}": like_for_like[stage]["peak_rss_mb"]
+            for stage in ("batching", "sending", "mailbox")
+        },
         **{
             f"{stage}_scale_out": scale_out[stage]["peak_rss_mb"]
             for stage in ("batching", "sending")
@@ -600,7 +753,7 @@ def build_report(
         **verdict(highest, MEMORY_LIMIT_MB, None, False),
     }
     judged = size.name == "full"
-    met = all(part["met"] for part in (batching, sending, scheduling, memory))
+    met = all(part["met"] for part in (batching, sending, mailbox, scheduling, memory))
 
     def describe(shape: Shape) -> str:
         return (
@@ -623,6 +776,7 @@ def build_report(
         },
         "batching": batching,
         "sending": sending,
+        "mailbox": mailbox,
         "scheduling": scheduling,
         "memory": memory,
         "sink": sink,
@@ -637,8 +791,8 @@ def print_table(report: dict[str, Any], console: Console) -> None:
             return "not judged"
         return "[green]met[/]" if part["met"] else "[red]MISSED[/]"
 
-    batching, sending, scheduling, memory = (
-        report[name] for name in ("batching", "sending", "scheduling", "memory")
+    batching, sending, mailbox, scheduling, memory = (
+        report[name] for name in ("batching", "sending", "mailbox", "scheduling", "memory")
     )
     grid = rich_table.Table(
         title=f"comms bench ({report['size']}); judged: {report['machine']['judged_shape']}"
@@ -678,6 +832,15 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         f"{scaled['ratio']:.2f}x the rate",
         "reported",
         "",
+    )
+    grid.add_row(
+        "mailbox",
+        f"{mailbox['messages_per_second']:.0f} messages/s ({mailbox['messages']} in "
+        f"{mailbox['seconds']:.1f} s)",
+        f"{mailbox['baseline_messages_per_second']:.0f}/s parsed",
+        f"{mailbox['ratio']:.2f}x the rate",
+        mailbox["target"],
+        mark(mailbox),
     )
     small, large = scheduling["runs"]
     grid.add_row(
@@ -732,6 +895,21 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
             vacuum(service)  # no autovacuum of the service's churn during the baselines
             baseline_batching = batching_baseline(service, baseline)
             baseline_sending = sending_baseline(service, smtp)
+            console.print(f"{LIKE_FOR_LIKE.name}: mailbox ({size.mails} messages)")
+            env = worker_environment(
+                service_url, broker, smtp, LIKE_FOR_LIKE, mailbox=(MAILDIR, size.mail_batch)
+            )
+            with worker(env, LIKE_FOR_LIKE, MAILBOX_LOG) as worker_process:
+                bench = Bench(size, service, celery, worker_process.pid, LIKE_FOR_LIKE)
+                like_for_like["mailbox"] = bench.mailbox(MAILDIR)
+            # Polls sent ahead that found the inbox empty, and the bookings the bounces
+            # asked for, are not the next shape's work.
+            celery.control.purge()
+            console.print(f"mailbox baseline (worker stopped; the best of {BASELINE_REPEATS})")
+            files = bench_mailbox.message_files(MAILDIR)
+            if len(files) != size.mails:
+                raise BenchError(f"the Maildir holds {len(files)} messages, not {size.mails}")
+            baseline_parsing = bench_mailbox.parsing_baseline(files, BASELINE_REPEATS)
             console.print(f"{SCALE_OUT.name}: the service's database seeded again")
             service.dispose()
             fresh_database(service_url)
@@ -767,6 +945,7 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
             runs,
             baseline_batching,
             baseline_sending,
+            baseline_parsing,
             sink,
             postgres_version,
         )

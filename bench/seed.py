@@ -31,6 +31,9 @@ class Size:
     therapists: int
     requests: int
     calls: tuple[int, int]
+    # The mailbox stage: messages in the Maildir, and COMMS_MAILBOX_BATCH (one poll's).
+    mails: int = 10_000
+    mail_batch: int = 1_000
 
     @property
     def emails(self) -> int:

@@ -1,26 +1,41 @@
 """The bench judges like for like: one worker process and one SMTP connection.
 
 The stages themselves run in ``make bench`` (CI runs it at the tiny size); these tests
-pin down which figures the targets are judged by.
+pin down which figures the targets are judged by, and that the mailbox stage's Maildir
+holds what the service's classifier and matcher make of it.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+from pathlib import Path
 from typing import Any
 
+from bench import mailbox as bench_mailbox
 from bench.run import LIKE_FOR_LIKE, SCALE_OUT, SIZES, build_report, worker_environment
+from comms_tasks.mailbox.classify import MailKind, classify, parse
+from comms_tasks.mailbox.match import keys, new_token
 
 PEAK = {"main": 100.0, "pool-1": 120.0}
+MAILBOX = {"messages_per_second": 150.0, "peak_rss_mb": PEAK}
+PARSING = {"messages": 10_000, "messages_per_second": 400.0, "each": [380.0, 400.0]}
 
 
-def stages(batching_seconds: float, emails_per_second: float) -> dict[str, dict[str, Any]]:
-    return {
+def stages(
+    batching_seconds: float, emails_per_second: float, mailbox: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    shape = {
         "batching": {"seconds": batching_seconds, "peak_rss_mb": PEAK},
         "sending": {"emails_per_second": emails_per_second, "peak_rss_mb": PEAK},
     }
+    if mailbox is not None:
+        shape["mailbox"] = mailbox
+    return shape
 
 
 def report(like_for_like: dict[str, Any], scale_out: dict[str, Any]) -> dict[str, Any]:
+    like_for_like = {"mailbox": MAILBOX, **like_for_like}
     runs = [
         {"unanswered_emails": 1_000, "seconds": 1.0, "peak_rss_mb": PEAK},
         {"unanswered_emails": 10_000, "seconds": 10.0, "peak_rss_mb": PEAK},
@@ -33,7 +48,7 @@ def report(like_for_like: dict[str, Any], scale_out: dict[str, Any]) -> dict[str
         "sendmail_each": [200.0],
     }
     return build_report(
-        SIZES["full"], like_for_like, scale_out, runs, [10.0], baseline_sending, {}, "15"
+        SIZES["full"], like_for_like, scale_out, runs, [10.0], baseline_sending, PARSING, {}, "15"
     )
 
 
@@ -68,3 +83,83 @@ def test_the_batching_target_is_judged_on_one_process() -> None:
     met = report(stages(25.0, 90.0), stages(15.0, 160.0))
     assert met["all_targets_met"] is True
     assert "1 process" in met["machine"]["judged_shape"]
+
+
+def test_the_mailbox_target_is_judged_against_parsing_the_same_files() -> None:
+    # 150 messages/s classified and applied against 400/s parsed: 0.375x, met.
+    met = report(stages(25.0, 90.0), stages(15.0, 160.0))
+    mailbox = met["mailbox"]
+    assert mailbox["ratio"] == 0.375
+    assert (mailbox["met"], mailbox["aim_met"]) == (True, False)
+    assert mailbox["target"] == ">= 0.33"
+    assert mailbox["baseline_messages_per_second_each"] == [380.0, 400.0]
+    assert met["all_targets_met"] is True
+    assert met["memory"]["per_stage_mb"]["mailbox"] == PEAK
+    # 100 messages/s is a quarter of the parsing rate: missed, and so the run.
+    slow = {"messages_per_second": 100.0, "peak_rss_mb": {"main": 90.0, "pool-1": 310.0}}
+    missed = report(stages(25.0, 90.0, mailbox=slow), stages(15.0, 160.0))
+    assert missed["mailbox"]["ratio"] == 0.25
+    assert missed["mailbox"]["met"] is False
+    assert missed["memory"]["highest_mb"] == 310.0
+    assert missed["all_targets_met"] is False
+
+
+def test_only_the_mailbox_worker_reads_the_maildir_with_tagged_addresses(tmp_path: Path) -> None:
+    plain = worker_environment("postgresql://db", "redis://b", ("127.0.0.1", 25), LIKE_FOR_LIKE)
+    assert "COMMS_REPLY_ADDRESS" not in plain and "COMMS_MAILBOX_DIR" not in plain
+    env = worker_environment(
+        "postgresql://db", "redis://b", ("127.0.0.1", 25), LIKE_FOR_LIKE, mailbox=(tmp_path, 40)
+    )
+    assert env["COMMS_MAILBOX_BACKEND"] == "maildir"
+    assert env["COMMS_MAILBOX_DIR"] == str(tmp_path)
+    assert env["COMMS_MAILBOX_BATCH"] == "40"
+    assert env["COMMS_REPLY_ADDRESS"] == bench_mailbox.REPLY_ADDRESS
+    assert env["COMMS_BOUNCE_ADDRESS"] == bench_mailbox.BOUNCE_ADDRESS
+    # Every size chains polls: more messages than one poll reads.
+    assert all(size.mails > size.mail_batch for size in SIZES.values())
+    assert (SIZES["full"].mails, SIZES["tiny"].mails) == (10_000, 100)
+
+
+def test_the_maildir_answers_real_emails_in_the_mix_the_classifier_sees(tmp_path: Path) -> None:
+    """No database: the files, read back, are what the service will make of them."""
+    emails = [
+        bench_mailbox.Answered(new_token(), f"<{i:032x}@therapievermittlung.example>", f"t{i}@x.de")
+        for i in range(40)
+    ]
+    by_token = {email.reply_token: email for email in emails}
+    expected = bench_mailbox.build_maildir(tmp_path, emails, 200)
+    assert sum(expected.values()) == 200
+    assert expected["reply"] == 150 and expected["unrelated"] == 14
+
+    files = bench_mailbox.message_files(tmp_path)
+    assert len(files) == 200
+    raws = [path.read_bytes() for path in files]
+    # Unique bytes: none is taken for one seen before (the table is unique on their hash).
+    assert len({hashlib.sha256(raw).digest() for raw in raws}) == 200
+    kinds: collections.Counter[str] = collections.Counter()
+    answered = threaded = 0
+    for raw in raws:
+        message = parse(raw)
+        classified = classify(raw, parsed=message)
+        kinds[classified.kind.value] += 1
+        found = keys(
+            message if message is not None else raw,
+            classified,
+            reply_address=bench_mailbox.REPLY_ADDRESS,
+            bounce_address=bench_mailbox.BOUNCE_ADDRESS,
+        )
+        if classified.kind is MailKind.UNRELATED:
+            continue
+        # Each answer carries one real email's token and (but Outlook's legacy
+        # out-of-office) its Message-ID; a reply comes from that email's recipient
+        # unless it is the private-address sample.
+        [token] = set(found.tokens)
+        email = by_token[token]
+        if found.message_ids:
+            assert set(found.message_ids) == {email.message_id}
+            threaded += 1
+        if classified.kind is MailKind.REPLY and found.sender == email.recipient:
+            answered += 1
+    assert dict(kinds) == expected
+    assert threaded == 200 - 14 - 4  # outlook_ooo_legacy.eml: 2 of every 100
+    assert answered == 150 - 20  # gmail_reply.eml: 10 of every 100, from her own address

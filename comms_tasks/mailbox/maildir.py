@@ -3,7 +3,10 @@
 The inbox is the Maildir's root (``new/`` and ``cur/``); the folders are Maildir++
 subfolders (``.Processed.Replies``, ``.Unmatched``), the layout Dovecot and Courier use,
 so the same directory can be served over IMAP. A move is one ``rename`` of the file,
-keeping its name and flags: atomic, and a second move of the same key finds nothing.
+keeping its name and flags: atomic, and a second move of the same key finds nothing. A
+message this source fetched is moved by the path it was read from, without listing the
+inbox again (a full inbox would make a poll cost the square of its size); only a file
+renamed since (a reader changed its flags) is looked for.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class MaildirSource(ClosingSource):
         self.root = root.resolve()
         self.max_bytes = max_bytes
         self._maildir: mailbox.Maildir | None = None
+        # Where each fetched message was read, by key: its move is then one rename.
+        self._fetched: dict[str, Path] = {}
 
     @property
     def name(self) -> str:
@@ -72,6 +77,7 @@ class MaildirSource(ClosingSource):
                 break
             total += len(message.raw)
             fetched.append(message)
+            self._fetched[message.key] = path
         return fetched
 
     def _inbox_files(self) -> list[tuple[int, Path]]:
@@ -109,6 +115,16 @@ class MaildirSource(ClosingSource):
         if not key or "/" in key or _INFO_SEPARATOR in key or key.startswith("."):
             raise ValueError("not a Maildir key")
         target = self._folder_path(folder)
+        path = self._fetched.pop(key, None)
+        if path is not None:
+            try:
+                # Same subfolder on the other side: new mail stays new, flags stay.
+                os.rename(path, target / path.parent.name / path.name)
+                return
+            except FileNotFoundError:
+                pass  # renamed since (its flags) or moved by another source: look for it
+            except OSError as exc:
+                raise _temporary(self, f"cannot move a message to {folder}", exc) from None
         for subfolder in _DELIVERED:
             try:
                 candidates = [
@@ -142,6 +158,7 @@ class MaildirSource(ClosingSource):
         return path
 
     def close(self) -> None:
+        self._fetched.clear()
         if self._maildir is not None:
             self._maildir.close()
             self._maildir = None
