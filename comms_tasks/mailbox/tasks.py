@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.exc import OperationalError
 
 from comms_tasks.app import app
@@ -146,11 +146,23 @@ def keep_unreadable(source_name: str, fetched: apply.Fetched, reason: str) -> ap
         return apply.Applied(mail.id, mail.kind, mail.state, new=True)
 
 
-def record_poll(source_name: str, fetched: int, error: str | None) -> None:
+def record_poll(
+    source_name: str, fetched: int, error: str | None, moved: dict[str, list[int]]
+) -> None:
+    """The poll's row, and where each message it moved went (one statement per folder).
+
+    Written once per poll, not per message: a poll that dies first leaves the folders
+    unwritten, and the next poll, finding those messages again, moves and writes them.
+    """
+    now = utcnow()
     with transaction() as session:
-        session.merge(
-            MailboxPoll(source=source_name, polled_at=utcnow(), fetched=fetched, error=error)
-        )
+        session.merge(MailboxPoll(source=source_name, polled_at=now, fetched=fetched, error=error))
+        for folder, mail_ids in moved.items():
+            session.execute(
+                update(InboundMail)
+                .where(InboundMail.id.in_(mail_ids))
+                .values(folder=folder, moved_at=now)
+            )
 
 
 @app.task(name=POLL_MAILBOX)
@@ -164,6 +176,7 @@ def poll_mailbox() -> dict[str, Any]:
             return {"skipped": "another poll is running"}
         source = open_source(settings)
         fetched_in_all = 0
+        moved: dict[str, list[int]] = {}
         try:
             with source:
                 while fetched_in_all < settings.mailbox_batch:
@@ -173,21 +186,23 @@ def poll_mailbox() -> dict[str, Any]:
                     fetched_in_all += len(batch)
                     for fetched in batch:
                         applied = apply_one(source.name, fetched, settings)
+                        folder = folder_for(applied.kind, applied.state)
                         try:
-                            source.move(fetched.key, folder_for(applied.kind, applied.state))
+                            source.move(fetched.key, folder)
                         except StaleKeyError:
                             # The mailbox renumbered its messages: this one comes back under
                             # a new key, is found by its bytes and moved then.
                             counts["stale_key"] = counts.get("stale_key", 0) + 1
                             continue
+                        moved.setdefault(folder, []).append(applied.mail_id)
                         label = applied.kind.value if applied.new else "seen_before"
                         counts[label] = counts.get(label, 0) + 1
                         calls_requested = calls_requested or applied.call_requested
-            record_poll(source.name, fetched_in_all, None)
+            record_poll(source.name, fetched_in_all, None, moved)
         except MailboxError as exc:
             # One line, no contents: the next poll tries again.
             log.warning("mailbox poll failed: %s", exc)
-            record_poll(source.name, fetched_in_all, str(exc)[:MAX_REASON])
+            record_poll(source.name, fetched_in_all, str(exc)[:MAX_REASON], moved)
             counts["error"] = 1
     if calls_requested or calls_waiting():
         from comms_tasks.tasks.calls import schedule_calls

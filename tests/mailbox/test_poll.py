@@ -157,6 +157,7 @@ def test_a_reply_records_the_response_and_cancels_the_follow_up_call(
         email.id,
     )
     assert (mail.match_method, mail.to_review) == ("token", False)
+    assert (mail.folder, mail.moved_at is not None) == (sources.REPLIES, True)
     assert polled.subjects() == []
     assert len(polled.subjects(sources.REPLIES)) == 1
 
@@ -416,7 +417,7 @@ def test_the_imap_server_restarting_mid_poll_loses_nothing_and_applies_nothing_t
 
         assert poll_mailbox() == {"seen_before": 1, "auto_reply": 1}
 
-        assert len(mails(committed_db)) == 2
+        assert [m.folder for m in mails(committed_db)] == [sources.REPLIES, sources.AUTO_REPLIES]
         assert len(events_of(committed_db, "email.response_recorded")) == 1
         assert mailbox.subjects() == []
         assert len(mailbox.subjects(sources.REPLIES)) == 1
