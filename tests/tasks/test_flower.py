@@ -39,6 +39,7 @@ from tests.conftest import (
     wait_for,
     worker_environment,
 )
+from tests.test_cli_call_outcome import call_id  # noqa: F401 - a fixture: a scheduled call
 
 # A Redis database of its own: the session's worker must not take these messages.
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/12"
@@ -219,14 +220,21 @@ def test_flower_shows_inbound_task_by_ids_not_patient_data(
 
 
 def test_flower_shows_no_call_notes_before_a_worker_received_the_outcome(
-    broker_url: str, tmp_path: Path
+    broker_url: str,
+    tmp_path: Path,
+    committed_url: str,
+    call_id: int,  # noqa: F811
 ) -> None:
     """No worker runs (all busy, or down): Flower knows the message from its sent event."""
     marker = "FLOWERMARK-" + uuid.uuid4().hex
-    env = flower_environment(COMMS_BROKER_URL=broker_url, COMMS_VAR_DIR=str(tmp_path / "var"))
+    env = flower_environment(
+        COMMS_BROKER_URL=broker_url,
+        COMMS_VAR_DIR=str(tmp_path / "var"),
+        COMMS_DATABASE_URL=committed_url,
+    )
     flower = FlowerProcess(env, tmp_path / "flower.log")
     command = [sys.executable, "-c", "from comms_tasks.cli import main; main()", "calls"]
-    command += ["outcome", "1", "--status", "completed", "--notes", marker]
+    command += ["outcome", str(call_id), "--status", "completed", "--notes", marker]
     try:
 
         def outcome_listed() -> bool:
