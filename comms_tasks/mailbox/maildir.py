@@ -11,6 +11,7 @@ renamed since (a reader changed its flags) is looked for.
 
 from __future__ import annotations
 
+import contextlib
 import mailbox
 import os
 import re
@@ -152,7 +153,14 @@ class MaildirSource(ClosingSource):
         path = self.root / f".{name}"
         if not (path / "cur").is_dir():
             try:
-                self._open().add_folder(name)
+                with contextlib.suppress(FileExistsError):
+                    self._open().add_folder(name)
+                # Another source may be making it at the same moment (mailbox.Maildir
+                # checks, then makes, and makes nothing in a folder that exists): finish
+                # what it may not have made yet.
+                for part in ("tmp", "new", "cur"):
+                    (path / part).mkdir(mode=0o700, parents=True, exist_ok=True)
+                (path / "maildirfolder").touch()
             except OSError as exc:
                 raise _permanent(self, f"cannot create folder {folder}", exc) from None
         return path

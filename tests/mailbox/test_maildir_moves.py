@@ -80,3 +80,19 @@ def test_a_fetched_message_renamed_since_is_still_found_and_moved(tmp_path: Path
         source.move(second.key, REPLIES)
         assert len(list((tmp_path / "mail" / ".Processed.Replies" / "new").iterdir())) == 1
         assert len(source.fetch_new(INBOX)) == INBOX - 2
+
+
+def test_a_folder_another_source_is_still_making_is_finished_and_used(tmp_path: Path) -> None:
+    """Two polls make a folder at the same moment: one finds it half made (no cur/)."""
+    root = tmp_path / "mailbox"
+    box = stdlib_mailbox.Maildir(root, create=True)
+    box.add(message("Antwort 1"))
+    (root / ".Processed.Replies").mkdir()  # made by the other source, nothing in it yet
+
+    with MaildirSource(root, max_bytes=1024 * 1024) as source:
+        [fetched] = source.fetch_new(10)
+        source.move(fetched.key, REPLIES)
+        assert source.fetch_new(10) == []
+
+    replies = stdlib_mailbox.Maildir(root / ".Processed.Replies", create=False)
+    assert [subject_of(replies.get_bytes(key)) for key in replies.iterkeys()] == ["Antwort 1"]
