@@ -28,6 +28,7 @@ from comms_tasks.inbox import Rejected
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys
 from comms_tasks.mailbox.redaction import redact_mail
+from comms_tasks.mailbox.sources import Fetched
 from comms_tasks.models import (
     Email,
     EmailStatus,
@@ -53,14 +54,6 @@ from comms_tasks.settings import Settings
 MAILBOX_COMMANDS = uuid.UUID("8f0e1d4c-5b6a-4e1f-9a3b-2c7d6e5f4a31")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Fetched:
-    """One message as the mailbox holds it (see ``sources.Fetched``)."""
-
-    key: str
-    raw: bytes
 
 
 @dataclasses.dataclass(frozen=True)

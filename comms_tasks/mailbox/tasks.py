@@ -97,7 +97,7 @@ def _header(message: Any, name: str) -> str | None:
     return None if value is None else str(value)
 
 
-def process(source_name: str, fetched: apply.Fetched, settings: Settings) -> apply.Applied:
+def process(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
     """Classify, match and record one message, in its own transaction."""
     message = parse(fetched.raw)
     classified = classify(fetched.raw, parsed=message)
@@ -122,7 +122,7 @@ def process(source_name: str, fetched: apply.Fetched, settings: Settings) -> app
         )
 
 
-def keep_unreadable(source_name: str, fetched: apply.Fetched, reason: str) -> apply.Applied:
+def keep_unreadable(source_name: str, fetched: Fetched, reason: str) -> apply.Applied:
     """A message whose recording failed: kept as unmatched with the reason, once."""
     now = utcnow()
     with transaction() as session:
@@ -227,11 +227,12 @@ def calls_waiting() -> bool:
 
 def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
     """Record one message; one that cannot be recorded is kept as unmatched, with why."""
-    item = apply.Fetched(key=fetched.key, raw=fetched.raw)
     if fetched.headers_only:
-        return keep_unreadable(source_name, item, f"too large ({fetched.size} bytes): header kept")
+        return keep_unreadable(
+            source_name, fetched, f"too large ({fetched.size} bytes): header kept"
+        )
     try:
-        return process(source_name, item, settings)
+        return process(source_name, fetched, settings)
     except OperationalError:
         raise  # the database is away: the message stays in the inbox for the next poll
     except Exception as exc:  # noqa: BLE001 - one message never stops a poll
@@ -240,4 +241,4 @@ def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.A
             fetched.key,
             type(exc).__name__,
         )
-        return keep_unreadable(source_name, item, f"could not be applied: {type(exc).__name__}")
+        return keep_unreadable(source_name, fetched, f"could not be applied: {type(exc).__name__}")
