@@ -51,6 +51,14 @@ class Email(Base):
             postgresql_where=text(FOLLOW_UP_DUE),
             sqlite_where=text(FOLLOW_UP_DUE),
         ),
+        # An answer cancels the reminders of its email (and a reminder's answer, those of
+        # its original): found by the email they follow up, not by reading every email.
+        Index(
+            "ix_emails_in_reply_to_email_id",
+            "in_reply_to_email_id",
+            postgresql_where=text("in_reply_to_email_id IS NOT NULL"),
+            sqlite_where=text("in_reply_to_email_id IS NOT NULL"),
+        ),
         # Retention looks for bodies still stored, by their last activity.
         Index(
             "ix_emails_last_activity_at",
