@@ -1,10 +1,13 @@
 """Reading a stranger's message without trusting it: the parts classify and match share.
 
-Every function here takes whatever arrived and never raises. Headers are read as their
-raw values (:meth:`Message.raw_items`), never through the email package's header
-objects, whose parsing is slow on long values and raises on some malformed ones; the
-callers pick out only what has a strict shape (addresses, Message-IDs, tokens, status
-codes) and drop the rest.
+Every function here takes whatever arrived and never raises. Messages are parsed with
+the ``compat32`` policy, and headers are read as their raw values
+(:meth:`Message.raw_items`), never through the email package's header objects: those
+are slow (the modern policy builds one each time a part's Content-Type is asked, parsing
+included, which made parsing alone ten times slower) and raise on some malformed values.
+The callers pick out only what has a strict shape (addresses, Message-IDs, tokens, status
+codes) and drop the rest; :func:`decoded` turns RFC 2047 words into text where a value
+is shown (a subject).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import email.policy
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
-from email.message import EmailMessage, Message
+from email.message import Message
 from html.parser import HTMLParser
 
 # The largest message read whole. Larger ones are kept for operators with a reason; their
@@ -53,20 +56,21 @@ _FATAL_DEFECTS = (
 # (bidi overrides, zero-width), lone surrogates (undecodable bytes), line and paragraph
 # separators, private use and unassigned code points.
 _UNSAFE_TEXT = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Co", "Cn"})
+_NOT_PLAIN_ASCII = re.compile(r"[^\x20-\x7e\n\t]")
 
 
-def parse(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> EmailMessage | None:
+def parse(raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message | None:
     """The message, or None when it is larger than ``max_bytes`` or not readable at all."""
     if not isinstance(raw, bytes | bytearray) or len(raw) > max_bytes:
         return None
     try:
-        message = email.parser.BytesParser(policy=email.policy.default).parsebytes(bytes(raw))
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(bytes(raw))
     except Exception:  # noqa: BLE001 - a stranger's bytes: any failure means "unreadable"
         return None
-    return message if isinstance(message, EmailMessage) else None
+    return message if isinstance(message, Message) else None
 
 
-def parse_headers(raw: bytes) -> EmailMessage | None:
+def parse_headers(raw: bytes) -> Message | None:
     """Only the header block of ``raw`` (of a message too large to parse whole)."""
     if not isinstance(raw, bytes | bytearray):
         return None
@@ -77,11 +81,11 @@ def parse_headers(raw: bytes) -> EmailMessage | None:
             head = head[:end]
             break
     try:
-        parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+        parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
         message = parser.parsebytes(head)
     except Exception:  # noqa: BLE001 - a stranger's bytes
         return None
-    return message if isinstance(message, EmailMessage) else None
+    return message if isinstance(message, Message) else None
 
 
 def header_values(message: Message, name: str) -> list[str]:
@@ -100,6 +104,14 @@ def header_values(message: Message, name: str) -> list[str]:
 def first_header(message: Message, name: str) -> str | None:
     values = header_values(message, name)
     return values[0] if values else None
+
+
+def decoded(value: str, limit: int = 1000) -> str:
+    """A header value with its RFC 2047 encoded words decoded (as read), else as it is."""
+    try:
+        return str(email.policy.default.header_factory("subject", value[:limit]))
+    except Exception:  # noqa: BLE001 - header soup
+        return value
 
 
 def addresses_in(value: str) -> Iterator[str]:
@@ -191,14 +203,23 @@ def _charset_alias(charset: str) -> str:
     return charset
 
 
+def is_safe_character(ch: str) -> bool:
+    """Whether one character may stay in a text we keep (tabs and newlines may)."""
+    return ch in "\n\t" or (ch.isprintable() and unicodedata.category(ch) not in _UNSAFE_TEXT)
+
+
+def _kept(found: re.Match[str]) -> str:
+    return found.group() if is_safe_character(found.group()) else ""
+
+
 def clean_text(text: str) -> str:
-    """Text without control, format or surrogate characters; tabs and newlines kept."""
+    """Text without control, format or surrogate characters; tabs and newlines kept.
+
+    Printable ASCII always stays: only the other characters (a few in a German reply)
+    are looked up one by one.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return "".join(
-        ch
-        for ch in text
-        if ch in "\n\t" or (ch.isprintable() and unicodedata.category(ch) not in _UNSAFE_TEXT)
-    )
+    return _NOT_PLAIN_ASCII.sub(_kept, text)
 
 
 def one_line(text: str, limit: int) -> str:

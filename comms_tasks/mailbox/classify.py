@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from email.message import EmailMessage, Message
+from email.message import Message
 from enum import StrEnum
 
 from flufl.bounce import all_failures
@@ -117,7 +117,7 @@ class Classified:
 
 
 def classify(
-    raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, parsed: EmailMessage | None = None
+    raw: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES, parsed: Message | None = None
 ) -> Classified:
     """What ``raw`` is. ``parsed`` may be given as :func:`parse` made it from ``raw``."""
     try:
@@ -126,7 +126,7 @@ def classify(
         return Classified(MailKind.UNRELATED, defect=f"could not be read: {type(exc).__name__}")
 
 
-def _classify(raw: bytes, max_bytes: int, parsed: EmailMessage | None) -> Classified:
+def _classify(raw: bytes, max_bytes: int, parsed: Message | None) -> Classified:
     if not isinstance(raw, bytes | bytearray):
         return Classified(MailKind.UNRELATED, defect="not bytes")
     if len(raw) > max_bytes:
@@ -211,7 +211,7 @@ def _status_blocks(part: Message) -> list[Message]:
         # Some MTAs encode the report; read its blocks as header blocks.
         decoded, _ = _mime.part_text(part)
         text = decoded or payload
-        parser = email.parser.HeaderParser(policy=email.policy.default)
+        parser = email.parser.HeaderParser(policy=email.policy.compat32)
         return [parser.parsestr(chunk) for chunk in re.split(r"\r?\n\s*\r?\n", text[:65536])]
     return []
 
@@ -347,7 +347,7 @@ def _automatic(message: Message) -> str | None:
     if _mime.header_values(message, "X-MS-Exchange-Inbox-Rules-Loop"):
         return "X-MS-Exchange-Inbox-Rules-Loop"
     subject = " ".join(_mime.header_values(message, "Subject"))
-    if _AUTO_SUBJECT.search(_decoded(subject)):
+    if _AUTO_SUBJECT.search(_mime.decoded(subject)):
         # A subject alone proves nothing; next to one of these it does. Human Outlook
         # replies carry X-Auto-Response-Suppress too, so it never counts on its own.
         if _mime.header_values(message, "X-Auto-Response-Suppress"):
@@ -360,13 +360,6 @@ def _automatic(message: Message) -> str | None:
 def _precedence(message: Message) -> str | None:
     value = _mime.first_header(message, "Precedence")
     return value.strip().lower() if value else None
-
-
-def _decoded(value: str) -> str:
-    try:
-        return str(email.policy.default.header_factory("subject", value[:1000]))
-    except Exception:  # noqa: BLE001
-        return value
 
 
 # --- human replies ----------------------------------------------------------------------

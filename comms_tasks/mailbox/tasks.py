@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 from collections.abc import Iterator
+from email.message import Message
 from typing import Any
 
 from sqlalchemy import text, update
@@ -20,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from comms_tasks.app import app
 from comms_tasks.db import get_engine, transaction
-from comms_tasks.mailbox import apply
+from comms_tasks.mailbox import _mime, apply
 from comms_tasks.mailbox.classify import classify, parse
 from comms_tasks.mailbox.match import keys
 from comms_tasks.mailbox.sources import (
@@ -87,14 +88,10 @@ def folder_for(kind: InboundMailKind, state: InboundMailState) -> str:
     return FOLDERS[kind.value]
 
 
-def _header(message: Any, name: str) -> str | None:
-    if message is None:
-        return None
-    try:
-        value = message.get(name)
-    except Exception:  # noqa: BLE001 - a stranger's header the email package cannot read
-        return None
-    return None if value is None else str(value)
+def _header(message: Message | None, name: str) -> str | None:
+    """A stranger's header as text: unfolded, bounded, encoded words decoded."""
+    value = None if message is None else _mime.first_header(message, name)
+    return None if value is None else _mime.decoded(value)
 
 
 def process(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:

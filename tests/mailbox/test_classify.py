@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comms_tasks.contracts.limits import MAX_TEXT
+from comms_tasks.mailbox import _mime
 from comms_tasks.mailbox.classify import MAX_DIAGNOSTIC, Classified, MailKind, classify, parse
 from tests.mailbox.samples import OUR_MESSAGE_ID, all_samples, sample
 
@@ -461,3 +462,35 @@ def test_a_reply_of_pathological_long_lines_is_read_in_bounded_time(body: bytes)
 
     assert result.kind is MailKind.REPLY
     assert elapsed < 5, f"took {elapsed:.1f} s"
+
+
+@given(st.text(max_size=300))
+def test_clean_text_keeps_exactly_the_characters_that_are_safe(text: str) -> None:
+    """The ASCII fast path keeps what the per-character rule keeps, nothing else."""
+    normalised = text.replace("\r\n", "\n").replace("\r", "\n")
+    expected = "".join(ch for ch in normalised if _mime.is_safe_character(ch))
+    assert _mime.clean_text(text) == expected
+    assert not any(
+        unicodedata.category(ch) in {"Cc", "Cf", "Cs"} for ch in expected if ch not in "\n\t"
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "shown"),
+    [
+        (
+            "=?utf-8?q?Re=3A_Anfrage_f=C3=BCr_einen_Therapieplatz?=",
+            "Re: Anfrage für einen Therapieplatz",
+        ),
+        ("=?iso-8859-1?q?Abwesenheitsnotiz:_Gr=FC=DFe?=", "Abwesenheitsnotiz: Grüße"),
+        ("Re: Anfrage\r\n für Sie", "Re: Anfrage für Sie"),
+    ],
+)
+def test_a_subject_is_shown_decoded_and_unfolded(header: str, shown: str) -> None:
+    """Parsed with compat32, a subject is still kept as it reads, not as it was encoded."""
+    raw = f"From: a@b.example\r\nSubject: {header}\r\n\r\nHallo\r\n".encode()
+    message = parse(raw)
+    assert message is not None
+    value = _mime.first_header(message, "Subject")
+    assert value is not None
+    assert _mime.decoded(value) == shown
