@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from comms_tasks import batching
 from comms_tasks.contracts import inbound
@@ -302,6 +303,8 @@ def patients_of(
     erasure waits for this transaction and then finds, and rewrites, its new email.
     """
     ids = sorted(set(request_ids))
+    if not ids:
+        return {}  # an answer without outcomes (a reply read from the mailbox) asks none
     if not lock or session.get_bind().dialect.name != "postgresql":
         rows = session.execute(
             select(PlacementRequest.id, Patient)
@@ -756,8 +759,7 @@ def record_response(
     # patients share-locked first (a confirmation renders them), then the whole thread,
     # the email and the originals it follows up, in id order (see lock_thread).
     patients_of(session, [item.placement_request_id for item in command.outcomes], lock=True)
-    lock_thread(session, command.email_id)
-    email = session.get(Email, command.email_id, with_for_update=True)
+    email = lock_thread(session, command.email_id)
     if email is None:
         raise Rejected("command.email_id: unknown email", str(command.command_id))
     if email.status is not EmailStatus.SENT:
@@ -766,7 +768,10 @@ def record_response(
             f"command.email_id: the email was not sent ({email.status.value})",
             str(command.command_id),
         )
-    batches = {batch.placement_request_id: batch for batch in email.batches}
+    # An answer without outcomes (a reply read from the mailbox) reads no batch rows.
+    batches = (
+        {batch.placement_request_id: batch for batch in email.batches} if command.outcomes else {}
+    )
     for index, item in enumerate(command.outcomes):
         if item.placement_request_id not in batches:
             raise Rejected(
@@ -791,7 +796,7 @@ def record_response(
         ),
         occurred_at=now,
     )
-    therapist = session.get(Therapist, email.therapist_id)
+    therapist = session.get(Therapist, email.therapist_id) if command.outcomes else None
     originals = originals_of(session, email)
     confirmations = []
     for item in command.outcomes:
@@ -882,24 +887,35 @@ def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
 MAX_THREAD_DEPTH = 10
 
 
-def lock_thread(session: Session, email_id: int) -> None:
+def lock_thread(session: Session, email_id: int) -> Email | None:
     """Lock an email and the emails up its thread (``in_reply_to``), in id order.
 
-    The thread is read unlocked first (an email's ``in_reply_to`` never changes), then
-    locked in one statement in id order, the order ``patient.erased`` locks a patient's
-    emails in: an answer to a reminder never holds the reminder while it waits for its
-    original.
+    The thread is read unlocked first (an email's ``in_reply_to`` never changes, so an
+    email this session already holds answers without a query), then locked in one
+    statement in id order, the order ``patient.erased`` locks a patient's emails in: an
+    answer to a reminder never holds the reminder while it waits for its original. The
+    locked rows are read as they are now (an erasure may have redacted them since they
+    were loaded); returns the email itself, None when there is none.
     """
     thread = {email_id}
     current: int | None = email_id
     while current is not None and len(thread) <= MAX_THREAD_DEPTH:
-        current = session.scalar(select(Email.in_reply_to_email_id).where(Email.id == current))
+        loaded = session.identity_map.get(identity_key(Email, current))
+        if isinstance(loaded, Email):
+            current = loaded.in_reply_to_email_id
+        else:
+            current = session.scalar(select(Email.in_reply_to_email_id).where(Email.id == current))
         if current is None or current in thread:
             break
         thread.add(current)
-    session.execute(
-        select(Email.id).where(Email.id.in_(sorted(thread))).order_by(Email.id).with_for_update()
-    )
+    locked = session.scalars(
+        select(Email)
+        .where(Email.id.in_(sorted(thread)))
+        .order_by(Email.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
+    return next((email for email in locked if email.id == email_id), None)
 
 
 def originals_of(session: Session, email: Email) -> list[Email]:

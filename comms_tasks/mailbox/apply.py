@@ -214,19 +214,20 @@ def record_mail(
         reply_text=reply_content(classified.reply_text),
         raw=fetched.raw,
     )
-    session.add(mail)
+    # Added once everything about it is known: one INSERT, no UPDATE after it.
     found = None if kind is InboundMailKind.UNRELATED else find_email(session, keys, kind)
     call_requested = False
     if found is not None:
         lock_found(session, found)
-        copy = earlier_copy(session, mail, found.email)
-        if copy is not None:
-            keep_as_copy(mail, found, copy)
+        copy_id = earlier_copy(session, mail, found.email)
+        if copy_id is not None:
+            keep_as_copy(mail, found, copy_id)
         else:
             call_requested = apply_to(session, mail, found, classified, now, settings)
         if found.email.body_redacted_at is not None:
             # Its email was redacted (erasure or retention): a reply quoting it is too.
             redact_mail(mail, now)
+    session.add(mail)
     session.flush()
     return Applied(
         mail.id,
@@ -247,41 +248,50 @@ def lock_found(session: Session, found: Found) -> None:
     answers lock in: an erasure under way is waited for and then seen, and one that starts
     now waits for this message's row and then redacts it.
     """
-    email_rules.lock_thread(session, found.email.id)
-    session.refresh(found.email)
+    email_rules.lock_thread(session, found.email.id)  # read again as it is now
 
 
-def earlier_copy(session: Session, mail: InboundMail, email: Email) -> InboundMail | None:
-    """Another copy of ``mail`` already applied to ``email``, if one is.
+def earlier_copy(session: Session, mail: InboundMail, email: Email) -> int | None:
+    """The id of another copy of ``mail`` already applied to ``email``, if one is.
 
     One message can reach the mailbox twice with different bytes: a reply to all of our
     sender and our tagged reply address is delivered once per address, each copy with a
     Delivered-To line of its own, so neither the key nor the hash knows it. The same
     Message-ID from the same sender, of the same kind, already applied to the same email is
-    that message again (the email's own messages only: a handful, by their index).
+    that message again (the email's own messages only: a handful, read by their index and
+    compared here, so that no plan can prefer an index on the kind, which holds most rows).
     """
     if mail.message_id is None or mail.sender is None:
         return None
-    return session.scalar(
-        select(InboundMail)
+    for copy_id, state, kind, message_id, sender in session.execute(
+        select(
+            InboundMail.id,
+            InboundMail.state,
+            InboundMail.kind,
+            InboundMail.message_id,
+            InboundMail.sender,
+        )
         .where(InboundMail.email_id == email.id)
-        .where(InboundMail.id != mail.id)
-        .where(InboundMail.state == InboundMailState.MATCHED)
-        .where(InboundMail.kind == mail.kind)
-        .where(InboundMail.message_id == mail.message_id)
-        .where(InboundMail.sender == mail.sender)
         .order_by(InboundMail.id)
-        .limit(1)
-    )
+    ):
+        if (
+            copy_id != mail.id
+            and state is InboundMailState.MATCHED
+            and kind is mail.kind
+            and message_id == mail.message_id
+            and sender == mail.sender
+        ):
+            return int(copy_id)
+    return None
 
 
-def keep_as_copy(mail: InboundMail, found: Found, copy: InboundMail) -> None:
+def keep_as_copy(mail: InboundMail, found: Found, copy_id: int) -> None:
     """Keep a second copy with its email, filed like the first, applying nothing again."""
     mail.email_id = found.email.id
     mail.match_method = found.method
     mail.state = InboundMailState.MATCHED
     mail.to_review = False
-    mail.review_reason = one_line(f"another copy of message {copy.id}: not applied", MAX_REASON)
+    mail.review_reason = one_line(f"another copy of message {copy_id}: not applied", MAX_REASON)
 
 
 def apply_to(
