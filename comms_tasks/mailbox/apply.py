@@ -1,9 +1,9 @@
 """What a message from the mailbox changes: found its email, then recorded once.
 
-One transaction per message, with its outbox events: the message's row in
-``inbound_mail`` (unique on where the mailbox keeps it and on its bytes' hash) and its
-effects. A message seen again — a poll that crashed between its commit and the move — is
-found by either and changes nothing.
+Each message's row in ``inbound_mail`` (unique on where the mailbox keeps it and on its
+bytes' hash) is written with its effects and their outbox events, in the transaction of
+its group (:mod:`comms_tasks.mailbox.tasks`). A message seen again — a poll that crashed
+between its commit and the move — is found by either and changes nothing.
 """
 
 from __future__ import annotations
@@ -112,6 +112,40 @@ def raw_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+class SeenBefore:
+    """The rows of a group's messages already kept, read in one query for the group.
+
+    A message is known by where the mailbox keeps it or by its bytes' hash, as in
+    :func:`seen_before`; the rows the group adds are added here too, so that the same
+    bytes twice in one group are applied once.
+    """
+
+    def __init__(self, session: Session, source: str, group: Sequence[Fetched]) -> None:
+        self.source = source
+        keys = sorted({fetched.key for fetched in group})
+        hashes = sorted({raw_hash(fetched.raw) for fetched in group})
+        rows = session.scalars(
+            select(InboundMail).where(
+                or_(
+                    (InboundMail.source == source) & InboundMail.source_key.in_(keys),
+                    InboundMail.raw_sha256.in_(hashes),
+                )
+            )
+        ).all()
+        self._by_key: dict[str, InboundMail] = {}
+        self._by_hash: dict[str, InboundMail] = {}
+        for row in rows:
+            self.add(row)
+
+    def add(self, mail: InboundMail) -> None:
+        if mail.source == self.source:
+            self._by_key.setdefault(mail.source_key, mail)
+        self._by_hash.setdefault(mail.raw_sha256, mail)
+
+    def find(self, fetched: Fetched) -> InboundMail | None:
+        return self._by_key.get(fetched.key) or self._by_hash.get(raw_hash(fetched.raw))
+
+
 def seen_before(session: Session, source: str, fetched: Fetched) -> InboundMail | None:
     return session.scalar(
         select(InboundMail)
@@ -189,9 +223,13 @@ def record_mail(
     date: str | None,
     now: dt.datetime,
     settings: Settings,
+    seen: SeenBefore | None = None,
 ) -> Applied:
-    """Keep one message from the mailbox and apply what it means, once."""
-    known = seen_before(session, source, fetched)
+    """Keep one message from the mailbox and apply what it means, once.
+
+    ``seen``: the group's messages kept before, when the message is one of a group.
+    """
+    known = seen.find(fetched) if seen is not None else seen_before(session, source, fetched)
     if known is not None:
         return Applied(known.id, known.kind, known.state, new=False, email_id=known.email_id)
     kind = InboundMailKind(classified.kind.value)
@@ -229,6 +267,8 @@ def record_mail(
             redact_mail(mail, now)
     session.add(mail)
     session.flush()
+    if seen is not None:
+        seen.add(mail)
     return Applied(
         mail.id,
         mail.kind,

@@ -1,10 +1,14 @@
 """``comms.poll_mailbox``: read new mail, apply each message once, then file it away.
 
-Each message is classified and matched, then recorded in a transaction of its own with
-its events; only after that commit is it moved to the folder of its kind. A crash in
-between leaves it in the inbox: the next poll finds its row and moves it, applying
-nothing twice. Nothing is ever deleted from the mailbox. One poll at a time: a second
-one that starts while the first runs returns at once.
+Each message is classified and matched, then recorded with its events in the
+transaction of its group (up to :data:`GROUP_SIZE` messages: a commit per group, not per
+message); only after that commit are the group's messages moved to the folders of their
+kinds. A crash in between leaves them in the inbox: the next poll finds their rows and
+moves them, applying nothing twice. A group that fails (one message raising, a deadlock
+with an erasure) is rolled back whole and its messages recorded again one transaction
+each, where one that cannot be recorded is kept as unmatched with its reason. Nothing is
+ever deleted from the mailbox. One poll at a time: a second one that starts while the
+first runs returns at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import text, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
 from comms_tasks.db import get_engine, transaction
@@ -39,6 +44,10 @@ from comms_tasks.settings import Settings, get_settings
 POLL_MAILBOX = "comms.poll_mailbox"
 # pg_try_advisory_lock key of the poll (the claim and booking locks have their own).
 POLL_LOCK_KEY = 7_310_642_205
+# Messages recorded in one transaction. A group holds the locks of its emails until its
+# commit (about 0.3 s for 50 replies): an answer or an erasure of one of them waits that
+# long at most.
+GROUP_SIZE = 50
 log = logging.getLogger(__name__)
 
 
@@ -94,8 +103,16 @@ def _header(message: Message | None, name: str) -> str | None:
     return None if value is None else _mime.decoded(value)
 
 
-def process(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
-    """Classify, match and record one message, in its own transaction."""
+def record(
+    session: Session,
+    source_name: str,
+    fetched: Fetched,
+    settings: Settings,
+    seen: apply.SeenBefore | None = None,
+) -> apply.Applied:
+    """Classify, match and record one message in ``session``'s transaction."""
+    if fetched.headers_only:
+        return keep(session, source_name, fetched, too_large(fetched), seen)
     message = parse(fetched.raw)
     classified = classify(fetched.raw, parsed=message)
     found_keys = keys(
@@ -104,43 +121,62 @@ def process(source_name: str, fetched: Fetched, settings: Settings) -> apply.App
         reply_address=settings.reply_address,
         bounce_address=settings.bounce_address,
     )
-    with transaction() as session:
-        return apply.record_mail(
-            session,
-            source_name,
-            fetched,
-            classified,
-            found_keys,
-            subject=_header(message, "Subject"),
-            message_id=_header(message, "Message-ID"),
-            date=_header(message, "Date"),
-            now=utcnow(),
-            settings=settings,
-        )
+    return apply.record_mail(
+        session,
+        source_name,
+        fetched,
+        classified,
+        found_keys,
+        subject=_header(message, "Subject"),
+        message_id=_header(message, "Message-ID"),
+        date=_header(message, "Date"),
+        now=utcnow(),
+        settings=settings,
+        seen=seen,
+    )
+
+
+def too_large(fetched: Fetched) -> str:
+    return f"too large ({fetched.size} bytes): header kept"
+
+
+def keep(
+    session: Session,
+    source_name: str,
+    fetched: Fetched,
+    reason: str,
+    seen: apply.SeenBefore | None = None,
+) -> apply.Applied:
+    """A message kept as unmatched with the reason (once), in ``session``'s transaction."""
+    now = utcnow()
+    known = (
+        seen.find(fetched) if seen is not None else apply.seen_before(session, source_name, fetched)
+    )
+    if known is not None:
+        return apply.Applied(known.id, known.kind, known.state, new=False)
+    mail = InboundMail(
+        source=source_name,
+        source_key=fetched.key,
+        raw_sha256=apply.raw_hash(fetched.raw),
+        size=len(fetched.raw),
+        fetched_at=now,
+        received_at=now,
+        kind=InboundMailKind.UNRELATED,
+        state=InboundMailState.UNMATCHED,
+        defect=reason[:MAX_REASON],
+        raw=fetched.raw,
+    )
+    session.add(mail)
+    session.flush()
+    if seen is not None:
+        seen.add(mail)
+    return apply.Applied(mail.id, mail.kind, mail.state, new=True)
 
 
 def keep_unreadable(source_name: str, fetched: Fetched, reason: str) -> apply.Applied:
     """A message whose recording failed: kept as unmatched with the reason, once."""
-    now = utcnow()
     with transaction() as session:
-        known = apply.seen_before(session, source_name, fetched)
-        if known is not None:
-            return apply.Applied(known.id, known.kind, known.state, new=False)
-        mail = InboundMail(
-            source=source_name,
-            source_key=fetched.key,
-            raw_sha256=apply.raw_hash(fetched.raw),
-            size=len(fetched.raw),
-            fetched_at=now,
-            received_at=now,
-            kind=InboundMailKind.UNRELATED,
-            state=InboundMailState.UNMATCHED,
-            defect=reason[:MAX_REASON],
-            raw=fetched.raw,
-        )
-        session.add(mail)
-        session.flush()
-        return apply.Applied(mail.id, mail.kind, mail.state, new=True)
+        return keep(session, source_name, fetched, reason)
 
 
 def record_poll(
@@ -181,8 +217,16 @@ def poll_mailbox() -> dict[str, Any]:
                     if not batch:
                         break
                     fetched_in_all += len(batch)
-                    for fetched in batch:
-                        applied = apply_one(source.name, fetched, settings)
+                    results = [
+                        (fetched, applied)
+                        for start in range(0, len(batch), GROUP_SIZE)
+                        for fetched, applied in zip(
+                            batch[start : start + GROUP_SIZE],
+                            apply_group(source.name, batch[start : start + GROUP_SIZE], settings),
+                            strict=True,
+                        )
+                    ]
+                    for fetched, applied in results:
                         folder = folder_for(applied.kind, applied.state)
                         try:
                             source.move(fetched.key, folder)
@@ -222,14 +266,27 @@ def calls_waiting() -> bool:
         return bool(calls.waiting_for_call(session, limit=1))
 
 
+def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> list[apply.Applied]:
+    """Record a group of messages in one transaction; one by one when that fails."""
+    try:
+        with transaction() as session:
+            seen = apply.SeenBefore(session, source_name, group)
+            return [record(session, source_name, fetched, settings, seen) for fetched in group]
+    except Exception as exc:  # noqa: BLE001 - the group is rolled back and tried one by one
+        if len(group) > 1:
+            log.warning(
+                "mailbox group of %d messages rolled back (%s); recording them one by one",
+                len(group),
+                type(exc).__name__,
+            )
+        return [apply_one(source_name, fetched, settings) for fetched in group]
+
+
 def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
     """Record one message; one that cannot be recorded is kept as unmatched, with why."""
-    if fetched.headers_only:
-        return keep_unreadable(
-            source_name, fetched, f"too large ({fetched.size} bytes): header kept"
-        )
     try:
-        return process(source_name, fetched, settings)
+        with transaction() as session:
+            return record(session, source_name, fetched, settings)
     except OperationalError:
         raise  # the database is away: the message stays in the inbox for the next poll
     except Exception as exc:  # noqa: BLE001 - one message never stops a poll

@@ -168,7 +168,7 @@ def test_two_polls_at_once_on_postgresql_apply_each_message_once(
     email = sent_email(committed_db, smtp)
     inbox.append(sample("thunderbird_reply.eml", email.reply_token or ""))
     inbox.append(sample("exchange_ooo.eml", email.reply_token or ""))
-    applying = tasks.apply_one
+    applying = tasks.record
     second: list[dict[str, Any]] = []
 
     def apply_while_another_polls(*args: Any, **kwargs: Any) -> Any:
@@ -176,7 +176,7 @@ def test_two_polls_at_once_on_postgresql_apply_each_message_once(
             in_another_transaction(lambda: second.append(poll_mailbox()))
         return applying(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "apply_one", apply_while_another_polls)
+    monkeypatch.setattr(tasks, "record", apply_while_another_polls)
 
     assert poll_mailbox() == {"reply": 1, "auto_reply": 1}
 
@@ -215,6 +215,29 @@ def test_a_message_that_raises_while_applied_is_kept_with_its_reason_and_moved(
     assert len(inbox.subjects("Unmatched")) == 1
     assert load(committed_db).response_received is False
     assert "Muster" not in caplog.text and "Beispiel" not in caplog.text
+
+
+def test_the_same_bytes_twice_in_one_group_are_applied_once_without_a_rollback(
+    inbox: MaildirHarness,
+    committed_db: Engine,
+    smtp: SmtpSink,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two files with the same bytes in one poll: the group records the first and finds
+    the second by its hash (not by a unique violation that would roll the group back)."""
+    email = sent_email(committed_db, smtp)
+    reply = sample("thunderbird_reply.eml", email.reply_token or "")
+    inbox.append(reply)
+    inbox.append(sample("exchange_ooo.eml", email.reply_token or ""))
+    inbox.append(reply)
+
+    with caplog.at_level("WARNING", logger="comms_tasks.mailbox.tasks"):
+        assert poll_mailbox() == {"reply": 1, "auto_reply": 1, "seen_before": 1}
+
+    assert "rolled back" not in caplog.text
+    assert len(mails(committed_db)) == 2
+    assert len(events_of(committed_db, "email.response_recorded")) == 1
+    assert inbox.subjects() == []
 
 
 # --- a poll killed after a bounce's commit ------------------------------------------------
