@@ -63,7 +63,7 @@ from sqlalchemy.orm import Session
 from bench import mailbox as bench_mailbox
 from bench.memory import StagePeak
 from bench.seed import Size, fresh_database, read_model_rows, seed
-from comms_tasks.emails import ASKING_TEMPLATES
+from comms_tasks.emails.email_rules import ASKING_TEMPLATES
 from comms_tasks.mail.message import ascii_address, build_mime
 from comms_tasks.models import (
     Email,
@@ -76,7 +76,7 @@ from comms_tasks.models import (
     PhoneCallBatch,
 )
 from comms_tasks.models.base import SCHEMA, utcnow
-from comms_tasks.sending import outgoing
+from comms_tasks.emails.delivery import outgoing
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUT = PROJECT_ROOT / "var" / "bench"

@@ -10,7 +10,6 @@ from typing import Any
 
 from sqlalchemy import Engine, insert
 
-from comms_tasks import demo
 from comms_tasks.migrate import recreate_database, upgrade
 from comms_tasks.models import (
     Patient,
@@ -19,6 +18,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.ops import demo
 
 ROWS_PER_INSERT = 5_000
 REQUEST_AGE = dt.timedelta(days=30)

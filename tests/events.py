@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from kombu import Connection, Consumer, Queue
 
-from comms_tasks.contracts.outbound import EmailQueuedPayload
+from comms_tasks.contracts.published import EmailQueuedPayload
 from comms_tasks.db import transaction
-from comms_tasks.outbox import events_exchange, record_event
+from comms_tasks.events.outbox import events_exchange, record_event
 
 
 def record_queued_events(count: int, first_email_id: int = 1) -> list[str]:

@@ -8,7 +8,7 @@ import zoneinfo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from comms_tasks.batching import (
+from comms_tasks.rules.batching import (
     Contactability,
     OpenRequest,
     TherapistFacts,

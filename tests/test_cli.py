@@ -20,10 +20,9 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails
 from comms_tasks.contracts import HANDLE_MATCHING_EVENT
 from comms_tasks.db import transaction
-from comms_tasks.inbox import handle
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.examples import render_examples
 from comms_tasks.models import (
     DeadLetter,
@@ -42,6 +41,7 @@ from comms_tasks.models import (
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.conftest import worker_environment
+from comms_tasks.emails import email_rules
 
 COMMS = Path(sys.executable).parent / "comms"
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
@@ -135,9 +135,9 @@ def request(
 
 def run_batch(at: dt.datetime) -> list[int]:
     with transaction() as session:
-        candidates = emails.batch_candidates(session)
+        candidates = email_rules.batch_candidates(session)
     with transaction() as session:
-        return emails.batch_chunk(session, candidates, at, get_settings()).email_ids
+        return email_rules.batch_chunk(session, candidates, at, get_settings()).email_ids
 
 
 def queue_email(therapist_id: int, request_ids: list[int], **therapist_fields: Any) -> int:

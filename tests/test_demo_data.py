@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from comms_tasks.contracts import validate_event
-from comms_tasks.demo import DemoMessage, demo_messages
+from comms_tasks.ops.demo import DemoMessage, demo_messages
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"

@@ -16,10 +16,9 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails, sending
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
-from comms_tasks.inbox import handle
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import (
     DeadLetter,
     Email,
@@ -33,10 +32,11 @@ from comms_tasks.models import (
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
 from comms_tasks.tasks.batching import batch_requests
-from comms_tasks.tasks.inbound import APPLIERS as EVENT_APPLIERS
-from comms_tasks.tasks.sending import send_email
+from comms_tasks.projections.tasks import APPLIERS as EVENT_APPLIERS
+from comms_tasks.emails.tasks import send_email
 from tests import factories as f
 from tests.smtp import SmtpSink
+from comms_tasks.emails import delivery, email_rules
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -86,11 +86,11 @@ def open_requests(therapist_id: int, ids: range, **summary: Any) -> None:
         )
 
 
-def run_batch(now: dt.datetime) -> emails.BatchReport:
+def run_batch(now: dt.datetime) -> email_rules.BatchReport:
     with transaction() as session:
-        candidates = emails.batch_candidates(session)
+        candidates = email_rules.batch_candidates(session)
     with transaction() as session:
-        return emails.batch_chunk(session, candidates, now, get_settings())
+        return email_rules.batch_chunk(session, candidates, now, get_settings())
 
 
 def all_emails(engine: Engine) -> list[Email]:
@@ -199,10 +199,10 @@ def test_two_concurrent_runs_on_postgres_queue_one_email_per_therapist(
     def run() -> None:
         try:
             with transaction() as session:
-                candidates = emails.batch_candidates(session)
+                candidates = email_rules.batch_candidates(session)
             barrier.wait()
             with transaction() as session:
-                emails.batch_chunk(session, candidates, T0, get_settings())
+                email_rules.batch_chunk(session, candidates, T0, get_settings())
         except BaseException as exc:
             errors.append(exc)
 
@@ -303,21 +303,21 @@ def test_a_dropped_or_silent_connection_is_retried_later(
 
 def test_eight_temporary_failures_end_in_failed(committed_db: Engine, smtp: SmtpSink) -> None:
     queued = queue_one(committed_db)
-    smtp.script(*["451 4.3.0 Try again later"] * sending.MAX_ATTEMPTS)
-    for attempt in range(1, sending.MAX_ATTEMPTS + 1):
+    smtp.script(*["451 4.3.0 Try again later"] * delivery.MAX_ATTEMPTS)
+    for attempt in range(1, delivery.MAX_ATTEMPTS + 1):
         result = send_email(queued.id)
-        assert result == ({"failed": 1} if attempt == sending.MAX_ATTEMPTS else {"queued": 1})
+        assert result == ({"failed": 1} if attempt == delivery.MAX_ATTEMPTS else {"queued": 1})
     [failed] = all_emails(committed_db)
     assert failed.status is EmailStatus.FAILED
-    assert failed.retry_count == sending.MAX_ATTEMPTS
+    assert failed.retry_count == delivery.MAX_ATTEMPTS
 
 
 def test_retry_delays_double_up_to_an_hour_with_jitter() -> None:
     rng = random.Random(1)
     for attempt, minutes in [(1, 1), (2, 2), (3, 4), (6, 32), (7, 60), (8, 60)]:
-        delay = sending.retry_delay(attempt, rng)
+        delay = delivery.retry_delay(attempt, rng)
         assert dt.timedelta(minutes=minutes) * 0.8 <= delay <= dt.timedelta(minutes=minutes) * 1.2
-        assert delay <= sending.MAX_RETRY_DELAY
+        assert delay <= delivery.MAX_RETRY_DELAY
 
 
 def test_an_expired_sending_lease_is_claimed_again(committed_db: Engine, smtp: SmtpSink) -> None:

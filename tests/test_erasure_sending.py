@@ -16,22 +16,22 @@ import pytest
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import sending
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import transaction
-from comms_tasks.inbox import handle
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import sender_from_settings
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from comms_tasks.models.base import utcnow
-from comms_tasks.read_models import erase_patient
-from comms_tasks.retention import REDACTED_TEXT
+from comms_tasks.projections.upstream import erase_patient
+from comms_tasks.privacy.retention import REDACTED_TEXT
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
-from comms_tasks.tasks.sending import send_email
+from comms_tasks.emails.tasks import send_email
 from tests import factories as f
 from tests.smtp import SmtpSink
 from tests.test_retention import MARKER, PATIENT, load, queued_email
+from comms_tasks.emails import delivery
 
 ERASED = 100
 OTHER = 300
@@ -45,14 +45,14 @@ def erase(patient_id: int = ERASED) -> None:
 def claim() -> list[OutgoingMessage]:
     """What a worker does first: claim the due emails and build their messages (committed)."""
     with transaction() as session:
-        return sending.prepare_batch(session, utcnow(), 100, get_settings())
+        return delivery.prepare_batch(session, utcnow(), 100, get_settings())
 
 
-def send_and_record(messages: list[OutgoingMessage]) -> list[sending.Recorded]:
+def send_and_record(messages: list[OutgoingMessage]) -> list[delivery.Recorded]:
     """What the worker does next, with the messages it built before the erasure."""
     results = [(result, utcnow()) for result in sender_from_settings(get_settings()).send(messages)]
     with transaction() as session:
-        return sending.record_results(session, results, random.Random(1))
+        return delivery.record_results(session, results, random.Random(1))
 
 
 def text_of(sink: SmtpSink, index: int = -1) -> str:
@@ -107,7 +107,7 @@ def test_an_email_on_the_wire_at_erasure_is_recorded_sent_and_redacted(
     assert during.body_text == REDACTED_TEXT
     assert during.body_redacted_at is not None
 
-    assert send_and_record(messages) == [sending.Recorded(email_id, EmailStatus.SENT)]
+    assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.SENT)]
     # What is true: the worker's message, built before the erasure, went out.
     assert f"{MARKER}-{ERASED}" in text_of(smtp)
     sent = load(committed_db, email_id)
@@ -127,7 +127,7 @@ def test_an_email_on_the_wire_at_erasure_that_comes_back_goes_out_without_the_pa
     messages = claim()
     erase()
     smtp.script("451 4.3.0 Try again later")
-    assert send_and_record(messages) == [sending.Recorded(email_id, EmailStatus.QUEUED)]
+    assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.QUEUED)]
     waiting = load(committed_db, email_id)
     assert waiting.retry_count == 1
     assert waiting.body_text == REDACTED_TEXT
@@ -156,7 +156,7 @@ def test_an_email_on_the_wire_at_erasure_of_its_only_patient_is_cancelled_if_it_
     messages = claim()
     erase()
     smtp.script("451 4.3.0 Try again later")
-    assert send_and_record(messages) == [sending.Recorded(email_id, EmailStatus.QUEUED)]
+    assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.QUEUED)]
     assert send_email(email_id) == {"cancelled": 1}
     cancelled = load(committed_db, email_id)
     assert cancelled.status is EmailStatus.CANCELLED

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import validate_event
-from comms_tasks.inbox import Rejected
+from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
     Patient,
     PlacementRequest,
@@ -16,7 +16,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.read_models import (
+from comms_tasks.projections.upstream import (
     apply_matching_event,
     apply_patient_event,
     apply_therapist_event,

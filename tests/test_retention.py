@@ -13,14 +13,14 @@ import pytest
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails, migrate
+from comms_tasks import migrate
 from comms_tasks.db import make_engine, transaction
-from comms_tasks.dead_letters import (
+from comms_tasks.inbound.dead_letters import (
     REDACTED_VALUE,
     erase_patient_from_dead_letters,
     purge_expired_dead_letters,
 )
-from comms_tasks.inbox import handle, handle_call
+from comms_tasks.inbound.inbox import handle, handle_call
 from comms_tasks.models import (
     DeadLetter,
     DeadLetterStatus,
@@ -31,11 +31,12 @@ from comms_tasks.models import (
     PlacementRequest,
     PlacementRequestStatus,
 )
-from comms_tasks.retention import REDACTED_TEXT
+from comms_tasks.privacy.retention import REDACTED_TEXT
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
-from comms_tasks.tasks.retention import purge_expired
+from comms_tasks.privacy.retention import purge_expired
 from tests import factories as f
+from comms_tasks.emails import email_rules
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -62,7 +63,7 @@ def queued_email(therapist_id: int, patients: list[int]) -> int:
             ),
         )
     with transaction() as session:
-        [email_id] = emails.batch_chunk(session, [therapist_id], T0, get_settings()).email_ids
+        [email_id] = email_rules.batch_chunk(session, [therapist_id], T0, get_settings()).email_ids
     return email_id
 
 
@@ -139,8 +140,8 @@ def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
 
 
 def test_scheduled_tasks_record_their_last_run(committed_db: Engine) -> None:
-    from comms_tasks.reports import status_snapshot
-    from comms_tasks.task_runs import record_run
+    from comms_tasks.ops.reports import status_snapshot
+    from comms_tasks.worker.task_runs import record_run
 
     with transaction() as session:
         record_run(session, "comms.purge_expired", "SUCCESS")
@@ -153,7 +154,7 @@ def test_scheduled_tasks_record_their_last_run(committed_db: Engine) -> None:
 
 
 def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(committed_db: Engine) -> None:
-    from comms_tasks.reports import status_snapshot
+    from comms_tasks.ops.reports import status_snapshot
     from comms_tasks.tasks.batching import batch_requests
 
     def last_state() -> str | None:
@@ -773,7 +774,7 @@ def outbox_texts(folder: Path) -> dict[str, str]:
 def test_the_file_backends_copies_of_redacted_emails_are_removed(
     committed_db: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from comms_tasks.tasks.sending import send_email
+    from comms_tasks.emails.tasks import send_email
 
     monkeypatch.setenv("COMMS_VAR_DIR", str(tmp_path))
     monkeypatch.setenv("COMMS_MAIL_BACKEND", "file")

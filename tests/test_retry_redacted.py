@@ -18,7 +18,7 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import Email, EmailStatus
-from comms_tasks.retention import REDACTED_TEXT
+from comms_tasks.privacy.retention import REDACTED_TEXT
 from tests import factories as f
 from tests.conftest import worker_environment
 from tests.test_retention import MARKER, PATIENT, apply, load, queued_email

@@ -16,17 +16,17 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import sending
 from comms_tasks.db import transaction
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from comms_tasks.emails import delivery
 
 
 def claim(now: dt.datetime, set_aside: dict[str, int] | None = None) -> list[int]:
     with transaction() as session:
-        messages = sending.prepare_batch(session, now, 100, get_settings(), set_aside=set_aside)
+        messages = delivery.prepare_batch(session, now, 100, get_settings(), set_aside=set_aside)
     return [message.email_id for message in messages]
 
 
@@ -47,9 +47,9 @@ def failed_events(engine: Engine) -> list[dict[str, Any]]:
 
 def test_an_email_that_kills_its_worker_every_time_ends_failed(committed_db: Engine) -> None:
     f.queue_plain_emails(committed_db, 1, "lease")
-    lease = sending.lease_duration(get_settings()) + dt.timedelta(seconds=1)
+    lease = delivery.lease_duration(get_settings()) + dt.timedelta(seconds=1)
     now = dt.datetime.now(dt.UTC)
-    for attempt in range(1, sending.MAX_ATTEMPTS + 1):
+    for attempt in range(1, delivery.MAX_ATTEMPTS + 1):
         assert claim(now) == [the_email(committed_db).id], f"attempt {attempt}"
         # ... the worker dies here, nothing is recorded; the lease runs out.
         now += lease
@@ -59,29 +59,29 @@ def test_an_email_that_kills_its_worker_every_time_ends_failed(committed_db: Eng
     assert set_aside == {"failed": 1}
     email = the_email(committed_db)
     assert email.status is EmailStatus.FAILED
-    assert email.retry_count == sending.MAX_ATTEMPTS
+    assert email.retry_count == delivery.MAX_ATTEMPTS
     assert email.lease_expires_at is None and email.next_attempt_at is None
-    assert email.error_message == sending.WORKER_LOST
+    assert email.error_message == delivery.WORKER_LOST
     [event] = failed_events(committed_db)
     assert event["payload"]["email_id"] == email.id
-    assert event["payload"]["reason"] == sending.WORKER_LOST
+    assert event["payload"]["reason"] == delivery.WORKER_LOST
     # Nothing claims it any more.
     assert claim(now + lease) == []
 
 
 def test_a_lost_attempt_and_a_recorded_one_count_once_each(committed_db: Engine) -> None:
     f.queue_plain_emails(committed_db, 1, "lease")
-    lease = sending.lease_duration(get_settings()) + dt.timedelta(seconds=1)
+    lease = delivery.lease_duration(get_settings()) + dt.timedelta(seconds=1)
     now = dt.datetime.now(dt.UTC)
     [email_id] = claim(now)
     now += lease
     assert claim(now) == [email_id]
     lost = the_email(committed_db)
     assert lost.retry_count == 1
-    assert lost.error_message == sending.WORKER_LOST
+    assert lost.error_message == delivery.WORKER_LOST
     result = SendResult(email_id=email_id, delivered=False, temporary=True, error="451 later")
     with transaction() as session:
-        [recorded] = sending.record_results(session, [(result, now)], random.Random(1))
+        [recorded] = delivery.record_results(session, [(result, now)], random.Random(1))
     assert recorded.status is EmailStatus.QUEUED
     assert the_email(committed_db).retry_count == 2
     # Claimed again in time and delivered: no further count, the reason is cleared.
@@ -90,7 +90,7 @@ def test_a_lost_attempt_and_a_recorded_one_count_once_each(committed_db: Engine)
     assert claim(waiting.next_attempt_at) == [email_id]
     delivered = SendResult(email_id=email_id, delivered=True)
     with transaction() as session:
-        sending.record_results(session, [(delivered, waiting.next_attempt_at)], random.Random(1))
+        delivery.record_results(session, [(delivered, waiting.next_attempt_at)], random.Random(1))
     sent = the_email(committed_db)
     assert sent.status is EmailStatus.SENT
     assert sent.retry_count == 2

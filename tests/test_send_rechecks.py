@@ -20,15 +20,14 @@ import pytest
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails, sending
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import get_engine, transaction
-from comms_tasks.inbox import handle
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent, Therapist
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
-from comms_tasks.tasks.sending import send_email
+from comms_tasks.emails.tasks import send_email
 from schedules import BATCH_TIME
 from tests import factories as f
 from tests.smtp import SmtpSink
@@ -40,6 +39,7 @@ from tests.test_email_pipeline import (
     queue_one,
     therapist,
 )
+from comms_tasks.emails import delivery, email_rules
 
 
 def load(engine: Engine, email_id: int) -> Email:
@@ -227,7 +227,7 @@ def statements(committed_db: Engine) -> Iterator[list[str]]:
 def prepare_statements(statements: list[str]) -> int:
     statements.clear()
     with transaction() as session:
-        sending.prepare_batch(session, utcnow(), 1000, get_settings())
+        delivery.prepare_batch(session, utcnow(), 1000, get_settings())
     return len(statements)
 
 
@@ -239,7 +239,7 @@ def test_a_claim_checks_its_therapists_in_the_same_queries_for_two_emails_or_twe
             therapist(therapist_id)
             open_requests(therapist_id, range(therapist_id * 10, therapist_id * 10 + 2))
         with transaction() as session:
-            emails.batch_chunk(session, list(range(first, first + count)), utcnow(), get_settings())
+            email_rules.batch_chunk(session, list(range(first, first + count)), utcnow(), get_settings())
         # A quarter of them blocked, a quarter with a new address (rendered again).
         for therapist_id in range(first, first + count, 4):
             therapist(therapist_id, status="blocked")
@@ -375,11 +375,11 @@ def test_two_claims_at_once_send_one_of_a_therapists_two_emails(
 
     def second_claim() -> None:
         with transaction() as session:
-            second.append(sending.prepare_batch(session, utcnow(), 1, settings))
+            second.append(delivery.prepare_batch(session, utcnow(), 1, settings))
 
     # The first claim is still open (not committed) while the second one runs.
     with transaction() as session:
-        first = sending.prepare_batch(session, utcnow(), 1, settings)
+        first = delivery.prepare_batch(session, utcnow(), 1, settings)
         other = threading.Thread(target=second_claim)
         other.start()
         other.join(timeout=1)

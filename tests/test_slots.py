@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comms_tasks.contracts.common import WEEKDAYS
-from comms_tasks.slots import (
+from comms_tasks.rules.slots import (
     BookedCalls,
     Holidays,
     SlotRules,

@@ -15,8 +15,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
-from comms_tasks.reports import status_snapshot
-from comms_tasks.tasks.sending import send_email
+from comms_tasks.ops.reports import status_snapshot
+from comms_tasks.emails.tasks import send_email
 from schedules import beat_schedule
 from tests.conftest import WorkerProcess, wait_for
 
@@ -38,7 +38,7 @@ def test_a_send_not_started_by_beat_does_not_move_the_clock(committed_db: Engine
 
 @pytest.mark.parametrize("name", sorted(beat_schedule))
 def test_every_beat_entry_marks_its_runs(name: str) -> None:
-    from comms_tasks.task_runs import started_by_beat
+    from comms_tasks.worker.task_runs import started_by_beat
 
     headers = beat_schedule[name].get("options", {}).get("headers")
     task = app.tasks[beat_schedule[name]["task"]]

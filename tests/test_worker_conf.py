@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from sqlalchemy.engine import make_url
 
-from comms_tasks.censored_conf import mask_credentials
+from comms_tasks.worker.censored_conf import mask_credentials
 from tests.conftest import REDIS_URL, WorkerProcess, worker_environment
 
 INSPECT_TIMEOUT = 10

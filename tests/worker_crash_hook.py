@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from comms_tasks.tasks import inbound
+from comms_tasks.projections import tasks
 
 CRASH_NAME = "Absturz-Testfall"
-_handle_call = inbound.handle_call
+_handle_call = tasks.handle_call
 
 
 def _crashing_handle_call(
@@ -31,4 +31,4 @@ def _crashing_handle_call(
     return _handle_call(task_name, args, kwargs, apply)
 
 
-inbound.handle_call = _crashing_handle_call
+tasks.handle_call = _crashing_handle_call

@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from comms_tasks.contracts import inbound
+from comms_tasks.contracts import received
 from comms_tasks.contracts.common import FIELD_ERROR, Contract
-from comms_tasks.contracts.inbound import Command, Envelope
+from comms_tasks.contracts.received import Command, Envelope
 from comms_tasks.contracts.limits import MAX_NESTING
 
 HANDLE_THERAPIST_EVENT = "comms.handle_therapist_event"
@@ -28,25 +28,25 @@ SCHEDULE_CALL = "comms.schedule_call"
 
 INBOUND_EVENTS: dict[str, dict[str, type[Envelope]]] = {
     HANDLE_THERAPIST_EVENT: {
-        "therapist.upserted": inbound.TherapistUpserted,
-        "therapist.deleted": inbound.TherapistDeleted,
+        "therapist.upserted": received.TherapistUpserted,
+        "therapist.deleted": received.TherapistDeleted,
     },
     HANDLE_MATCHING_EVENT: {
-        "placement_request.created": inbound.PlacementRequestCreated,
-        "placement_request.status_changed": inbound.PlacementRequestStatusChanged,
-        "placement_request.cancelled": inbound.PlacementRequestCancelled,
+        "placement_request.created": received.PlacementRequestCreated,
+        "placement_request.status_changed": received.PlacementRequestStatusChanged,
+        "placement_request.cancelled": received.PlacementRequestCancelled,
     },
     HANDLE_PATIENT_EVENT: {
-        "patient.updated": inbound.PatientUpdated,
-        "patient.erased": inbound.PatientErased,
+        "patient.updated": received.PatientUpdated,
+        "patient.erased": received.PatientErased,
     },
 }
 
 COMMANDS: dict[str, type[Command]] = {
-    RECORD_EMAIL_RESPONSE: inbound.RecordEmailResponse,
-    RECORD_CALL_OUTCOME: inbound.RecordCallOutcome,
-    QUEUE_EMAIL: inbound.QueueEmail,
-    SCHEDULE_CALL: inbound.ScheduleCall,
+    RECORD_EMAIL_RESPONSE: received.RecordEmailResponse,
+    RECORD_CALL_OUTCOME: received.RecordCallOutcome,
+    QUEUE_EMAIL: received.QueueEmail,
+    SCHEDULE_CALL: received.ScheduleCall,
 }
 
 # The keyword argument that carries the message, per kind.

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, TypeAdapter
 
 from comms_tasks.contracts import COMMANDS, INBOUND_EVENTS
-from comms_tasks.contracts.outbound import EVENT_PAYLOADS, published_event_model
+from comms_tasks.contracts.published import EVENT_PAYLOADS, published_event_model
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

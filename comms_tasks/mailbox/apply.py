@@ -20,11 +20,10 @@ from pydantic import ValidationError
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails as email_rules
-from comms_tasks.contracts import inbound
+from comms_tasks.contracts import received
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
-from comms_tasks.contracts.outbound import EmailBouncedPayload
-from comms_tasks.inbox import Rejected
+from comms_tasks.contracts.published import EmailBouncedPayload
+from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys
 from comms_tasks.mailbox.redaction import redact_mail
@@ -40,14 +39,15 @@ from comms_tasks.models import (
     PhoneCallStatus,
     Therapist,
 )
-from comms_tasks.models.mailbox import (
+from comms_tasks.models.inbound_mail import (
     MAX_DIAGNOSTIC,
     MAX_MAIL_MESSAGE_ID,
     MAX_MAIL_SUBJECT,
     MAX_REASON,
 )
-from comms_tasks.outbox import record_event
+from comms_tasks.events.outbox import record_event
 from comms_tasks.settings import Settings
+from comms_tasks.emails import email_rules as email_rules
 
 # Commands recorded for mailbox replies get ids of their own namespace: the same message
 # always makes the same command id.
@@ -387,11 +387,11 @@ def record_reply(
         "outcomes": [],
     }
     try:
-        command = inbound.RecordEmailResponse.model_validate(fields)
+        command = received.RecordEmailResponse.model_validate(fields)
     except ValidationError:
         # Text the contract refuses (it never should: cleaned above) is kept on the
         # message only; the response is recorded without it.
-        command = inbound.RecordEmailResponse.model_validate({**fields, "content": None})
+        command = received.RecordEmailResponse.model_validate({**fields, "content": None})
     # Reminders queued before now (the reply read, or assigned by an operator) were queued
     # without knowing of it, whatever its Date says.
     email_rules.record_response(session, command, now, settings, source="mailbox", known_at=now)

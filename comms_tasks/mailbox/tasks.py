@@ -38,8 +38,9 @@ from comms_tasks.mailbox.sources import (
 )
 from comms_tasks.models import InboundMail, InboundMailKind, InboundMailState, MailboxPoll
 from comms_tasks.models.base import utcnow
-from comms_tasks.models.mailbox import MAX_REASON
+from comms_tasks.models.inbound_mail import MAX_REASON
 from comms_tasks.settings import Settings, get_settings
+import comms_tasks.calls.call_rules
 
 POLL_MAILBOX = "comms.poll_mailbox"
 # pg_try_advisory_lock key of the poll (the claim and booking locks have their own).
@@ -246,7 +247,7 @@ def poll_mailbox() -> dict[str, Any]:
             record_poll(source.name, fetched_in_all, str(exc)[:MAX_REASON], moved)
             counts["error"] = 1
     if calls_requested or calls_waiting():
-        from comms_tasks.tasks.calls import schedule_calls
+        from comms_tasks.calls.tasks import schedule_calls
 
         schedule_calls.delay()
     return counts
@@ -260,10 +261,10 @@ def calls_waiting() -> bool:
     next poll finds the bounce seen before. Any poll starts the booking while an email
     still waits, so that such a call is booked now rather than at the next follow-up check.
     """
-    from comms_tasks import calls
+    from comms_tasks import call_rules
 
     with transaction() as session:
-        return bool(calls.waiting_for_call(session, limit=1))
+        return bool(comms_tasks.calls.call_rules.waiting_for_call(session, limit=1))
 
 
 def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> list[apply.Applied]:

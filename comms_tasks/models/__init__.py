@@ -13,7 +13,7 @@ from comms_tasks.models.enums import (
     ResponseOutcome,
     TherapistStatus,
 )
-from comms_tasks.models.mailbox import InboundMail, MailboxPoll
+from comms_tasks.models.inbound_mail import InboundMail, MailboxPoll
 from comms_tasks.models.messaging import (
     DeadLetter,
     OutboxEvent,

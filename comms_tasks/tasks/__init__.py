@@ -6,16 +6,21 @@ from comms_tasks.contracts import (
     RECORD_EMAIL_RESPONSE,
     SCHEDULE_CALL,
 )
-from comms_tasks.inbox import Applier
-from comms_tasks.tasks import batching, calls, inbound, outbox, responses, retention, sending
+from comms_tasks.inbound.inbox import Applier
+from comms_tasks.tasks import batching, responses
+from comms_tasks.calls import tasks
+from comms_tasks.events import outbox
+from comms_tasks.privacy import retention
+from comms_tasks.projections import tasks
+from comms_tasks.emails import tasks
 
 # What applies each inbound message: the tasks use it, and so does a dead-letter replay.
 APPLIERS: dict[str, Applier] = {
-    **inbound.APPLIERS,
+    **tasks.APPLIERS,
     RECORD_EMAIL_RESPONSE: responses.apply_email_response,
     QUEUE_EMAIL: responses.apply_queue_email,
-    SCHEDULE_CALL: calls.apply_schedule_call,
-    RECORD_CALL_OUTCOME: calls.apply_call_outcome,
+    SCHEDULE_CALL: tasks.apply_schedule_call,
+    RECORD_CALL_OUTCOME: tasks.apply_call_outcome,
 }
 
 __all__ = [

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from comms_tasks import emails
 from comms_tasks.app import app
 from comms_tasks.db import transaction
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks.sending import send_email
+from comms_tasks.emails.tasks import send_email
+from comms_tasks.emails import email_rules
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def batch_requests(helper: bool = False) -> dict[str, Any]:
     settings = get_settings()
     now = utcnow()
     with transaction() as session:
-        candidates = emails.batch_candidates(session)
+        candidates = email_rules.batch_candidates(session)
     chunks = [
         candidates[start : start + THERAPISTS_PER_CHUNK]
         for start in range(0, len(candidates), THERAPISTS_PER_CHUNK)
@@ -40,12 +40,12 @@ def batch_requests(helper: bool = False) -> dict[str, Any]:
         chunks.reverse()
     elif len(chunks) > 1:
         batch_requests.apply_async(kwargs={"helper": True})
-    total = emails.BatchReport()
+    total = email_rules.BatchReport()
     chunks_failed = 0
     for chunk in chunks:
         try:
             with transaction() as session:
-                report = emails.batch_chunk(session, chunk, now, settings)
+                report = email_rules.batch_chunk(session, chunk, now, settings)
         except Exception as exc:  # noqa: BLE001 - the other chunks still run
             # A therapist's own problem is isolated inside the chunk; this is the chunk's
             # (e.g. the database went away). Its therapists are asked by the next run.
@@ -54,7 +54,7 @@ def batch_requests(helper: bool = False) -> dict[str, Any]:
                 "batch: the chunk of therapists %s to %s failed: %s",
                 chunk[0],
                 chunk[-1],
-                emails.describe_error(exc),
+                email_rules.describe_error(exc),
             )
             continue
         total.emails_queued += report.emails_queued

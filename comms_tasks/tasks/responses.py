@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails
-from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, inbound
+from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, received
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks.inbound import inbound_task
-from comms_tasks.tasks.sending import send_email_after_commit
+from comms_tasks.projections.tasks import inbound_task
+from comms_tasks.emails.tasks import send_email_after_commit
+from comms_tasks.emails import email_rules
 
 
-def apply_email_response(session: Session, command: inbound.RecordEmailResponse) -> None:
-    if emails.record_response(session, command, utcnow(), get_settings()):
+def apply_email_response(session: Session, command: received.RecordEmailResponse) -> None:
+    if email_rules.record_response(session, command, utcnow(), get_settings()):
         send_email_after_commit(session)
 
 
-def apply_queue_email(session: Session, command: inbound.QueueEmail) -> None:
-    if emails.queue_requested_email(session, command, utcnow(), get_settings()):
+def apply_queue_email(session: Session, command: received.QueueEmail) -> None:
+    if email_rules.queue_requested_email(session, command, utcnow(), get_settings()):
         send_email_after_commit(session)
 
 

@@ -24,7 +24,7 @@ from comms_tasks.contracts import (
     COMMANDS,
     INBOUND_EVENTS,
     ContractViolation,
-    outbound,
+    published,
     too_deep,
     validate_command,
     validate_event,
@@ -1006,39 +1006,39 @@ def test_a_valid_message_with_any_one_value_replaced_never_breaks_validation(
 
 SENT_AT = dt.datetime(2026, 11, 3, 8, 0, tzinfo=dt.UTC)
 PAYLOAD_EXAMPLES: dict[str, Contract] = {
-    "email.queued": outbound.EmailQueuedPayload(
+    "email.queued": published.EmailQueuedPayload(
         email_id=5, therapist_id=17, placement_request_ids=[301, 302]
     ),
-    "email.sent": outbound.EmailSentPayload(
+    "email.sent": published.EmailSentPayload(
         email_id=5, therapist_id=17, message_id="<abc@comms.example>", sent_at=SENT_AT
     ),
-    "email.failed": outbound.EmailFailedPayload(
+    "email.failed": published.EmailFailedPayload(
         email_id=5, therapist_id=17, reason="550 mailbox unavailable"
     ),
-    "email.bounced": outbound.EmailBouncedPayload(
+    "email.bounced": published.EmailBouncedPayload(
         email_id=5, therapist_id=17, permanent=True, status="5.1.1", bounced_at=SENT_AT
     ),
-    "email.response_recorded": outbound.EmailResponseRecordedPayload(
+    "email.response_recorded": published.EmailResponseRecordedPayload(
         email_id=5, therapist_id=17, received_at=SENT_AT, source="mailbox"
     ),
-    "placement_request.outcome_recorded": outbound.OutcomeRecordedPayload(
+    "placement_request.outcome_recorded": published.OutcomeRecordedPayload(
         placement_request_id=301, therapist_id=17, outcome="accepted", via="call", source_id=9
     ),
-    "call.scheduled": outbound.CallScheduledPayload(
+    "call.scheduled": published.CallScheduledPayload(
         call_id=9, therapist_id=17, scheduled_at=SENT_AT, placement_request_ids=[301]
     ),
-    "call.unschedulable": outbound.CallUnschedulablePayload(
+    "call.unschedulable": published.CallUnschedulablePayload(
         email_id=5, therapist_id=17, reason="no phone availability"
     ),
-    "call.completed": outbound.CallCompletedPayload(call_id=9, therapist_id=17),
-    "call.failed": outbound.CallFailedPayload(
+    "call.completed": published.CallCompletedPayload(call_id=9, therapist_id=17),
+    "call.failed": published.CallFailedPayload(
         call_id=9, therapist_id=17, attempt=1, next_call_id=10
     ),
 }
 
 
 def test_there_is_an_example_of_every_published_event_type() -> None:
-    assert set(PAYLOAD_EXAMPLES) == set(outbound.EVENT_PAYLOADS)
+    assert set(PAYLOAD_EXAMPLES) == set(published.EVENT_PAYLOADS)
 
 
 @pytest.mark.parametrize("event_type", list(PAYLOAD_EXAMPLES))
@@ -1046,9 +1046,9 @@ def test_build_event_gives_a_valid_envelope(event_type: str) -> None:
     payload = PAYLOAD_EXAMPLES[event_type]
     berlin_morning = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
 
-    event = outbound.build_event(payload, occurred_at=berlin_morning)
+    event = published.build_event(payload, occurred_at=berlin_morning)
 
-    assert type(payload) is outbound.EVENT_PAYLOADS[event_type]
+    assert type(payload) is published.EVENT_PAYLOADS[event_type]
     assert event["event_type"] == event_type
     assert event["producer"] == "communication-service"
     assert event["version"] == 1
@@ -1057,7 +1057,7 @@ def test_build_event_gives_a_valid_envelope(event_type: str) -> None:
     assert dt.datetime.fromisoformat(str(event["occurred_at"])).utcoffset() == dt.timedelta(0)
     assert event["payload"] == payload.model_dump(mode="json")
     # It travels as JSON and is what its published schema describes.
-    model = outbound.published_event_model(event_type)
+    model = published.published_event_model(event_type)
     parsed = model.model_validate_json(json.dumps(event), strict=True)
     assert parsed.payload == payload  # type: ignore[attr-defined]
 
@@ -1065,15 +1065,15 @@ def test_build_event_gives_a_valid_envelope(event_type: str) -> None:
 def test_build_event_gives_every_event_a_fresh_id() -> None:
     payload = PAYLOAD_EXAMPLES["call.completed"]
 
-    first = outbound.build_event(payload, occurred_at=SENT_AT)
-    second = outbound.build_event(payload, occurred_at=SENT_AT)
+    first = published.build_event(payload, occurred_at=SENT_AT)
+    second = published.build_event(payload, occurred_at=SENT_AT)
 
     assert first["event_id"] != second["event_id"]
 
 
 def test_a_published_event_model_accepts_only_its_own_type_and_producer() -> None:
-    event = outbound.build_event(PAYLOAD_EXAMPLES["call.completed"], occurred_at=SENT_AT)
-    model = outbound.published_event_model("call.completed")
+    event = published.build_event(PAYLOAD_EXAMPLES["call.completed"], occurred_at=SENT_AT)
+    model = published.published_event_model("call.completed")
 
     with pytest.raises(ValueError, match="event_type"):
         model.model_validate({**event, "event_type": "call.failed"})

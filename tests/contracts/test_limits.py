@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, String
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import MAX_MESSAGE_ID, inbound, readable_message_id
+from comms_tasks.contracts import MAX_MESSAGE_ID, received, readable_message_id
 from comms_tasks.contracts.common import Contract
 from comms_tasks.contracts.limits import MAX_SUBJECT
 from comms_tasks.mail.render import EarlierEmail, EmailRenderer, PatientEntry, Recipient
@@ -24,7 +24,7 @@ from tests import test_email_pipeline as pipeline
 
 # The contract's field -> the column it is stored in.
 STORED_FIELDS: list[tuple[type[Contract], str, Any]] = [
-    (inbound.TherapistUpsertedPayload, field, Therapist.__table__.c[field])
+    (received.TherapistUpsertedPayload, field, Therapist.__table__.c[field])
     for field in ("salutation", "title", "first_name", "last_name", "email", "phone")
 ]
 
@@ -68,13 +68,13 @@ def test_every_stored_field_is_bounded_by_the_contract_and_fits_its_column() -> 
 def test_the_title_and_phone_columns_are_as_wide_as_the_names() -> None:
     # Agreement both ways for the free strings: one limit, not two that happen to fit.
     for field in ("title", "first_name", "last_name", "phone"):
-        longest = contract_max_length(inbound.TherapistUpsertedPayload, field)
+        longest = contract_max_length(received.TherapistUpsertedPayload, field)
         assert column_length(Therapist.__table__.c[field]) == longest, field
 
 
 def test_the_recipient_name_column_fits_the_longest_display_name() -> None:
     def longest(field: str) -> int:
-        value = contract_max_length(inbound.TherapistUpsertedPayload, field)
+        value = contract_max_length(received.TherapistUpsertedPayload, field)
         assert value is not None
         return value
 
@@ -86,7 +86,7 @@ def test_the_recipient_name_column_fits_the_longest_display_name() -> None:
 
 
 def test_the_subject_column_fits_the_longest_subject_a_command_can_make() -> None:
-    max_id = inbound.QueueEmail.model_json_schema()["properties"]["placement_request_ids"]
+    max_id = received.QueueEmail.model_json_schema()["properties"]["placement_request_ids"]
     most = max_id["maxItems"]
     biggest = max_id["items"]["maximum"]
     renderer = EmailRenderer("Therapievermittlung")
@@ -119,7 +119,7 @@ def test_a_therapist_with_the_longest_values_is_stored_and_asked_on_postgres(
 ) -> None:
     assert committed_db.dialect.name == "postgresql"
     longest = {
-        field: contract_max_length(inbound.TherapistUpsertedPayload, field)
+        field: contract_max_length(received.TherapistUpsertedPayload, field)
         for field in ("title", "first_name", "last_name", "phone")
     }
     values = {field: (field[0].upper() + "ä" * 300)[:length] for field, length in longest.items()}

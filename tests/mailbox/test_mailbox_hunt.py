@@ -19,7 +19,7 @@ from comms_tasks.mailbox import sources, tasks
 from comms_tasks.mailbox.tasks import poll_mailbox
 from comms_tasks.models import Email, EmailStatus, InboundMail, InboundMailKind, InboundMailState
 from comms_tasks.models.base import utcnow
-from comms_tasks.retention import purge_all_expired
+from comms_tasks.privacy.retention import purge_all_expired
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.mailbox.conftest import MaildirHarness
@@ -249,7 +249,7 @@ def test_a_bounce_whose_poll_died_after_its_commit_still_gets_its_call_booked(
     """The bounce's transaction asked for the call now; the poll that should start
     comms.schedule_calls died before its end. The next poll finds the bounce seen before:
     the call must still be booked now, not at tomorrow's follow-up check."""
-    from comms_tasks.tasks.calls import schedule_calls
+    from comms_tasks.calls.tasks import schedule_calls
 
     email = sent_email(committed_db, smtp, address=MISTYPED)
     inbox.append(sample("postfix_bounce.eml", email.reply_token or ""))

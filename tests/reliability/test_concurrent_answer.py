@@ -21,8 +21,7 @@ import pytest
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 
-from comms_tasks import calls, emails, read_models
-from comms_tasks.contracts import inbound
+from comms_tasks.contracts import received
 from comms_tasks.db import transaction
 from comms_tasks.models import Email, PhoneCall, PhoneCallStatus, PlacementRequest
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
@@ -30,6 +29,9 @@ from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.test_calls import MATCHING, apply
 from tests.test_follow_up_check import email_sent_at
+from comms_tasks.projections import upstream
+from comms_tasks.emails import email_rules
+from comms_tasks.calls import call_rules
 
 STEP_TIMEOUT = 20
 INSERT_CALL = "INSERT INTO communication_service.phone_calls"
@@ -150,19 +152,19 @@ def unanswered_email(*, requests_left: int = 2) -> int:
     if requests_left == 1:
         assert apply(MATCHING, f.status_changed(10, "rejected", occurred_at=f.at(60))) == "applied"
     with transaction() as session:
-        assert calls.request_follow_up_calls(session, dt.datetime.now(dt.UTC), get_settings()) == 1
+        assert call_rules.request_follow_up_calls(session, dt.datetime.now(dt.UTC), get_settings()) == 1
     return email_id
 
 
 def schedule(email_id: int) -> Callable[[Session], object]:
     def work(session: Session) -> None:
-        calls.schedule_follow_ups(session, [email_id], dt.datetime.now(dt.UTC), get_settings())
+        call_rules.schedule_follow_ups(session, [email_id], dt.datetime.now(dt.UTC), get_settings())
 
     return work
 
 
 def answer(email_id: int) -> Callable[[Session], object]:
-    command = inbound.RecordEmailResponse.model_validate_json(
+    command = received.RecordEmailResponse.model_validate_json(
         json.dumps(
             {
                 "command_id": str(uuid.uuid4()),
@@ -175,14 +177,14 @@ def answer(email_id: int) -> Callable[[Session], object]:
     )
 
     def work(session: Session) -> None:
-        emails.record_response(session, command, dt.datetime.now(dt.UTC), get_settings())
+        email_rules.record_response(session, command, dt.datetime.now(dt.UTC), get_settings())
 
     return work
 
 
 def withdraw(request_id: int) -> Callable[[Session], object]:
     def work(session: Session) -> None:
-        read_models.change_request_status(
+        upstream.change_request_status(
             session, request_id, "rejected", None, dt.datetime.now(dt.UTC)
         )
 

@@ -15,12 +15,12 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from comms_tasks import read_models
 from comms_tasks.contracts import validate_event
 from comms_tasks.models import DeadLetter, DeadLetterStatus, PlacementRequest
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import interleave
 from tests.test_retention import MARKER, MATCHING, PATIENT, THERAPIST, apply
+from comms_tasks.projections import upstream
 
 ERASED = 100
 REQUEST = 1001
@@ -36,7 +36,7 @@ def a_request(committed_db: Engine) -> Engine:
 def erase(session: Session) -> None:
     """What ``patient.erased`` applies, whole."""
     event = validate_event(PATIENT, f.patient_erased(ERASED))
-    read_models.apply_patient_event(session, event)
+    upstream.apply_patient_event(session, event)
     session.flush()
 
 
@@ -45,7 +45,7 @@ def status_change(session: Session) -> None:
         MATCHING,
         f.status_changed(REQUEST, "cancelled", occurred_at=f.at(30), reason=f"{MARKER} reason"),
     )
-    read_models.apply_matching_event(session, event)
+    upstream.apply_matching_event(session, event)
     session.flush()
 
 

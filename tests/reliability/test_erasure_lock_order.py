@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import calls, emails, read_models
 from comms_tasks.contracts import (
     QUEUE_EMAIL,
     RECORD_CALL_OUTCOME,
@@ -27,15 +26,18 @@ from comms_tasks.contracts import (
     validate_command,
     validate_event,
 )
-from comms_tasks.inbox import Rejected
+from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, PhoneCall, Therapist
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks.calls import follow_up_check, schedule_calls
+from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import Paused, interleave, run_interleaved
 from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
 from tests.test_calls import now as utc_now
 from tests.test_retention import MARKER
+from comms_tasks.projections import upstream
+from comms_tasks.emails import email_rules
+from comms_tasks.calls import call_rules
 
 Stop = Callable[[str, Any], bool]
 
@@ -67,7 +69,7 @@ def interleave_at(
 def erasure_of(patient_id: int) -> Callable[[Session], None]:
     def erase(session: Session) -> None:
         event = validate_event(PATIENT, f.patient_erased(patient_id))
-        read_models.apply_patient_event(session, event)
+        upstream.apply_patient_event(session, event)
 
     return erase
 
@@ -99,7 +101,7 @@ def test_a_requested_confirmation_and_an_erasure_do_not_deadlock(committed_db: E
     )
 
     def confirm(session: Session) -> None:
-        emails.queue_requested_email(session, command, utc_now(), get_settings())
+        email_rules.queue_requested_email(session, command, utc_now(), get_settings())
 
     errors = interleave_at(committed_db, confirm, first_share_lock, erasure_of(10))
     assert errors == []
@@ -109,14 +111,14 @@ def test_a_requested_confirmation_and_an_erasure_do_not_deadlock(committed_db: E
 def test_an_answer_to_a_reminder_and_an_erasure_do_not_deadlock(committed_db: Engine) -> None:
     original = sent_email(2)
     with Session(committed_db) as session, session.begin():
-        draft = emails.Draft(
+        draft = email_rules.Draft(
             session.get_one(Therapist, 2),
             EmailTemplate.FOLLOW_UP,
             [20, 21],
             f"reminder:{original.id}",
             in_reply_to=session.get_one(Email, original.id),
         )
-        [reminder] = emails.queue_emails(session, [draft], settings=get_settings(), now=utc_now())
+        [reminder] = email_rules.queue_emails(session, [draft], settings=get_settings(), now=utc_now())
         reminder.status = EmailStatus.SENT
         reminder.sent_at = utc_now()
         reminder_id = reminder.id
@@ -133,7 +135,7 @@ def test_an_answer_to_a_reminder_and_an_erasure_do_not_deadlock(committed_db: En
     )
 
     def answer(session: Session) -> None:
-        emails.record_response(session, command, utc_now(), get_settings())
+        email_rules.record_response(session, command, utc_now(), get_settings())
 
     def original_locked(statement: str, parameters: Any) -> bool:
         values = parameters.values() if isinstance(parameters, dict) else ()
@@ -170,7 +172,7 @@ def test_an_accepted_call_outcome_and_an_erasure_do_not_deadlock(committed_db: E
     )
 
     def call_outcome(session: Session) -> None:
-        calls.record_call_outcome(session, command, utc_now(), get_settings())
+        call_rules.record_call_outcome(session, command, utc_now(), get_settings())
 
     def call_locked(statement: str, _parameters: Any) -> bool:
         return statement.startswith("SELECT communication_service.phone_calls.") and (
@@ -203,7 +205,7 @@ def test_schedule_call_with_notes_and_an_erasure_keep_no_notes_about_the_erased(
 
         def book(session: Session, command: Any = command, refused: list[str] = refused) -> None:
             try:
-                calls.schedule_requested_call(session, command, utc_now(), get_settings())
+                call_rules.schedule_requested_call(session, command, utc_now(), get_settings())
             except Rejected as exc:
                 refused.append(str(exc))
 

@@ -19,13 +19,15 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import emails, read_models, retention
 from comms_tasks.db import transaction
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import interleave
 from tests.test_retention import MARKER, MATCHING, THERAPIST, apply
+from comms_tasks.projections import upstream
+from comms_tasks.privacy import retention
+from comms_tasks.emails import email_rules
 
 ERASED = 100
 OTHER = 300
@@ -52,17 +54,17 @@ def requests_of(*patients: int) -> None:
 def erase(session: Session) -> None:
     """What ``patient.erased`` applies (read_models.apply_patient_event)."""
     now = dt.datetime.now(dt.UTC)
-    read_models.erase_patient(session, ERASED, now)
+    upstream.erase_patient(session, ERASED, now)
     retention.erase_patient_from_emails(session, ERASED, now, get_settings())
 
 
 def batch(session: Session) -> None:
-    emails.batch_chunk(session, [1], dt.datetime.now(dt.UTC), get_settings())
+    email_rules.batch_chunk(session, [1], dt.datetime.now(dt.UTC), get_settings())
 
 
 def confirmation(session: Session) -> None:
     therapist = session.get_one(Therapist, 1)
-    emails.queue_confirmation(
+    email_rules.queue_confirmation(
         session, therapist, ERASED_REQUEST, dt.datetime.now(dt.UTC), get_settings()
     )
 
@@ -70,14 +72,14 @@ def confirmation(session: Session) -> None:
 def reminder_of(original_id: int) -> Callable[[Session], None]:
     def work(session: Session) -> None:
         original = session.get_one(Email, original_id)
-        draft = emails.Draft(
+        draft = email_rules.Draft(
             session.get_one(Therapist, 1),
             EmailTemplate.FOLLOW_UP,
             [ERASED_REQUEST, OTHER_REQUEST],
             f"reminder:{original_id}",
             in_reply_to=original,
         )
-        emails.queue_emails(session, [draft], settings=get_settings(), now=dt.datetime.now(dt.UTC))
+        email_rules.queue_emails(session, [draft], settings=get_settings(), now=dt.datetime.now(dt.UTC))
 
     return work
 
@@ -85,7 +87,7 @@ def reminder_of(original_id: int) -> Callable[[Session], None]:
 def sent_original() -> int:
     """A sent asking email about both patients (a reminder follows it up)."""
     with transaction() as session:
-        [email_id] = emails.batch_chunk(
+        [email_id] = email_rules.batch_chunk(
             session, [1], dt.datetime.now(dt.UTC), get_settings()
         ).email_ids
         email = session.get_one(Email, email_id)

@@ -34,7 +34,7 @@ from comms_tasks.contracts import (
     RECORD_EMAIL_RESPONSE,
     SCHEDULE_CALL,
 )
-from comms_tasks.inbox import Outcome, handle
+from comms_tasks.inbound.inbox import Outcome, handle
 from comms_tasks.models import (
     SCHEMA,
     Base,

@@ -12,7 +12,7 @@ from celery import Celery
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from comms_tasks.inbox import handle
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, EmailStatus, OutboxEvent, PhoneCall, PlacementRequest
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f

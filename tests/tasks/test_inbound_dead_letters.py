@@ -21,15 +21,16 @@ from kombu.utils import json as kombu_json
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks import inbox, migrate
+from comms_tasks import migrate
 from comms_tasks.app import app
 from comms_tasks.db import make_engine, reset_engine
-from comms_tasks.dead_letters import purge_expired_dead_letters
+from comms_tasks.inbound.dead_letters import purge_expired_dead_letters
 from comms_tasks.models import DeadLetter, DeadLetterStatus
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f
+from comms_tasks.inbound import inbox
 
 THERAPIST = "comms.handle_therapist_event"
 

@@ -15,7 +15,7 @@ from celery import Celery
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.inbox import handle
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
 from comms_tasks.tasks import APPLIERS
 from tests import factories as f

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import Patient
-from comms_tasks.privacy import identifying_repr
+from comms_tasks.privacy.task_reprs import identifying_repr
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for
 

@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine
 
-from comms_tasks.privacy import identifying_repr
+from comms_tasks.privacy.task_reprs import identifying_repr
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for
 from tests.contracts.test_inbound_contracts import EMAIL_RESPONSE, email_response

@@ -347,7 +347,7 @@ def _store_dead_letter(
         )
         letter_id: int = session.execute(statement.returning(DeadLetter.id)).scalar_one()
         # Imported here: dead_letters builds on this module (replay, NotReplayable).
-        from comms_tasks.dead_letters import redact_if_its_patient_was_erased
+        from comms_tasks.inbound.dead_letters import redact_if_its_patient_was_erased
 
         letter = session.get(DeadLetter, letter_id)
         if letter is not None and letter.payload_redacted_at is None:

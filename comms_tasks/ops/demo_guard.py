@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from sqlalchemy import ColumnElement, func, not_, or_, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.demo import PLACEMENT_REQUEST_CREATED, THERAPIST_UPSERTED, DemoMessage
-from comms_tasks.demo_history import DEDUP_PREFIX
+from comms_tasks.ops.demo import PLACEMENT_REQUEST_CREATED, THERAPIST_UPSERTED, DemoMessage
+from comms_tasks.ops.demo_history import DEDUP_PREFIX
 from comms_tasks.models import (
     DeadLetter,
     Email,

@@ -19,16 +19,15 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
-from comms_tasks import batching
-from comms_tasks.contracts import inbound
-from comms_tasks.contracts.outbound import (
+from comms_tasks.contracts import received
+from comms_tasks.contracts.published import (
     EmailQueuedPayload,
     EmailResponseRecordedPayload,
     OutcomeRecordedPayload,
     ResponseSource,
 )
 from comms_tasks.db import insert_rows
-from comms_tasks.inbox import Rejected
+from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import (
     EarlierEmail,
@@ -54,8 +53,9 @@ from comms_tasks.models import (
 )
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.models.read_models import SUMMARY_FIELDS
-from comms_tasks.outbox import record_event, record_events
+from comms_tasks.events.outbox import record_event, record_events
 from comms_tasks.settings import Settings
+from comms_tasks.rules import batching
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +742,7 @@ def check_requests_of(
 
 def record_response(
     session: Session,
-    command: inbound.RecordEmailResponse,
+    command: received.RecordEmailResponse,
     now: dt.datetime,
     settings: Settings,
     source: ResponseSource = "message",
@@ -959,7 +959,7 @@ def cancel_follow_up_calls(session: Session, email_id: int) -> int:
 
 
 def queue_requested_email(
-    session: Session, command: inbound.QueueEmail, now: dt.datetime, settings: Settings
+    session: Session, command: received.QueueEmail, now: dt.datetime, settings: Settings
 ) -> list[Email]:
     """``comms.queue_email``: a follow-up or confirmations for given requests.
 

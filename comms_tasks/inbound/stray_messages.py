@@ -26,7 +26,7 @@ from kombu.exceptions import ContentDisallowed
 from kombu.message import Message
 
 from comms_tasks.contracts import COMMAND_ARGUMENT, EVENT_ARGUMENT, readable_message_id
-from comms_tasks.inbox import (
+from comms_tasks.inbound.inbox import (
     NOT_STORED,
     UNDECODED_BODY,
     UNDECODED_BODY_BASE64,

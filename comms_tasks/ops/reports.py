@@ -23,7 +23,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.base import utcnow
-from comms_tasks.outbox import pending_count
+from comms_tasks.events.outbox import pending_count
 
 
 def _counts(session: Session, column: Any, values: list[Any], *where: Any) -> dict[str, int]:
@@ -35,7 +35,7 @@ def _counts(session: Session, column: Any, values: list[Any], *where: Any) -> di
 def status_snapshot(session: Session, now: dt.datetime | None = None) -> dict[str, Any]:
     """Counts per status and the backlogs, as one JSON-ready mapping with a stable shape."""
     now = now or utcnow()
-    from comms_tasks.task_runs import last_runs
+    from comms_tasks.worker.task_runs import last_runs
 
     oldest_queued = session.scalar(
         select(func.min(Email.queued_at)).where(Email.status == EmailStatus.QUEUED)

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
-from comms_tasks.batching import local_day, local_midnight
-from comms_tasks.contracts.outbound import EmailFailedPayload, EmailSentPayload
-from comms_tasks.emails import (
+from comms_tasks.rules.batching import local_day, local_midnight
+from comms_tasks.contracts.published import EmailFailedPayload, EmailSentPayload
+from comms_tasks.emails.email_rules import (
     ASKING_TEMPLATES,
     COUNTING_TEMPLATES,
     bounce_address,
@@ -46,7 +46,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
-from comms_tasks.outbox import record_event
+from comms_tasks.events.outbox import record_event
 from comms_tasks.settings import Settings, get_settings
 from schedules import BATCH_TIME
 
@@ -409,7 +409,7 @@ def prepare_batch(
             cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
             if erased and email.body_redacted_at is None:
                 # Queued while the erasure ran, with a summary read before it.
-                from comms_tasks.retention import redact  # retention builds on this module
+                from comms_tasks.privacy.retention import redact  # retention builds on this module
 
                 redact(email, now)
             for batch in dropped:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from comms_tasks import retention
 from comms_tasks.app import app
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
+from comms_tasks.privacy import retention
 
 PURGE_EXPIRED = "comms.purge_expired"
 

@@ -10,12 +10,12 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from comms_tasks import sending
 from comms_tasks.app import app
 from comms_tasks.db import after_commit, transaction
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
+from comms_tasks.emails import delivery
 
 SEND_EMAIL = "comms.send_email"
 # Emails claimed at a time: one SMTP connection carries them all.
@@ -61,7 +61,7 @@ class _Results:
         if not self._waiting:
             return
         with transaction() as session:
-            recorded = sending.record_results(session, self._waiting, self.rng)
+            recorded = delivery.record_results(session, self._waiting, self.rng)
         for result, _ in self._waiting:
             self.unrecorded.discard(result.email_id)
         for item in recorded:
@@ -88,7 +88,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
     while time.monotonic() < deadline:
         set_aside: dict[str, int] = {}
         with transaction() as session:
-            messages = sending.prepare_batch(
+            messages = delivery.prepare_batch(
                 session, utcnow(), EMAILS_PER_CLAIM, settings, email_id, set_aside
             )
         for outcome, count in set_aside.items():
@@ -110,7 +110,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
         except SoftTimeLimitExceeded:
             # What was sent is recorded; what was not goes back to the queue at once.
             with transaction() as session:
-                sending.release(session, sorted(results.unrecorded), utcnow())
+                delivery.release(session, sorted(results.unrecorded), utcnow())
             raise
         if email_id is not None:
             break

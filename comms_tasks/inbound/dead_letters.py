@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY, too_deep
 from comms_tasks.contracts.limits import MAX_ID, MAX_ID_DIGITS, MAX_STORED_NESTING
-from comms_tasks.inbox import storable
+from comms_tasks.inbound.inbox import storable
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
 from comms_tasks.models.base import utcnow
 

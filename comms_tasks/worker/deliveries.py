@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from comms_tasks.inbox import loggable_id
+from comms_tasks.inbound.inbox import loggable_id
 from comms_tasks.models import TaskDelivery
 from comms_tasks.models.base import utcnow
 
@@ -82,8 +82,8 @@ def killer_reason(crashes: int) -> str:
 
 def store_killer(task_name: str, task_id: str, args: Any, kwargs: Any, crashes: int) -> Any:
     """Keep the message as a dead letter; what the task returns in place of its body."""
-    from comms_tasks.inbox import store_failure, store_stray
-    from comms_tasks.privacy import INBOUND_TASK_NAMES
+    from comms_tasks.inbound.inbox import store_failure, store_stray
+    from comms_tasks.privacy.task_reprs import INBOUND_TASK_NAMES
 
     reason = killer_reason(crashes)
     if task_name in INBOUND_TASK_NAMES:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.demo_history import DEDUP_PREFIX
+from comms_tasks.ops.demo_history import DEDUP_PREFIX
 from comms_tasks.models import Email, InboundMail
 from comms_tasks.settings import Settings
 

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.demo import DemoMessage
-from comms_tasks.emails import patient_entry, renderer_for, reply_address
+from comms_tasks.ops.demo import DemoMessage
+from comms_tasks.emails.email_rules import patient_entry, renderer_for, reply_address
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import PatientEntry, Recipient
 from comms_tasks.mailbox.match import new_token

@@ -17,17 +17,15 @@ from collections.abc import Sequence
 from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
-from comms_tasks import batching
-from comms_tasks import emails as email_rules
-from comms_tasks.contracts import inbound
-from comms_tasks.contracts.outbound import (
+from comms_tasks.contracts import received
+from comms_tasks.contracts.published import (
     CallCompletedPayload,
     CallFailedPayload,
     CallScheduledPayload,
     CallUnschedulablePayload,
 )
 from comms_tasks.db import insert_rows
-from comms_tasks.inbox import Rejected
+from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -41,9 +39,11 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.outbox import record_event, record_events
+from comms_tasks.events.outbox import record_event, record_events
 from comms_tasks.settings import Settings
-from comms_tasks.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
+from comms_tasks.rules.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
+from comms_tasks.rules import batching
+from comms_tasks.emails import email_rules as email_rules
 
 # A call that was not answered is tried again, up to this many attempts in all.
 MAX_CALL_ATTEMPTS = 3
@@ -535,7 +535,7 @@ def unschedulable(
 
 
 def schedule_requested_call(
-    session: Session, command: inbound.ScheduleCall, now: dt.datetime, settings: Settings
+    session: Session, command: received.ScheduleCall, now: dt.datetime, settings: Settings
 ) -> PhoneCall:
     """``comms.schedule_call``: at the given time, or in the first free slot.
 
@@ -689,7 +689,7 @@ class CallOutcomeResult:
 
 
 def record_call_outcome(
-    session: Session, command: inbound.RecordCallOutcome, now: dt.datetime, settings: Settings
+    session: Session, command: received.RecordCallOutcome, now: dt.datetime, settings: Settings
 ) -> CallOutcomeResult:
     """Apply a call's outcome.
 
@@ -756,7 +756,7 @@ def record_call_outcome(
 def _completed(
     session: Session,
     call: PhoneCall,
-    command: inbound.RecordCallOutcome,
+    command: received.RecordCallOutcome,
     batches: dict[int, PhoneCallBatch],
     now: dt.datetime,
     settings: Settings,
@@ -796,7 +796,7 @@ def _completed(
 def _failed(
     session: Session,
     call: PhoneCall,
-    command: inbound.RecordCallOutcome,
+    command: received.RecordCallOutcome,
     pending: set[int],
     now: dt.datetime,
     settings: Settings,

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, Field, create_model
 
 from comms_tasks.contracts.common import Contract, Id, OutcomeValue
-from comms_tasks.contracts.inbound import Envelope
+from comms_tasks.contracts.received import Envelope
 
 PRODUCER = "communication-service"
 EVENTS_EXCHANGE = "comms.events"

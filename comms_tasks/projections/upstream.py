@@ -10,11 +10,11 @@ import datetime as dt
 
 from sqlalchemy.orm import Session
 
-from comms_tasks.calls import withdraw_request_from_calls
-from comms_tasks.contracts import inbound
+from comms_tasks.calls.call_rules import withdraw_request_from_calls
+from comms_tasks.contracts import received
 from comms_tasks.contracts.common import availability_to_json
-from comms_tasks.dead_letters import erase_patient_from_dead_letters
-from comms_tasks.inbox import Rejected
+from comms_tasks.inbound.dead_letters import erase_patient_from_dead_letters
+from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.mailbox.redaction import erase_patient_from_mail
 from comms_tasks.models import (
     Patient,
@@ -24,7 +24,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.read_models import SUMMARY_FIELDS
-from comms_tasks.retention import erase_patient_from_calls, erase_patient_from_emails
+from comms_tasks.privacy.retention import erase_patient_from_calls, erase_patient_from_emails
 from comms_tasks.settings import get_settings
 
 
@@ -36,16 +36,16 @@ def _is_stale(last_applied: dt.datetime | None, occurred_at: dt.datetime) -> boo
 # --- therapists ------------------------------------------------------------------
 
 
-def apply_therapist_event(session: Session, event: inbound.Envelope) -> None:
-    if isinstance(event, inbound.TherapistUpserted):
+def apply_therapist_event(session: Session, event: received.Envelope) -> None:
+    if isinstance(event, received.TherapistUpserted):
         upsert_therapist(session, event)
-    elif isinstance(event, inbound.TherapistDeleted):
+    elif isinstance(event, received.TherapistDeleted):
         delete_therapist(session, event)
     else:
         raise TypeError(type(event).__name__)
 
 
-def upsert_therapist(session: Session, event: inbound.TherapistUpserted) -> None:
+def upsert_therapist(session: Session, event: received.TherapistUpserted) -> None:
     data = event.payload
     therapist = session.get(Therapist, data.therapist_id, with_for_update=True)
     if therapist is not None and _is_stale(therapist.last_event_at, event.occurred_at):
@@ -65,7 +65,7 @@ def upsert_therapist(session: Session, event: inbound.TherapistUpserted) -> None
     therapist.last_event_at = event.occurred_at
 
 
-def delete_therapist(session: Session, event: inbound.TherapistDeleted) -> None:
+def delete_therapist(session: Session, event: received.TherapistDeleted) -> None:
     therapist = session.get(Therapist, event.payload.therapist_id, with_for_update=True)
     if therapist is not None and _is_stale(therapist.last_event_at, event.occurred_at):
         return
@@ -88,7 +88,7 @@ def delete_therapist(session: Session, event: inbound.TherapistDeleted) -> None:
 def _apply_summary(
     session: Session,
     patient_id: int,
-    summary: inbound.PatientSummary,
+    summary: received.PatientSummary,
     occurred_at: dt.datetime,
 ) -> None:
     patient = session.get(Patient, patient_id, with_for_update=True)
@@ -105,10 +105,10 @@ def _apply_summary(
     patient.summary_event_at = occurred_at
 
 
-def apply_patient_event(session: Session, event: inbound.Envelope) -> None:
-    if isinstance(event, inbound.PatientUpdated):
+def apply_patient_event(session: Session, event: received.Envelope) -> None:
+    if isinstance(event, received.PatientUpdated):
         _apply_summary(session, event.payload.patient_id, event.payload.patient, event.occurred_at)
-    elif isinstance(event, inbound.PatientErased):
+    elif isinstance(event, received.PatientErased):
         erase_patient(session, event.payload.patient_id, event.occurred_at)
         erase_patient_from_emails(
             session, event.payload.patient_id, event.occurred_at, get_settings()
@@ -135,15 +135,15 @@ def erase_patient(session: Session, patient_id: int, occurred_at: dt.datetime) -
 # --- placement requests ------------------------------------------------------------
 
 
-def apply_matching_event(session: Session, event: inbound.Envelope) -> None:
-    if isinstance(event, inbound.PlacementRequestCreated):
+def apply_matching_event(session: Session, event: received.Envelope) -> None:
+    if isinstance(event, received.PlacementRequestCreated):
         create_placement_request(session, event)
-    elif isinstance(event, inbound.PlacementRequestStatusChanged):
+    elif isinstance(event, received.PlacementRequestStatusChanged):
         data = event.payload
         change_request_status(
             session, data.placement_request_id, data.new_status, data.reason, event.occurred_at
         )
-    elif isinstance(event, inbound.PlacementRequestCancelled):
+    elif isinstance(event, received.PlacementRequestCancelled):
         cancelled = event.payload
         change_request_status(
             session,
@@ -156,7 +156,7 @@ def apply_matching_event(session: Session, event: inbound.Envelope) -> None:
         raise TypeError(type(event).__name__)
 
 
-def create_placement_request(session: Session, event: inbound.PlacementRequestCreated) -> None:
+def create_placement_request(session: Session, event: received.PlacementRequestCreated) -> None:
     data = event.payload
     _apply_summary(session, data.patient_id, data.patient, event.occurred_at)
     request = session.get(PlacementRequest, data.placement_request_id, with_for_update=True)

@@ -9,14 +9,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import IntegrityError
 
-from comms_tasks import read_models
 from comms_tasks.app import app
 from comms_tasks.contracts import (
     HANDLE_MATCHING_EVENT,
     HANDLE_PATIENT_EVENT,
     HANDLE_THERAPIST_EVENT,
 )
-from comms_tasks.inbox import (
+from comms_tasks.inbound.inbox import (
     Applier,
     cause_of,
     failure_reason,
@@ -25,6 +24,7 @@ from comms_tasks.inbox import (
     store_failure,
     store_unstorable,
 )
+from comms_tasks.projections import upstream
 
 # The database may be briefly unreachable (restart, failover) or a transaction lose a
 # race (serialization failure, deadlock): such a task is retried with backoff, over a
@@ -36,9 +36,9 @@ MAX_RACE_RETRIES = 3
 MAX_BACKOFF_SECONDS = 120
 
 APPLIERS: dict[str, Applier] = {
-    HANDLE_THERAPIST_EVENT: read_models.apply_therapist_event,
-    HANDLE_MATCHING_EVENT: read_models.apply_matching_event,
-    HANDLE_PATIENT_EVENT: read_models.apply_patient_event,
+    HANDLE_THERAPIST_EVENT: upstream.apply_therapist_event,
+    HANDLE_MATCHING_EVENT: upstream.apply_matching_event,
+    HANDLE_PATIENT_EVENT: upstream.apply_patient_event,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from redbeat import RedBeatScheduler
 
-from comms_tasks.beat_health import Heartbeat
+from comms_tasks.worker.beat_health import Heartbeat
 
 
 class HeartbeatRedBeatScheduler(Heartbeat, RedBeatScheduler):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from comms_tasks import outbox
 from comms_tasks.app import app
 from comms_tasks.db import transaction
 from comms_tasks.settings import get_settings
+from comms_tasks.events import outbox
 
 RELAY_OUTBOX = "comms.relay_outbox"
 

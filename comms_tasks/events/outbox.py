@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.common import Contract
-from comms_tasks.contracts.outbound import EVENTS_EXCHANGE, build_event
+from comms_tasks.contracts.published import EVENTS_EXCHANGE, build_event
 from comms_tasks.db import insert_rows
 from comms_tasks.models import OutboxEvent
 from comms_tasks.models.base import utcnow

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, event, inspect, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from comms_tasks.db import transaction
-from comms_tasks.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
+from comms_tasks.inbound.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
 from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
 from comms_tasks.mailbox.redaction import purge_expired_mail, redact_mail_of_emails
 from comms_tasks.models import (
@@ -37,7 +37,7 @@ from comms_tasks.models import (
     PhoneCallBatch,
     PlacementRequest,
 )
-from comms_tasks.sending import PATIENT_ERASED, rerender_or_cancel
+from comms_tasks.emails.delivery import PATIENT_ERASED, rerender_or_cancel
 from comms_tasks.settings import Settings, get_settings
 
 REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
