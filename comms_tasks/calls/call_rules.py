@@ -43,7 +43,8 @@ from comms_tasks.events.outbox import record_event, record_events
 from comms_tasks.settings import Settings
 from comms_tasks.rules.slots import BookedCalls, Holidays, SlotRules, first_free_slot, parse_availability
 from comms_tasks.rules import batching
-from comms_tasks.emails import email_rules as email_rules
+from comms_tasks.emails import email_rules as email_rules, composing, answers
+import comms_tasks.inbound.checks
 
 # A call that was not answered is tried again, up to this many attempts in all.
 MAX_CALL_ATTEMPTS = 3
@@ -292,7 +293,7 @@ def request_follow_up_calls(session: Session, now: dt.datetime, settings: Settin
     email_ids = list(
         session.scalars(
             select(Email.id)
-            .where(Email.template.in_(email_rules.ASKING_TEMPLATES))
+            .where(Email.template.in_(composing.ASKING_TEMPLATES))
             .where(Email.status == EmailStatus.SENT)
             .where(Email.sent_at < due_before)
             .where(Email.response_received.is_(False))
@@ -385,7 +386,7 @@ def schedule_follow_ups(
         email.id: [batch.placement_request_id for batch in email.batches if batch.included]
         for email in emails.values()
     }
-    pending = email_rules.requests_still_pending(
+    pending = answers.requests_still_pending(
         session, [request_id for ids in included.values() for request_id in ids], lock=True
     )
     therapist_ids = {email.therapist_id for email in emails.values()}
@@ -447,9 +448,9 @@ def erased_requests(session: Session, request_ids: Sequence[int]) -> set[int]:
     erasure under way and leaves its patient out, or the erasure waits for the booking and
     then finds its call. Erased patients are never called about (as the batch never asks).
     """
-    patients = email_rules.patients_of(session, request_ids, lock=True)
+    patients = composing.patients_of(session, request_ids, lock=True)
     return {
-        request_id for request_id, patient in patients.items() if email_rules.is_erased(patient)
+        request_id for request_id, patient in patients.items() if composing.is_erased(patient)
     }
 
 
@@ -500,7 +501,7 @@ def unschedulable(
         if dedup_key in already or therapist is None or not therapist.email:
             continue
         drafts.append(
-            email_rules.Draft(
+            composing.Draft(
                 therapist,
                 EmailTemplate.FOLLOW_UP,
                 item.request_ids,
@@ -546,7 +547,7 @@ def schedule_requested_call(
     is served by it; any other is rejected.
     """
     command_id = str(command.command_id)
-    therapist = email_rules.known_therapist(session, command.therapist_id, command_id)
+    therapist = comms_tasks.inbound.checks.known_therapist(session, command.therapist_id, command_id)
     if therapist.status is not TherapistStatus.ACTIVE:
         # As for follow-up calls (_why_not_callable): only active therapists are called.
         raise Rejected(
@@ -556,7 +557,7 @@ def schedule_requested_call(
     if not therapist.phone:
         raise Rejected("command.therapist_id: the therapist has no phone number", command_id)
     request_ids = list(command.placement_request_ids)
-    email_rules.check_requests_of(session, therapist.id, request_ids, command_id)
+    comms_tasks.inbound.checks.check_requests_of(session, therapist.id, request_ids, command_id)
     start = None
     if command.at is not None:
         start = command.at.astimezone(dt.UTC)
@@ -631,7 +632,7 @@ def _check_explicit_time(
 
 def _check_still_pending(session: Session, request_ids: Sequence[int], command_id: str) -> None:
     erased = erased_requests(session, request_ids)
-    pending = email_rules.requests_still_pending(session, request_ids, lock=True)
+    pending = answers.requests_still_pending(session, request_ids, lock=True)
     for index, request_id in enumerate(request_ids):
         if request_id in erased:
             raise Rejected(
@@ -723,7 +724,7 @@ def record_call_outcome(
     if email_id is not None:
         session.get(Email, email_id, with_for_update=True, populate_existing=True)
     if command.status == "failed":
-        pending = email_rules.requests_still_pending(session, call_requests, lock=True) - erased
+        pending = answers.requests_still_pending(session, call_requests, lock=True) - erased
     call = session.get(PhoneCall, command.call_id, with_for_update=True, populate_existing=True)
     if call is None:
         raise Rejected("command.call_id: unknown call", command_id)
@@ -777,7 +778,7 @@ def _completed(
         batch.follow_up_required = item.outcome == ResponseOutcome.NEEDS_FOLLOW_UP
         if item.outcome is None:
             continue
-        confirmation = email_rules.record_outcome(
+        confirmation = answers.record_outcome(
             session,
             call.therapist_id,
             therapist,
@@ -893,7 +894,7 @@ def withdraw_request_from_calls(session: Session, request_id: int) -> None:
         .with_for_update(of=PhoneCall)
     ).all()
     for call in calls:
-        pending = email_rules.requests_still_pending(
+        pending = answers.requests_still_pending(
             session, [batch.placement_request_id for batch in call.batches]
         )
         if not pending:

@@ -23,16 +23,7 @@ from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.rules.batching import local_day, local_midnight
 from comms_tasks.contracts.published import EmailFailedPayload, EmailSentPayload
-from comms_tasks.emails.email_rules import (
-    ASKING_TEMPLATES,
-    COUNTING_TEMPLATES,
-    bounce_address,
-    bounced_since,
-    cancel_unsent,
-    patients_of,
-    recipient_of,
-    render_email,
-)
+from comms_tasks.emails.email_rules import bounced_since
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.render import greeting
 from comms_tasks.mail.sender import SendResult
@@ -49,6 +40,8 @@ from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.events.outbox import record_event
 from comms_tasks.settings import Settings, get_settings
 from schedules import BATCH_TIME
+import comms_tasks.emails.composing
+import comms_tasks.emails.answers
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
 FIRST_RETRY_DELAY = dt.timedelta(minutes=1)
@@ -61,9 +54,9 @@ LEASE_MARGIN = dt.timedelta(minutes=1)
 MAX_ERROR_LENGTH = 1000
 # Emails whose requests may be withdrawn before sending (a confirmation is about an
 # accepted request, and stays as it is).
-RECHECKED_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
+RECHECKED_TEMPLATES = (*comms_tasks.emails.composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
 # No therapist gets two of these on one local day (SPEC §5); confirmations go at once.
-ONE_A_DAY = COUNTING_TEMPLATES
+ONE_A_DAY = comms_tasks.emails.composing.COUNTING_TEMPLATES
 # A second email of the day waits for the next day's batch time: the hour therapists
 # are written to anyway (schedules.BATCH_TIME, local).
 HELD_UNTIL_TIME = dt.time(BATCH_TIME["hour"], BATCH_TIME["minute"])
@@ -187,7 +180,7 @@ def addressed_as_now(email: Email, therapist: Therapist) -> bool:
     return (
         email.recipient_email == therapist.email
         and email.recipient_name == therapist.display_name
-        and email.body_text.startswith(f"{greeting(recipient_of(therapist))},")
+        and email.body_text.startswith(f"{greeting(comms_tasks.emails.composing.recipient_of(therapist))},")
     )
 
 
@@ -208,13 +201,13 @@ def rerender(
         # Not about any request (written by hand): addressed again, its body kept.
         return
     template = email.template
-    if template in ASKING_TEMPLATES:
+    if template in comms_tasks.emails.composing.ASKING_TEMPLATES:
         several = len(remaining) > 1
         template = EmailTemplate.BATCH_REQUEST if several else EmailTemplate.INITIAL_CONTACT
     original = (
         session.get(Email, email.in_reply_to_email_id) if email.in_reply_to_email_id else None
     )
-    rendered = render_email(
+    rendered = comms_tasks.emails.composing.render_email(
         session, therapist, template, remaining, settings, earlier=original, patients=patients
     )
     email.template = template
@@ -230,12 +223,12 @@ def rerender_or_cancel(
 ) -> bool:
     """Render an unsent email again for its still-included requests, or cancel it."""
     if not any(batch.included for batch in email.batches):
-        cancel_unsent(email, cancel_reason)
+        comms_tasks.emails.answers.cancel_unsent(email, cancel_reason)
         return False
     therapist = session.get(Therapist, email.therapist_id)
     if therapist is None:
         # Its claim would cancel it anyway; its body is not rendered for no one.
-        cancel_unsent(email, UNKNOWN_THERAPIST)
+        comms_tasks.emails.answers.cancel_unsent(email, UNKNOWN_THERAPIST)
         return False
     rerender(session, email, therapist, settings)
     return True
@@ -263,7 +256,7 @@ def outgoing(session: Session, email: Email, settings: Settings | None = None) -
         date=email.queued_at or email.created_at,
         in_reply_to=in_reply_to,
         references=references,
-        envelope_sender=bounce_address(settings or get_settings(), email.reply_token),
+        envelope_sender=comms_tasks.emails.composing.bounce_address(settings or get_settings(), email.reply_token),
     )
 
 
@@ -399,14 +392,14 @@ def prepare_batch(
         therapist = therapists.get(email.therapist_id)
         reason = UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
         if therapist is None or reason is not None:
-            cancel_unsent(email, reason or UNKNOWN_THERAPIST)
+            comms_tasks.emails.answers.cancel_unsent(email, reason or UNKNOWN_THERAPIST)
             tally["cancelled"] = tally.get("cancelled", 0) + 1
             continue
         included = [batch for batch in email.batches if batch.included]
         dropped = [batch for batch in included if batch.placement_request_id not in keep]
         if included and len(dropped) == len(included):
             erased = [b for b in dropped if b.placement_request_id in erased_requests]
-            cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
+            comms_tasks.emails.answers.cancel_unsent(email, PATIENT_ERASED if len(erased) == len(dropped) else NOTHING_LEFT)
             if erased and email.body_redacted_at is None:
                 # Queued while the erasure ran, with a summary read before it.
                 from comms_tasks.privacy.retention import redact  # retention builds on this module
@@ -431,7 +424,7 @@ def prepare_batch(
             to_render.append(email)
         going.append(email)
     if to_render:
-        patients = patients_of(
+        patients = comms_tasks.emails.composing.patients_of(
             session,
             [
                 batch.placement_request_id
@@ -560,4 +553,4 @@ def render_redacted_again(session: Session, email: Email, settings: Settings) ->
 def cancel(session: Session, email: Email) -> None:
     if email.status not in (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.FAILED):
         raise ValueError(f"email {email.id} is {email.status.value}; it can no longer be cancelled")
-    cancel_unsent(email, "cancelled by an operator")
+    comms_tasks.emails.answers.cancel_unsent(email, "cancelled by an operator")

@@ -47,7 +47,7 @@ from comms_tasks.models.inbound_mail import (
 )
 from comms_tasks.events.outbox import record_event
 from comms_tasks.settings import Settings
-from comms_tasks.emails import email_rules as email_rules
+from comms_tasks.emails import composing, answers
 
 # Commands recorded for mailbox replies get ids of their own namespace: the same message
 # always makes the same command id.
@@ -199,7 +199,7 @@ def _only_unanswered_email_of(session: Session, sender: str) -> Email | None:
         session.scalars(
             select(Email)
             .where(Email.therapist_id == therapists[0])
-            .where(Email.template.in_((*email_rules.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
+            .where(Email.template.in_((*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
             .where(Email.status == EmailStatus.SENT)
             .where(Email.response_received.is_(False))
             .limit(2)
@@ -288,7 +288,7 @@ def lock_found(session: Session, found: Found) -> None:
     answers lock in: an erasure under way is waited for and then seen, and one that starts
     now waits for this message's row and then redacts it.
     """
-    email_rules.lock_thread(session, found.email.id)  # read again as it is now
+    answers.lock_thread(session, found.email.id)  # read again as it is now
 
 
 def earlier_copy(session: Session, mail: InboundMail, email: Email) -> int | None:
@@ -394,7 +394,7 @@ def record_reply(
         command = received.RecordEmailResponse.model_validate({**fields, "content": None})
     # Reminders queued before now (the reply read, or assigned by an operator) were queued
     # without knowing of it, whatever its Date says.
-    email_rules.record_response(session, command, now, settings, source="mailbox", known_at=now)
+    answers.record_response(session, command, now, settings, source="mailbox", known_at=now)
 
 
 def _status(value: str | None) -> str | None:
@@ -472,7 +472,7 @@ def request_call_now(session: Session, email: Email, now: dt.datetime) -> bool:
         if original is None:
             return False
         asking = original
-    if asking.template not in email_rules.ASKING_TEMPLATES or asking.status is not EmailStatus.SENT:
+    if asking.template not in composing.ASKING_TEMPLATES or asking.status is not EmailStatus.SENT:
         return False
     if (
         asking.response_received

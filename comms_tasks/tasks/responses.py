@@ -9,16 +9,16 @@ from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.projections.tasks import inbound_task
 from comms_tasks.emails.tasks import send_email_after_commit
-from comms_tasks.emails import email_rules
+from comms_tasks.emails import answers
 
 
 def apply_email_response(session: Session, command: received.RecordEmailResponse) -> None:
-    if email_rules.record_response(session, command, utcnow(), get_settings()):
+    if answers.record_response(session, command, utcnow(), get_settings()):
         send_email_after_commit(session)
 
 
 def apply_queue_email(session: Session, command: received.QueueEmail) -> None:
-    if email_rules.queue_requested_email(session, command, utcnow(), get_settings()):
+    if answers.queue_requested_email(session, command, utcnow(), get_settings()):
         send_email_after_commit(session)
 
 

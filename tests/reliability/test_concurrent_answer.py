@@ -30,8 +30,8 @@ from tests import factories as f
 from tests.test_calls import MATCHING, apply
 from tests.test_follow_up_check import email_sent_at
 from comms_tasks.projections import upstream
-from comms_tasks.emails import email_rules
 from comms_tasks.calls import call_rules
+import comms_tasks.emails.answers
 
 STEP_TIMEOUT = 20
 INSERT_CALL = "INSERT INTO communication_service.phone_calls"
@@ -177,7 +177,7 @@ def answer(email_id: int) -> Callable[[Session], object]:
     )
 
     def work(session: Session) -> None:
-        email_rules.record_response(session, command, dt.datetime.now(dt.UTC), get_settings())
+        comms_tasks.emails.answers.record_response(session, command, dt.datetime.now(dt.UTC), get_settings())
 
     return work
 

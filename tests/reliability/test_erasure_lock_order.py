@@ -36,7 +36,7 @@ from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_e
 from tests.test_calls import now as utc_now
 from tests.test_retention import MARKER
 from comms_tasks.projections import upstream
-from comms_tasks.emails import email_rules
+from comms_tasks.emails import email_rules, composing, answers
 from comms_tasks.calls import call_rules
 
 Stop = Callable[[str, Any], bool]
@@ -101,7 +101,7 @@ def test_a_requested_confirmation_and_an_erasure_do_not_deadlock(committed_db: E
     )
 
     def confirm(session: Session) -> None:
-        email_rules.queue_requested_email(session, command, utc_now(), get_settings())
+        answers.queue_requested_email(session, command, utc_now(), get_settings())
 
     errors = interleave_at(committed_db, confirm, first_share_lock, erasure_of(10))
     assert errors == []
@@ -111,7 +111,7 @@ def test_a_requested_confirmation_and_an_erasure_do_not_deadlock(committed_db: E
 def test_an_answer_to_a_reminder_and_an_erasure_do_not_deadlock(committed_db: Engine) -> None:
     original = sent_email(2)
     with Session(committed_db) as session, session.begin():
-        draft = email_rules.Draft(
+        draft = composing.Draft(
             session.get_one(Therapist, 2),
             EmailTemplate.FOLLOW_UP,
             [20, 21],
@@ -135,7 +135,7 @@ def test_an_answer_to_a_reminder_and_an_erasure_do_not_deadlock(committed_db: En
     )
 
     def answer(session: Session) -> None:
-        email_rules.record_response(session, command, utc_now(), get_settings())
+        answers.record_response(session, command, utc_now(), get_settings())
 
     def original_locked(statement: str, parameters: Any) -> bool:
         values = parameters.values() if isinstance(parameters, dict) else ()

@@ -27,7 +27,7 @@ from tests.reliability.test_concurrent_answer import interleave
 from tests.test_retention import MARKER, MATCHING, THERAPIST, apply
 from comms_tasks.projections import upstream
 from comms_tasks.privacy import retention
-from comms_tasks.emails import email_rules
+from comms_tasks.emails import email_rules, composing, answers
 
 ERASED = 100
 OTHER = 300
@@ -64,7 +64,7 @@ def batch(session: Session) -> None:
 
 def confirmation(session: Session) -> None:
     therapist = session.get_one(Therapist, 1)
-    email_rules.queue_confirmation(
+    answers.queue_confirmation(
         session, therapist, ERASED_REQUEST, dt.datetime.now(dt.UTC), get_settings()
     )
 
@@ -72,7 +72,7 @@ def confirmation(session: Session) -> None:
 def reminder_of(original_id: int) -> Callable[[Session], None]:
     def work(session: Session) -> None:
         original = session.get_one(Email, original_id)
-        draft = email_rules.Draft(
+        draft = composing.Draft(
             session.get_one(Therapist, 1),
             EmailTemplate.FOLLOW_UP,
             [ERASED_REQUEST, OTHER_REQUEST],
