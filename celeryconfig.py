@@ -73,8 +73,8 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
 # A message the worker cannot run (an unknown task name, a body it cannot decode) is a
-# dead letter, never a log line with its body (comms_tasks.stray_messages).
-worker_consumer = "comms_tasks.stray_messages:DeadLetteringConsumer"
+# dead letter, never a log line with its body (comms_tasks.inbound.stray_messages).
+worker_consumer = "comms_tasks.inbound.stray_messages:DeadLetteringConsumer"
 
 # Task events, so Flower shows every task with its state and runtime.
 worker_send_task_events = True
@@ -117,15 +117,13 @@ beat_schedule = _beat_schedule
 if _settings.redbeat_redis_url:
     # Production: RedBeat keeps the schedule in Redis and holds a lock, so only one beat
     # is active however many are started.
-    # RedBeat, touching a heartbeat file at each tick (comms_tasks.beat_redbeat).
-    beat_scheduler = "comms_tasks.beat_redbeat:HeartbeatRedBeatScheduler"
+    # RedBeat, touching a heartbeat file at each tick (comms_tasks.worker.beat_redbeat).
+    beat_scheduler = "comms_tasks.worker.beat_redbeat:HeartbeatRedBeatScheduler"
     redbeat_redis_url = _settings.redbeat_redis_url
     redbeat_lock_timeout = 60
     beat_max_loop_interval = 5
 else:
     # The embedded default: the file scheduler keeps its state under var/ (with the same
     # heartbeat as RedBeat's).
-    beat_scheduler = "comms_tasks.beat_health:HeartbeatPersistentScheduler"
+    beat_scheduler = "comms_tasks.worker.beat_health:HeartbeatPersistentScheduler"
     beat_schedule_filename = str(_settings.var_dir / "celerybeat-schedule")
-
-imports = ("comms_tasks.tasks", "comms_tasks.mailbox.tasks")

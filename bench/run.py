@@ -63,6 +63,8 @@ from sqlalchemy.orm import Session
 from bench import mailbox as bench_mailbox
 from bench.memory import StagePeak
 from bench.seed import Size, fresh_database, read_model_rows, seed
+from comms_tasks.emails import composing
+from comms_tasks.emails.delivery import outgoing
 from comms_tasks.mail.message import ascii_address, build_mime
 from comms_tasks.models import (
     Email,
@@ -75,8 +77,6 @@ from comms_tasks.models import (
     PhoneCallBatch,
 )
 from comms_tasks.models.base import SCHEMA, utcnow
-from comms_tasks.emails.delivery import outgoing
-import comms_tasks.emails.composing
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUT = PROJECT_ROOT / "var" / "bench"
@@ -284,7 +284,7 @@ def scalar(engine: Engine, query: Any) -> Any:
 
 
 def count_emails(engine: Engine, *statuses: EmailStatus) -> int:
-    query = select(func.count(Email.id)).where(Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES))
+    query = select(func.count(Email.id)).where(Email.template.in_(composing.ASKING_TEMPLATES))
     if statuses:
         query = query.where(Email.status.in_(statuses))
     return int(scalar(engine, query))
@@ -346,7 +346,7 @@ class Bench:
 
     def sending(self) -> dict[str, Any]:
         """Every asking email queued again, then comms.send_email as beat sends it."""
-        asking = Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES)
+        asking = Email.template.in_(composing.ASKING_TEMPLATES)
         with Session(self.service) as session, session.begin():
             session.execute(
                 table(Email)
@@ -384,7 +384,7 @@ class Bench:
                 bench_mailbox.Answered(token, message_id, ascii_address(recipient))
                 for token, message_id, recipient in session.execute(
                     select(Email.reply_token, Email.message_id, Email.recipient_email)
-                    .where(Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES))
+                    .where(Email.template.in_(composing.ASKING_TEMPLATES))
                     .where(Email.status == EmailStatus.SENT)
                     .where(Email.reply_token.is_not(None))
                     .order_by(Email.id)
@@ -487,7 +487,7 @@ class Bench:
 
     def reset_calls(self, sent_at: dt.datetime, unanswered: int) -> None:
         """No calls, no reminders, every email sent at ``sent_at`` but ``unanswered`` of them."""
-        asking = Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES)
+        asking = Email.template.in_(composing.ASKING_TEMPLATES)
         with Session(self.service) as session, session.begin():
             session.execute(table(PhoneCallBatch).delete())
             session.execute(table(PhoneCall).delete())
@@ -583,7 +583,9 @@ def batching_baseline(service: Engine, baseline: Engine) -> list[float]:
         emails = [
             dict(row._mapping)
             for row in connection.execute(
-                select(emails_table).where(Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES)).order_by(Email.id)
+                select(emails_table)
+                .where(Email.template.in_(composing.ASKING_TEMPLATES))
+                .order_by(Email.id)
             )
         ]
         batches = [dict(row._mapping) for row in connection.execute(select(batches_table))]
@@ -618,7 +620,7 @@ def sending_baseline(service: Engine, smtp: tuple[str, int]) -> dict[str, Any]:
     """
     with Session(service) as session:
         emails = session.scalars(
-            select(Email).where(Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES)).order_by(Email.id)
+            select(Email).where(Email.template.in_(composing.ASKING_TEMPLATES)).order_by(Email.id)
         ).all()
         prepared = [
             (

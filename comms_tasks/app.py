@@ -9,28 +9,38 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import beat_init, celeryd_after_setup, worker_init, worker_process_init
-import comms_tasks.worker.censored_conf
-import comms_tasks.worker.flower_guard
-import comms_tasks.worker.logs
-import comms_tasks.worker.task_runs  # noqa: F401
 
 # Imported for what they register: the worker's conf command with every password masked
 # (censored_conf), Flower's refusal to run without auth (flower_guard), and the time each
 # scheduled task ran (task_runs).
+import comms_tasks.worker.censored_conf
+import comms_tasks.worker.flower_guard
+import comms_tasks.worker.logs
+import comms_tasks.worker.task_runs  # noqa: F401
 
 # A chunk of the batch or of the call booking holds thousands of ORM objects; with the
 # default threshold (700) the collector walks them over and over (a quarter of the time
 # of booking 10,000 calls, see docs/performance.md). Cycles wait for 20,000 allocations.
 GC_THRESHOLDS = (20_000, 20, 20)
 
-# Inbound tasks' messages show their ids only, retries included (comms_tasks.privacy);
+# Inbound tasks' messages show their ids only, retries included (comms_tasks.privacy.task_reprs);
 # every task counts its starts, so a message that kills its worker stops (deliveries).
 app = Celery(
     "comms_tasks",
-    amqp="comms_tasks.privacy:IdsOnlyAMQP",
-    task_cls="comms_tasks.deliveries:CountedTask",
+    amqp="comms_tasks.privacy.task_reprs:IdsOnlyAMQP",
+    task_cls="comms_tasks.worker.deliveries:CountedTask",
 )
 app.config_from_object("celeryconfig")
+# Each stage keeps its tasks in its own tasks.py (comms_tasks/<stage>/tasks.py).
+STAGES = (
+    "comms_tasks.projections",
+    "comms_tasks.emails",
+    "comms_tasks.calls",
+    "comms_tasks.mailbox",
+    "comms_tasks.events",
+    "comms_tasks.privacy",
+)
+app.autodiscover_tasks(list(STAGES))
 
 
 @worker_process_init.connect

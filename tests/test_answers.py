@@ -9,8 +9,11 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
+from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
+from comms_tasks.emails import weekly
 from comms_tasks.inbound.inbox import handle, replay
 from comms_tasks.models import (
     Email,
@@ -22,11 +25,8 @@ from comms_tasks.models import (
     ResponseOutcome,
 )
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
-from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from tests import factories as f
 from tests.test_calls import MATCHING, THERAPIST, apply, calls_of, now, sent_email
-from comms_tasks.emails import email_rules
 
 
 def answer(
@@ -199,7 +199,7 @@ def queued_email(therapist_id: int) -> Email:
     created = f.request_created(request_id, patient_id=request_id, therapist_id=therapist_id)
     assert apply(MATCHING, created) == "applied"
     with transaction() as session:
-        [email_id] = email_rules.batch_chunk(session, [therapist_id], now(), get_settings()).email_ids
+        [email_id] = weekly.batch_chunk(session, [therapist_id], now(), get_settings()).email_ids
         email = session.get(Email, email_id)
         assert email is not None
         return email

@@ -8,6 +8,7 @@ import zoneinfo
 from hypothesis import given
 from hypothesis import strategies as st
 
+from comms_tasks.models.enums import EmailTemplate, TherapistStatus
 from comms_tasks.rules.batching import (
     Contactability,
     OpenRequest,
@@ -17,7 +18,6 @@ from comms_tasks.rules.batching import (
     select_batch,
     template_for,
 )
-from comms_tasks.models.enums import EmailTemplate, TherapistStatus
 
 NOW = dt.datetime(2026, 11, 30, 6, 30, tzinfo=dt.UTC)
 WEEK = dt.timedelta(days=7)

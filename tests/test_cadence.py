@@ -12,15 +12,15 @@ import threading
 import zoneinfo
 
 import pytest
+from comms_tasks.tasks import batching as batching_task
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
+from comms_tasks.emails import tasks, weekly
 from comms_tasks.models import Email, EmailStatus, Patient, PlacementRequest, PlacementRequestStatus
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import batching as batching_task
 from tests import factories as f
-from comms_tasks.emails import email_rules
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
@@ -51,9 +51,9 @@ def open_request(session: Session, request_id: int, therapist_id: int, at: dt.da
     session.flush()
 
 
-def batch(session: Session, now: dt.datetime) -> email_rules.BatchReport:
-    candidates = email_rules.batch_candidates(session)
-    return email_rules.batch_chunk(session, candidates, now, get_settings())
+def batch(session: Session, now: dt.datetime) -> weekly.BatchReport:
+    candidates = weekly.batch_candidates(session)
+    return weekly.batch_chunk(session, candidates, now, get_settings())
 
 
 def emails_of(session: Session, therapist_id: int) -> list[Email]:
@@ -208,7 +208,7 @@ def test_the_batch_task_finishes_every_chunk_past_a_failing_therapist(
         refuse_emails_to(session, 1)  # in the first chunk
 
     try:
-        result = batching_task.batch_requests()
+        result = tasks.batch_requests()
     finally:
         with Session(committed_db) as session, session.begin():
             session.execute(text("DROP TRIGGER refuse_email ON communication_service.emails"))
@@ -238,15 +238,15 @@ def test_a_rerun_after_a_cancelled_email_is_safe_with_two_runs_at_once(
             email.status = EmailStatus.CANCELLED
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
-    reports: list[email_rules.BatchReport] = []
+    reports: list[weekly.BatchReport] = []
 
     def rerun() -> None:
         try:
             with transaction() as session:
-                candidates = email_rules.batch_candidates(session)
+                candidates = weekly.batch_candidates(session)
             barrier.wait()
             with transaction() as session:
-                reports.append(email_rules.batch_chunk(session, candidates, monday, get_settings()))
+                reports.append(weekly.batch_chunk(session, candidates, monday, get_settings()))
         except BaseException as exc:
             errors.append(exc)
 

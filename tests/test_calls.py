@@ -15,8 +15,12 @@ import icalendar
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
+from comms_tasks.calls import follow_up, scheduling
+from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, RECORD_EMAIL_RESPONSE, SCHEDULE_CALL
 from comms_tasks.db import transaction
+from comms_tasks.emails import weekly
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import (
     Email,
@@ -28,12 +32,8 @@ from comms_tasks.models import (
     Therapist,
 )
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
-from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for, worker_environment
-from comms_tasks.emails import email_rules
-from comms_tasks.calls import call_rules
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -63,7 +63,7 @@ def sent_email(therapist_id: int, *, days_ago: float = 8, **therapist: Any) -> E
         assert apply(MATCHING, created) == "applied"
     sent_at = now() - dt.timedelta(days=days_ago)
     with transaction() as session:
-        report = email_rules.batch_chunk(session, [therapist_id], sent_at, get_settings())
+        report = weekly.batch_chunk(session, [therapist_id], sent_at, get_settings())
         [email_id] = report.email_ids
         email = session.get(Email, email_id)
         assert email is not None
@@ -309,7 +309,7 @@ def schedule_command(
 def local_slot(days_ahead: int, hour: int = 10, minute: int = 0) -> dt.datetime:
     """A local wall time ``days_ahead`` (or the next day that is no public holiday), UTC."""
     settings = get_settings()
-    holidays = call_rules.holidays_for(settings.holiday_state)
+    holidays = scheduling.holidays_for(settings.holiday_state)
     day = now().astimezone(settings.zone).date() + dt.timedelta(days=days_ahead)
     while day in holidays:
         day += dt.timedelta(days=1)
@@ -531,13 +531,13 @@ def test_a_task_reads_only_the_calls_booked_since_its_last_chunk(committed_db: E
     first, other = sent_email(201), sent_email(202)
     at = now()
     with transaction() as session:
-        report = call_rules.schedule_follow_ups(session, [first.id], at, settings)
+        report = follow_up.schedule_follow_ups(session, [first.id], at, settings)
     assert report.scheduled == 1 and report.known is not None
     known = report.known
     [ours] = calls_of(committed_db)
     ours_end = ours.scheduled_at + dt.timedelta(minutes=ours.duration_minutes)
     with transaction() as session:  # another worker, with its own fresh read
-        booking = call_rules.Booking.start(session, settings, at)
+        booking = scheduling.Booking.start(session, settings, at)
         therapist = session.get(Therapist, other.therapist_id)
         assert therapist is not None
         start = booking.find_slot(therapist)
@@ -545,7 +545,7 @@ def test_a_task_reads_only_the_calls_booked_since_its_last_chunk(committed_db: E
         booking.book(therapist, start, [2020], dedup_key="test:other")
         booking.record()
     with transaction() as session:
-        again = call_rules.read_calls(session, at, settings, known)
+        again = booking.read_calls(session, at, settings, known)
     assert again is known, "the index is extended, not read again"
     assert known.booked.load(ours.scheduled_at, ours_end) == 1
     assert known.booked.load(start, start + dt.timedelta(minutes=5)) == 1

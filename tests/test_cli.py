@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import HANDLE_MATCHING_EVENT
 from comms_tasks.db import transaction
+from comms_tasks.emails import weekly
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.examples import render_examples
 from comms_tasks.models import (
@@ -41,7 +42,6 @@ from comms_tasks.models import (
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.conftest import worker_environment
-from comms_tasks.emails import email_rules
 
 COMMS = Path(sys.executable).parent / "comms"
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
@@ -135,9 +135,9 @@ def request(
 
 def run_batch(at: dt.datetime) -> list[int]:
     with transaction() as session:
-        candidates = email_rules.batch_candidates(session)
+        candidates = weekly.batch_candidates(session)
     with transaction() as session:
-        return email_rules.batch_chunk(session, candidates, at, get_settings()).email_ids
+        return weekly.batch_chunk(session, candidates, at, get_settings()).email_ids
 
 
 def queue_email(therapist_id: int, request_ids: list[int], **therapist_fields: Any) -> int:
@@ -649,8 +649,8 @@ def test_dead_letter_show_masks_patient_data_in_any_malformed_shape(comms: Run, 
 
 
 def erase_through_the_inbox(patient_id: int) -> None:
+    from comms_tasks.appliers import APPLIERS
     from comms_tasks.contracts import HANDLE_PATIENT_EVENT
-    from comms_tasks.tasks import APPLIERS
 
     erased = f.patient_erased(patient_id, occurred_at=f.at(60))
     assert handle(HANDLE_PATIENT_EVENT, erased, APPLIERS[HANDLE_PATIENT_EVENT]).result == "applied"

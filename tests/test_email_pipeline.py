@@ -16,8 +16,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
+from comms_tasks.emails import delivery, weekly
+from comms_tasks.emails.tasks import batch_requests, send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import (
     DeadLetter,
@@ -29,14 +32,10 @@ from comms_tasks.models import (
     PlacementRequestStatus,
     Therapist,
 )
-from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
-from comms_tasks.tasks.batching import batch_requests
 from comms_tasks.projections.tasks import APPLIERS as EVENT_APPLIERS
-from comms_tasks.emails.tasks import send_email
+from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.smtp import SmtpSink
-from comms_tasks.emails import delivery, email_rules
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -86,11 +85,11 @@ def open_requests(therapist_id: int, ids: range, **summary: Any) -> None:
         )
 
 
-def run_batch(now: dt.datetime) -> email_rules.BatchReport:
+def run_batch(now: dt.datetime) -> weekly.BatchReport:
     with transaction() as session:
-        candidates = email_rules.batch_candidates(session)
+        candidates = weekly.batch_candidates(session)
     with transaction() as session:
-        return email_rules.batch_chunk(session, candidates, now, get_settings())
+        return weekly.batch_chunk(session, candidates, now, get_settings())
 
 
 def all_emails(engine: Engine) -> list[Email]:
@@ -199,10 +198,10 @@ def test_two_concurrent_runs_on_postgres_queue_one_email_per_therapist(
     def run() -> None:
         try:
             with transaction() as session:
-                candidates = email_rules.batch_candidates(session)
+                candidates = weekly.batch_candidates(session)
             barrier.wait()
             with transaction() as session:
-                email_rules.batch_chunk(session, candidates, T0, get_settings())
+                weekly.batch_chunk(session, candidates, T0, get_settings())
         except BaseException as exc:
             errors.append(exc)
 

@@ -16,22 +16,22 @@ import pytest
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import transaction
+from comms_tasks.emails import delivery, rechecks
+from comms_tasks.emails.tasks import send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import sender_from_settings
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from comms_tasks.models.base import utcnow
-from comms_tasks.projections.upstream import erase_patient
 from comms_tasks.privacy.retention import REDACTED_TEXT
+from comms_tasks.projections.upstream import erase_patient
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
-from comms_tasks.emails.tasks import send_email
 from tests import factories as f
 from tests.smtp import SmtpSink
 from tests.test_retention import MARKER, PATIENT, load, queued_email
-from comms_tasks.emails import delivery
 
 ERASED = 100
 OTHER = 300
@@ -45,7 +45,7 @@ def erase(patient_id: int = ERASED) -> None:
 def claim() -> list[OutgoingMessage]:
     """What a worker does first: claim the due emails and build their messages (committed)."""
     with transaction() as session:
-        return delivery.prepare_batch(session, utcnow(), 100, get_settings())
+        return rechecks.prepare_batch(session, utcnow(), 100, get_settings())
 
 
 def send_and_record(messages: list[OutgoingMessage]) -> list[delivery.Recorded]:

@@ -16,8 +16,10 @@ import pytest
 from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session
 
+from comms_tasks.calls import follow_up
 from comms_tasks.contracts import RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
+from comms_tasks.emails import weekly
 from comms_tasks.models import (
     Email,
     EmailStatus,
@@ -29,12 +31,10 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
+from comms_tasks.privacy import retention
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.test_calls import ALL_WEEK, MATCHING, THERAPIST, apply
-from comms_tasks.privacy import retention
-from comms_tasks.emails import email_rules
-from comms_tasks.calls import call_rules
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
@@ -54,7 +54,7 @@ def email_sent_at(
         created = f.request_created(request_id, patient_id=request_id, therapist_id=therapist_id)
         assert apply(MATCHING, created) == "applied"
     with transaction() as session:
-        [email_id] = email_rules.batch_chunk(session, [therapist_id], sent_at, get_settings()).email_ids
+        [email_id] = weekly.batch_chunk(session, [therapist_id], sent_at, get_settings()).email_ids
         email = session.get(Email, email_id)
         assert email is not None
         email.status = EmailStatus.SENT
@@ -66,14 +66,14 @@ def email_sent_at(
     return email_id
 
 
-def check(at: dt.datetime) -> tuple[int, call_rules.ScheduleReport]:
+def check(at: dt.datetime) -> tuple[int, follow_up.ScheduleReport]:
     """``comms.follow_up_check`` and ``comms.schedule_calls`` as they would run at ``at``."""
     settings = get_settings()
     with transaction() as session:
-        marked = call_rules.request_follow_up_calls(session, at, settings)
+        marked = follow_up.request_follow_up_calls(session, at, settings)
     with transaction() as session:
-        waiting = call_rules.waiting_for_call(session)
-        report = call_rules.schedule_follow_ups(session, waiting, at, settings)
+        waiting = follow_up.waiting_for_call(session)
+        report = follow_up.schedule_follow_ups(session, waiting, at, settings)
     return marked, report
 
 
@@ -194,7 +194,7 @@ def seed_unanswered(
             )
         )
     session.flush()
-    report = email_rules.batch_chunk(session, list(therapist_ids), sent_at, get_settings())
+    report = weekly.batch_chunk(session, list(therapist_ids), sent_at, get_settings())
     session.execute(
         update(Email)
         .where(Email.id.in_(report.email_ids))
@@ -223,8 +223,10 @@ def no_slot_run(session: Session, at: dt.datetime, expected: int) -> int:
 
     def run() -> None:
         settings = get_settings()
-        call_rules.request_follow_up_calls(session, at, settings)
-        report = call_rules.schedule_follow_ups(session, call_rules.waiting_for_call(session), at, settings)
+        follow_up.request_follow_up_calls(session, at, settings)
+        report = follow_up.schedule_follow_ups(
+            session, follow_up.waiting_for_call(session), at, settings
+        )
         assert report.unschedulable == expected
 
     return count_statements(session, run)
@@ -263,7 +265,7 @@ def test_the_check_reads_its_candidates_from_their_own_index(db: Session) -> Non
     connection = db.connection()
     event.listen(connection, "before_cursor_execute", capture)
     try:
-        call_rules.request_follow_up_calls(db, local(2026, 11, 20, 9, 0), get_settings())
+        follow_up.request_follow_up_calls(db, local(2026, 11, 20, 9, 0), get_settings())
     finally:
         event.remove(connection, "before_cursor_execute", capture)
     [(statement, parameters)] = captured

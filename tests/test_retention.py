@@ -14,7 +14,9 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from comms_tasks import migrate
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.db import make_engine, transaction
+from comms_tasks.emails import tasks, weekly
 from comms_tasks.inbound.dead_letters import (
     REDACTED_VALUE,
     erase_patient_from_dead_letters,
@@ -31,12 +33,9 @@ from comms_tasks.models import (
     PlacementRequest,
     PlacementRequestStatus,
 )
-from comms_tasks.privacy.retention import REDACTED_TEXT
+from comms_tasks.privacy.retention import REDACTED_TEXT, purge_expired
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
-from comms_tasks.privacy.retention import purge_expired
 from tests import factories as f
-from comms_tasks.emails import email_rules
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
@@ -63,7 +62,7 @@ def queued_email(therapist_id: int, patients: list[int]) -> int:
             ),
         )
     with transaction() as session:
-        [email_id] = email_rules.batch_chunk(session, [therapist_id], T0, get_settings()).email_ids
+        [email_id] = weekly.batch_chunk(session, [therapist_id], T0, get_settings()).email_ids
     return email_id
 
 
@@ -155,7 +154,6 @@ def test_scheduled_tasks_record_their_last_run(committed_db: Engine) -> None:
 
 def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(committed_db: Engine) -> None:
     from comms_tasks.ops.reports import status_snapshot
-    from comms_tasks.tasks.batching import batch_requests
 
     def last_state() -> str | None:
         with Session(committed_db) as session:
@@ -167,9 +165,9 @@ def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(committed_db
     from schedules import BEAT_HEADER
 
     beat = {BEAT_HEADER: True}
-    assert batch_requests.apply(kwargs={"helper": True}, headers=beat).successful()
+    assert tasks.batch_requests.apply(kwargs={"helper": True}, headers=beat).successful()
     assert last_state() is None
-    assert batch_requests.apply(headers=beat).successful()
+    assert tasks.batch_requests.apply(headers=beat).successful()
     assert last_state() == "SUCCESS"
 
 

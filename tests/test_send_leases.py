@@ -17,16 +17,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
+from comms_tasks.emails import delivery, rechecks
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
 from tests import factories as f
-from comms_tasks.emails import delivery
 
 
 def claim(now: dt.datetime, set_aside: dict[str, int] | None = None) -> list[int]:
     with transaction() as session:
-        messages = delivery.prepare_batch(session, now, 100, get_settings(), set_aside=set_aside)
+        messages = rechecks.prepare_batch(session, now, 100, get_settings(), set_aside=set_aside)
     return [message.email_id for message in messages]
 
 

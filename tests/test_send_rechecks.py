@@ -20,14 +20,15 @@ import pytest
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import get_engine, transaction
+from comms_tasks.emails import rechecks, weekly
+from comms_tasks.emails.tasks import send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent, Therapist
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
-from comms_tasks.emails.tasks import send_email
 from schedules import BATCH_TIME
 from tests import factories as f
 from tests.smtp import SmtpSink
@@ -39,7 +40,6 @@ from tests.test_email_pipeline import (
     queue_one,
     therapist,
 )
-from comms_tasks.emails import delivery, email_rules
 
 
 def load(engine: Engine, email_id: int) -> Email:
@@ -227,7 +227,7 @@ def statements(committed_db: Engine) -> Iterator[list[str]]:
 def prepare_statements(statements: list[str]) -> int:
     statements.clear()
     with transaction() as session:
-        delivery.prepare_batch(session, utcnow(), 1000, get_settings())
+        rechecks.prepare_batch(session, utcnow(), 1000, get_settings())
     return len(statements)
 
 
@@ -239,7 +239,7 @@ def test_a_claim_checks_its_therapists_in_the_same_queries_for_two_emails_or_twe
             therapist(therapist_id)
             open_requests(therapist_id, range(therapist_id * 10, therapist_id * 10 + 2))
         with transaction() as session:
-            email_rules.batch_chunk(session, list(range(first, first + count)), utcnow(), get_settings())
+            weekly.batch_chunk(session, list(range(first, first + count)), utcnow(), get_settings())
         # A quarter of them blocked, a quarter with a new address (rendered again).
         for therapist_id in range(first, first + count, 4):
             therapist(therapist_id, status="blocked")
@@ -355,7 +355,7 @@ def test_a_claim_of_only_held_emails_does_not_end_the_run(
     held = [queue_command_email(original, "follow_up") for _ in range(2)]
     other = queue_one(committed_db, therapist_id=8)
     change(committed_db, other.id, next_attempt_at=utcnow())  # due after the reminders
-    monkeypatch.setattr("comms_tasks.tasks.sending.EMAILS_PER_CLAIM", 2)
+    monkeypatch.setattr("comms_tasks.emails.tasks.EMAILS_PER_CLAIM", 2)
 
     # The first claim holds both reminders; the run goes on to the next claim.
     assert send_email() == {"held": 2, "sent": 1}
@@ -375,11 +375,11 @@ def test_two_claims_at_once_send_one_of_a_therapists_two_emails(
 
     def second_claim() -> None:
         with transaction() as session:
-            second.append(delivery.prepare_batch(session, utcnow(), 1, settings))
+            second.append(rechecks.prepare_batch(session, utcnow(), 1, settings))
 
     # The first claim is still open (not committed) while the second one runs.
     with transaction() as session:
-        first = delivery.prepare_batch(session, utcnow(), 1, settings)
+        first = rechecks.prepare_batch(session, utcnow(), 1, settings)
         other = threading.Thread(target=second_claim)
         other.start()
         other.join(timeout=1)

@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME
 from comms_tasks.settings import ConfigurationError, Settings, load_settings
-import comms_tasks.emails.email_rules
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 COMMS_SCRIPT = Path(sys.executable).parent / "comms"
@@ -230,8 +229,8 @@ def test_the_longest_sender_the_settings_accept_is_stored_in_every_email(
     committed_db: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settings and columns agree: start-up never passes a sender no email can hold."""
-    from comms_tasks import email_rules
     from comms_tasks.db import transaction
+    from comms_tasks.emails.weekly import batch_chunk
     from comms_tasks.models import Email, PlacementRequest, PlacementRequestStatus
     from comms_tasks.settings import get_settings
     from tests import factories
@@ -259,7 +258,7 @@ def test_the_longest_sender_the_settings_accept_is_stored_in_every_email(
             )
         )
     with transaction() as session:
-        [email_id] = comms_tasks.emails.email_rules.batch_chunk(session, [1], factories.at(60), settings).email_ids
+        [email_id] = batch_chunk(session, [1], factories.at(60), settings).email_ids
     with Session(committed_db) as session:
         email = session.get(Email, email_id)
         assert email is not None

@@ -15,8 +15,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
-from comms_tasks.ops.reports import status_snapshot
 from comms_tasks.emails.tasks import send_email
+from comms_tasks.ops.reports import status_snapshot
 from schedules import beat_schedule
 from tests.conftest import WorkerProcess, wait_for
 

@@ -14,13 +14,13 @@ import datetime as dt
 from sqlalchemy import Engine
 
 from comms_tasks.db import transaction
+from comms_tasks.emails import weekly
+from comms_tasks.emails.tasks import send_email
 from comms_tasks.models import EmailStatus
 from comms_tasks.settings import get_settings
-from comms_tasks.emails.tasks import send_email
 from tests import factories as f
 from tests.smtp import SmtpSink
 from tests.test_email_pipeline import T0, THERAPIST, all_emails, apply, open_requests, run_batch
-from comms_tasks.emails import email_rules
 
 ADDRESS = "praxis3@weber-therapie.de"
 DAY = dt.timedelta(days=1)
@@ -28,7 +28,7 @@ DAY = dt.timedelta(days=1)
 
 def explain(therapist_id: int, now: dt.datetime) -> tuple[bool, str | None, dt.date | None]:
     with transaction() as session:
-        verdict, *_ = email_rules.preview_batch(session, therapist_id, now, get_settings())
+        verdict, *_ = weekly.preview_batch(session, therapist_id, now, get_settings())
         session.rollback()
     return verdict.contactable, verdict.reason, verdict.contactable_from
 

@@ -8,13 +8,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
+from comms_tasks.calls import follow_up, outcomes, scheduling
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, received
 from comms_tasks.db import transaction
-from comms_tasks.models.base import utcnow
-from comms_tasks.settings import get_settings
-from comms_tasks.projections.tasks import inbound_task
 from comms_tasks.emails.tasks import send_email, send_email_after_commit
-from comms_tasks.calls import call_rules
+from comms_tasks.models.base import utcnow
+from comms_tasks.projections.tasks import inbound_task
+from comms_tasks.settings import get_settings
 
 FOLLOW_UP_CHECK = "comms.follow_up_check"
 SCHEDULE_CALLS = "comms.schedule_calls"
@@ -26,7 +26,7 @@ EMAILS_PER_CHUNK = 500
 def follow_up_check() -> dict[str, Any]:
     """Mark unanswered emails as waiting for a call, then schedule the calls."""
     with transaction() as session:
-        marked = call_rules.request_follow_up_calls(session, utcnow(), get_settings())
+        marked = follow_up.request_follow_up_calls(session, utcnow(), get_settings())
     schedule_calls.delay()
     return {"marked": marked}
 
@@ -35,19 +35,19 @@ def follow_up_check() -> dict[str, Any]:
 def schedule_calls() -> dict[str, Any]:
     """Book a call for every email waiting for one; safe to run at any frequency."""
     settings = get_settings()
-    totals = call_rules.ScheduleReport()
-    known: call_rules.KnownCalls | None = None
+    totals = follow_up.ScheduleReport()
+    known: scheduling.KnownCalls | None = None
     previous: list[int] = []
     while True:
         with transaction() as session:
-            waiting = call_rules.waiting_for_call(session)
+            waiting = follow_up.waiting_for_call(session)
         if not waiting or waiting == previous:
             # Done, or nothing this pass could change (never loop on the same emails).
             break
         previous = waiting
         for start in range(0, len(waiting), EMAILS_PER_CHUNK):
             with transaction() as session:
-                report = call_rules.schedule_follow_ups(
+                report = follow_up.schedule_follow_ups(
                     session, waiting[start : start + EMAILS_PER_CHUNK], utcnow(), settings, known
                 )
             known = report.known
@@ -64,11 +64,11 @@ def schedule_calls() -> dict[str, Any]:
 
 
 def apply_schedule_call(session: Session, command: received.ScheduleCall) -> None:
-    call_rules.schedule_requested_call(session, command, utcnow(), get_settings())
+    scheduling.schedule_requested_call(session, command, utcnow(), get_settings())
 
 
 def apply_call_outcome(session: Session, command: received.RecordCallOutcome) -> None:
-    result = call_rules.record_call_outcome(session, command, utcnow(), get_settings())
+    result = outcomes.record_call_outcome(session, command, utcnow(), get_settings())
     if result.confirmations:
         send_email_after_commit(session)
 

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from comms_tasks.contracts import received
 from comms_tasks.contracts.common import FIELD_ERROR, Contract
-from comms_tasks.contracts.received import Command, Envelope
 from comms_tasks.contracts.limits import MAX_NESTING
+from comms_tasks.contracts.received import Command, Envelope
 
 HANDLE_THERAPIST_EVENT = "comms.handle_therapist_event"
 HANDLE_MATCHING_EVENT = "comms.handle_matching_event"

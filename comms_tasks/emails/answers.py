@@ -1,252 +1,97 @@
 """TODO."""
+
 from __future__ import annotations
+
 import datetime as dt
-from sqlalchemy import select, func
-from sqlalchemy.orm import Session
-from comms_tasks.emails.email_rules import queue_email_for
-from comms_tasks.models import Email, EmailTemplate, Therapist, ResponseOutcome, EmailStatus, PhoneCall, PhoneCallStatus, PlacementRequestStatus, PlacementRequest
-from comms_tasks.settings import Settings
+from collections.abc import Iterable, Sequence
 from typing import Literal
-import comms_tasks.emails.composing
-from comms_tasks.contracts.published import OutcomeRecordedPayload, EmailResponseRecordedPayload, ResponseSource
-from comms_tasks.events.outbox import record_event
-from comms_tasks.contracts import received
-from comms_tasks.inbound.inbox import Rejected
-from collections.abc import Sequence, Iterable
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
-import comms_tasks.inbound.checks
+
+from comms_tasks.contracts import received
+from comms_tasks.contracts.published import (
+    EmailResponseRecordedPayload,
+    OutcomeRecordedPayload,
+    ResponseSource,
+)
+from comms_tasks.emails import composing
+from comms_tasks.events.outbox import record_event
+from comms_tasks.inbound import checks
+from comms_tasks.inbound.inbox import Rejected
+from comms_tasks.models import (
+    Email,
+    EmailStatus,
+    EmailTemplate,
+    PhoneCall,
+    PhoneCallStatus,
+    PlacementRequest,
+    PlacementRequestStatus,
+    ResponseOutcome,
+    Therapist,
+)
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
+from comms_tasks.settings import Settings
 
 
-def requests_still_pending(
-    session: Session, request_ids: Iterable[int], *, lock: bool = False
-) -> set[int]:
-    """Those of ``request_ids`` still open or in progress.
-
-    ``lock``: share-locked until the booking commits, in id order (so that bookings never
-    deadlock). A status change locks its request before it withdraws the request from
-    calls (``calls.withdraw_request_from_calls``): it waits for a booking that read the
-    request as pending, and then sees and cancels its call; or the booking waits for the
-    change and no longer reads the request as pending.
-    """
-    ids = sorted(set(request_ids))
-    if not ids:
-        return set()
-    query = (
-        select(PlacementRequest.id)
-        .where(PlacementRequest.id.in_(ids))
-        .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
-    )
-    if lock:
-        query = query.order_by(PlacementRequest.id).with_for_update(read=True)
-    return set(session.scalars(query))
-
-
-def _queue_requested_confirmations(
+def queue_confirmation(
     session: Session,
     therapist: Therapist,
-    request_ids: Sequence[int],
-    command_id: str,
+    request_id: int,
     now: dt.datetime,
     settings: Settings,
-    original: Email | None,
-) -> list[Email]:
-    # Lock order (patients -> requests), like patient.erased: the patients share-locked
-    # before the requests are locked (queue_confirmation share-locks them again).
-    comms_tasks.emails.composing.patients_of(session, request_ids, lock=True)
-    statuses = dict(
-        session.execute(
-            select(PlacementRequest.id, PlacementRequest.status)
-            .where(PlacementRequest.id.in_(list(request_ids)))
-            .order_by(PlacementRequest.id)
-            # Locked (in id order) so that a cancellation waits until the confirmation is
-            # queued, or is seen here.
-            .with_for_update()
-        ).all()
-    )
-    for index, request_id in enumerate(request_ids):
-        status = statuses[request_id]
-        if status in NOT_CONFIRMABLE:
-            raise Rejected(
-                f"command.placement_request_ids[{index}]: the request is {status.value}",
-                command_id,
-            )
-    queued = []
-    for request_id in request_ids:
-        confirmation = queue_confirmation(
-            session, therapist, request_id, now, settings, in_reply_to=original
-        )
-        if confirmation is not None:
-            queued.append(confirmation)
-    return queued
-
-
-# A request that ended so is never confirmed: the therapist would be told of a placement
-# that does not exist.
-NOT_CONFIRMABLE = (PlacementRequestStatus.REJECTED, PlacementRequestStatus.CANCELLED)
-
-
-def queue_requested_email(
-    session: Session, command: received.QueueEmail, now: dt.datetime, settings: Settings
-) -> list[Email]:
-    """``comms.queue_email``: a follow-up or confirmations for given requests.
-
-    A ``follow_up`` is one email per command (the command id is its key). A
-    ``confirmation`` is one per request, whatever command asks (``confirmation:<id>``, as
-    when an answer or a call accepts it): requests already confirmed are left out, and a
-    command that finds all of them confirmed queues nothing. Returns what it queued.
-    """
-    command_id = str(command.command_id)
-    therapist = comms_tasks.inbound.checks.known_therapist(session, command.therapist_id, command_id)
+    in_reply_to: Email | None = None,
+) -> Email | None:
+    """The confirmation of one accepted request, once; outside the weekly limit."""
+    dedup_key = f"confirmation:{request_id}"
+    if session.scalar(select(Email.id).where(Email.dedup_key == dedup_key)) is not None:
+        return None
     if not therapist.email:
-        raise Rejected("command.therapist_id: the therapist has no email address", command_id)
-    comms_tasks.inbound.checks.check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
-    original = None
-    if command.reply_to_email_id is not None:
-        original = session.get(Email, command.reply_to_email_id)
-        if original is None or original.therapist_id != therapist.id:
-            raise Rejected("command.reply_to_email_id: unknown email of this therapist", command_id)
-        if original.status is not EmailStatus.SENT:
-            # A reminder of (or a thread to) an email nobody received; replayable once sent.
-            raise Rejected(
-                f"command.reply_to_email_id: the email was not sent ({original.status.value})",
-                command_id,
-            )
-    template = EmailTemplate(command.template)
-    if template is EmailTemplate.CONFIRMATION:
-        return _queue_requested_confirmations(
-            session, therapist, command.placement_request_ids, command_id, now, settings, original
-        )
-    if original is None:
-        raise Rejected(
-            "command.reply_to_email_id: a follow_up needs the original email", command_id
-        )
-    return [
-        queue_email_for(
-            session,
-            therapist,
-            template,
-            list(command.placement_request_ids),
-            dedup_key=f"command:{command_id}",
-            settings=settings,
-            now=now,
-            in_reply_to=original,
-        )
-    ]
+        return None
+    return composing.queue_email_for(
+        session,
+        therapist,
+        EmailTemplate.CONFIRMATION,
+        [request_id],
+        dedup_key=dedup_key,
+        settings=settings,
+        now=now,
+        in_reply_to=in_reply_to,
+    )
 
 
-def cancel_follow_up_calls(session: Session, email_id: int) -> int:
-    """An answer makes the follow-up call of its email pointless."""
-    calls = session.scalars(
-        select(PhoneCall)
-        .where(PhoneCall.email_id == email_id)
-        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .order_by(PhoneCall.id)
-        .with_for_update()
-    ).all()
-    for call in calls:
-        call.status = PhoneCallStatus.CANCELLED
-        call.notes = "cancelled: the email was answered"
-    return len(calls)
-
-
-def originals_of(session: Session, email: Email) -> list[Email]:
-    """The sent emails a reminder follows up, up its thread, locked; nearest first.
-
-    Only a ``follow_up`` passes its answer on: it repeats its original's questions. A
-    confirmation (threaded to the answered email too) asks nothing.
-    """
-    originals: list[Email] = []
-    seen = {email.id}
-    current = email
-    while (
-        current.template is EmailTemplate.FOLLOW_UP
-        and current.in_reply_to_email_id is not None
-        and current.in_reply_to_email_id not in seen
-        and len(seen) <= MAX_THREAD_DEPTH
-    ):
-        parent = session.get(Email, current.in_reply_to_email_id, with_for_update=True)
-        if parent is None or parent.therapist_id != email.therapist_id:
-            break
-        seen.add(parent.id)
-        if parent.status is EmailStatus.SENT:
-            originals.append(parent)
-        current = parent
-    return originals
-
-
-def lock_thread(session: Session, email_id: int) -> Email | None:
-    """Lock an email and the emails up its thread (``in_reply_to``), in id order.
-
-    The thread is read unlocked first (an email's ``in_reply_to`` never changes, so an
-    email this session already holds answers without a query), then locked in one
-    statement in id order, the order ``patient.erased`` locks a patient's emails in: an
-    answer to a reminder never holds the reminder while it waits for its original. The
-    locked rows are read as they are now (an erasure may have redacted them since they
-    were loaded); returns the email itself, None when there is none.
-    """
-    thread = {email_id}
-    current: int | None = email_id
-    while current is not None and len(thread) <= MAX_THREAD_DEPTH:
-        loaded = session.identity_map.get(identity_key(Email, current))
-        if isinstance(loaded, Email):
-            current = loaded.in_reply_to_email_id
-        else:
-            current = session.scalar(select(Email.in_reply_to_email_id).where(Email.id == current))
-        if current is None or current in thread:
-            break
-        thread.add(current)
-    locked = session.scalars(
-        select(Email)
-        .where(Email.id.in_(sorted(thread)))
-        .order_by(Email.id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).all()
-    return next((email for email in locked if email.id == email_id), None)
-
-
-# A reminder of a reminder is still one thread; more is a loop or a producer's mistake.
-MAX_THREAD_DEPTH = 10
-
-
-def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
-    """Whether an answer received at ``received_at`` may replace what was recorded.
-
-    Like events (``read_models._is_stale``): the same time applies, the later delivery wins.
-    """
-    return recorded is None or received_at >= recorded
-
-
-def cancel_unsent(email: Email, reason: str) -> None:
-    """An email that is not on the wire will not be sent; ``reason`` says why."""
-    email.status = EmailStatus.CANCELLED
-    email.lease_expires_at = None
-    email.next_attempt_at = None
-    email.error_message = reason
-
-
-def cancel_unsent_reminders(
-    session: Session, email_ids: Sequence[int], received_at: dt.datetime
-) -> int:
-    """An answered email needs no reminder: the ones not yet on the wire are cancelled.
-
-    Only reminders queued before the answer was received: one asked for later was asked
-    knowing of it (a late older answer, or a re-sent one, must not drop it). One already
-    ``sending`` is left to its send's result: it may be on the wire.
-    """
-    reminders = session.scalars(
-        select(Email)
-        .where(Email.in_reply_to_email_id.in_(email_ids))
-        .where(func.coalesce(Email.queued_at, Email.created_at) <= received_at)
-        .where(Email.template == EmailTemplate.FOLLOW_UP)
-        .where(Email.status.in_((EmailStatus.DRAFT, EmailStatus.QUEUED)))
-        .order_by(Email.id)
-        .with_for_update()
-    ).all()
-    for reminder in reminders:
-        cancel_unsent(reminder, "cancelled: the email it follows up was answered")
-    return len(reminders)
+def record_outcome(
+    session: Session,
+    therapist_id: int,
+    therapist: Therapist | None,
+    request_id: int,
+    outcome: ResponseOutcome,
+    *,
+    via: Literal["email", "call"],
+    source_id: int,
+    now: dt.datetime,
+    settings: Settings,
+    in_reply_to: Email | None = None,
+) -> int | None:
+    """Publish one request's outcome; an acceptance queues its confirmation (its id)."""
+    record_event(
+        session,
+        OutcomeRecordedPayload(
+            placement_request_id=request_id,
+            therapist_id=therapist_id,
+            outcome=outcome.value,
+            via=via,
+            source_id=source_id,
+        ),
+        occurred_at=now,
+    )
+    if outcome is not ResponseOutcome.ACCEPTED or therapist is None:
+        return None
+    confirmation = queue_confirmation(
+        session, therapist, request_id, now, settings, in_reply_to=in_reply_to
+    )
+    return confirmation.id if confirmation else None
 
 
 def record_response(
@@ -267,7 +112,9 @@ def record_response(
     # Lock order (patients -> emails), like patient.erased: the answered requests'
     # patients share-locked first (a confirmation renders them), then the whole thread,
     # the email and the originals it follows up, in id order (see lock_thread).
-    comms_tasks.emails.composing.patients_of(session, [item.placement_request_id for item in command.outcomes], lock=True)
+    composing.patients_of(
+        session, [item.placement_request_id for item in command.outcomes], lock=True
+    )
     email = lock_thread(session, command.email_id)
     if email is None:
         raise Rejected("command.email_id: unknown email", str(command.command_id))
@@ -353,60 +200,232 @@ def record_response(
     return confirmations
 
 
-def record_outcome(
-    session: Session,
-    therapist_id: int,
-    therapist: Therapist | None,
-    request_id: int,
-    outcome: ResponseOutcome,
-    *,
-    via: Literal["email", "call"],
-    source_id: int,
-    now: dt.datetime,
-    settings: Settings,
-    in_reply_to: Email | None = None,
-) -> int | None:
-    """Publish one request's outcome; an acceptance queues its confirmation (its id)."""
-    record_event(
-        session,
-        OutcomeRecordedPayload(
-            placement_request_id=request_id,
-            therapist_id=therapist_id,
-            outcome=outcome.value,
-            via=via,
-            source_id=source_id,
-        ),
-        occurred_at=now,
-    )
-    if outcome is not ResponseOutcome.ACCEPTED or therapist is None:
-        return None
-    confirmation = queue_confirmation(
-        session, therapist, request_id, now, settings, in_reply_to=in_reply_to
-    )
-    return confirmation.id if confirmation else None
+def cancel_unsent_reminders(
+    session: Session, email_ids: Sequence[int], received_at: dt.datetime
+) -> int:
+    """An answered email needs no reminder: the ones not yet on the wire are cancelled.
+
+    Only reminders queued before the answer was received: one asked for later was asked
+    knowing of it (a late older answer, or a re-sent one, must not drop it). One already
+    ``sending`` is left to its send's result: it may be on the wire.
+    """
+    reminders = session.scalars(
+        select(Email)
+        .where(Email.in_reply_to_email_id.in_(email_ids))
+        .where(func.coalesce(Email.queued_at, Email.created_at) <= received_at)
+        .where(Email.template == EmailTemplate.FOLLOW_UP)
+        .where(Email.status.in_((EmailStatus.DRAFT, EmailStatus.QUEUED)))
+        .order_by(Email.id)
+        .with_for_update()
+    ).all()
+    for reminder in reminders:
+        cancel_unsent(reminder, "cancelled: the email it follows up was answered")
+    return len(reminders)
 
 
-def queue_confirmation(
+def cancel_unsent(email: Email, reason: str) -> None:
+    """An email that is not on the wire will not be sent; ``reason`` says why."""
+    email.status = EmailStatus.CANCELLED
+    email.lease_expires_at = None
+    email.next_attempt_at = None
+    email.error_message = reason
+
+
+def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
+    """Whether an answer received at ``received_at`` may replace what was recorded.
+
+    Like events (``read_models._is_stale``): the same time applies, the later delivery wins.
+    """
+    return recorded is None or received_at >= recorded
+
+
+# A reminder of a reminder is still one thread; more is a loop or a producer's mistake.
+MAX_THREAD_DEPTH = 10
+
+
+def lock_thread(session: Session, email_id: int) -> Email | None:
+    """Lock an email and the emails up its thread (``in_reply_to``), in id order.
+
+    The thread is read unlocked first (an email's ``in_reply_to`` never changes, so an
+    email this session already holds answers without a query), then locked in one
+    statement in id order, the order ``patient.erased`` locks a patient's emails in: an
+    answer to a reminder never holds the reminder while it waits for its original. The
+    locked rows are read as they are now (an erasure may have redacted them since they
+    were loaded); returns the email itself, None when there is none.
+    """
+    thread = {email_id}
+    current: int | None = email_id
+    while current is not None and len(thread) <= MAX_THREAD_DEPTH:
+        loaded = session.identity_map.get(identity_key(Email, current))
+        if isinstance(loaded, Email):
+            current = loaded.in_reply_to_email_id
+        else:
+            current = session.scalar(select(Email.in_reply_to_email_id).where(Email.id == current))
+        if current is None or current in thread:
+            break
+        thread.add(current)
+    locked = session.scalars(
+        select(Email)
+        .where(Email.id.in_(sorted(thread)))
+        .order_by(Email.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).all()
+    return next((email for email in locked if email.id == email_id), None)
+
+
+def originals_of(session: Session, email: Email) -> list[Email]:
+    """The sent emails a reminder follows up, up its thread, locked; nearest first.
+
+    Only a ``follow_up`` passes its answer on: it repeats its original's questions. A
+    confirmation (threaded to the answered email too) asks nothing.
+    """
+    originals: list[Email] = []
+    seen = {email.id}
+    current = email
+    while (
+        current.template is EmailTemplate.FOLLOW_UP
+        and current.in_reply_to_email_id is not None
+        and current.in_reply_to_email_id not in seen
+        and len(seen) <= MAX_THREAD_DEPTH
+    ):
+        parent = session.get(Email, current.in_reply_to_email_id, with_for_update=True)
+        if parent is None or parent.therapist_id != email.therapist_id:
+            break
+        seen.add(parent.id)
+        if parent.status is EmailStatus.SENT:
+            originals.append(parent)
+        current = parent
+    return originals
+
+
+def cancel_follow_up_calls(session: Session, email_id: int) -> int:
+    """An answer makes the follow-up call of its email pointless."""
+    calls = session.scalars(
+        select(PhoneCall)
+        .where(PhoneCall.email_id == email_id)
+        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
+        .order_by(PhoneCall.id)
+        .with_for_update()
+    ).all()
+    for call in calls:
+        call.status = PhoneCallStatus.CANCELLED
+        call.notes = "cancelled: the email was answered"
+    return len(calls)
+
+
+def queue_requested_email(
+    session: Session, command: received.QueueEmail, now: dt.datetime, settings: Settings
+) -> list[Email]:
+    """``comms.queue_email``: a follow-up or confirmations for given requests.
+
+    A ``follow_up`` is one email per command (the command id is its key). A
+    ``confirmation`` is one per request, whatever command asks (``confirmation:<id>``, as
+    when an answer or a call accepts it): requests already confirmed are left out, and a
+    command that finds all of them confirmed queues nothing. Returns what it queued.
+    """
+    command_id = str(command.command_id)
+    therapist = checks.known_therapist(session, command.therapist_id, command_id)
+    if not therapist.email:
+        raise Rejected("command.therapist_id: the therapist has no email address", command_id)
+    checks.check_requests_of(session, therapist.id, command.placement_request_ids, command_id)
+    original = None
+    if command.reply_to_email_id is not None:
+        original = session.get(Email, command.reply_to_email_id)
+        if original is None or original.therapist_id != therapist.id:
+            raise Rejected("command.reply_to_email_id: unknown email of this therapist", command_id)
+        if original.status is not EmailStatus.SENT:
+            # A reminder of (or a thread to) an email nobody received; replayable once sent.
+            raise Rejected(
+                f"command.reply_to_email_id: the email was not sent ({original.status.value})",
+                command_id,
+            )
+    template = EmailTemplate(command.template)
+    if template is EmailTemplate.CONFIRMATION:
+        return _queue_requested_confirmations(
+            session, therapist, command.placement_request_ids, command_id, now, settings, original
+        )
+    if original is None:
+        raise Rejected(
+            "command.reply_to_email_id: a follow_up needs the original email", command_id
+        )
+    return [
+        composing.queue_email_for(
+            session,
+            therapist,
+            template,
+            list(command.placement_request_ids),
+            dedup_key=f"command:{command_id}",
+            settings=settings,
+            now=now,
+            in_reply_to=original,
+        )
+    ]
+
+
+# A request that ended so is never confirmed: the therapist would be told of a placement
+# that does not exist.
+NOT_CONFIRMABLE = (PlacementRequestStatus.REJECTED, PlacementRequestStatus.CANCELLED)
+
+
+def _queue_requested_confirmations(
     session: Session,
     therapist: Therapist,
-    request_id: int,
+    request_ids: Sequence[int],
+    command_id: str,
     now: dt.datetime,
     settings: Settings,
-    in_reply_to: Email | None = None,
-) -> Email | None:
-    """The confirmation of one accepted request, once; outside the weekly limit."""
-    dedup_key = f"confirmation:{request_id}"
-    if session.scalar(select(Email.id).where(Email.dedup_key == dedup_key)) is not None:
-        return None
-    if not therapist.email:
-        return None
-    return queue_email_for(
-        session,
-        therapist,
-        EmailTemplate.CONFIRMATION,
-        [request_id],
-        dedup_key=dedup_key,
-        settings=settings,
-        now=now,
-        in_reply_to=in_reply_to,
+    original: Email | None,
+) -> list[Email]:
+    # Lock order (patients -> requests), like patient.erased: the patients share-locked
+    # before the requests are locked (queue_confirmation share-locks them again).
+    composing.patients_of(session, request_ids, lock=True)
+    statuses = dict(
+        session.execute(
+            select(PlacementRequest.id, PlacementRequest.status)
+            .where(PlacementRequest.id.in_(list(request_ids)))
+            .order_by(PlacementRequest.id)
+            # Locked (in id order) so that a cancellation waits until the confirmation is
+            # queued, or is seen here.
+            .with_for_update()
+        ).all()
     )
+    for index, request_id in enumerate(request_ids):
+        status = statuses[request_id]
+        if status in NOT_CONFIRMABLE:
+            raise Rejected(
+                f"command.placement_request_ids[{index}]: the request is {status.value}",
+                command_id,
+            )
+    queued = []
+    for request_id in request_ids:
+        confirmation = queue_confirmation(
+            session, therapist, request_id, now, settings, in_reply_to=original
+        )
+        if confirmation is not None:
+            queued.append(confirmation)
+    return queued
+
+
+def requests_still_pending(
+    session: Session, request_ids: Iterable[int], *, lock: bool = False
+) -> set[int]:
+    """Those of ``request_ids`` still open or in progress.
+
+    ``lock``: share-locked until the booking commits, in id order (so that bookings never
+    deadlock). A status change locks its request before it withdraws the request from
+    calls (``calls.withdraw_request_from_calls``): it waits for a booking that read the
+    request as pending, and then sees and cancels its call; or the booking waits for the
+    change and no longer reads the request as pending.
+    """
+    ids = sorted(set(request_ids))
+    if not ids:
+        return set()
+    query = (
+        select(PlacementRequest.id)
+        .where(PlacementRequest.id.in_(ids))
+        .where(PlacementRequest.status.in_(PENDING_REQUEST_STATUSES))
+    )
+    if lock:
+        query = query.order_by(PlacementRequest.id).with_for_update(read=True)
+    return set(session.scalars(query))

@@ -1,79 +1,86 @@
 """TODO."""
+
 from __future__ import annotations
-from comms_tasks.models import EmailTemplate, EmailStatus, Therapist, Patient, PlacementRequest, Email
+
+import dataclasses
+import datetime as dt
 import functools
-from comms_tasks.mail.render import EmailRenderer, Recipient, PatientEntry, EarlierEmail, RenderedEmail
-from comms_tasks.mailbox.match import tagged_address
-from comms_tasks.settings import Settings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from typing import Any
+
+from comms_tasks.contracts.published import EmailQueuedPayload
+from comms_tasks.db import insert_rows
+from comms_tasks.events.outbox import record_events
+from comms_tasks.mail.message import new_message_id
+from comms_tasks.mail.render import (
+    EarlierEmail,
+    EmailRenderer,
+    PatientEntry,
+    Recipient,
+    RenderedEmail,
+)
+from comms_tasks.mailbox.match import new_token, tagged_address
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    EmailTemplate,
+    Patient,
+    PlacementRequest,
+    Therapist,
+)
 from comms_tasks.models.read_models import SUMMARY_FIELDS
-import dataclasses
+from comms_tasks.settings import Settings
+
+# Emails that ask about requests; a request is "in an email" while one of these is live.
+ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
 
 
-@dataclasses.dataclass(frozen=True)
-class Draft:
-    """One email to queue: to whom, which template, about which requests."""
-
-    therapist: Therapist
-    template: EmailTemplate
-    request_ids: Sequence[int]
-    dedup_key: str
-    in_reply_to: Email | None = None
+# Emails that count towards the weekly limit (confirmations do not).
+COUNTING_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
 
 
-def render_email(
-    session: Session,
-    therapist: Therapist,
-    template: EmailTemplate,
-    request_ids: Sequence[int],
-    settings: Settings,
-    *,
-    earlier: Email | None = None,
-    patients: dict[int, Patient | None] | None = None,
-) -> RenderedEmail:
-    """The email as the templates make it; ``patients`` when already read for many."""
-    if patients is None:
-        patients = patients_of(session, request_ids)
-    return renderer_for(settings.sender_name).render(
-        template.value,
-        recipient_of(therapist),
-        entries_for(request_ids, patients),
-        earlier=earlier_of(earlier, settings),
+UNSENT_STATUSES = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
+
+
+DEAD_STATUSES = (EmailStatus.FAILED, EmailStatus.CANCELLED)
+
+
+# How a failed email's error begins when the server refused its recipient with a 5xx
+# (mail/sender.py: classify; a 4xx refusal is temporary and never ends the email alone).
+REFUSED_FOR_GOOD = "recipient refused: 5"
+
+
+@functools.cache
+def renderer_for(sender_name: str) -> EmailRenderer:
+    """One renderer per process: templates are compiled once."""
+    return EmailRenderer(sender_name=sender_name)
+
+
+def recipient_of(therapist: Therapist) -> Recipient:
+    return Recipient(
+        salutation=therapist.salutation,
+        title=therapist.title,
+        first_name=therapist.first_name,
+        last_name=therapist.last_name,
     )
 
 
-def earlier_of(email: Email | None, settings: Settings) -> EarlierEmail | None:
-    if email is None:
-        return None
-    sent = email.sent_at or email.queued_at or email.created_at
-    return EarlierEmail(subject=email.subject, sent_on=sent.astimezone(settings.zone).date())
+def reply_address(settings: Settings, token: str) -> str | None:
+    """Where the therapist's reply goes: the email's own tagged address, when configured."""
+    if settings.reply_address is not None:
+        return tagged_address(settings.reply_address, token)
+    return settings.reply_to
 
 
-def entries_for(
-    request_ids: Sequence[int], patients: dict[int, Patient | None]
-) -> list[PatientEntry]:
-    """The patients of ``request_ids``, in that order, as the templates show them."""
-    entries = []
-    for position, request_id in enumerate(request_ids, start=1):
-        patient = patients.get(request_id)
-        summary = {field: getattr(patient, field) for field in SUMMARY_FIELDS} if patient else None
-        entries.append(patient_entry(request_id, position, summary))
-    return entries
-
-
-def patient_entry(
-    request_id: int, position: int, summary: Mapping[str, Any] | None
-) -> PatientEntry:
-    """One patient as the templates show them; a field the summary lacks stays empty."""
-    fields = {field: (summary or {}).get(field) for field in SUMMARY_FIELDS}
-    return PatientEntry(placement_request_id=request_id, position=position, **fields)
-
-
-def is_erased(patient: Patient | None) -> bool:
-    return patient is not None and patient.erased_at is not None
+def bounce_address(settings: Settings, token: str | None) -> str | None:
+    """The envelope sender bounces go to (VERP), when configured; else the sender's."""
+    if settings.bounce_address is not None and token is not None:
+        return tagged_address(settings.bounce_address, token)
+    return None
 
 
 def patients_of(
@@ -113,49 +120,160 @@ def patients_of(
     return found
 
 
-def bounce_address(settings: Settings, token: str | None) -> str | None:
-    """The envelope sender bounces go to (VERP), when configured; else the sender's."""
-    if settings.bounce_address is not None and token is not None:
-        return tagged_address(settings.bounce_address, token)
-    return None
+def is_erased(patient: Patient | None) -> bool:
+    return patient is not None and patient.erased_at is not None
 
 
-def reply_address(settings: Settings, token: str) -> str | None:
-    """Where the therapist's reply goes: the email's own tagged address, when configured."""
-    if settings.reply_address is not None:
-        return tagged_address(settings.reply_address, token)
-    return settings.reply_to
+def patient_entry(
+    request_id: int, position: int, summary: Mapping[str, Any] | None
+) -> PatientEntry:
+    """One patient as the templates show them; a field the summary lacks stays empty."""
+    fields = {field: (summary or {}).get(field) for field in SUMMARY_FIELDS}
+    return PatientEntry(placement_request_id=request_id, position=position, **fields)
 
 
-def recipient_of(therapist: Therapist) -> Recipient:
-    return Recipient(
-        salutation=therapist.salutation,
-        title=therapist.title,
-        first_name=therapist.first_name,
-        last_name=therapist.last_name,
+def entries_for(
+    request_ids: Sequence[int], patients: dict[int, Patient | None]
+) -> list[PatientEntry]:
+    """The patients of ``request_ids``, in that order, as the templates show them."""
+    entries = []
+    for position, request_id in enumerate(request_ids, start=1):
+        patient = patients.get(request_id)
+        summary = {field: getattr(patient, field) for field in SUMMARY_FIELDS} if patient else None
+        entries.append(patient_entry(request_id, position, summary))
+    return entries
+
+
+def earlier_of(email: Email | None, settings: Settings) -> EarlierEmail | None:
+    if email is None:
+        return None
+    sent = email.sent_at or email.queued_at or email.created_at
+    return EarlierEmail(subject=email.subject, sent_on=sent.astimezone(settings.zone).date())
+
+
+def render_email(
+    session: Session,
+    therapist: Therapist,
+    template: EmailTemplate,
+    request_ids: Sequence[int],
+    settings: Settings,
+    *,
+    earlier: Email | None = None,
+    patients: dict[int, Patient | None] | None = None,
+) -> RenderedEmail:
+    """The email as the templates make it; ``patients`` when already read for many."""
+    if patients is None:
+        patients = patients_of(session, request_ids)
+    return renderer_for(settings.sender_name).render(
+        template.value,
+        recipient_of(therapist),
+        entries_for(request_ids, patients),
+        earlier=earlier_of(earlier, settings),
     )
 
 
-@functools.cache
-def renderer_for(sender_name: str) -> EmailRenderer:
-    """One renderer per process: templates are compiled once."""
-    return EmailRenderer(sender_name=sender_name)
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """One email to queue: to whom, which template, about which requests."""
+
+    therapist: Therapist
+    template: EmailTemplate
+    request_ids: Sequence[int]
+    dedup_key: str
+    in_reply_to: Email | None = None
 
 
-# How a failed email's error begins when the server refused its recipient with a 5xx
-# (mail/sender.py: classify; a 4xx refusal is temporary and never ends the email alone).
-REFUSED_FOR_GOOD = "recipient refused: 5"
+def queue_emails(
+    session: Session, drafts: Sequence[Draft], *, settings: Settings, now: dt.datetime
+) -> list[Email]:
+    """Render and queue emails; ``email.queued`` is recorded with each.
+
+    One query for all their patients, one flush for the emails, one statement each for
+    their batch rows and their events, however many.
+    """
+    if not drafts:
+        return []
+    # Share-locked: serialized with a concurrent patient.erased (see patients_of).
+    patients = patients_of(
+        session, [rid for draft in drafts for rid in draft.request_ids], lock=True
+    )
+    emails = []
+    for draft in drafts:
+        therapist = draft.therapist
+        if not therapist.email:
+            raise ValueError(f"therapist {therapist.id} has no email address")
+        rendered = render_email(
+            session,
+            therapist,
+            draft.template,
+            draft.request_ids,
+            settings,
+            earlier=draft.in_reply_to,
+            patients=patients,
+        )
+        emails.append(
+            Email(
+                therapist_id=therapist.id,
+                template=draft.template,
+                dedup_key=draft.dedup_key,
+                recipient_email=therapist.email,
+                recipient_name=therapist.display_name,
+                sender_email=settings.sender_email,
+                sender_name=settings.sender_name,
+                reply_token=(token := new_token()),
+                reply_to=reply_address(settings, token),
+                subject=rendered.subject,
+                body_html=rendered.body_html,
+                body_text=rendered.body_text,
+                message_id=new_message_id(settings.sender_email),
+                in_reply_to_email_id=draft.in_reply_to.id if draft.in_reply_to else None,
+                status=EmailStatus.QUEUED,
+                queued_at=now,
+                next_attempt_at=now,
+                retry_count=0,
+            )
+        )
+    session.add_all(emails)
+    session.flush()
+    pairs = list(zip(emails, drafts, strict=True))
+    insert_rows(
+        session,
+        EmailBatch,
+        [
+            {"email_id": email.id, "placement_request_id": request_id, "priority": priority}
+            for email, draft in pairs
+            for priority, request_id in enumerate(draft.request_ids, start=1)
+        ],
+    )
+    record_events(
+        session,
+        [
+            EmailQueuedPayload(
+                email_id=email.id,
+                therapist_id=draft.therapist.id,
+                placement_request_ids=list(draft.request_ids),
+            )
+            for email, draft in pairs
+        ],
+        occurred_at=now,
+    )
+    for email in emails:
+        # The batch rows were written around the ORM: the next access reads them.
+        session.expire(email, ["batches"])
+    return emails
 
 
-DEAD_STATUSES = (EmailStatus.FAILED, EmailStatus.CANCELLED)
-
-
-UNSENT_STATUSES = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
-
-
-# Emails that count towards the weekly limit (confirmations do not).
-COUNTING_TEMPLATES = (*ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
-
-
-# Emails that ask about requests; a request is "in an email" while one of these is live.
-ASKING_TEMPLATES = (EmailTemplate.INITIAL_CONTACT, EmailTemplate.BATCH_REQUEST)
+def queue_email_for(
+    session: Session,
+    therapist: Therapist,
+    template: EmailTemplate,
+    request_ids: Sequence[int],
+    *,
+    dedup_key: str,
+    settings: Settings,
+    now: dt.datetime,
+    in_reply_to: Email | None = None,
+) -> Email:
+    """Render and queue one email; ``email.queued`` is recorded with it."""
+    draft = Draft(therapist, template, request_ids, dedup_key, in_reply_to)
+    return queue_emails(session, [draft], settings=settings, now=now)[0]

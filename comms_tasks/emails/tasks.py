@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import random
 import time
 from typing import Any
@@ -11,20 +12,32 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
+from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, received
 from comms_tasks.db import after_commit, transaction
+from comms_tasks.emails import answers, delivery, rechecks, weekly
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
+from comms_tasks.projections.tasks import inbound_task
 from comms_tasks.settings import get_settings
-from comms_tasks.emails import delivery
+
+log = logging.getLogger(__name__)
 
 SEND_EMAIL = "comms.send_email"
+
+
 # Emails claimed at a time: one SMTP connection carries them all.
 EMAILS_PER_CLAIM = 100
+
+
 # Results are committed in small groups: at most this many, or this old. A worker killed
 # in between sends those emails again after their lease (SPEC §9: the window between the
 # server's acceptance and our commit); each commit costs a round trip and a disk flush.
 RESULTS_PER_COMMIT = 20
+
+
 RESULTS_MAX_WAIT = 0.5
+
+
 # Leave the rest to the next run well before the soft time limit interrupts us.
 TIME_BUDGET_FRACTION = 0.8
 
@@ -88,7 +101,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
     while time.monotonic() < deadline:
         set_aside: dict[str, int] = {}
         with transaction() as session:
-            messages = delivery.prepare_batch(
+            messages = rechecks.prepare_batch(
                 session, utcnow(), EMAILS_PER_CLAIM, settings, email_id, set_aside
             )
         for outcome, count in set_aside.items():
@@ -120,3 +133,81 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
 def send_email_after_commit(session: Session) -> None:
     """Emails this transaction queues go out as soon as it commits, not at the next beat."""
     after_commit(session, send_email.delay)
+
+
+BATCH_REQUESTS = "comms.batch_requests"
+
+
+# Therapists per transaction: bounded locks and memory, progress survives a crash.
+THERAPISTS_PER_CHUNK = 500
+
+
+@app.task(name=BATCH_REQUESTS)
+def batch_requests(helper: bool = False) -> dict[str, Any]:
+    """Queue the emails, then hand them to ``comms.send_email``.
+
+    A run with more than one chunk starts a helper that works through the same
+    therapists from the other end, so two processes render at once. They cannot do a
+    therapist twice: a chunk locks its therapists (``SKIP LOCKED``: the other run leaves
+    them), and a request already in an email is no longer asked about.
+    """
+    settings = get_settings()
+    now = utcnow()
+    with transaction() as session:
+        candidates = weekly.batch_candidates(session)
+    chunks = [
+        candidates[start : start + THERAPISTS_PER_CHUNK]
+        for start in range(0, len(candidates), THERAPISTS_PER_CHUNK)
+    ]
+    if helper:
+        chunks.reverse()
+    elif len(chunks) > 1:
+        batch_requests.apply_async(kwargs={"helper": True})
+    total = weekly.BatchReport()
+    chunks_failed = 0
+    for chunk in chunks:
+        try:
+            with transaction() as session:
+                report = weekly.batch_chunk(session, chunk, now, settings)
+        except Exception as exc:  # noqa: BLE001 - the other chunks still run
+            # A therapist's own problem is isolated inside the chunk; this is the chunk's
+            # (e.g. the database went away). Its therapists are asked by the next run.
+            chunks_failed += 1
+            log.error(
+                "batch: the chunk of therapists %s to %s failed: %s",
+                chunk[0],
+                chunk[-1],
+                weekly.describe_error(exc),
+            )
+            continue
+        total.emails_queued += report.emails_queued
+        total.requests_asked += report.requests_asked
+        total.therapists_skipped += report.therapists_skipped
+        total.failed_therapist_ids += report.failed_therapist_ids
+    if total.emails_queued:
+        send_email.delay()
+    return {
+        "candidates": len(candidates),
+        "emails_queued": total.emails_queued,
+        "requests_asked": total.requests_asked,
+        "therapists_skipped": total.therapists_skipped,
+        # Each failed therapist is logged by id; the count is enough here.
+        "therapists_failed": len(total.failed_therapist_ids),
+        "chunks_failed": chunks_failed,
+    }
+
+
+def apply_email_response(session: Session, command: received.RecordEmailResponse) -> None:
+    if answers.record_response(session, command, utcnow(), get_settings()):
+        send_email_after_commit(session)
+
+
+def apply_queue_email(session: Session, command: received.QueueEmail) -> None:
+    if answers.queue_requested_email(session, command, utcnow(), get_settings()):
+        send_email_after_commit(session)
+
+
+record_email_response = inbound_task(RECORD_EMAIL_RESPONSE, apply_email_response)
+
+
+queue_email = inbound_task(QUEUE_EMAIL, apply_queue_email)

@@ -6,8 +6,8 @@ from typing import Any
 
 from comms_tasks.app import app
 from comms_tasks.db import transaction
-from comms_tasks.settings import get_settings
 from comms_tasks.events import outbox
+from comms_tasks.settings import get_settings
 
 RELAY_OUTBOX = "comms.relay_outbox"
 

@@ -1,10 +1,22 @@
 """TODO."""
+
 from __future__ import annotations
-from sqlalchemy.orm import Session
-from comms_tasks.inbound.inbox import Rejected
-from comms_tasks.models import Therapist, PlacementRequest
+
 from collections.abc import Sequence
+
 from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from comms_tasks.inbound.inbox import Rejected
+from comms_tasks.models import PlacementRequest, Therapist
+
+
+def known_therapist(session: Session, therapist_id: int, command_id: str) -> Therapist:
+    """The therapist a command names, or the command is rejected."""
+    therapist = session.get(Therapist, therapist_id)
+    if therapist is None or therapist.deleted_at is not None:
+        raise Rejected("command.therapist_id: unknown therapist", command_id)
+    return therapist
 
 
 def check_requests_of(
@@ -26,11 +38,3 @@ def check_requests_of(
             )
     if len(set(request_ids)) != len(request_ids):
         raise Rejected("command.placement_request_ids: contains duplicates", command_id)
-
-
-def known_therapist(session: Session, therapist_id: int, command_id: str) -> Therapist:
-    """The therapist a command names, or the command is rejected."""
-    therapist = session.get(Therapist, therapist_id)
-    if therapist is None or therapist.deleted_at is not None:
-        raise Rejected("command.therapist_id: unknown therapist", command_id)
-    return therapist

@@ -278,7 +278,7 @@ def fingerprint(task_name: str, payload: Any) -> str:
 # What a minimal letter (:func:`store_unstorable`) keeps in place of the message.
 NOT_STORED = "[the message could not be stored]"
 # Where a letter keeps the body of a message that could not be decoded
-# (:mod:`comms_tasks.stray_messages`): as text, or as base64 when it is not UTF-8.
+# (:mod:`comms_tasks.inbound.stray_messages`): as text, or as base64 when it is not UTF-8.
 UNDECODED_BODY = "undecoded_body"
 UNDECODED_BODY_BASE64 = "undecoded_body_base64"
 

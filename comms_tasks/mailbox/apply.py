@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 from comms_tasks.contracts import received
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
 from comms_tasks.contracts.published import EmailBouncedPayload
+from comms_tasks.emails import answers, composing
+from comms_tasks.events.outbox import record_event
 from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys
@@ -45,9 +47,7 @@ from comms_tasks.models.inbound_mail import (
     MAX_MAIL_SUBJECT,
     MAX_REASON,
 )
-from comms_tasks.events.outbox import record_event
 from comms_tasks.settings import Settings
-from comms_tasks.emails import composing, answers
 
 # Commands recorded for mailbox replies get ids of their own namespace: the same message
 # always makes the same command id.

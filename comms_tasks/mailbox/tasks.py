@@ -40,7 +40,6 @@ from comms_tasks.models import InboundMail, InboundMailKind, InboundMailState, M
 from comms_tasks.models.base import utcnow
 from comms_tasks.models.inbound_mail import MAX_REASON
 from comms_tasks.settings import Settings, get_settings
-import comms_tasks.calls.call_rules
 
 POLL_MAILBOX = "comms.poll_mailbox"
 # pg_try_advisory_lock key of the poll (the claim and booking locks have their own).
@@ -261,10 +260,10 @@ def calls_waiting() -> bool:
     next poll finds the bounce seen before. Any poll starts the booking while an email
     still waits, so that such a call is booked now rather than at the next follow-up check.
     """
-    from comms_tasks import call_rules
+    from comms_tasks.calls.follow_up import waiting_for_call
 
     with transaction() as session:
-        return bool(comms_tasks.calls.call_rules.waiting_for_call(session, limit=1))
+        return bool(waiting_for_call(session, limit=1))
 
 
 def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> list[apply.Applied]:

@@ -58,7 +58,7 @@ class DeadLetter(Base):
     """An inbound message that failed validation, kept whole so it can be replayed.
 
     Its health data goes with the patient's erasure and after the retention period
-    (``comms_tasks.dead_letters``).
+    (``comms_tasks.inbound.dead_letters``).
     """
 
     __tablename__ = "dead_letters"
@@ -111,7 +111,7 @@ class TaskRun(Base):
 
 
 class TaskDelivery(Base):
-    """A task message that started running and has not finished (``comms_tasks.deliveries``).
+    """A task message that started running and has not finished (``comms_tasks.worker.deliveries``).
 
     One row per message and attempt (``retries``): written, committed, before the task's
     body runs, removed when it returns or raises. A row still there when the message

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from sqlalchemy import ColumnElement, func, not_, or_, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.ops.demo import PLACEMENT_REQUEST_CREATED, THERAPIST_UPSERTED, DemoMessage
-from comms_tasks.ops.demo_history import DEDUP_PREFIX
 from comms_tasks.models import (
     DeadLetter,
     Email,
@@ -26,6 +24,8 @@ from comms_tasks.models import (
     ProcessedMessage,
     Therapist,
 )
+from comms_tasks.ops.demo import PLACEMENT_REQUEST_CREATED, THERAPIST_UPSERTED, DemoMessage
+from comms_tasks.ops.demo_history import DEDUP_PREFIX
 
 
 def _count(session: Session, model: type, condition: ColumnElement[bool]) -> int:

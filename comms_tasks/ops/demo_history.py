@@ -16,14 +16,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.ops.demo import DemoMessage
+from comms_tasks.emails import composing
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import PatientEntry, Recipient
 from comms_tasks.mailbox.match import new_token
 from comms_tasks.models import Email, EmailBatch, EmailStatus, EmailTemplate
 from comms_tasks.models.read_models import full_name
+from comms_tasks.ops.demo import DemoMessage
 from comms_tasks.settings import Settings
-import comms_tasks.emails.composing
 
 HISTORY_THERAPISTS = 5
 HISTORY_REQUESTS_PER_EMAIL = 2
@@ -70,14 +70,14 @@ def _entry(position: int, request: dict[str, Any]) -> PatientEntry:
         **patient,
         "registered_on": dt.date.fromisoformat(registered) if registered else None,
     }
-    return comms_tasks.emails.composing.patient_entry(request["placement_request_id"], position, summary)
+    return composing.patient_entry(request["placement_request_id"], position, summary)
 
 
 def record_past_emails(
     session: Session, history: Sequence[PastEmail], now: dt.datetime, settings: Settings
 ) -> int:
     """Store the past emails as sent; returns how many were new (it is idempotent)."""
-    renderer = comms_tasks.emails.composing.renderer_for(settings.sender_name)
+    renderer = composing.renderer_for(settings.sender_name)
     sent_at = now - HISTORY_SENT_AGO
     added = 0
     for past in history:
@@ -108,7 +108,7 @@ def record_past_emails(
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
                 reply_token=(token := new_token()),
-                reply_to=comms_tasks.emails.composing.reply_address(settings, token),
+                reply_to=composing.reply_address(settings, token),
                 subject=rendered.subject,
                 body_html=rendered.body_html,
                 body_text=rendered.body_text,

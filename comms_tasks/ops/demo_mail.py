@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.ops.demo_history import DEDUP_PREFIX
 from comms_tasks.models import Email, InboundMail
+from comms_tasks.ops.demo_history import DEDUP_PREFIX
 from comms_tasks.settings import Settings
 
 # The demo's own Message-IDs: a second ``comms demo`` finds them and adds nothing.

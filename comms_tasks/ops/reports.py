@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.events.outbox import pending_count
 from comms_tasks.local_time import local_iso
 from comms_tasks.models import (
     DeadLetter,
@@ -23,7 +24,6 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.models.base import utcnow
-from comms_tasks.events.outbox import pending_count
 
 
 def _counts(session: Session, column: Any, values: list[Any], *where: Any) -> dict[str, int]:

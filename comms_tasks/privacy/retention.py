@@ -3,7 +3,8 @@
 - ``patient.erased``: the patient's summary leaves the read model, and every stored email
   body that showed it is redacted; an unsent email drops the patient, or is cancelled.
 - Retention: email bodies are redacted once the email has been quiet for
-  ``COMMS_RETENTION_DAYS``; so are the dead letters' messages (``comms_tasks.dead_letters``),
+  ``COMMS_RETENTION_DAYS``; so are the dead letters' messages
+  (``comms_tasks.inbound.dead_letters``),
   the calls' free text (by the call's last activity and time) and the requests' status
   reasons (by the request's last event).
 - Free text about a patient (answers and their notes per request, call notes and
@@ -25,6 +26,8 @@ from sqlalchemy import Connection, event, inspect, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from comms_tasks.db import transaction
+from comms_tasks.emails import rechecks
+from comms_tasks.emails.delivery import PATIENT_ERASED
 from comms_tasks.inbound.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
 from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
 from comms_tasks.mailbox.redaction import purge_expired_mail, redact_mail_of_emails
@@ -37,7 +40,6 @@ from comms_tasks.models import (
     PhoneCallBatch,
     PlacementRequest,
 )
-from comms_tasks.emails.delivery import PATIENT_ERASED, rerender_or_cancel
 from comms_tasks.settings import Settings, get_settings
 
 REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
@@ -118,7 +120,7 @@ def erase_patient_from_emails(
                     batch.included = False
             # Rendered again from the read model, which no longer holds the summary; a
             # cancelled one keeps no body that showed the patient.
-            if not rerender_or_cancel(session, email, settings, PATIENT_ERASED):
+            if not rechecks.rerender_or_cancel(session, email, settings, PATIENT_ERASED):
                 redact(email, now)
         else:
             redact(email, now)

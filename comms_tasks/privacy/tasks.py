@@ -7,8 +7,8 @@ from typing import Any
 
 from comms_tasks.app import app
 from comms_tasks.models.base import utcnow
-from comms_tasks.settings import get_settings
 from comms_tasks.privacy import retention
+from comms_tasks.settings import get_settings
 
 PURGE_EXPIRED = "comms.purge_expired"
 

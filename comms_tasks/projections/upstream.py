@@ -10,7 +10,7 @@ import datetime as dt
 
 from sqlalchemy.orm import Session
 
-from comms_tasks.calls.call_rules import withdraw_request_from_calls
+from comms_tasks.calls import outcomes
 from comms_tasks.contracts import received
 from comms_tasks.contracts.common import availability_to_json
 from comms_tasks.inbound.dead_letters import erase_patient_from_dead_letters
@@ -205,4 +205,4 @@ def change_request_status(
     request.last_event_at = occurred_at
     if not request.status.is_pending:
         # Unsent emails drop it when they are sent; a call about nothing is cancelled now.
-        withdraw_request_from_calls(session, request.id)
+        outcomes.withdraw_request_from_calls(session, request.id)

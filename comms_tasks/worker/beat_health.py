@@ -1,6 +1,6 @@
 """Beat's liveness: its scheduler touches a heartbeat file at every tick; a check reads it.
 
-``python -m comms_tasks.beat_health`` exits 0 when the file was touched within
+``python -m comms_tasks.worker.beat_health`` exits 0 when the file was touched within
 ``--max-age`` seconds (default 60: beat ticks at least every 5 s, the outbox relay's
 interval), 1 otherwise, with one line saying why. Compose's beat healthcheck runs it.
 A standby RedBeat beat waits for the lock before its first tick, so it reports

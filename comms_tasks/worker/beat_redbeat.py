@@ -1,4 +1,4 @@
-"""RedBeat with the heartbeat of :mod:`comms_tasks.beat_health` (production's beat).
+"""RedBeat with the heartbeat of :mod:`comms_tasks.worker.beat_health` (production's beat).
 
 A module of its own: importing ``redbeat`` connects its ``beat_init`` handler, which
 expects a RedBeat scheduler, so only a beat that runs RedBeat imports it.

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, String
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import MAX_MESSAGE_ID, received, readable_message_id
+from comms_tasks.contracts import MAX_MESSAGE_ID, readable_message_id, received
 from comms_tasks.contracts.common import Contract
 from comms_tasks.contracts.limits import MAX_SUBJECT
 from comms_tasks.mail.render import EarlierEmail, EmailRenderer, PatientEntry, Recipient

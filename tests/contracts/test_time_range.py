@@ -15,9 +15,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import ContractViolation
 from comms_tasks.models import DeadLetter
-from comms_tasks.tasks import APPLIERS
 from tests import factories as f
 from tests import test_email_pipeline as pipeline
 from tests.contracts.test_inbound_contracts import (

@@ -25,10 +25,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.limits import MAX_DISPLAY_NAME
+from comms_tasks.emails.tasks import send_email
 from comms_tasks.mail import message
 from comms_tasks.mail.message import HeaderError, OutgoingMessage, build_mime
 from comms_tasks.models import EmailStatus, Therapist
-from comms_tasks.emails.tasks import send_email
 from tests import test_email_pipeline as pipeline
 from tests.mail.test_sender import outgoing
 from tests.smtp import SmtpSink

@@ -10,7 +10,10 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.calls import follow_up
+from comms_tasks.calls.tasks import schedule_calls
 from comms_tasks.db import transaction
+from comms_tasks.emails.tasks import send_email
 from comms_tasks.mailbox import apply as mail_apply
 from comms_tasks.mailbox import sources
 from comms_tasks.mailbox.tasks import poll_lock, poll_mailbox
@@ -27,8 +30,6 @@ from comms_tasks.models import (
 from comms_tasks.models.base import utcnow
 from comms_tasks.privacy.retention import purge_all_expired
 from comms_tasks.settings import get_settings
-from comms_tasks.calls.tasks import schedule_calls
-from comms_tasks.emails.tasks import send_email
 from tests import factories as f
 from tests.mailbox.conftest import Harness, ImapHarness, start_dovecot
 from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
@@ -41,7 +42,6 @@ from tests.test_email_pipeline import (
     run_batch,
     therapist,
 )
-from comms_tasks.calls import call_rules
 
 T0 = dt.datetime(2026, 11, 23, 6, 30, tzinfo=dt.UTC)
 THERAPIST_ID = 7
@@ -110,7 +110,7 @@ def live_calls(committed_db: Engine) -> list[PhoneCall]:
 
 def book_follow_up_call(committed_db: Engine) -> PhoneCall:
     with transaction() as session:
-        call_rules.request_follow_up_calls(session, utcnow(), get_settings())
+        follow_up.request_follow_up_calls(session, utcnow(), get_settings())
     schedule_calls()
     [call] = live_calls(committed_db)
     return call

@@ -21,17 +21,17 @@ import pytest
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 
+from comms_tasks.calls import follow_up
 from comms_tasks.contracts import received
 from comms_tasks.db import transaction
+from comms_tasks.emails import answers
 from comms_tasks.models import Email, PhoneCall, PhoneCallStatus, PlacementRequest
 from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
+from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.test_calls import MATCHING, apply
 from tests.test_follow_up_check import email_sent_at
-from comms_tasks.projections import upstream
-from comms_tasks.calls import call_rules
-import comms_tasks.emails.answers
 
 STEP_TIMEOUT = 20
 INSERT_CALL = "INSERT INTO communication_service.phone_calls"
@@ -152,13 +152,15 @@ def unanswered_email(*, requests_left: int = 2) -> int:
     if requests_left == 1:
         assert apply(MATCHING, f.status_changed(10, "rejected", occurred_at=f.at(60))) == "applied"
     with transaction() as session:
-        assert call_rules.request_follow_up_calls(session, dt.datetime.now(dt.UTC), get_settings()) == 1
+        assert (
+            follow_up.request_follow_up_calls(session, dt.datetime.now(dt.UTC), get_settings()) == 1
+        )
     return email_id
 
 
 def schedule(email_id: int) -> Callable[[Session], object]:
     def work(session: Session) -> None:
-        call_rules.schedule_follow_ups(session, [email_id], dt.datetime.now(dt.UTC), get_settings())
+        follow_up.schedule_follow_ups(session, [email_id], dt.datetime.now(dt.UTC), get_settings())
 
     return work
 
@@ -177,7 +179,7 @@ def answer(email_id: int) -> Callable[[Session], object]:
     )
 
     def work(session: Session) -> None:
-        comms_tasks.emails.answers.record_response(session, command, dt.datetime.now(dt.UTC), get_settings())
+        answers.record_response(session, command, dt.datetime.now(dt.UTC), get_settings())
 
     return work
 

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from comms_tasks.calls import follow_up, outcomes, scheduling
 from comms_tasks.contracts import received
 from comms_tasks.db import transaction
 from comms_tasks.inbound.inbox import Rejected
@@ -30,7 +31,6 @@ from tests.reliability.test_concurrent_answer import (
     unanswered_email,
     withdraw,
 )
-from comms_tasks.calls import call_rules
 
 UPDATE_EMAIL = "UPDATE communication_service.emails"
 
@@ -39,7 +39,7 @@ def booked_call(*, requests_left: int = 2, attempt: int = 1) -> tuple[int, int]:
     """An unanswered email and its scheduled follow-up call: (email id, call id)."""
     email_id = unanswered_email(requests_left=requests_left)
     with transaction() as session:
-        report = call_rules.schedule_follow_ups(
+        report = follow_up.schedule_follow_ups(
             session, [email_id], dt.datetime.now(dt.UTC), get_settings()
         )
         assert report.scheduled == 1
@@ -93,7 +93,7 @@ def not_answered(call_id: int) -> Callable[[Session], object]:
     )
 
     def work(session: Session) -> None:
-        call_rules.record_call_outcome(session, command, dt.datetime.now(dt.UTC), get_settings())
+        outcomes.record_call_outcome(session, command, dt.datetime.now(dt.UTC), get_settings())
 
     return tolerant(work)
 
@@ -112,7 +112,9 @@ def schedule_command(therapist_id: int, request_ids: list[int]) -> Callable[[Ses
     )
 
     def work(session: Session) -> None:
-        call_rules.schedule_requested_call(session, command, dt.datetime.now(dt.UTC), get_settings())
+        scheduling.schedule_requested_call(
+            session, command, dt.datetime.now(dt.UTC), get_settings()
+        )
 
     return tolerant(work)
 
@@ -159,7 +161,7 @@ def test_a_withdrawal_during_a_schedule_call_command_leaves_no_call_about_it(
 
 @pytest.mark.parametrize(
     ("attempt", "pause_before"),
-    [(1, INSERT_CALL), (call_rules.MAX_CALL_ATTEMPTS, UPDATE_EMAIL)],
+    [(1, INSERT_CALL), (scheduling.MAX_CALL_ATTEMPTS, UPDATE_EMAIL)],
     ids=["retried", "given-up"],
 )
 def test_an_answer_during_a_call_outcome_neither_deadlocks_nor_leaves_a_call(

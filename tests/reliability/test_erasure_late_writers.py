@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import validate_event
 from comms_tasks.models import DeadLetter, DeadLetterStatus, PlacementRequest
+from comms_tasks.projections import upstream
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import interleave
 from tests.test_retention import MARKER, MATCHING, PATIENT, THERAPIST, apply
-from comms_tasks.projections import upstream
 
 ERASED = 100
 REQUEST = 1001

@@ -18,6 +18,8 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.calls import outcomes, scheduling
+from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from comms_tasks.contracts import (
     QUEUE_EMAIL,
     RECORD_CALL_OUTCOME,
@@ -26,18 +28,16 @@ from comms_tasks.contracts import (
     validate_command,
     validate_event,
 )
+from comms_tasks.emails import answers, composing
 from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, PhoneCall, Therapist
+from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
-from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import Paused, interleave, run_interleaved
 from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
 from tests.test_calls import now as utc_now
 from tests.test_retention import MARKER
-from comms_tasks.projections import upstream
-from comms_tasks.emails import email_rules, composing, answers
-from comms_tasks.calls import call_rules
 
 Stop = Callable[[str, Any], bool]
 
@@ -118,7 +118,9 @@ def test_an_answer_to_a_reminder_and_an_erasure_do_not_deadlock(committed_db: En
             f"reminder:{original.id}",
             in_reply_to=session.get_one(Email, original.id),
         )
-        [reminder] = email_rules.queue_emails(session, [draft], settings=get_settings(), now=utc_now())
+        [reminder] = composing.queue_emails(
+            session, [draft], settings=get_settings(), now=utc_now()
+        )
         reminder.status = EmailStatus.SENT
         reminder.sent_at = utc_now()
         reminder_id = reminder.id
@@ -172,7 +174,7 @@ def test_an_accepted_call_outcome_and_an_erasure_do_not_deadlock(committed_db: E
     )
 
     def call_outcome(session: Session) -> None:
-        call_rules.record_call_outcome(session, command, utc_now(), get_settings())
+        outcomes.record_call_outcome(session, command, utc_now(), get_settings())
 
     def call_locked(statement: str, _parameters: Any) -> bool:
         return statement.startswith("SELECT communication_service.phone_calls.") and (
@@ -205,7 +207,7 @@ def test_schedule_call_with_notes_and_an_erasure_keep_no_notes_about_the_erased(
 
         def book(session: Session, command: Any = command, refused: list[str] = refused) -> None:
             try:
-                call_rules.schedule_requested_call(session, command, utc_now(), get_settings())
+                scheduling.schedule_requested_call(session, command, utc_now(), get_settings())
             except Rejected as exc:
                 refused.append(str(exc))
 

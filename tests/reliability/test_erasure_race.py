@@ -20,14 +20,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
+from comms_tasks.emails import answers, composing, weekly
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
+from comms_tasks.privacy import retention
+from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import interleave
 from tests.test_retention import MARKER, MATCHING, THERAPIST, apply
-from comms_tasks.projections import upstream
-from comms_tasks.privacy import retention
-from comms_tasks.emails import email_rules, composing, answers
 
 ERASED = 100
 OTHER = 300
@@ -59,7 +59,7 @@ def erase(session: Session) -> None:
 
 
 def batch(session: Session) -> None:
-    email_rules.batch_chunk(session, [1], dt.datetime.now(dt.UTC), get_settings())
+    weekly.batch_chunk(session, [1], dt.datetime.now(dt.UTC), get_settings())
 
 
 def confirmation(session: Session) -> None:
@@ -79,7 +79,9 @@ def reminder_of(original_id: int) -> Callable[[Session], None]:
             f"reminder:{original_id}",
             in_reply_to=original,
         )
-        email_rules.queue_emails(session, [draft], settings=get_settings(), now=dt.datetime.now(dt.UTC))
+        composing.queue_emails(
+            session, [draft], settings=get_settings(), now=dt.datetime.now(dt.UTC)
+        )
 
     return work
 
@@ -87,7 +89,7 @@ def reminder_of(original_id: int) -> Callable[[Session], None]:
 def sent_original() -> int:
     """A sent asking email about both patients (a reminder follows it up)."""
     with transaction() as session:
-        [email_id] = email_rules.batch_chunk(
+        [email_id] = weekly.batch_chunk(
             session, [1], dt.datetime.now(dt.UTC), get_settings()
         ).email_ids
         email = session.get_one(Email, email_id)

@@ -2,7 +2,7 @@
 
 In process, hypothesis mutates valid messages of every inbound task (a dropped key, an
 unknown key, a value swapped for arbitrary JSON, 100k-character strings, CR/LF, NUL, deep
-nesting, lists where objects are expected) and :func:`comms_tasks.inbox.handle` must give an
+nesting, lists where objects are expected) and :func:`comms_tasks.inbound.inbox.handle` must give an
 outcome, never raise, and leave the database consistent. Then a real worker is fed hostile
 messages through Redis, including raw bodies it must refuse before any task runs.
 """
@@ -25,6 +25,7 @@ from kombu import Connection, Exchange, Producer
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import (
     HANDLE_MATCHING_EVENT,
     HANDLE_PATIENT_EVENT,
@@ -44,7 +45,6 @@ from comms_tasks.models import (
     ProcessedMessage,
     Therapist,
 )
-from comms_tasks.tasks import APPLIERS
 from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_on_broker
 

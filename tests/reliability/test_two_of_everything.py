@@ -12,9 +12,9 @@ from celery import Celery
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, EmailStatus, OutboxEvent, PhoneCall, PlacementRequest
-from comms_tasks.tasks import APPLIERS
 from tests import factories as f
 from tests.conftest import (
     REDIS_URL,

@@ -23,14 +23,14 @@ from sqlalchemy.orm import Session
 
 from comms_tasks import migrate
 from comms_tasks.app import app
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.db import make_engine, reset_engine
+from comms_tasks.inbound import inbox
 from comms_tasks.inbound.dead_letters import purge_expired_dead_letters
 from comms_tasks.models import DeadLetter, DeadLetterStatus
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
-from comms_tasks.tasks import APPLIERS
 from tests import factories as f
-from comms_tasks.inbound import inbox
 
 THERAPIST = "comms.handle_therapist_event"
 
@@ -240,7 +240,7 @@ def test_a_message_id_that_is_not_a_uuid_is_kept_but_not_logged(
     # A producer's mistake may put anything printable where the id belongs.
     event = invalid_event()
     event["event_id"] = "Frau Beispiel, Depression seit Mai"
-    with caplog.at_level(logging.WARNING, logger="comms_tasks.inbox"):
+    with caplog.at_level(logging.WARNING, logger="comms_tasks.inbound.inbox"):
         deliver(event)
 
     [letter] = dead_letters(committed_db)

@@ -23,16 +23,16 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import COMMANDS, INBOUND_EVENTS
 from comms_tasks.db import make_engine
+from comms_tasks.inbound import inbox
 from comms_tasks.models import DeadLetter, DeadLetterStatus
-from comms_tasks.tasks import APPLIERS
 from comms_tasks.projections.tasks import MAX_TRANSIENT_RETRIES
 from tests import factories as f
 from tests.conftest import WorkerProcess, free_port, worker_environment
 from tests.contracts.test_inbound_contracts import example_message
 from tests.tasks.test_inbound_tasks import COMMS, THERAPIST, comms_json, send, therapist
-from comms_tasks.inbound import inbox
 
 SETUP = """
 CREATE TABLE IF NOT EXISTS public.test_refusals (message_id text PRIMARY KEY, sqlstate text);

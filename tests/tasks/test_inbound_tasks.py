@@ -15,9 +15,9 @@ from celery import Celery
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from comms_tasks.appliers import APPLIERS
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
-from comms_tasks.tasks import APPLIERS
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for, worker_environment
 from tests.contracts import test_inbound_contracts as contract_examples

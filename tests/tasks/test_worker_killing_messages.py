@@ -17,8 +17,8 @@ from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.worker.deliveries import MAX_DELIVERIES
 from comms_tasks.models import DeadLetter, DeadLetterStatus
+from comms_tasks.worker.deliveries import MAX_DELIVERIES
 from tests import factories as f
 from tests.conftest import WorkerProcess, broker_environment, other_service
 from tests.servers import PrivateRedis

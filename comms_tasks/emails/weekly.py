@@ -16,16 +16,23 @@ from collections.abc import Sequence
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts.published import EmailQueuedPayload
-from comms_tasks.db import insert_rows
-from comms_tasks.mail.message import new_message_id
+from comms_tasks.emails import composing
 from comms_tasks.mail.render import RenderedEmail
-from comms_tasks.mailbox.match import new_token
-from comms_tasks.models import Email, EmailBatch, EmailStatus, EmailTemplate, Patient, PhoneCall, PhoneCallStatus, PlacementRequest, PlacementRequestStatus, Therapist, TherapistStatus
-from comms_tasks.events.outbox import record_events
-from comms_tasks.settings import Settings
+from comms_tasks.models import (
+    Email,
+    EmailBatch,
+    EmailStatus,
+    EmailTemplate,
+    Patient,
+    PhoneCall,
+    PhoneCallStatus,
+    PlacementRequest,
+    PlacementRequestStatus,
+    Therapist,
+    TherapistStatus,
+)
 from comms_tasks.rules import batching
-import comms_tasks.emails.composing
+from comms_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,8 @@ def therapist_facts(
         session.scalars(
             select(Email.therapist_id)
             .where(Email.therapist_id.in_(therapist_ids))
-            .where(Email.template.in_(comms_tasks.emails.composing.COUNTING_TEMPLATES))
-            .where(Email.status.in_(comms_tasks.emails.composing.UNSENT_STATUSES))
+            .where(Email.template.in_(composing.COUNTING_TEMPLATES))
+            .where(Email.status.in_(composing.UNSENT_STATUSES))
             .distinct()
         )
     )
@@ -57,7 +64,7 @@ def therapist_facts(
         session.execute(
             select(Email.therapist_id, func.max(Email.sent_at))
             .where(Email.therapist_id.in_(therapist_ids))
-            .where(Email.template.in_(comms_tasks.emails.composing.COUNTING_TEMPLATES))
+            .where(Email.template.in_(composing.COUNTING_TEMPLATES))
             .where(Email.status == EmailStatus.SENT)
             .where(Email.sent_at >= window_start)
             .group_by(Email.therapist_id)
@@ -114,7 +121,7 @@ def refused_addresses(session: Session, therapist_ids: Sequence[int]) -> dict[in
             .join(Therapist, at_current)
             .where(Email.therapist_id.in_(therapist_ids))
             .where(Email.status == EmailStatus.FAILED)
-            .where(Email.error_message.like(f"{comms_tasks.emails.composing.REFUSED_FOR_GOOD}%"))
+            .where(Email.error_message.like(f"{composing.REFUSED_FOR_GOOD}%"))
             .group_by(Email.therapist_id)
         ).all()
     )
@@ -151,8 +158,8 @@ def _in_live_asking_email() -> object:
         .join(Email, Email.id == EmailBatch.email_id)
         .where(EmailBatch.placement_request_id == PlacementRequest.id)
         .where(EmailBatch.included.is_(True))
-        .where(Email.template.in_(comms_tasks.emails.composing.ASKING_TEMPLATES))
-        .where(Email.status.not_in(comms_tasks.emails.composing.DEAD_STATUSES))
+        .where(Email.template.in_(composing.ASKING_TEMPLATES))
+        .where(Email.status.not_in(composing.DEAD_STATUSES))
     )
 
 
@@ -189,9 +196,11 @@ def without_erased_patients(
     ids = [request.placement_request_id for group in requests.values() for request in group]
     if not ids:
         return requests
-    patients = comms_tasks.emails.composing.patients_of(session, ids, lock=True)
+    patients = composing.patients_of(session, ids, lock=True)
     kept = {
-        therapist_id: [r for r in group if not comms_tasks.emails.composing.is_erased(patients.get(r.placement_request_id))]
+        therapist_id: [
+            r for r in group if not composing.is_erased(patients.get(r.placement_request_id))
+        ]
         for therapist_id, group in requests.items()
     }
     return {therapist_id: group for therapist_id, group in kept.items() if group}
@@ -222,102 +231,6 @@ def batch_candidates(session: Session) -> list[int]:
 
 
 # --- creating emails -------------------------------------------------------------------
-
-
-def queue_emails(
-    session: Session, drafts: Sequence[comms_tasks.emails.composing.Draft], *, settings: Settings, now: dt.datetime
-) -> list[Email]:
-    """Render and queue emails; ``email.queued`` is recorded with each.
-
-    One query for all their patients, one flush for the emails, one statement each for
-    their batch rows and their events, however many.
-    """
-    if not drafts:
-        return []
-    # Share-locked: serialized with a concurrent patient.erased (see patients_of).
-    patients = comms_tasks.emails.composing.patients_of(
-        session, [rid for draft in drafts for rid in draft.request_ids], lock=True
-    )
-    emails = []
-    for draft in drafts:
-        therapist = draft.therapist
-        if not therapist.email:
-            raise ValueError(f"therapist {therapist.id} has no email address")
-        rendered = comms_tasks.emails.composing.render_email(
-            session,
-            therapist,
-            draft.template,
-            draft.request_ids,
-            settings,
-            earlier=draft.in_reply_to,
-            patients=patients,
-        )
-        emails.append(
-            Email(
-                therapist_id=therapist.id,
-                template=draft.template,
-                dedup_key=draft.dedup_key,
-                recipient_email=therapist.email,
-                recipient_name=therapist.display_name,
-                sender_email=settings.sender_email,
-                sender_name=settings.sender_name,
-                reply_token=(token := new_token()),
-                reply_to=comms_tasks.emails.composing.reply_address(settings, token),
-                subject=rendered.subject,
-                body_html=rendered.body_html,
-                body_text=rendered.body_text,
-                message_id=new_message_id(settings.sender_email),
-                in_reply_to_email_id=draft.in_reply_to.id if draft.in_reply_to else None,
-                status=EmailStatus.QUEUED,
-                queued_at=now,
-                next_attempt_at=now,
-                retry_count=0,
-            )
-        )
-    session.add_all(emails)
-    session.flush()
-    pairs = list(zip(emails, drafts, strict=True))
-    insert_rows(
-        session,
-        EmailBatch,
-        [
-            {"email_id": email.id, "placement_request_id": request_id, "priority": priority}
-            for email, draft in pairs
-            for priority, request_id in enumerate(draft.request_ids, start=1)
-        ],
-    )
-    record_events(
-        session,
-        [
-            EmailQueuedPayload(
-                email_id=email.id,
-                therapist_id=draft.therapist.id,
-                placement_request_ids=list(draft.request_ids),
-            )
-            for email, draft in pairs
-        ],
-        occurred_at=now,
-    )
-    for email in emails:
-        # The batch rows were written around the ORM: the next access reads them.
-        session.expire(email, ["batches"])
-    return emails
-
-
-def queue_email_for(
-    session: Session,
-    therapist: Therapist,
-    template: EmailTemplate,
-    request_ids: Sequence[int],
-    *,
-    dedup_key: str,
-    settings: Settings,
-    now: dt.datetime,
-    in_reply_to: Email | None = None,
-) -> Email:
-    """Render and queue one email; ``email.queued`` is recorded with it."""
-    draft = comms_tasks.emails.composing.Draft(therapist, template, request_ids, dedup_key, in_reply_to)
-    return queue_emails(session, [draft], settings=settings, now=now)[0]
 
 
 @dataclasses.dataclass
@@ -391,7 +304,7 @@ def batch_chunk(
         chosen[therapist.id] = batching.select_batch(open_requests, settings.max_patients_per_email)
     keys = batch_dedup_keys(session, list(chosen), batching.local_day(now, settings.zone))
     drafts = [
-        comms_tasks.emails.composing.Draft(
+        composing.Draft(
             therapist,
             batching.template_for(chosen[therapist.id]),
             [request.placement_request_id for request in chosen[therapist.id]],
@@ -409,11 +322,11 @@ def batch_chunk(
 
 def _queue_each_alone_on_error(
     session: Session,
-    drafts: Sequence[comms_tasks.emails.composing.Draft],
+    drafts: Sequence[composing.Draft],
     settings: Settings,
     now: dt.datetime,
     report: BatchReport,
-) -> list[tuple[Email, comms_tasks.emails.composing.Draft]]:
+) -> list[tuple[Email, composing.Draft]]:
     """All drafts in one flush; if that fails, each in its own savepoint.
 
     One therapist's problem (a value the database refuses, a template that cannot render
@@ -424,7 +337,7 @@ def _queue_each_alone_on_error(
         return []
     try:
         with session.begin_nested():
-            emails = queue_emails(session, drafts, settings=settings, now=now)
+            emails = composing.queue_emails(session, drafts, settings=settings, now=now)
         return list(zip(emails, drafts, strict=True))
     except Exception as exc:  # noqa: BLE001 - which draft it was is found out one by one below
         log.warning(
@@ -436,7 +349,7 @@ def _queue_each_alone_on_error(
     for draft in drafts:
         try:
             with session.begin_nested():
-                [email] = queue_emails(session, [draft], settings=settings, now=now)
+                [email] = composing.queue_emails(session, [draft], settings=settings, now=now)
         except Exception as exc:  # noqa: BLE001 - one therapist must not stop the others
             report.failed_therapist_ids.append(draft.therapist.id)
             log.error(
@@ -475,10 +388,8 @@ def preview_batch(
         return verdict, None, [], None
     template = batching.template_for(chosen)
     request_ids = [request.placement_request_id for request in chosen]
-    rendered = comms_tasks.emails.composing.render_email(session, therapist, template, request_ids, settings)
+    rendered = composing.render_email(session, therapist, template, request_ids, settings)
     return verdict, template, request_ids, rendered
 
 
 # --- answers ----------------------------------------------------------------------------
-
-
