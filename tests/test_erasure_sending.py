@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import transaction
-from comms_tasks.emails import delivery, rechecks
+from comms_tasks.emails import delivery
 from comms_tasks.emails.tasks import send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.message import OutgoingMessage
@@ -45,7 +45,7 @@ def erase(patient_id: int = ERASED) -> None:
 def claim() -> list[OutgoingMessage]:
     """What a worker does first: claim the due emails and build their messages (committed)."""
     with transaction() as session:
-        return rechecks.prepare_batch(session, utcnow(), 100, get_settings())
+        return delivery.prepare_batch(session, utcnow(), 100, get_settings())
 
 
 def send_and_record(messages: list[OutgoingMessage]) -> list[delivery.Recorded]:

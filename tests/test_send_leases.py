@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
-from comms_tasks.emails import delivery, rechecks
+from comms_tasks.emails import delivery
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
@@ -26,7 +26,7 @@ from tests import factories as f
 
 def claim(now: dt.datetime, set_aside: dict[str, int] | None = None) -> list[int]:
     with transaction() as session:
-        messages = rechecks.prepare_batch(session, now, 100, get_settings(), set_aside=set_aside)
+        messages = delivery.prepare_batch(session, now, 100, get_settings(), set_aside=set_aside)
     return [message.email_id for message in messages]
 
 

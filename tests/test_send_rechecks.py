@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import get_engine, transaction
-from comms_tasks.emails import rechecks, weekly
+from comms_tasks.emails import delivery, weekly
 from comms_tasks.emails.tasks import send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent, Therapist
@@ -227,7 +227,7 @@ def statements(committed_db: Engine) -> Iterator[list[str]]:
 def prepare_statements(statements: list[str]) -> int:
     statements.clear()
     with transaction() as session:
-        rechecks.prepare_batch(session, utcnow(), 1000, get_settings())
+        delivery.prepare_batch(session, utcnow(), 1000, get_settings())
     return len(statements)
 
 
@@ -375,11 +375,11 @@ def test_two_claims_at_once_send_one_of_a_therapists_two_emails(
 
     def second_claim() -> None:
         with transaction() as session:
-            second.append(rechecks.prepare_batch(session, utcnow(), 1, settings))
+            second.append(delivery.prepare_batch(session, utcnow(), 1, settings))
 
     # The first claim is still open (not committed) while the second one runs.
     with transaction() as session:
-        first = rechecks.prepare_batch(session, utcnow(), 1, settings)
+        first = delivery.prepare_batch(session, utcnow(), 1, settings)
         other = threading.Thread(target=second_claim)
         other.start()
         other.join(timeout=1)

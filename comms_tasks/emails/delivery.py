@@ -23,12 +23,118 @@ from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.contracts.published import EmailFailedPayload, EmailSentPayload
 from comms_tasks.emails import answers, composing, rechecks
+from comms_tasks.emails.rechecks import (
+    addressed_as_now,
+    hold_until_tomorrow,
+    requests_to_keep,
+    rerender,
+    therapists_emailed_today,
+    why_not_to,
+)
 from comms_tasks.events.outbox import record_event
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import SendResult
-from comms_tasks.models import Email, EmailStatus, EmailTemplate
+from comms_tasks.models import Email, EmailStatus, Therapist
 from comms_tasks.settings import Settings, get_settings
-from schedules import BATCH_TIME
+
+
+def prepare_batch(
+    session: Session,
+    now: dt.datetime,
+    limit: int,
+    settings: Settings,
+    email_id: int | None = None,
+    set_aside: dict[str, int] | None = None,
+) -> list[OutgoingMessage]:
+    """Claim due emails and turn the ones still worth sending into messages.
+
+    ``set_aside`` counts the claimed emails that do not go now (``cancelled``, ``held``,
+    and ``failed``: lost to dead workers once too often).
+
+    Each claimed email is checked again, in this order, whatever its template: its
+    therapist (still active, not deleted, with an address; else it is cancelled), its
+    requests (withdrawn ones are dropped; it is cancelled when none is left), and the
+    day: an email that would be the therapist's second of the local day (sent, or being
+    sent by another claim, or earlier in this one) waits for the next day, confirmations
+    aside. What goes is rendered again, to the therapist's current address, name and
+    greeting, if any of these or its requests changed. The checks read the whole claim
+    at once: the same handful of queries for one email or a hundred.
+    """
+    lock_claims(session)
+    tally = set_aside if set_aside is not None else {}
+    emails = claim_due(session, now, limit, settings, email_id, tally)
+    if not emails:
+        return []
+    therapists = {
+        therapist.id: therapist
+        for therapist in session.scalars(
+            select(Therapist).where(Therapist.id.in_({email.therapist_id for email in emails}))
+        )
+    }
+    keep, erased_requests = requests_to_keep(session, emails)
+    emailed_today = therapists_emailed_today(session, emails, now, settings)
+    # The emails replied to (for threading headers), in one query: session.get finds them.
+    originals = {email.in_reply_to_email_id for email in emails} - {None}
+    if originals:
+        session.scalars(
+            select(Email)
+            .where(Email.id.in_(originals))
+            .options(defer(Email.body_html), defer(Email.body_text))
+        ).all()
+    going: list[Email] = []
+    to_render: list[Email] = []
+    for email in emails:
+        therapist = therapists.get(email.therapist_id)
+        reason = rechecks.UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
+        if therapist is None or reason is not None:
+            answers.cancel_unsent(email, reason or rechecks.UNKNOWN_THERAPIST)
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
+            continue
+        included = [batch for batch in email.batches if batch.included]
+        dropped = [batch for batch in included if batch.placement_request_id not in keep]
+        if included and len(dropped) == len(included):
+            erased = [b for b in dropped if b.placement_request_id in erased_requests]
+            answers.cancel_unsent(
+                email,
+                rechecks.PATIENT_ERASED if len(erased) == len(dropped) else rechecks.NOTHING_LEFT,
+            )
+            if erased and email.body_redacted_at is None:
+                # Queued while the erasure ran, with a summary read before it.
+                from comms_tasks.privacy.retention import redact  # retention builds on this module
+
+                redact(email, now)
+            for batch in dropped:
+                batch.included = False
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
+            continue
+        if email.template in rechecks.ONE_A_DAY:
+            if email.therapist_id in emailed_today:
+                hold_until_tomorrow(email, now, settings)
+                tally["held"] = tally.get("held", 0) + 1
+                continue
+            emailed_today.add(email.therapist_id)
+        for batch in dropped:
+            batch.included = False
+        # A body redacted while a worker had it claimed is rendered again from the read
+        # model before it goes out; it never goes out as the placeholder.
+        redacted = email.body_redacted_at is not None
+        if dropped or redacted or not addressed_as_now(email, therapist):
+            to_render.append(email)
+        going.append(email)
+    if to_render:
+        patients = composing.patients_of(
+            session,
+            [
+                batch.placement_request_id
+                for email in to_render
+                for batch in email.batches
+                if batch.included
+            ],
+        )
+        for email in to_render:
+            rerender(session, email, therapists[email.therapist_id], settings, patients)
+    return [outgoing(session, email) for email in going]
+
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
 FIRST_RETRY_DELAY = dt.timedelta(minutes=1)
@@ -39,19 +145,8 @@ RETRY_JITTER = 0.2
 # A claim outlives the task's hard time limit, so a live worker never loses its claim.
 LEASE_MARGIN = dt.timedelta(minutes=1)
 MAX_ERROR_LENGTH = 1000
-# Emails whose requests may be withdrawn before sending (a confirmation is about an
-# accepted request, and stays as it is).
-RECHECKED_TEMPLATES = (*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)
-# No therapist gets two of these on one local day (SPEC §5); confirmations go at once.
-ONE_A_DAY = composing.COUNTING_TEMPLATES
-# A second email of the day waits for the next day's batch time: the hour therapists
-# are written to anyway (schedules.BATCH_TIME, local).
-HELD_UNTIL_TIME = dt.time(BATCH_TIME["hour"], BATCH_TIME["minute"])
 # Claims take this PostgreSQL advisory lock one after another (see lock_claims).
 CLAIM_LOCK_KEY = 0x636F6D6D7353  # "commsS"
-UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
-NOTHING_LEFT = "cancelled: all its requests were withdrawn before sending"
-PATIENT_ERASED = "cancelled: its only patient was erased"
 # A claim whose lease ran out without a recorded result: its worker stopped (perhaps
 # mid-send, perhaps before this email's turn; nobody knows, so it counts).
 WORKER_LOST = (

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.app import app
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, received
 from comms_tasks.db import after_commit, transaction
-from comms_tasks.emails import answers, delivery, rechecks, weekly
+from comms_tasks.emails import answers, delivery, weekly
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
 from comms_tasks.projections.tasks import inbound_task
@@ -101,7 +101,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
     while time.monotonic() < deadline:
         set_aside: dict[str, int] = {}
         with transaction() as session:
-            messages = rechecks.prepare_batch(
+            messages = delivery.prepare_batch(
                 session, utcnow(), EMAILS_PER_CLAIM, settings, email_id, set_aside
             )
         for outcome, count in set_aside.items():

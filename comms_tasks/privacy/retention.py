@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, selectinload
 
 from comms_tasks.db import transaction
 from comms_tasks.emails import rechecks
-from comms_tasks.emails.delivery import PATIENT_ERASED
 from comms_tasks.inbound.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
 from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
 from comms_tasks.mailbox.redaction import purge_expired_mail, redact_mail_of_emails
@@ -120,7 +119,7 @@ def erase_patient_from_emails(
                     batch.included = False
             # Rendered again from the read model, which no longer holds the summary; a
             # cancelled one keeps no body that showed the patient.
-            if not rechecks.rerender_or_cancel(session, email, settings, PATIENT_ERASED):
+            if not rechecks.rerender_or_cancel(session, email, settings, rechecks.PATIENT_ERASED):
                 redact(email, now)
         else:
             redact(email, now)
