@@ -12,7 +12,7 @@ import threading
 import zoneinfo
 
 import pytest
-from comms_tasks.tasks import batching as batching_task
+from comms_tasks.emails import tasks as batching_task
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.published import EmailQueuedPayload, published_event_model
 from comms_tasks.db import transaction
-from comms_tasks.events.outbox import record_event, relay_outbox
+from comms_tasks.events.outbox import record_event
+from comms_tasks.events.tasks import relay_outbox
 from comms_tasks.models import OutboxEvent
 from comms_tasks.settings import get_settings
 from tests.events import bind_queue, drain, record_queued_events

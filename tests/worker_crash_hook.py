@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from comms_tasks.projections import tasks
+from comms_tasks.inbound import runner
 
 CRASH_NAME = "Absturz-Testfall"
-_handle_call = tasks.handle_call
+_handle_call = runner.handle_call
 
 
 def _crashing_handle_call(
@@ -31,4 +31,4 @@ def _crashing_handle_call(
     return _handle_call(task_name, args, kwargs, apply)
 
 
-tasks.handle_call = _crashing_handle_call
+runner.handle_call = _crashing_handle_call

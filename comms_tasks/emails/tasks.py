@@ -17,7 +17,7 @@ from comms_tasks.db import after_commit, transaction
 from comms_tasks.emails import answers, delivery, weekly
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
-from comms_tasks.projections.tasks import inbound_task
+from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
