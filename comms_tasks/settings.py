@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     sender_email: EmailAddress = "anfragen@therapievermittlung.example"
     sender_name: Name = "Therapievermittlung"
     reply_to: EmailAddress | None = None
-    # The mailbox (SPEC §12): replies go to COMMS_REPLY_ADDRESS plus each email's token
+    # The mailbox: replies go to COMMS_REPLY_ADDRESS plus each email's token
     # (``antwort+<token>@...``, as Reply-To, in place of COMMS_REPLY_TO); bounces to
     # COMMS_BOUNCE_ADDRESS plus the token as the envelope sender (VERP). Both addresses
     # must reach the mailbox the service reads, with plus addressing on.

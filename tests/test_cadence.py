@@ -12,12 +12,12 @@ import threading
 import zoneinfo
 
 import pytest
-from comms_tasks.emails import tasks as batching_task
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
 from comms_tasks.emails import tasks, weekly
+from comms_tasks.emails import tasks as batching_task
 from comms_tasks.models import Email, EmailStatus, Patient, PlacementRequest, PlacementRequestStatus
 from comms_tasks.settings import get_settings
 from tests import factories as f

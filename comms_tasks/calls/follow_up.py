@@ -1,4 +1,5 @@
-"""TODO."""
+"""Which emails wait for a follow-up call, and booking them: the follow-up check, the
+queue, and why a therapist cannot be called."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from comms_tasks.settings import Settings
 def follow_up_due_before(now: dt.datetime, settings: Settings) -> dt.datetime:
     """Emails sent before this instant are due for a follow-up at ``now``.
 
-    Days are local calendar days (SPEC §5): an email sent on local day D is due from the
+    Days are local calendar days: an email sent on local day D is due from the
     start of day D + ``follow_up_after_days``, whatever minute it left.
     """
     today = batching.local_day(now, settings.zone)

@@ -1,4 +1,5 @@
-"""TODO."""
+"""A call's outcome: completed (outcomes per request, confirmations), failed (tried
+again or a reminder email), and requests withdrawn from calls."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from comms_tasks.calls import follow_up, outcomes, scheduling
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, received
 from comms_tasks.db import transaction
 from comms_tasks.emails.tasks import send_email, send_email_after_commit
-from comms_tasks.models.base import utcnow
 from comms_tasks.inbound.runner import inbound_task
+from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 
 FOLLOW_UP_CHECK = "comms.follow_up_check"

@@ -1,8 +1,9 @@
 """Pydantic models of every inbound message and published event, and their validation.
 
-``validate_message`` is the one door every inbound message goes through: it returns a
-model, or raises :class:`ContractViolation` with a one-line reason that names the field
-and never repeats a value of the message (values may be health data).
+:func:`validate_event` and :func:`validate_command` are the one door every inbound
+message goes through: each returns a model, or raises :class:`ContractViolation` with a
+one-line reason that names the field and never repeats a value of the message (values
+may be health data).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The messages other services send us (CONTRACTS.md), one model per message type."""
+"""The messages other services send us, one model per message type."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""A therapist's answer to an email: the response, outcomes per request, confirmations,
+reminders and follow-up calls cancelled; emails other services ask for."""
 
 from __future__ import annotations
 

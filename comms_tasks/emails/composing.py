@@ -1,4 +1,5 @@
-"""TODO."""
+"""Composing emails: the recipient, the reply and bounce addresses, the patients shown,
+the rendering, and the rows (with their batches and ``email.queued``) of new emails."""
 
 from __future__ import annotations
 

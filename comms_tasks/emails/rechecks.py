@@ -40,7 +40,7 @@ UNKNOWN_THERAPIST = "cancelled: the therapist is not known"
 HELD_UNTIL_TIME = dt.time(BATCH_TIME["hour"], BATCH_TIME["minute"])
 
 
-# No therapist gets two of these on one local day (SPEC §5); confirmations go at once.
+# No therapist gets two of these on one local day; confirmations go at once.
 ONE_A_DAY = composing.COUNTING_TEMPLATES
 
 

@@ -15,9 +15,9 @@ from comms_tasks.app import app
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, received
 from comms_tasks.db import after_commit, transaction
 from comms_tasks.emails import answers, delivery, weekly
+from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
-from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ EMAILS_PER_CLAIM = 100
 
 
 # Results are committed in small groups: at most this many, or this old. A worker killed
-# in between sends those emails again after their lease (SPEC §9: the window between the
+# in between sends those emails again after their lease (the window between the
 # server's acceptance and our commit); each commit costs a round trip and a disk flush.
 RESULTS_PER_COMMIT = 20
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""Checks commands share: the therapist they name is known, the requests they name are
+its own."""
 
 from __future__ import annotations
 

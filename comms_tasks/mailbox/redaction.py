@@ -1,4 +1,4 @@
-"""Mail from the mailbox is health data (SPEC §10): redacted by erasure and retention.
+"""Mail from the mailbox is health data: redacted by erasure and retention.
 
 A reply quotes our email (the patients' summaries) and often adds details of its own.
 Its bytes, its extracted text and its subject go; the row stays, with its kind, its

@@ -118,7 +118,7 @@ class Email(Base):
     # Set by the follow-up check when no request of the email was left to discuss: the
     # email gets no call, and the check never takes it up again.
     follow_up_settled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    # The retention clock (SPEC §10): when something last happened to the email itself
+    # The retention clock: when something last happened to the email itself
     # (queued, an attempt, sent, failed, cancelled, answered; see ACTIVITY_FIELDS).
     # Housekeeping writes (the follow-up check's marks and flags) leave it alone, unlike
     # ``updated_at``.
@@ -162,7 +162,7 @@ class EmailBatch(Base):
     )
     response_notes: Mapped[str | None] = mapped_column(Text)
     # The ``received_at`` of the answer the outcome is from: an older answer never
-    # overwrites it (answers are ordered like events, SPEC §4).
+    # overwrites it (answers are ordered like events).
     response_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 

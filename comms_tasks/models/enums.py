@@ -63,7 +63,7 @@ class DeadLetterStatus(enum.StrEnum):
 
 
 class InboundMailKind(enum.StrEnum):
-    """What a message in the service's mailbox is (SPEC §12)."""
+    """What a message in the service's mailbox is."""
 
     REPLY = "reply"
     AUTO_REPLY = "auto_reply"

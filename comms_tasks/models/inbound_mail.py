@@ -35,7 +35,7 @@ class InboundMail(Base):
     UIDVALIDITY and UID on IMAP, the file's key in a Maildir) and by a hash of its bytes;
     either seen again means a poll that crashed between its commit and the move: the
     message is moved, not applied twice. The raw bytes and the extracted reply are health
-    data (SPEC §10): redacted by retention and by ``patient.erased``.
+    data: redacted by retention and by ``patient.erased``.
     """
 
     __tablename__ = "inbound_mail"

@@ -69,7 +69,7 @@ class PhoneCall(Base):
         Boolean, default=False, server_default=text("false")
     )
     follow_up_notes: Mapped[str | None] = mapped_column(Text)
-    # The retention clock (SPEC §10), as for emails: when something last happened to the
+    # The retention clock, as for emails: when something last happened to the
     # call itself (booked, moved, its outcome, cancelled; see CALL_ACTIVITY_FIELDS).
     last_activity_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When its free text (notes, outcome, the notes per request) was removed, by erasure

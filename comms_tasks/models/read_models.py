@@ -63,7 +63,7 @@ SUMMARY_FIELDS = (
 
 
 class Patient(Base):
-    """The patient summary a therapist sees; health data (SPEC §10)."""
+    """The patient summary a therapist sees; health data."""
 
     __tablename__ = "patients"
 

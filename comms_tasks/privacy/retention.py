@@ -1,4 +1,4 @@
-"""Health data does not stay longer than it must (SPEC §10).
+"""Health data does not stay longer than it must.
 
 - ``patient.erased``: the patient's summary leaves the read model, and every stored email
   body that showed it is redacted; an unsent email drops the patient, or is cancelled.

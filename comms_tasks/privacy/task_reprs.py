@@ -1,4 +1,4 @@
-"""What the worker may show of a message: ids, never patient data (SPEC §10).
+"""What the worker may show of a message: ids, never patient data.
 
 Inbound messages carry patient summaries in their arguments, and Celery reports a
 task's arguments in its events (which Flower shows) and in some log lines. A sender
@@ -21,7 +21,7 @@ from comms_tasks.contracts import COMMANDS, INBOUND_EVENTS
 
 # The keys of a message that identify it and carry no personal data.
 IDENTIFYING_KEYS = ("event_id", "event_type", "command_id")
-# The tasks whose arguments may carry patient data: the inbound messages (CONTRACTS.md).
+# The tasks whose arguments may carry patient data: the inbound messages.
 INBOUND_TASK_NAMES = frozenset({*INBOUND_EVENTS, *COMMANDS})
 
 

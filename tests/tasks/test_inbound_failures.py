@@ -27,8 +27,8 @@ from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import COMMANDS, INBOUND_EVENTS
 from comms_tasks.db import make_engine
 from comms_tasks.inbound import inbox
-from comms_tasks.models import DeadLetter, DeadLetterStatus
 from comms_tasks.inbound.runner import MAX_TRANSIENT_RETRIES
+from comms_tasks.models import DeadLetter, DeadLetterStatus
 from tests import factories as f
 from tests.conftest import WorkerProcess, free_port, worker_environment
 from tests.contracts.test_inbound_contracts import example_message

@@ -1,0 +1,133 @@
+"""What may import what (docs/architecture.md), checked by reading every module's imports.
+
+Lazy imports inside functions count as much as those at the top: they are the same
+dependency, only later.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "comms_tasks"
+# What every part may use: settings, the database, tables, contracts, the pure rules,
+# one message's rendering and delivery, and the Celery app.
+FOUNDATION = frozenset(
+    {"settings", "db", "migrate", "local_time", "models", "contracts", "rules", "mail", "app"}
+)
+# Each stage, and the stages it may import besides itself and the foundation: the order
+# of the pipeline, so that no two stages import each other.
+STAGES: dict[str, frozenset[str]] = {
+    "events": frozenset(),
+    "inbound": frozenset({"events"}),
+    "emails": frozenset({"events", "inbound"}),
+    "calls": frozenset({"events", "inbound", "emails"}),
+    "mailbox": frozenset({"events", "inbound", "emails", "calls"}),
+    "privacy": frozenset({"events", "inbound", "emails", "calls", "mailbox"}),
+    "projections": frozenset({"events", "inbound", "emails", "calls", "mailbox", "privacy"}),
+    # Process hooks: they count deliveries (inbound) and redact task reprs (privacy).
+    "worker": frozenset({"events", "inbound", "privacy"}),
+}
+# Wiring: the table of every stage's appliers.
+WIRING = frozenset({"appliers"})
+OPERATOR_ONLY = ("cli", "ops")
+
+
+def part_of(module: str) -> str:
+    """``comms_tasks.emails.answers`` -> ``emails``; ``comms_tasks`` -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every ``comms_tasks`` module ``path`` imports, at the top or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name == "comms_tasks" or name.startswith("comms_tasks.")}
+
+
+def modules() -> dict[str, set[str]]:
+    return {module_name(path): imports_of(path) for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent / Path(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imported in graph.items():
+        own = part_of(module)
+        for target in sorted(name for name in imported if is_module(name)):
+            other = part_of(target)
+            if other in ("", own):
+                continue
+            if other in OPERATOR_ONLY and own not in OPERATOR_ONLY:
+                found.append(f"{module} imports {target}: only the comms command uses {other}/")
+            elif other == "ops" and own == "ops":
+                continue
+            elif own == "ops" and other == "cli":
+                found.append(f"{module} imports {target}: nothing imports cli/")
+            elif own in OPERATOR_ONLY or own in WIRING:
+                continue
+            elif own in FOUNDATION and other not in FOUNDATION:
+                if not (own == "app" and other == "worker"):  # the app loads its hooks
+                    found.append(f"{module} imports {target}: {own} is below every stage")
+            elif own in STAGES and other not in FOUNDATION and other not in STAGES[own]:
+                found.append(f"{module} imports {target}: {own} comes before {other}")
+            if (
+                target.endswith(".tasks")
+                and not module.endswith(".tasks")
+                and own not in (*OPERATOR_ONLY, *WIRING, "app")
+            ):
+                found.append(f"{module} imports {target}: only tasks modules start tasks")
+    return found
+
+
+def test_every_module_keeps_the_import_rules() -> None:
+    assert violations(modules()) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "target"),
+    [
+        ("comms_tasks.emails.answers", "comms_tasks.cli.common"),
+        ("comms_tasks.calls.scheduling", "comms_tasks.ops.reports"),
+        ("comms_tasks.emails.weekly", "comms_tasks.calls.follow_up"),
+        ("comms_tasks.rules.batching", "comms_tasks.emails.composing"),
+        ("comms_tasks.mailbox.apply", "comms_tasks.calls.tasks"),
+    ],
+)
+def test_the_rules_catch_a_stage_importing_what_it_may_not(module: str, target: str) -> None:
+    graph = modules()
+    graph[module] = {*graph[module], target}
+    assert any(line.startswith(f"{module} imports {target}") for line in violations(graph))
+
+
+def test_no_two_modules_share_a_name_and_there_is_no_tasks_folder() -> None:
+    names: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = path.parent.name if path.name == "__init__.py" else path.stem
+        if path.name in ("__init__.py", "tasks.py") and path.parent == PACKAGE:
+            continue
+        if path.name == "tasks.py":
+            continue
+        names.setdefault(name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
+    assert not (PACKAGE / "tasks").exists()
