@@ -14,8 +14,9 @@ from typing import Any
 
 from bench import mailbox as bench_mailbox
 from bench.run import LIKE_FOR_LIKE, SCALE_OUT, SIZES, build_report, worker_environment
+from comms_tasks.mail import tokens as reply_tokens
 from comms_tasks.mailbox.classify import MailKind, classify, parse
-from comms_tasks.mailbox.match import keys, new_token
+from comms_tasks.mailbox.match import keys
 
 PEAK = {"main": 100.0, "pool-1": 120.0}
 MAILBOX = {"messages_per_second": 150.0, "peak_rss_mb": PEAK}
@@ -123,7 +124,9 @@ def test_only_the_mailbox_worker_reads_the_maildir_with_tagged_addresses(tmp_pat
 def test_the_maildir_answers_real_emails_in_the_mix_the_classifier_sees(tmp_path: Path) -> None:
     """No database: the files, read back, are what the service will make of them."""
     emails = [
-        bench_mailbox.Answered(new_token(), f"<{i:032x}@therapievermittlung.example>", f"t{i}@x.de")
+        bench_mailbox.Answered(
+            reply_tokens.new_token(), f"<{i:032x}@therapievermittlung.example>", f"t{i}@x.de"
+        )
         for i in range(40)
     ]
     by_token = {email.reply_token: email for email in emails}

@@ -19,14 +19,13 @@ from sqlalchemy.orm import Session
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import transaction
-from comms_tasks.emails import delivery
+from comms_tasks.emails import delivery, rechecks
 from comms_tasks.emails.tasks import send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import sender_from_settings
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from comms_tasks.models.base import utcnow
-from comms_tasks.privacy.retention import REDACTED_TEXT
 from comms_tasks.projections.upstream import erase_patient
 from comms_tasks.settings import get_settings
 from tests import factories as f
@@ -104,7 +103,7 @@ def test_an_email_on_the_wire_at_erasure_is_recorded_sent_and_redacted(
     erase()
     during = load(committed_db, email_id)
     assert during.status is EmailStatus.SENDING
-    assert during.body_text == REDACTED_TEXT
+    assert during.body_text == rechecks.REDACTED_TEXT
     assert during.body_redacted_at is not None
 
     assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.SENT)]
@@ -113,7 +112,7 @@ def test_an_email_on_the_wire_at_erasure_is_recorded_sent_and_redacted(
     sent = load(committed_db, email_id)
     assert sent.status is EmailStatus.SENT
     assert sent.sent_at is not None
-    assert sent.body_text == REDACTED_TEXT and MARKER not in sent.body_html
+    assert sent.body_text == rechecks.REDACTED_TEXT and MARKER not in sent.body_html
     assert sent.body_redacted_at is not None
     # It did ask about the erased patient's request.
     assert all(batch.included for batch in sent.batches)
@@ -130,13 +129,13 @@ def test_an_email_on_the_wire_at_erasure_that_comes_back_goes_out_without_the_pa
     assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.QUEUED)]
     waiting = load(committed_db, email_id)
     assert waiting.retry_count == 1
-    assert waiting.body_text == REDACTED_TEXT
+    assert waiting.body_text == rechecks.REDACTED_TEXT
 
     assert send_email(email_id) == {"sent": 1}
     [message] = smtp.accepted
     assert f"{MARKER}-{OTHER}" in text_of(smtp)
     assert f"{MARKER}-{ERASED}" not in text_of(smtp)
-    assert REDACTED_TEXT not in text_of(smtp)
+    assert rechecks.REDACTED_TEXT not in text_of(smtp)
     assert str(message["Subject"]) == "Anfrage für einen Therapieplatz"
     sent = load(committed_db, email_id)
     assert sent.status is EmailStatus.SENT
@@ -161,7 +160,7 @@ def test_an_email_on_the_wire_at_erasure_of_its_only_patient_is_cancelled_if_it_
     cancelled = load(committed_db, email_id)
     assert cancelled.status is EmailStatus.CANCELLED
     assert cancelled.error_message == "cancelled: its only patient was erased"
-    assert cancelled.body_text == REDACTED_TEXT
+    assert cancelled.body_text == rechecks.REDACTED_TEXT
     assert smtp.accepted == []
 
 
@@ -182,7 +181,7 @@ def test_an_email_queued_with_a_summary_read_before_the_erasure_never_shows_it(
         assert sent == {"cancelled": 1}
         assert email.status is EmailStatus.CANCELLED
         assert email.error_message == "cancelled: its only patient was erased"
-        assert email.body_text == REDACTED_TEXT and email.body_redacted_at is not None
+        assert email.body_text == rechecks.REDACTED_TEXT and email.body_redacted_at is not None
     else:
         assert sent == {"sent": 1}
         assert f"{MARKER}-{OTHER}" in text_of(smtp)
@@ -197,4 +196,4 @@ def test_erasure_cancels_an_unsent_email_it_cannot_render_again(committed_db: En
     email = load(committed_db, email_id)
     assert email.status is EmailStatus.CANCELLED
     assert email.error_message == "cancelled: the therapist is not known"
-    assert email.body_text == REDACTED_TEXT
+    assert email.body_text == rechecks.REDACTED_TEXT

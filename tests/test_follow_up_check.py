@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.calls import follow_up
 from comms_tasks.contracts import RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
-from comms_tasks.emails import weekly
+from comms_tasks.emails import rechecks, weekly
 from comms_tasks.models import (
     Email,
     EmailStatus,
@@ -131,11 +131,11 @@ def test_follow_up_housekeeping_does_not_move_the_retention_clock(committed_db: 
             email_id: session.get_one(Email, email_id).body_text
             for email_id in (settled, flagged, answered, recent)
         }
-    assert bodies[settled] == retention.REDACTED_TEXT
-    assert bodies[flagged] == retention.REDACTED_TEXT
+    assert bodies[settled] == rechecks.REDACTED_TEXT
+    assert bodies[flagged] == rechecks.REDACTED_TEXT
     # Answered today: that is activity.
-    assert bodies[answered] != retention.REDACTED_TEXT
-    assert bodies[recent] != retention.REDACTED_TEXT
+    assert bodies[answered] != rechecks.REDACTED_TEXT
+    assert bodies[recent] != rechecks.REDACTED_TEXT
     assert redacted == 2
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from comms_tasks import migrate
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.db import make_engine, transaction
-from comms_tasks.emails import tasks, weekly
+from comms_tasks.emails import rechecks, tasks, weekly
 from comms_tasks.inbound.dead_letters import (
     REDACTED_VALUE,
     erase_patient_from_dead_letters,
@@ -33,7 +33,7 @@ from comms_tasks.models import (
     PlacementRequest,
     PlacementRequestStatus,
 )
-from comms_tasks.privacy.retention import REDACTED_TEXT, purge_expired
+from comms_tasks.privacy.retention import purge_expired
 from comms_tasks.settings import get_settings
 from tests import factories as f
 
@@ -91,7 +91,7 @@ def test_erasure_redacts_sent_emails_and_rewrites_unsent_ones(committed_db: Engi
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(61)))
 
     redacted = load(committed_db, sent)
-    assert redacted.body_text == REDACTED_TEXT
+    assert redacted.body_text == rechecks.REDACTED_TEXT
     assert MARKER not in redacted.body_html
     assert redacted.body_redacted_at is not None
     assert redacted.status is EmailStatus.SENT
@@ -130,7 +130,7 @@ def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
             )
     assert purge_expired()["redacted"] == 1
     assert purge_expired()["redacted"] == 0
-    assert load(committed_db, old).body_text == REDACTED_TEXT
+    assert load(committed_db, old).body_text == rechecks.REDACTED_TEXT
     assert MARKER in load(committed_db, recent).body_text
     # An email still to be sent keeps its body whatever its age.
     assert MARKER in load(committed_db, waiting).body_text

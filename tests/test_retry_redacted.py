@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
+from comms_tasks.emails import rechecks
 from comms_tasks.models import Email, EmailStatus
-from comms_tasks.privacy.retention import REDACTED_TEXT
 from tests import factories as f
 from tests.conftest import worker_environment
 from tests.test_retention import MARKER, PATIENT, apply, load, queued_email
@@ -59,7 +59,7 @@ def test_a_retried_redacted_email_is_rendered_again_without_the_erased_patient(
     email_id = queued_email(1, [100, 200])
     failed_for_good(committed_db, email_id)
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
-    assert load(committed_db, email_id).body_text == REDACTED_TEXT
+    assert load(committed_db, email_id).body_text == rechecks.REDACTED_TEXT
 
     result = comms("emails", "retry", str(email_id))
 
@@ -68,7 +68,7 @@ def test_a_retried_redacted_email_is_rendered_again_without_the_erased_patient(
     email = load(committed_db, email_id)
     assert email.status is EmailStatus.QUEUED
     assert email.body_redacted_at is None
-    assert REDACTED_TEXT not in email.body_text
+    assert rechecks.REDACTED_TEXT not in email.body_text
     assert f"{MARKER}-200" in email.body_text
     assert f"{MARKER}-100" not in email.body_text + email.body_html
     assert email.subject == "Anfrage für einen Therapieplatz"
@@ -92,5 +92,5 @@ def test_a_retry_of_a_redacted_email_with_no_one_left_to_show_is_refused(
     )
     email = load(committed_db, email_id)
     assert email.status is EmailStatus.FAILED
-    assert email.body_text == REDACTED_TEXT
+    assert email.body_text == rechecks.REDACTED_TEXT
     assert all(batch.included for batch in email.batches)

@@ -24,7 +24,7 @@ from comms_tasks.cli import (
     run_commands,
     status_commands,
 )
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     ABORTED,
     USAGE_ERROR,
     app,

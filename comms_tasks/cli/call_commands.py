@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     USAGE_ERROR,
     DateOption,
     JsonOption,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     JsonOption,
     _first_line,
     app,

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     USAGE_ERROR,
     JsonOption,
     _field,

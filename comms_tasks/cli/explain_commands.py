@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     JsonOption,
     console,
     database,

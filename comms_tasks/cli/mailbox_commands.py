@@ -13,7 +13,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.cli.common import MASK, JsonOption, console, database, emit_json, fail
+from comms_tasks.cli.shared import MASK, JsonOption, console, database, emit_json, fail
 from comms_tasks.local_time import local_iso, local_text
 from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
 
@@ -177,7 +177,7 @@ def mailbox_ignore(
 
 def _book_calls() -> None:
     """A bounce assigned by hand asks its call now: the booking runs at once if it can."""
-    from comms_tasks.cli.common import send_message
+    from comms_tasks.cli.shared import send_message
 
     try:
         send_message("comms.schedule_calls", {})

@@ -13,7 +13,7 @@ import typer
 from sqlalchemy import select
 
 from comms_tasks.cli.call_commands import calls_today
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     JsonOption,
     app,
     broker,

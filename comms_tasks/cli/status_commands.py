@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from comms_tasks.cli.common import (
+from comms_tasks.cli.shared import (
     JsonOption,
     app,
     console,

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.contracts.published import EmailQueuedPayload
 from comms_tasks.db import insert_rows
 from comms_tasks.events.outbox import record_events
+from comms_tasks.mail import tokens as reply_tokens
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import (
     EarlierEmail,
@@ -23,7 +24,6 @@ from comms_tasks.mail.render import (
     Recipient,
     RenderedEmail,
 )
-from comms_tasks.mailbox.match import new_token, tagged_address
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -73,14 +73,14 @@ def recipient_of(therapist: Therapist) -> Recipient:
 def reply_address(settings: Settings, token: str) -> str | None:
     """Where the therapist's reply goes: the email's own tagged address, when configured."""
     if settings.reply_address is not None:
-        return tagged_address(settings.reply_address, token)
+        return reply_tokens.tagged_address(settings.reply_address, token)
     return settings.reply_to
 
 
 def bounce_address(settings: Settings, token: str | None) -> str | None:
     """The envelope sender bounces go to (VERP), when configured; else the sender's."""
     if settings.bounce_address is not None and token is not None:
-        return tagged_address(settings.bounce_address, token)
+        return reply_tokens.tagged_address(settings.bounce_address, token)
     return None
 
 
@@ -221,7 +221,7 @@ def queue_emails(
                 recipient_name=therapist.display_name,
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
-                reply_token=(token := new_token()),
+                reply_token=(token := reply_tokens.new_token()),
                 reply_to=reply_address(settings, token),
                 subject=rendered.subject,
                 body_html=rendered.body_html,

@@ -100,9 +100,8 @@ def prepare_batch(
             )
             if erased and email.body_redacted_at is None:
                 # Queued while the erasure ran, with a summary read before it.
-                from comms_tasks.privacy.retention import redact  # retention builds on this module
 
-                redact(email, now)
+                rechecks.redact(email, now)
             for batch in dropped:
                 batch.included = False
             tally["cancelled"] = tally.get("cancelled", 0) + 1

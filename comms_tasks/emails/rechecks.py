@@ -26,6 +26,26 @@ from comms_tasks.rules.batching import local_day, local_midnight
 from comms_tasks.settings import Settings
 from schedules import BATCH_TIME
 
+
+def redact(email: Email, now: dt.datetime) -> None:
+    """The body, the answer and the answer's notes per request go; the row stays.
+
+    An answer recorded later is kept without its text
+    (:func:`comms_tasks.emails.record_response` looks at ``body_redacted_at``).
+    """
+    email.body_text = REDACTED_TEXT
+    email.body_html = REDACTED_HTML
+    email.response_content = None
+    for batch in email.batches:
+        batch.response_notes = None
+    email.body_redacted_at = now
+
+
+REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
+
+
+REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
+
 PATIENT_ERASED = "cancelled: its only patient was erased"
 
 

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from email.message import Message
 from html.parser import HTMLParser
 
+from comms_tasks.mail.addresses import _ADDRESS, MAX_ADDRESS
+
 # The largest message read whole. Larger ones are kept for operators with a reason; their
 # header block is still read for matching.
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
@@ -28,20 +30,12 @@ MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 MAX_HEADER_BYTES = 256 * 1024
 # A header value is cut to this before anything looks into it.
 MAX_HEADER_VALUE = 16 * 1024
-# RFC 5321: at most 254 characters in a forward path.
-MAX_ADDRESS = 254
 # The width of emails.message_id.
 MAX_MESSAGE_ID = 300
 # The text of a body part read for a reply, before the reply parser cuts it.
 MAX_BODY_CHARS = 64 * 1024
 
 _LINE_FOLD = re.compile(r"\r?\n[ \t]*|\r")
-# A plain ASCII address: what the contract lets a therapist's address be.
-_ADDRESS = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
-)
-_PLAIN_ADDRESS = re.compile(rf"\A{_ADDRESS.pattern}\Z")
 # <local@domain> in printable ASCII without white space or a second bracket.
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")
 _PLAIN_MESSAGE_ID = re.compile(rf"\A{_MESSAGE_ID.pattern}\Z")
@@ -119,14 +113,6 @@ def addresses_in(value: str) -> Iterator[str]:
     for found in _ADDRESS.finditer(value):
         if len(found.group()) <= MAX_ADDRESS:
             yield found.group()
-
-
-def plain_address(value: str) -> str | None:
-    """``value`` lowercased when it is one plain ASCII address, else None."""
-    candidate = value.strip().strip("<>").strip()
-    if len(candidate) <= MAX_ADDRESS and _PLAIN_ADDRESS.match(candidate):
-        return candidate.lower()
-    return None
 
 
 def message_ids_in(value: str) -> list[str]:

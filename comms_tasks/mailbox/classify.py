@@ -27,6 +27,7 @@ from flufl.bounce import all_failures
 from mailparser_reply import EmailReplyParser
 
 from comms_tasks.contracts.limits import MAX_TEXT
+from comms_tasks.mail.addresses import plain_address
 from comms_tasks.mailbox import _mime
 from comms_tasks.mailbox._mime import MAX_MESSAGE_BYTES, parse
 
@@ -222,7 +223,7 @@ def _recipients(block: Message) -> list[str]:
         for value in _mime.header_values(block, name):
             address_type, _, address = value.partition(";")
             if address_type.strip().lower() == "rfc822":
-                plain = _mime.plain_address(address)
+                plain = plain_address(address)
                 if plain is not None:
                     found.append(plain)
     return found
@@ -241,7 +242,7 @@ def _other_bounce(message: Message) -> Classified | None:
         return None
     kind = MailKind.BOUNCE if permanent else MailKind.DELAYED
     decoded = [a.decode("ascii", "replace") if isinstance(a, bytes) else str(a) for a in addresses]
-    recipients = sorted(p for p in map(_mime.plain_address, decoded) if p is not None)
+    recipients = sorted(p for p in map(plain_address, decoded) if p is not None)
     text = _human_text(message)
     status = _status_in(text, "5" if permanent else "4")
     return Classified(

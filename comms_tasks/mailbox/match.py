@@ -14,25 +14,19 @@ the ``<local@domain>`` shape and at most 300 characters.
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import re
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import Message
 
-from comms_tasks.contracts.limits import REPLY_TOKEN_LENGTH
+from comms_tasks.mail import tokens as reply_tokens
+from comms_tasks.mail.addresses import plain_address
 from comms_tasks.mailbox import _mime
 from comms_tasks.mailbox.classify import Classified, MailKind
 
-__all__ = ["TOKEN_LENGTH", "MatchKeys", "keys", "new_token", "tagged_address"]
+__all__ = ["MatchKeys", "keys"]
 
-# 128 random bits: lowercase base32 without padding, 26 characters. Lowercase survives
-# servers that lowercase local parts; base32 has no character that needs quoting.
-TOKEN_BYTES = 16
-TOKEN_LENGTH = REPLY_TOKEN_LENGTH
-_TOKEN = re.compile(rf"\A[a-z2-7]{{{TOKEN_LENGTH}}}\Z")
 # Headers that name the mailbox a message was delivered to, in order of trust.
 RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")
 # Headers of a returned original that carry our tagged addresses.
@@ -48,31 +42,6 @@ class MatchKeys:
     tokens: tuple[str, ...] = ()
     message_ids: tuple[str, ...] = ()
     sender: str | None = None
-
-
-def new_token() -> str:
-    """A fresh random token, safe in an email local part."""
-    return base64.b32encode(secrets.token_bytes(TOKEN_BYTES)).decode("ascii").rstrip("=").lower()
-
-
-def is_token(value: str) -> bool:
-    return isinstance(value, str) and _TOKEN.match(value) is not None
-
-
-def tagged_address(base: str, token: str) -> str:
-    """``antwort@example.org`` and a token → ``antwort+<token>@example.org``."""
-    address = _mime.plain_address(base) if isinstance(base, str) else None
-    if address is None or base.strip() != base or base.startswith("<"):
-        raise ValueError("the reply or bounce address must be a plain address local@domain")
-    local, _, domain = base.rpartition("@")
-    if "+" in local:
-        raise ValueError("the reply or bounce address must not contain '+' already")
-    if not is_token(token):
-        raise ValueError("not a token made by new_token()")
-    tagged = f"{local}+{token}@{domain}"
-    if len(tagged) > _mime.MAX_ADDRESS:
-        raise ValueError("the tagged address would be longer than 254 characters")
-    return tagged
 
 
 def keys(
@@ -136,7 +105,7 @@ def _keys(
 
 def _base(address: str | None) -> tuple[str, str] | None:
     """The configured address as (local part, domain), lowercased; None if unusable."""
-    plain = _mime.plain_address(address) if isinstance(address, str) else None
+    plain = plain_address(address) if isinstance(address, str) else None
     if plain is None:
         return None
     local, _, domain = plain.rpartition("@")
@@ -147,7 +116,7 @@ def _tokens_in(value: str, bases: list[tuple[str, str]]) -> Iterable[str]:
     for address in _mime.addresses_in(value):
         local, _, domain = address.lower().rpartition("@")
         base_local, plus, token = local.partition("+")
-        if plus and is_token(token) and (base_local, domain) in bases:
+        if plus and reply_tokens.is_token(token) and (base_local, domain) in bases:
             yield token
 
 
@@ -193,7 +162,7 @@ def _sender(message: Message) -> str | None:
     addresses = [address for _, address in parsed if address]
     if len(addresses) != 1:
         return None
-    return _mime.plain_address(addresses[0])
+    return plain_address(addresses[0])
 
 
 def _unique(values: Iterable[str], limit: int) -> tuple[str, ...]:

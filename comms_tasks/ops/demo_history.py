@@ -17,9 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comms_tasks.emails import composing
+from comms_tasks.mail import tokens as reply_tokens
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.mail.render import PatientEntry, Recipient
-from comms_tasks.mailbox.match import new_token
 from comms_tasks.models import Email, EmailBatch, EmailStatus, EmailTemplate
 from comms_tasks.models.read_models import full_name
 from comms_tasks.ops.demo import DemoMessage
@@ -107,7 +107,7 @@ def record_past_emails(
                 ),
                 sender_email=settings.sender_email,
                 sender_name=settings.sender_name,
-                reply_token=(token := new_token()),
+                reply_token=(token := reply_tokens.new_token()),
                 reply_to=composing.reply_address(settings, token),
                 subject=rendered.subject,
                 body_html=rendered.body_html,

@@ -41,8 +41,6 @@ from comms_tasks.models import (
 )
 from comms_tasks.settings import Settings, get_settings
 
-REDACTED_TEXT = "[Inhalt aus Datenschutzgründen entfernt]"
-REDACTED_HTML = f"<p>{REDACTED_TEXT}</p>"
 UNSENT = (EmailStatus.DRAFT, EmailStatus.QUEUED, EmailStatus.SENDING)
 # Unsent and not claimed by a worker: what is stored is what will be sent.
 WAITING = (EmailStatus.DRAFT, EmailStatus.QUEUED)
@@ -51,20 +49,6 @@ EMAILS_PER_CHUNK = 1000
 CALLS_PER_CHUNK = 1000
 REQUESTS_PER_CHUNK = 1000
 MAIL_PER_CHUNK = 1000
-
-
-def redact(email: Email, now: dt.datetime) -> None:
-    """The body, the answer and the answer's notes per request go; the row stays.
-
-    An answer recorded later is kept without its text
-    (:func:`comms_tasks.emails.record_response` looks at ``body_redacted_at``).
-    """
-    email.body_text = REDACTED_TEXT
-    email.body_html = REDACTED_HTML
-    email.response_content = None
-    for batch in email.batches:
-        batch.response_notes = None
-    email.body_redacted_at = now
 
 
 def erase_patient_from_emails(
@@ -120,9 +104,9 @@ def erase_patient_from_emails(
             # Rendered again from the read model, which no longer holds the summary; a
             # cancelled one keeps no body that showed the patient.
             if not rechecks.rerender_or_cancel(session, email, settings, rechecks.PATIENT_ERASED):
-                redact(email, now)
+                rechecks.redact(email, now)
         else:
-            redact(email, now)
+            rechecks.redact(email, now)
         if email.body_redacted_at is not None:
             remove_outbox_copy(settings.outbox_folder, email.id, email.message_id)
         changed += 1
@@ -143,7 +127,7 @@ def purge_expired(session: Session, now: dt.datetime, retention_days: int, limit
         .options(selectinload(Email.batches))
     ).all()
     for email in emails:
-        redact(email, now)
+        rechecks.redact(email, now)
     redact_mail_of_emails(session, [email.id for email in emails], now)
     return len(emails)
 

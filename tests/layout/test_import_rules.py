@@ -107,7 +107,7 @@ def test_every_module_keeps_the_import_rules() -> None:
 @pytest.mark.parametrize(
     ("module", "target"),
     [
-        ("comms_tasks.emails.answers", "comms_tasks.cli.common"),
+        ("comms_tasks.emails.answers", "comms_tasks.cli.shared"),
         ("comms_tasks.calls.scheduling", "comms_tasks.ops.reports"),
         ("comms_tasks.emails.weekly", "comms_tasks.calls.follow_up"),
         ("comms_tasks.rules.batching", "comms_tasks.emails.composing"),

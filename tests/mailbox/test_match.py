@@ -8,15 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from comms_tasks.mail import tokens as reply_tokens
 from comms_tasks.mailbox.classify import Classified, MailKind, classify, parse
-from comms_tasks.mailbox.match import (
-    TOKEN_LENGTH,
-    MatchKeys,
-    is_token,
-    keys,
-    new_token,
-    tagged_address,
-)
+from comms_tasks.mailbox.match import MatchKeys, keys
 from tests.mailbox.samples import (
     BOUNCE_ADDRESS,
     OUR_MESSAGE_ID,
@@ -38,7 +32,7 @@ def _keys(raw: bytes, **addresses: str | None) -> MatchKeys:
 
 
 def _assert_bounded(found: MatchKeys) -> None:
-    assert len(found.tokens) <= 10 and all(is_token(t) for t in found.tokens)
+    assert len(found.tokens) <= 10 and all(reply_tokens.is_token(t) for t in found.tokens)
     assert len(found.message_ids) <= 20
     assert all(MESSAGE_ID.match(i) and len(i) <= 300 for i in found.message_ids)
     assert found.sender is None or (len(found.sender) <= 254 and found.sender.isascii())
@@ -49,17 +43,19 @@ def _assert_bounded(found: MatchKeys) -> None:
 
 
 def test_a_new_token_is_26_lowercase_base32_characters_and_never_repeats() -> None:
-    tokens = {new_token() for _ in range(2000)}
+    tokens = {reply_tokens.new_token() for _ in range(2000)}
 
     assert len(tokens) == 2000
     for token in tokens:
-        assert len(token) == TOKEN_LENGTH == 26
+        assert len(token) == reply_tokens.TOKEN_LENGTH == 26
         assert re.fullmatch(r"[a-z2-7]{26}", token)
-        assert is_token(token)
+        assert reply_tokens.is_token(token)
 
 
 def test_a_tagged_address_puts_the_token_after_a_plus() -> None:
-    assert tagged_address("antwort@example.org", TOKEN) == f"antwort+{TOKEN}@example.org"
+    assert (
+        reply_tokens.tagged_address("antwort@example.org", TOKEN) == f"antwort+{TOKEN}@example.org"
+    )
 
 
 @pytest.mark.parametrize(
@@ -78,13 +74,13 @@ def test_a_tagged_address_refuses_a_base_that_is_not_a_plain_address(
     base: str, message: str
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
-        tagged_address(base, TOKEN)
+        reply_tokens.tagged_address(base, TOKEN)
 
 
 @pytest.mark.parametrize("token", ["", "ABC", TOKEN.upper(), TOKEN + "a", TOKEN[:-1] + "1"])
 def test_a_tagged_address_refuses_what_is_not_a_token(token: str) -> None:
     with pytest.raises(ValueError, match="not a token"):
-        tagged_address("antwort@example.org", token)
+        reply_tokens.tagged_address("antwort@example.org", token)
 
 
 @settings(max_examples=200)
@@ -101,8 +97,8 @@ def test_a_tagged_address_round_trips_through_the_keys(
     local: str, domain: str, shout: bool
 ) -> None:
     base = f"{local}@{domain}"
-    token = new_token()
-    address = tagged_address(base, token)
+    token = reply_tokens.new_token()
+    address = reply_tokens.tagged_address(base, token)
     # Some servers change the case of what they deliver to; the token survives that.
     delivered = address.upper() if shout else address
     raw = f"From: a@b.example\nTo: Praxis <{delivered}>\nSubject: Re\n\nZusage\n".encode()
@@ -198,7 +194,11 @@ def test_a_forged_token_of_the_wrong_shape_is_dropped(forged: str) -> None:
 
 
 def test_tokens_come_in_header_order_delivered_to_first() -> None:
-    first, second, third = new_token(), new_token(), new_token()
+    first, second, third = (
+        reply_tokens.new_token(),
+        reply_tokens.new_token(),
+        reply_tokens.new_token(),
+    )
     raw = (
         f"From: a@b.example\nCc: antwort+{third}@praxis-service.example\n"
         f"To: antwort+{second}@praxis-service.example, antwort+{third}@praxis-service.example\n"
