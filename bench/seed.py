@@ -18,7 +18,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.ops import demo
+from comms_tasks.ops import demo, demo_vocabulary
 
 ROWS_PER_INSERT = 5_000
 REQUEST_AGE = dt.timedelta(days=30)
@@ -61,7 +61,7 @@ def read_model_rows(size: Size, now: dt.datetime) -> dict[type, list[dict[str, A
     therapists = []
     for therapist_id in range(1, size.therapists + 1):
         profile = demo.therapist_profile(
-            rng, therapist_id, demo.LAST_NAMES[therapist_id % len(demo.LAST_NAMES)]
+            rng, therapist_id, demo_vocabulary.LAST_NAMES[therapist_id % len(demo_vocabulary.LAST_NAMES)]
         )
         profile["id"] = profile.pop("therapist_id")
         profile["email"] = f"t{therapist_id}.{profile['email']}"

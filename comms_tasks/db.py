@@ -17,13 +17,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from comms_tasks import database_urls
 from comms_tasks.models.base import SCHEMA
-from comms_tasks.settings import (
-    ConfigurationError,
-    database_url_for_driver,
-    get_settings,
-    safe_database_url,
-)
+from comms_tasks.settings import ConfigurationError, get_settings
 
 # Seconds to wait for PostgreSQL to answer a new connection: a host that drops packets
 # fails start-up in this time instead of the system's TCP timeout (minutes).
@@ -44,7 +40,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     Every engine of the service is made here, so ``postgresql://`` means the installed
     driver everywhere (see :func:`~comms_tasks.settings.database_url_for_driver`).
     """
-    url = database_url_for_driver(url)
+    url = database_urls.database_url_for_driver(url)
     # Statement parameters may be patient data: database errors must not repeat them.
     kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
@@ -107,7 +103,7 @@ def connection_failure(error: BaseException, url: str) -> str | None:
     password = _password_of(url)
     if password:
         reason = reason.replace(password, "***")
-    return f"COMMS_DATABASE_URL: cannot connect to {safe_database_url(url)}: {reason}"
+    return f"COMMS_DATABASE_URL: cannot connect to {database_urls.safe_database_url(url)}: {reason}"
 
 
 def _password_of(url: str) -> str | None:

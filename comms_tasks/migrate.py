@@ -14,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from comms_tasks import database_urls
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,13 +47,12 @@ def sqlite_file(url: str) -> Path | None:
 
 def not_there(url: str) -> str | None:
     """One line if ``url`` names a SQLite file that does not exist, else None."""
-    from comms_tasks.settings import safe_database_url
 
     path = sqlite_file(url)
     if path is None or path.is_file():
         return None
     return (
-        f"no database at {path} ({safe_database_url(url)}): `comms db upgrade` creates it "
+        f"no database at {path} ({database_urls.safe_database_url(url)}): `comms db upgrade` creates it "
         "there, or set COMMS_DATABASE_URL (or COMMS_VAR_DIR) to where it is"
     )
 
@@ -65,12 +66,11 @@ def not_ready(url: str) -> str | None:
     """
     from comms_tasks.db import connection_failure, is_sqlite, make_engine
     from comms_tasks.models import SCHEMA
-    from comms_tasks.settings import safe_database_url
 
     missing = not_there(url)
     if missing is not None:
         return missing
-    where = safe_database_url(url)
+    where = database_urls.safe_database_url(url)
     engine = make_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as connection:

@@ -17,8 +17,8 @@ from comms_tasks import migrate
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.db import make_engine, transaction
 from comms_tasks.emails import rechecks, tasks, weekly
+from comms_tasks.inbound import masking
 from comms_tasks.inbound.dead_letters import (
-    REDACTED_VALUE,
     erase_patient_from_dead_letters,
     purge_expired_dead_letters,
 )
@@ -245,7 +245,7 @@ def test_erasure_redacts_the_patients_dead_letters_and_keeps_their_ids(
         text = json.dumps(letter.payload, ensure_ascii=False)
         assert f"{MARKER}-100" not in text, name
         assert "Antriebslosigkeit" not in text, name
-        assert REDACTED_VALUE in text, name
+        assert masking.REDACTED_VALUE in text, name
         assert letter.payload_redacted_at is not None, name
         # Still identifiable: the reason, its message id and the ids inside stay.
         assert letter.reason, name
@@ -254,10 +254,10 @@ def test_erasure_redacts_the_patients_dead_letters_and_keeps_their_ids(
     assert created.payload["event_id"] == created.message_id
     assert created.payload["payload"]["patient_id"] == 100
     assert created.payload["payload"]["placement_request_id"] == 1001
-    assert set(created.payload["payload"]["patient"].values()) == {REDACTED_VALUE}
+    assert set(created.payload["payload"]["patient"].values()) == {masking.REDACTED_VALUE}
     response = stored_letter(committed_db, erased["response"]).payload
     assert response["outcomes"][0]["placement_request_id"] == 1001
-    assert response["outcomes"][0]["notes"] == REDACTED_VALUE
+    assert response["outcomes"][0]["notes"] == masking.REDACTED_VALUE
 
     for name, letter_id in kept.items():
         letter = stored_letter(committed_db, letter_id)

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME
+from comms_tasks.rules import availability
 from comms_tasks.settings import ConfigurationError, Settings, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -353,7 +354,6 @@ def test_every_holiday_state_the_message_lists_is_accepted(clean_env: pytest.Mon
 def test_holiday_state_accepts_the_city_and_state_names_of_the_holidays_library(
     clean_env: pytest.MonkeyPatch, value: str, expected: str
 ) -> None:
-    from comms_tasks.rules.slots import Holidays
 
     clean_env.setenv("COMMS_HOLIDAY_STATE", value)
 
@@ -362,7 +362,7 @@ def test_holiday_state_accepts_the_city_and_state_names_of_the_holidays_library(
     # The Augsburger Friedensfest (8 August) is a holiday in Augsburg only.
     import datetime as dt
 
-    assert (dt.date(2026, 8, 8) in Holidays(state)) is (expected == "Augsburg")
+    assert (dt.date(2026, 8, 8) in availability.Holidays(state)) is (expected == "Augsburg")
 
 
 # --- SMTP credentials never travel in clear by accident --------------------------------

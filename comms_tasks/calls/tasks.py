@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
-from comms_tasks.calls import follow_up, outcomes, scheduling
+from comms_tasks.calls import follow_up, outcomes, requested, scheduling
 from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, received
 from comms_tasks.db import transaction
 from comms_tasks.emails.tasks import send_email, send_email_after_commit
@@ -64,7 +64,7 @@ def schedule_calls() -> dict[str, Any]:
 
 
 def apply_schedule_call(session: Session, command: received.ScheduleCall) -> None:
-    scheduling.schedule_requested_call(session, command, utcnow(), get_settings())
+    requested.schedule_requested_call(session, command, utcnow(), get_settings())
 
 
 def apply_call_outcome(session: Session, command: received.RecordCallOutcome) -> None:

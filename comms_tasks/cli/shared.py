@@ -17,6 +17,7 @@ from rich.segment import Segment
 from rich.text import Text
 from sqlalchemy.orm import Session
 
+from comms_tasks.inbound import masking
 from comms_tasks.local_time import local_iso, local_text
 from comms_tasks.settings import get_settings
 
@@ -190,10 +191,9 @@ def send_message(task_name: str, kwargs: dict[str, Any], **options: Any) -> None
 
 def mask(value: Any, *, visible: bool = False) -> Any:
     """The message with every value that is not a known id or vocabulary replaced by ***."""
-    from comms_tasks.inbound.dead_letters import VISIBLE_KEYS
 
     if isinstance(value, dict):
-        return {key: mask(item, visible=key in VISIBLE_KEYS) for key, item in value.items()}
+        return {key: mask(item, visible=key in masking.VISIBLE_KEYS) for key, item in value.items()}
     if isinstance(value, list):
         return [mask(item, visible=visible) for item in value]
     if value is None or visible:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.app import app
 from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, received
 from comms_tasks.db import after_commit, transaction
-from comms_tasks.emails import answers, delivery, weekly
+from comms_tasks.emails import answers, delivery, requested, weekly
 from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
@@ -203,7 +203,7 @@ def apply_email_response(session: Session, command: received.RecordEmailResponse
 
 
 def apply_queue_email(session: Session, command: received.QueueEmail) -> None:
-    if answers.queue_requested_email(session, command, utcnow(), get_settings()):
+    if requested.queue_requested_email(session, command, utcnow(), get_settings()):
         send_email_after_commit(session)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -36,118 +35,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import MAX_KEY_IN_REASON, UNKNOWN_KEY, too_deep
+from comms_tasks.contracts import too_deep
 from comms_tasks.contracts.limits import MAX_ID, MAX_ID_DIGITS, MAX_STORED_NESTING
-from comms_tasks.inbound.inbox import storable
+from comms_tasks.inbound import failures, masking
 from comms_tasks.models import DeadLetter, Patient, PlacementRequest
 from comms_tasks.models.base import utcnow
 
-# Keys of an inbound message whose values are identifiers or vocabulary, never health
-# data. A dead letter is a message in the wrong shape, so its data may sit under any key:
-# everything else is masked by `comms dead-letters show` and removed by redaction.
-VISIBLE_KEYS = frozenset(
-    {
-        "event_id",
-        "event_type",
-        "version",
-        "occurred_at",
-        "producer",
-        "command_id",
-        "therapist_id",
-        "placement_request_id",
-        "placement_request_ids",
-        "patient_id",
-        "email_id",
-        "call_id",
-        "reply_to_email_id",
-        "status",
-        "old_status",
-        "new_status",
-        "template",
-        "received_at",
-        "created_at",
-    }
-)
-REDACTED_VALUE = "[redacted]"
-# What a kept value of a visible key looks like: an id, a UUID, a time, an enum value.
-# Anything else there (a wrong message may put a name under "therapist_id") goes.
-_ID_LIKE = re.compile(r"[A-Za-z0-9_.:+-]{1,64}")
 # Dead letters per transaction of the nightly purge.
 DEAD_LETTERS_PER_CHUNK = 500
-# How deep a message arriving as a JSON string inside a message is looked into.
-_MAX_NESTED_JSON = 3
-
-
-def redacted(value: Any, *, visible: bool = False) -> Any:
-    """``value`` with every value that is not an id or vocabulary replaced by the marker.
-
-    Walked with a stack of its own, never by recursion: a dead letter may be nested as
-    deeply as the store keeps, and a JSON string inside it deeper still.
-    """
-    root: list[Any] = [None]
-    stack: list[tuple[Any, Any, Any, bool]] = [(value, root, 0, visible)]
-    while stack:
-        item, parent, slot, shown = stack.pop()
-        if isinstance(item, dict):
-            copy: dict[Any, Any] = {}
-            parent[slot] = copy
-            for key, member in item.items():
-                copy[key] = None
-                stack.append((member, copy, key, key in VISIBLE_KEYS))
-        elif isinstance(item, list):
-            members: list[Any] = [None] * len(item)
-            parent[slot] = members
-            stack.extend((member, members, index, shown) for index, member in enumerate(item))
-        elif item is None:
-            parent[slot] = None
-        elif shown and (
-            isinstance(item, bool | int | float)
-            or (isinstance(item, str) and _ID_LIKE.fullmatch(item))
-        ):
-            parent[slot] = item
-        else:
-            parent[slot] = REDACTED_VALUE
-    return root[0]
-
-
-# A field path as :func:`comms_tasks.contracts.describe` writes it: only keys that look
-# like identifiers, or the marker of one that does not.
-_NAMED_PATH = re.compile(
-    rf"(?:event|command)(?:\.[a-z_][a-z0-9_]{{0,{MAX_KEY_IN_REASON - 1}}}"
-    rf"|\.{re.escape(UNKNOWN_KEY)}|\[\d+\])*"
-)
-REASON_CUT = "(the rest of the reason was removed with the message)"
-
-
-def redacted_reason(reason: str) -> str:
-    """The reason without any key name a contract would not name (stored before it did).
-
-    Each problem whose field path holds a key that is no identifier is cut there, with
-    the rest of the reason: where such a key ends (it may hold ": " or "; ") cannot be
-    told. Reasons of our own ("could not be applied: ...") stay as they are.
-    """
-    kept: list[str] = []
-    for index, problem in enumerate(reason.split("; ")):
-        path = _NAMED_PATH.match(problem)
-        if path is None and index == 0:
-            kept.append(problem)
-            continue
-        rest = problem[path.end() :] if path is not None else ""
-        if rest.startswith(": ") and ": " not in rest[2:]:
-            kept.append(problem)
-            continue
-        if path is None:
-            kept.append(REASON_CUT)
-            break
-        named = path.group()
-        if not rest.startswith("."):
-            # The key began with an identifier ("hobby: HIV"): its first part goes too.
-            named = re.sub(r"\.[a-z_][a-z0-9_]*$", "", named)
-        kept.append(f"{named}.{UNKNOWN_KEY}: {REASON_CUT}")
-        break
-    return "; ".join(kept)
-
-
 def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
     # A message that arrived JSON-encoded keeps its ids too; one too deep to read is a
     # string, redacted whole.
@@ -156,8 +51,8 @@ def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
     except Unexaminable:
         parsed = letter.payload
     # Stored as JSON can hold it (a NaN read from a letter stored before becomes "NaN").
-    letter.payload = storable(redacted(parsed))
-    letter.reason = redacted_reason(letter.reason)
+    letter.payload = failures.storable(masking.redacted(parsed))
+    letter.reason = masking.redacted_reason(letter.reason)
     letter.payload_redacted_at = now
 
 
@@ -172,7 +67,7 @@ def _parsed(value: Any, depth: int) -> Any:
     :data:`MAX_STORED_NESTING` levels deep (which the parser may not even survive)
     raises :class:`Unexaminable`; what is not JSON stays a string.
     """
-    if depth < _MAX_NESTED_JSON and isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+    if depth < masking._MAX_NESTED_JSON and isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
         try:
             document = json.loads(value)
         except RecursionError:
@@ -348,8 +243,8 @@ def _redact_whatever_it_holds(letter: DeadLetter, now: dt.datetime) -> None:
     try:
         redact_dead_letter(letter, now)
     except (RecursionError, ValueError, TypeError, MemoryError):
-        letter.payload = REDACTED_VALUE
-        letter.reason = redacted_reason(letter.reason)
+        letter.payload = masking.REDACTED_VALUE
+        letter.reason = masking.redacted_reason(letter.reason)
         letter.payload_redacted_at = now
 
 

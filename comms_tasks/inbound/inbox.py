@@ -17,8 +17,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import (
@@ -40,8 +38,8 @@ from comms_tasks.contracts import (
     validate_event,
 )
 from comms_tasks.contracts.common import Contract
-from comms_tasks.contracts.limits import MAX_STORED_NESTING
 from comms_tasks.db import transaction
+from comms_tasks.inbound import dead_letter_replay, failures
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
 from comms_tasks.models.messaging import PENDING_UNREDACTED
@@ -92,93 +90,6 @@ def unpack_arguments(task_name: str, args: tuple[Any, ...], kwargs: dict[str, An
     if args or set(kwargs) != {name}:
         raise ContractViolation(f"arguments: expected exactly one keyword argument {name!r}", None)
     return kwargs[name]
-
-
-# NUL and lone surrogates (a "\ud800" escape in JSON is no character): PostgreSQL can
-# store neither in text or JSON.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-# What a dead letter keeps in place of containers nested deeper than it can store.
-TOO_DEEP = f"[nested too deeply: more than {MAX_STORED_NESTING} levels, not kept]"
-
-
-def storable(value: Any) -> Any:
-    """``value`` with every NUL and lone surrogate replaced, so that PostgreSQL stores it.
-
-    A dead letter must be kept whatever it holds; U+FFFD marks where such a character was.
-    NaN and the infinities (Python reads the tokens ``NaN``/``Infinity`` and a number
-    like ``1e400`` as such floats) become the strings "NaN", "Infinity", "-Infinity":
-    JSON has no such numbers, PostgreSQL refuses them and SQLite's JSON functions fail
-    on them.
-    Containers more than :data:`MAX_STORED_NESTING` levels deep are replaced by
-    :data:`TOO_DEEP`: JSON encoders (and PostgreSQL) refuse what is nested deeper than
-    their limits. Walked with a stack of its own, never by recursion.
-    """
-    root: list[Any] = [None]
-    stack: list[tuple[Any, Any, Any, int]] = [(value, root, 0, 1)]
-    while stack:
-        item, parent, slot, depth = stack.pop()
-        if isinstance(item, str):
-            parent[slot] = _UNSTORABLE.sub("\ufffd", item)
-        elif isinstance(item, dict | list | tuple) and depth > MAX_STORED_NESTING:
-            parent[slot] = TOO_DEEP
-        elif isinstance(item, dict):
-            copy: dict[Any, Any] = {}
-            parent[slot] = copy
-            for key, member in item.items():
-                if isinstance(key, str):
-                    key = _UNSTORABLE.sub("\ufffd", key)
-                copy[key] = None
-                stack.append((member, copy, key, depth + 1))
-        elif isinstance(item, list | tuple):
-            members: list[Any] = [None] * len(item)
-            parent[slot] = members
-            stack.extend((member, members, index, depth + 1) for index, member in enumerate(item))
-        elif isinstance(item, float) and not math.isfinite(item):
-            parent[slot] = "NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")
-        else:
-            parent[slot] = item
-    return root[0]
-
-
-# SQLSTATEs of an outage: serialization failure, deadlock, lock not available, the server
-# shutting down or starting, too many connections. Class 08 (connection exception) too.
-TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"})
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error (psycopg 2 and 3), if the server sent one."""
-    orig = getattr(exc, "orig", None)
-    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
-    return code if isinstance(code, str) else None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is an outage that a later attempt may not meet.
-
-    A lost or refused connection (the connection was invalidated, or the driver raised
-    an ``OperationalError``/``InterfaceError`` without a SQLSTATE from the server), a
-    serialization failure or deadlock, a lock timeout, a server shutting down. Nothing
-    else: a ``DataError``, an ``IntegrityError`` or an ``OverflowError`` fails the same
-    way every time.
-    """
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    code = sqlstate_of(exc)
-    if code is not None:
-        return code in TRANSIENT_SQLSTATES or code.startswith("08")
-    return isinstance(exc, OperationalError | InterfaceError)
-
-
-def failure_reason(exc: BaseException, retries: int = 0) -> str:
-    """A dead letter's reason for an exception: its class (and the driver's), no values."""
-    name = cause_of(exc)
-    if retries:
-        return f"could not be applied after {retries} retries: {name}"
-    return f"could not be applied: {name}"
 
 
 def _message_id_of_raw(task_name: str, raw: Any) -> str | None:
@@ -319,12 +230,12 @@ def _store_dead_letter(
         except Exception:  # noqa: BLE001 - not even hashable as JSON: a letter of its own
             key = hashlib.sha256(uuid.uuid4().bytes).hexdigest()
     else:
-        payload = storable(raw)
+        payload = failures.storable(raw)
         key = fingerprint(task_name, payload)
     values = {
         "task_name": task_name,
-        "message_id": storable(violation.message_id),
-        "reason": storable(violation.reason),
+        "message_id": failures.storable(violation.message_id),
+        "reason": failures.storable(violation.reason),
         "payload": payload,
         "status": DeadLetterStatus.PENDING,
         "received_at": utcnow(),
@@ -362,7 +273,7 @@ def _update_dead_letter(dead_letter_id: int, outcome: Outcome) -> None:
             return
         letter.replay_count += 1
         if outcome.result == "dead_letter":
-            letter.reason = storable(outcome.reason) or letter.reason
+            letter.reason = failures.storable(outcome.reason) or letter.reason
         else:
             letter.status = DeadLetterStatus.REPLAYED
             letter.replayed_at = utcnow()
@@ -442,33 +353,29 @@ def handle(
     return outcome
 
 
-class NotReplayable(LookupError):
-    """The dead letter does not exist or was replayed already."""
-
-
 def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
     """Validate and apply a dead letter again; it stays pending, with a new reason, if it fails."""
     with transaction() as session:
         letter = session.get(DeadLetter, dead_letter_id)
         if letter is None:
-            raise NotReplayable(f"dead letter {dead_letter_id} does not exist")
+            raise dead_letter_replay.NotReplayable(f"dead letter {dead_letter_id} does not exist")
         if letter.status is DeadLetterStatus.REPLAYED:
-            raise NotReplayable(f"dead letter {dead_letter_id} was replayed already")
+            raise dead_letter_replay.NotReplayable(f"dead letter {dead_letter_id} was replayed already")
         if letter.payload_redacted_at is not None:
-            raise NotReplayable(
+            raise dead_letter_replay.NotReplayable(
                 f"dead letter {dead_letter_id}: its message was redacted on "
                 f"{letter.payload_redacted_at:%Y-%m-%d} (patient erased or retention period "
                 "over); nothing is left to replay"
             )
         task_name, payload = letter.task_name, letter.payload
     if task_name not in appliers:
-        raise NotReplayable(
+        raise dead_letter_replay.NotReplayable(
             f"dead letter {dead_letter_id}: {task_name} is no task of this service (a name "
             "the producer got wrong); nothing is replayed, the producer sends it again under "
             "the right name"
         )
     if _is_undecoded(payload):
-        raise NotReplayable(
+        raise dead_letter_replay.NotReplayable(
             f"dead letter {dead_letter_id}: the message could not be decoded; nothing is "
             "replayed, the producer sends it again"
         )
@@ -484,10 +391,10 @@ def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
     try:
         return handle(task_name, raw, appliers[task_name], dead_letter_id=dead_letter_id)
     except Exception as exc:
-        if is_transient(exc):
+        if failures.is_transient(exc):
             raise  # the database is away: the letter stays as it is, try again later
         outcome = Outcome(
-            "dead_letter", _message_id_of_raw(task_name, raw), dead_letter_id, failure_reason(exc)
+            "dead_letter", _message_id_of_raw(task_name, raw), dead_letter_id, failures.failure_reason(exc)
         )
         _update_dead_letter(dead_letter_id, outcome)
         return outcome

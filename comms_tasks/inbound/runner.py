@@ -11,12 +11,11 @@ from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import IntegrityError
 
 from comms_tasks.app import app
+from comms_tasks.inbound import failures
 from comms_tasks.inbound.inbox import (
     Applier,
     cause_of,
-    failure_reason,
     handle_call,
-    is_transient,
     store_failure,
     store_unstorable,
 )
@@ -56,7 +55,7 @@ def inbound_task(task_name: str, applier: Applier) -> Task:
 
 def retries_allowed(exc: BaseException) -> int:
     """How many times a message that failed with ``exc`` is tried again."""
-    if is_transient(exc) or isinstance(exc, SoftTimeLimitExceeded):
+    if failures.is_transient(exc) or isinstance(exc, SoftTimeLimitExceeded):
         return MAX_TRANSIENT_RETRIES
     if isinstance(exc, IntegrityError):
         return MAX_RACE_RETRIES
@@ -77,12 +76,12 @@ def run_inbound(
             factor=1, retries=retries, maximum=MAX_BACKOFF_SECONDS, full_jitter=True
         )
         retry(task, failure, countdown)
-    reason = failure_reason(failure, retries)
+    reason = failures.failure_reason(failure, retries)
     try:
         return store_failure(task_name, args, kwargs, reason).as_dict()
     except Exception as exc:  # noqa: BLE001 - an outage is retried, anything else kept below
         failure = exc
-    if is_transient(failure):
+    if failures.is_transient(failure):
         # The database is still away: the message stays in the queue, not lost.
         retry(task, failure, MAX_BACKOFF_SECONDS)
     # The letter itself cannot be written (what it holds, not an outage): a minimal one
@@ -91,7 +90,7 @@ def run_inbound(
     try:
         return store_unstorable(task_name, args, kwargs, unstorable).as_dict()
     except Exception as exc:
-        if not is_transient(exc):
+        if not failures.is_transient(exc):
             raise
         failure = exc
     retry(task, failure, MAX_BACKOFF_SECONDS)

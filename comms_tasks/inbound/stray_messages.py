@@ -26,12 +26,12 @@ from kombu.exceptions import ContentDisallowed
 from kombu.message import Message
 
 from comms_tasks.contracts import COMMAND_ARGUMENT, EVENT_ARGUMENT, readable_message_id
+from comms_tasks.inbound import failures
 from comms_tasks.inbound.inbox import (
     NOT_STORED,
     UNDECODED_BODY,
     UNDECODED_BODY_BASE64,
     cause_of,
-    is_transient,
     loggable_id,
     store_stray,
 )
@@ -171,7 +171,7 @@ class DeadLetteringConsumer(Consumer):
         try:
             letter_id = store_stray(task_name, message_id, reason, payload)
         except Exception as exc:  # noqa: BLE001 - an outage waits, anything else is noted
-            if is_transient(exc):
+            if failures.is_transient(exc):
                 log.warning(
                     "a message for %s (message %s) could not be kept as a dead letter: %s; "
                     "left unacknowledged, to be delivered again",

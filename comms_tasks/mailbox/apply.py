@@ -17,30 +17,19 @@ import uuid
 from collections.abc import Sequence
 
 from pydantic import ValidationError
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import received
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
-from comms_tasks.contracts.published import EmailBouncedPayload
-from comms_tasks.emails import answers, composing
-from comms_tasks.events.outbox import record_event
+from comms_tasks.emails import answers
 from comms_tasks.inbound.inbox import Rejected
+from comms_tasks.mailbox import bounces, finding
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys
 from comms_tasks.mailbox.redaction import redact_mail
 from comms_tasks.mailbox.sources import Fetched
-from comms_tasks.models import (
-    Email,
-    EmailStatus,
-    EmailTemplate,
-    InboundMail,
-    InboundMailKind,
-    InboundMailState,
-    PhoneCall,
-    PhoneCallStatus,
-    Therapist,
-)
+from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
 from comms_tasks.models.inbound_mail import (
     MAX_DIAGNOSTIC,
     MAX_MAIL_MESSAGE_ID,
@@ -53,16 +42,6 @@ from comms_tasks.settings import Settings
 # always makes the same command id.
 MAILBOX_COMMANDS = uuid.UUID("8f0e1d4c-5b6a-4e1f-9a3b-2c7d6e5f4a31")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Found:
-    email: Email
-    method: str  # token, thread, sender or operator
-    review_reason: str | None = None
-
-
 @dataclasses.dataclass(frozen=True)
 class Applied:
     """What one message did: its row, and whether it was new (False: seen before)."""
@@ -162,52 +141,6 @@ def seen_before(session: Session, source: str, fetched: Fetched) -> InboundMail 
 # --- finding the email -------------------------------------------------------------------
 
 
-def find_email(session: Session, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
-    """The email a message answers: its token, then the thread, then (unsure) the sender."""
-    for token in keys.tokens:
-        found = session.scalar(select(Email).where(Email.reply_token == token))
-        if found is not None:
-            return Found(found, "token", _other_sender(found, keys, kind))
-    for message_id in keys.message_ids:
-        found = session.scalar(select(Email).where(Email.message_id == message_id))
-        if found is not None:
-            return Found(found, "thread", _other_sender(found, keys, kind))
-    if kind in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY) and keys.sender:
-        found = _only_unanswered_email_of(session, keys.sender)
-        if found is not None:
-            return Found(found, "sender", "matched by its sender alone")
-    return None
-
-
-def _other_sender(found: Email, keys: MatchKeys, kind: InboundMailKind) -> str | None:
-    if kind not in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY):
-        return None  # bounces come from the mail system, not from the therapist
-    if keys.sender and keys.sender.lower() == found.recipient_email.lower():
-        return None
-    return "sent from an address other than the therapist's"
-
-
-def _only_unanswered_email_of(session: Session, sender: str) -> Email | None:
-    therapists = list(
-        session.scalars(
-            select(Therapist.id).where(func.lower(Therapist.email) == sender.lower()).limit(2)
-        )
-    )
-    if len(therapists) != 1:
-        return None
-    unanswered = list(
-        session.scalars(
-            select(Email)
-            .where(Email.therapist_id == therapists[0])
-            .where(Email.template.in_((*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
-            .where(Email.status == EmailStatus.SENT)
-            .where(Email.response_received.is_(False))
-            .limit(2)
-        )
-    )
-    return unanswered[0] if len(unanswered) == 1 else None
-
-
 # --- recording it --------------------------------------------------------------------------
 
 
@@ -245,7 +178,7 @@ def record_mail(
         sender=one_line(keys.sender, MAX_EMAIL),
         subject=one_line(subject, MAX_MAIL_SUBJECT),
         message_id=one_line(message_id, MAX_MAIL_MESSAGE_ID),
-        status_code=_status(classified.status_code),
+        status_code=bounces._status(classified.status_code),
         diagnostic=one_line(classified.diagnostic, MAX_DIAGNOSTIC),
         auto_reason=one_line(classified.auto_submitted_reason, MAX_REASON),
         defect=one_line(classified.defect, MAX_REASON),
@@ -253,7 +186,7 @@ def record_mail(
         raw=fetched.raw,
     )
     # Added once everything about it is known: one INSERT, no UPDATE after it.
-    found = None if kind is InboundMailKind.UNRELATED else find_email(session, keys, kind)
+    found = None if kind is InboundMailKind.UNRELATED else finding.find_email(session, keys, kind)
     call_requested = False
     if found is not None:
         lock_found(session, found)
@@ -279,7 +212,7 @@ def record_mail(
     )
 
 
-def lock_found(session: Session, found: Found) -> None:
+def lock_found(session: Session, found: finding.Found) -> None:
     """Lock the email found and its thread, and read them again, before applying.
 
     The email was found without a lock: a ``patient.erased`` (or the purge) may have
@@ -325,7 +258,7 @@ def earlier_copy(session: Session, mail: InboundMail, email: Email) -> int | Non
     return None
 
 
-def keep_as_copy(mail: InboundMail, found: Found, copy_id: int) -> None:
+def keep_as_copy(mail: InboundMail, found: finding.Found, copy_id: int) -> None:
     """Keep a second copy with its email, filed like the first, applying nothing again."""
     mail.email_id = found.email.id
     mail.match_method = found.method
@@ -337,7 +270,7 @@ def keep_as_copy(mail: InboundMail, found: Found, copy_id: int) -> None:
 def apply_to(
     session: Session,
     mail: InboundMail,
-    found: Found,
+    found: finding.Found,
     classified: Classified,
     now: dt.datetime,
     settings: Settings,
@@ -361,7 +294,7 @@ def apply_to(
         return False
     if mail.kind in (InboundMailKind.BOUNCE, InboundMailKind.DELAYED):
         permanent = mail.kind is InboundMailKind.BOUNCE
-        return record_bounce(
+        return bounces.record_bounce(
             session,
             found.email,
             permanent=permanent,
@@ -397,100 +330,6 @@ def record_reply(
     answers.record_response(session, command, now, settings, source="mailbox", known_at=now)
 
 
-def _status(value: str | None) -> str | None:
-    return value if value and _STATUS.match(value) else None
-
-
-def record_bounce(
-    session: Session,
-    email: Email,
-    *,
-    permanent: bool,
-    status: str | None,
-    diagnostic: str | None,
-    failed_recipients: Sequence[str],
-    bounced_at: dt.datetime,
-    now: dt.datetime,
-) -> bool:
-    """Note a bounce on its email; a permanent one also flags the address and asks a call.
-
-    A temporary bounce after a permanent one changes nothing; a permanent one upgrades a
-    temporary one. Returns whether the email now waits for its follow-up call.
-    """
-    locked = session.get(Email, email.id, with_for_update=True)
-    assert locked is not None
-    if locked.bounce_permanent and not permanent:
-        return False
-    if locked.bounced_at is not None and locked.bounce_permanent == permanent:
-        return False  # the same news again (a second delay notice, a second bounce)
-    locked.bounced_at = bounced_at
-    locked.bounce_permanent = permanent
-    locked.bounce_status = status
-    locked.bounce_diagnostic = diagnostic
-    record_event(
-        session,
-        EmailBouncedPayload(
-            email_id=locked.id,
-            therapist_id=locked.therapist_id,
-            permanent=permanent,
-            status=status,
-            bounced_at=bounced_at,
-        ),
-        occurred_at=now,
-    )
-    if not permanent:
-        return False
-    recipients = {address.lower() for address in failed_recipients}
-    if not recipients or locked.recipient_email.lower() in recipients:
-        flag_undeliverable(session, locked, status, bounced_at)
-    return request_call_now(session, locked, now)
-
-
-def flag_undeliverable(
-    session: Session, email: Email, status: str | None, bounced_at: dt.datetime
-) -> None:
-    """The address the email bounced from, while it is the therapist's: no more email."""
-    therapist = session.get(Therapist, email.therapist_id, with_for_update=True)
-    if therapist is None or not therapist.email:
-        return
-    if therapist.email.lower() != email.recipient_email.lower():
-        return  # the therapist service already sent another address
-    therapist.undeliverable_email = therapist.email
-    therapist.undeliverable_since = bounced_at
-    therapist.undeliverable_status = status
-
-
-def request_call_now(session: Session, email: Email, now: dt.datetime) -> bool:
-    """The follow-up call of a bounced email, now rather than after the waiting days.
-
-    A reminder that bounced asks for the call of the email it follows up. Nothing when
-    the email was answered, already waits for a call, or has one.
-    """
-    asking = email
-    if email.template is EmailTemplate.FOLLOW_UP and email.in_reply_to_email_id is not None:
-        original = session.get(Email, email.in_reply_to_email_id, with_for_update=True)
-        if original is None:
-            return False
-        asking = original
-    if asking.template not in composing.ASKING_TEMPLATES or asking.status is not EmailStatus.SENT:
-        return False
-    if (
-        asking.response_received
-        or asking.call_requested_at is not None
-        or asking.follow_up_settled_at is not None
-    ):
-        return False
-    has_call = session.scalar(
-        select(func.count(PhoneCall.id))
-        .where(PhoneCall.email_id == asking.id)
-        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-    )
-    if has_call:
-        return False
-    asking.call_requested_at = now
-    return True
-
-
 def assign(
     session: Session, mail: InboundMail, email: Email, now: dt.datetime, settings: Settings
 ) -> bool:
@@ -505,7 +344,7 @@ def assign(
         auto_submitted_reason=mail.auto_reason,
         defect=mail.defect,
     )
-    found = Found(email, "operator")
+    found = finding.Found(email, "operator")
     lock_found(session, found)
     call_requested = apply_to(session, mail, found, classified, now, settings)
     if email.body_redacted_at is not None:

@@ -24,11 +24,9 @@ from email.message import Message
 from enum import StrEnum
 
 from flufl.bounce import all_failures
-from mailparser_reply import EmailReplyParser
 
-from comms_tasks.contracts.limits import MAX_TEXT
 from comms_tasks.mail.addresses import plain_address
-from comms_tasks.mailbox import _mime
+from comms_tasks.mailbox import _mime, quoting
 from comms_tasks.mailbox._mime import MAX_MESSAGE_BYTES, parse
 
 __all__ = ["MAX_MESSAGE_BYTES", "Classified", "MailKind", "classify", "parse"]
@@ -40,9 +38,6 @@ logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 MAX_DIAGNOSTIC = 300
 MAX_RECIPIENTS = 20
 MAX_RETURNED_IDS = 5
-# Languages of the quote headers the reply parser cuts at ("Am ... schrieb ...:", "Von:").
-REPLY_LANGUAGES = ("de", "en")
-
 _STATUS = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})\Z")
 _STATUS_IN_TEXT = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _AUTO_SUBMITTED_VALUES = frozenset({"auto-replied", "auto-generated", "auto-notified"})
@@ -70,32 +65,9 @@ _BOUNCE_SUBJECT = re.compile(
     r"delivery notification|warning: could not send|delayed mail",
     re.IGNORECASE,
 )
-# What mobile mail apps append, and the separator Outlook leaves above a quoted original.
-_SENT_FROM = re.compile(
-    r"^\s*(?:von meinem \S+(?: \S+){0,3} gesendet|gesendet von meinem \S+(?: \S+){0,3}|"
-    r"sent from my \S+(?: \S+){0,3}|get outlook for \S+(?: \S+){0,2}|"
-    r"diese nachricht wurde von meinem \S+(?: \S+){0,3} gesendet\.?)\s*$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_SEPARATOR = re.compile(
-    r"^\s*-{2,}\s*(?:ursprüngliche nachricht|original message|weitergeleitete nachricht|"
-    r"forwarded message)\s*-{2,}\s*$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_QUOTED_LINE = re.compile(r"^\s*>.*$\n?", re.MULTILINE)
 _RETURNED_ID_LINE = re.compile(
     r"^\s*Message-ID:\s*(<[^\r\n]{0,600})$", re.IGNORECASE | re.MULTILINE
 )
-
-# The reply parser's patterns backtrack on long lines, quadratically in their length (a
-# line of 60,000 characters of "Am " took 17 s; 60 lines of 1,000 of "On " 4 s): it
-# reads at most this much, in lines of at most this length (a longer paragraph is
-# broken at a space). The new text comes first and only MAX_TEXT of it is kept anyway.
-MAX_PARSED_CHARS = 20_000
-MAX_LINE = 400
-
-_REPLY_PARSER = EmailReplyParser(languages=list(REPLY_LANGUAGES))
-
 
 class MailKind(StrEnum):
     REPLY = "reply"
@@ -152,10 +124,10 @@ def _classify(raw: bytes, max_bytes: int, parsed: Message | None) -> Classified:
     defect = _mime.fatal_defect(message)
     if defect is not None:
         return Classified(MailKind.UNRELATED, defect=defect)
-    text, defect = _body_text(message)
+    text, defect = quoting._body_text(message)
     if defect is not None:
         return Classified(MailKind.UNRELATED, defect=defect)
-    return Classified(MailKind.REPLY, reply_text=reply_text(text))
+    return Classified(MailKind.REPLY, reply_text=quoting.reply_text(text))
 
 
 # --- bounces ----------------------------------------------------------------------------
@@ -366,54 +338,3 @@ def _precedence(message: Message) -> str | None:
 # --- human replies ----------------------------------------------------------------------
 
 
-def _body_text(message: Message) -> tuple[str, str | None]:
-    """The reply's own text part (plain preferred, else HTML as text), or a defect."""
-    html: Message | None = None
-    for kind, part in _mime.texts(_mime.walk(message)):
-        if kind == "text/plain":
-            return _mime.part_text(part)
-        html = html or part
-    if html is not None:
-        text, defect = _mime.part_text(html)
-        return _mime.html_to_text(text), defect
-    return "", None
-
-
-def reply_text(text: str) -> str | None:
-    """The new text of a human reply: quoted original, quote header, separator and
-    "Sent from my iPhone" lines removed; None when nothing is left."""
-    text = _short_lines(_mime.clean_text(text[:MAX_PARSED_CHARS]))
-    try:
-        parsed = _REPLY_PARSER.read(text)
-        first = parsed.replies[0] if parsed.replies else None
-    except Exception:  # noqa: BLE001 - a regex library on a stranger's text
-        first = None
-    if first is not None:
-        # When the message starts with a quote header (inline answers), the first part
-        # is the quote itself: keep it without its header, and without the quoted lines.
-        text = first.full_body if first.headers else first.content
-    text = _QUOTED_LINE.sub("", text)
-    separator = _SEPARATOR.search(text)
-    if separator:
-        text = text[: separator.start()]
-    text = _SENT_FROM.sub("", text)
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.split("\n")))
-    text = text.strip()
-    if not text:
-        return None
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
-
-
-def _short_lines(text: str) -> str:
-    """``text`` with every line longer than :data:`MAX_LINE` broken, at a space if any."""
-    if all(len(line) <= MAX_LINE for line in text.split("\n")):
-        return text
-    lines = []
-    for line in text.split("\n"):
-        while len(line) > MAX_LINE:
-            cut = line.rfind(" ", 1, MAX_LINE)
-            cut = cut if cut > 0 else MAX_LINE
-            lines.append(line[:cut])
-            line = line[cut:].lstrip(" ")
-        lines.append(line)
-    return "\n".join(lines)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 from comms_tasks.contracts import EVENT_ARGUMENT, HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
+from comms_tasks.ops import demo_vocabulary
 
 # --- Message contract --------------------------------------------------------------
 
@@ -82,45 +83,8 @@ REGISTERED_DAYS_BEFORE_FIRST_REQUEST = (1, 120)
 
 # --- Therapist profiles ------------------------------------------------------------
 
-FEMALE_FIRST_NAMES = (
-    "Anna", "Bärbel", "Birgit", "Charlotte", "Claudia", "Dörte", "Henrike", "Jana",
-    "Julia", "Katharina", "Lena", "Miriam", "Sabine", "Sophie", "Susanne", "Ulrike",
-)  # fmt: skip
-MALE_FIRST_NAMES = (
-    "Andreas", "Björn", "Florian", "Günter", "Jörg", "Jürgen", "Lukas", "Matthias",
-    "Michael", "Moritz", "Sebastian", "Stefan", "Thomas", "Tobias",
-)  # fmt: skip
-LAST_NAMES = (
-    "Bauer", "Becker", "Böhm", "Brandt", "Braun", "Fischer", "Förster", "Groß", "Haas",
-    "Hartmann", "Hoffmann", "Jäger", "Klein", "Koch", "Köhler", "Krause", "Krüger", "Lange",
-    "Lehmann", "Meyer", "Müller", "Müller-Lüdenscheidt", "Neumann", "Richter", "Schäfer",
-    "Schmidt", "Schneider", "Schröder", "Schulz", "Schwarz", "Sommer", "Vogel", "von Arnim",
-    "Wagner", "Weber", "Weiß", "Werner", "Wolf", "Zimmermann",
-)  # fmt: skip
-# (title, weight): most therapists carry none, psychologists often "Dipl.-Psych.".
-TITLES: tuple[tuple[str | None, int], ...] = (
-    (None, 50),
-    ("Dipl.-Psych.", 25),
-    ("Dr.", 15),
-    ("Dr. med.", 6),
-    ("Prof. Dr.", 2),
-)
 NO_SALUTATION_SHARE = 0.07
 
-# "{first}", "{initial}", "{last}": ascii forms of the names.
-EMAIL_PATTERNS = (
-    "{initial}.{last}@praxis-{last}.de",
-    "kontakt@psychotherapie-{last}.de",
-    "praxis@{last}-psychotherapie.de",
-    "{first}.{last}@t-online.de",
-    "praxis.{last}@gmx.de",
-    "{initial}{last}@web.de",
-)
-TRANSLITERATION = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", " ": "-"})
-
-# Area codes of German cities (without the leading zero) and of mobile networks.
-LANDLINE_AREA_CODES = ("30", "40", "89", "221", "69", "711", "211", "341", "351", "511", "911")
-MOBILE_PREFIXES = ("151", "160", "170", "176")
 MOBILE_SHARE = 0.15
 MOBILE_DIGITS = 8
 # Subscriber numbers are longer where area codes are shorter (Berlin: 7 digits).
@@ -140,76 +104,8 @@ WINDOW_MINUTES = (25, 30, 30, 45, 50, 60)
 
 # --- Patient summaries -------------------------------------------------------------
 
-# Diagnosis (ICD-10) -> current complaints that fit it.
-COMPLAINTS_BY_DIAGNOSIS: dict[str, tuple[str, ...]] = {
-    "F32.1 Mittelgradige depressive Episode": (
-        "Anhaltende Niedergeschlagenheit und Antriebslosigkeit, der Alltag fällt zunehmend "
-        "schwer. Schläft schlecht und zieht sich von Freunden zurück.",
-        "Fühlt sich seit Monaten erschöpft und freudlos. Die Arbeit ist nur noch mit großer "
-        "Mühe zu schaffen.",
-    ),
-    "F33.1 Rezidivierende depressive Störung, gegenwärtig mittelgradige Episode": (
-        "Erneute depressive Phase mit Grübeln, Konzentrationsproblemen und frühem Erwachen. "
-        "Wünscht sich Unterstützung, um Rückfällen besser vorzubeugen.",
-        "Wiederkehrende Phasen gedrückter Stimmung, aktuell mit deutlichem Interessenverlust.",
-    ),
-    "F41.1 Generalisierte Angststörung": (
-        "Ständige Sorgen um Gesundheit, Familie und Arbeit, die sich kaum abstellen lassen. "
-        "Dazu Anspannung, Unruhe und Einschlafprobleme.",
-        "Anhaltende innere Unruhe und Sorgen, die den Alltag bestimmen.",
-    ),
-    "F41.0 Panikstörung": (
-        "Wiederholte Panikattacken mit Herzrasen und Atemnot, vor allem in Bus und Bahn. "
-        "Vermeidet inzwischen längere Fahrten.",
-    ),
-    "F40.1 Soziale Phobie": (
-        "Starke Angst, in Gesprächen und Besprechungen negativ aufzufallen. Meidet deshalb "
-        "Veranstaltungen und Telefonate.",
-        "Große Anspannung in sozialen Situationen, besonders bei Referaten im Studium.",
-    ),
-    "F43.1 Posttraumatische Belastungsstörung": (
-        "Belastende Erinnerungen und Albträume nach einem Verkehrsunfall. Schreckhaftigkeit "
-        "und Schlafstörungen erschweren den Alltag.",
-        "Wiederkehrende Erinnerungen an ein belastendes Ereignis, dazu Schlafprobleme und "
-        "Reizbarkeit.",
-    ),
-    "F43.2 Anpassungsstörung": (
-        "Nach einer Trennung anhaltend traurig und überfordert. Sucht Unterstützung, um wieder "
-        "Stabilität zu finden.",
-        "Seit dem Verlust des Arbeitsplatzes starke Zukunftsängste und Schlafprobleme.",
-    ),
-    "F42.2 Zwangsgedanken und -handlungen, gemischt": (
-        "Zeitaufwendige Kontroll- und Waschrituale, die mehrere Stunden am Tag in Anspruch "
-        "nehmen. Leidet zusätzlich unter aufdringlichen Gedanken.",
-    ),
-    "F50.2 Bulimia nervosa": (
-        "Wiederkehrende Essanfälle mit anschließendem Erbrechen. Möchte das eigene "
-        "Essverhalten mit therapeutischer Hilfe stabilisieren.",
-    ),
-}
 GENDER_WEIGHTS = {"weiblich": 60, "männlich": 35, "divers": 5}
-TIME_AVAILABILITY = (
-    "Montags und mittwochs ab 16 Uhr",
-    "Vormittags flexibel",
-    "Dienstags und donnerstags ganztägig",
-    "Nur nach 17 Uhr (Vollzeitstelle)",
-    "Flexibel, außer freitags",
-    "Mittwochs und freitags vormittags",
-    "Werktags zwischen 12 und 14 Uhr",
-    "Nach Absprache, Schichtdienst im Wechsel",
-)
-SEASONS = ("Frühjahr", "Sommer", "Herbst", "Winter")
 SYMPTOMS_MONTHS = (3, 18)
-# "{yN}" is the year N years before now; "\u2013" is an en dash.
-THERAPY_EXPERIENCE = (
-    "Keine Vorerfahrung",
-    "Keine Vorerfahrung",
-    "Verhaltenstherapie {y7}\u2013{y6} (25 Sitzungen)",
-    "Tiefenpsychologisch fundierte Psychotherapie {y5}\u2013{y3}",
-    "Stationärer Aufenthalt in einer psychosomatischen Klinik {y2} (8 Wochen)",
-    "Psychologische Beratungsstelle der Hochschule {y1} (5 Gespräche)",
-    "Probatorische Sitzungen {y2}, Therapie nicht begonnen",
-)
 MAX_YEARS_AGO = 7
 
 T = TypeVar("T")
@@ -248,7 +144,7 @@ def demo_messages(
     rng = random.Random(seed)  # noqa: S311 - demo data, reproducible on purpose
 
     # Distinct last names while they last, so that email addresses differ too.
-    last_names = rng.sample(LAST_NAMES, len(LAST_NAMES))
+    last_names = rng.sample(demo_vocabulary.LAST_NAMES, len(demo_vocabulary.LAST_NAMES))
     profiles = [
         therapist_profile(rng, therapist_id, last_names[(therapist_id - 1) % len(last_names)])
         for therapist_id in range(1, therapists + 1)
@@ -304,17 +200,17 @@ def _weighted(rng: random.Random, weights: dict[T, int]) -> T:
 
 def therapist_profile(rng: random.Random, therapist_id: int, last_name: str) -> dict[str, Any]:
     """An active therapist with email, phone and office hours (the mix comes later)."""
-    female = rng.random() < len(FEMALE_FIRST_NAMES) / (
-        len(FEMALE_FIRST_NAMES) + len(MALE_FIRST_NAMES)
+    female = rng.random() < len(demo_vocabulary.FEMALE_FIRST_NAMES) / (
+        len(demo_vocabulary.FEMALE_FIRST_NAMES) + len(demo_vocabulary.MALE_FIRST_NAMES)
     )
-    first_name = rng.choice(FEMALE_FIRST_NAMES if female else MALE_FIRST_NAMES)
+    first_name = rng.choice(demo_vocabulary.FEMALE_FIRST_NAMES if female else demo_vocabulary.MALE_FIRST_NAMES)
     salutation: str | None = "Frau" if female else "Herr"
     if rng.random() < NO_SALUTATION_SHARE:
         salutation = None
     return {
         "therapist_id": therapist_id,
         "salutation": salutation,
-        "title": _weighted(rng, dict(TITLES)),
+        "title": _weighted(rng, dict(demo_vocabulary.TITLES)),
         "first_name": first_name,
         "last_name": last_name,
         "email": _email(rng, first_name, last_name),
@@ -325,19 +221,19 @@ def therapist_profile(rng: random.Random, therapist_id: int, last_name: str) -> 
 
 
 def _ascii(name: str) -> str:
-    return name.lower().translate(TRANSLITERATION)
+    return name.lower().translate(demo_vocabulary.TRANSLITERATION)
 
 
 def _email(rng: random.Random, first_name: str, last_name: str) -> str:
     first, last = _ascii(first_name), _ascii(last_name)
-    return rng.choice(EMAIL_PATTERNS).format(first=first, initial=first[0], last=last)
+    return rng.choice(demo_vocabulary.EMAIL_PATTERNS).format(first=first, initial=first[0], last=last)
 
 
 def _phone(rng: random.Random) -> str:
     if rng.random() < MOBILE_SHARE:
-        prefix, digits = rng.choice(MOBILE_PREFIXES), MOBILE_DIGITS
+        prefix, digits = rng.choice(demo_vocabulary.MOBILE_PREFIXES), MOBILE_DIGITS
     else:
-        prefix = rng.choice(LANDLINE_AREA_CODES)
+        prefix = rng.choice(demo_vocabulary.LANDLINE_AREA_CODES)
         digits = LANDLINE_NUMBER_DIGITS - len(prefix)
     number = rng.randint(10 ** (digits - 1), 10**digits - 1)
     return f"+49 {prefix} {number}"
@@ -534,22 +430,22 @@ def _patient_summaries(
 
 
 def patient_summary(rng: random.Random, now: dt.datetime) -> dict[str, Any]:
-    diagnosis = rng.choice(list(COMPLAINTS_BY_DIAGNOSIS))
+    diagnosis = rng.choice(list(demo_vocabulary.COMPLAINTS_BY_DIAGNOSIS))
     return {
         "diagnosis": diagnosis,
         "gender": _weighted(rng, GENDER_WEIGHTS),
-        "time_availability": rng.choice(TIME_AVAILABILITY),
+        "time_availability": rng.choice(demo_vocabulary.TIME_AVAILABILITY),
         "symptoms_since": _symptoms_since(rng, now),
         "open_to_group_therapy": rng.random() < GROUP_THERAPY_SHARE,
         "therapy_experience": _therapy_experience(rng, now),
-        "current_complaints": rng.choice(COMPLAINTS_BY_DIAGNOSIS[diagnosis]),
+        "current_complaints": rng.choice(demo_vocabulary.COMPLAINTS_BY_DIAGNOSIS[diagnosis]),
     }
 
 
 def _symptoms_since(rng: random.Random, now: dt.datetime) -> str:
     choices = (
         f"seit etwa {rng.randint(*SYMPTOMS_MONTHS)} Monaten",
-        f"seit {rng.choice(SEASONS)} {now.year - 1}",
+        f"seit {rng.choice(demo_vocabulary.SEASONS)} {now.year - 1}",
         "seit über einem Jahr",
         "seit mehreren Jahren, verstärkt seit dem letzten Winter",
     )
@@ -558,4 +454,4 @@ def _symptoms_since(rng: random.Random, now: dt.datetime) -> str:
 
 def _therapy_experience(rng: random.Random, now: dt.datetime) -> str:
     years = {f"y{ago}": now.year - ago for ago in range(1, MAX_YEARS_AGO + 1)}
-    return rng.choice(THERAPY_EXPERIENCE).format(**years)
+    return rng.choice(demo_vocabulary.THERAPY_EXPERIENCE).format(**years)

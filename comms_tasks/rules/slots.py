@@ -16,11 +16,9 @@ import datetime as dt
 import heapq
 import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
-
-import holidays as holiday_calendars
 
 from comms_tasks.contracts.common import WEEKDAYS
+from comms_tasks.rules import availability
 
 HOLIDAY_COUNTRY = "DE"
 WEEKDAY_NUMBERS = {name: number for number, name in enumerate(WEEKDAYS)}
@@ -62,74 +60,6 @@ class SlotRules:
             raise ValueError("horizon must be positive")
         if self.calls_per_slot < 1:
             raise ValueError("calls_per_slot must be at least 1")
-
-
-def parse_availability(data: Mapping[str, Any] | None) -> dict[int, list[Window]]:
-    """The stored availability JSON as weekday number (Monday = 0) -> sorted, merged windows.
-
-    The JSON was validated when it arrived; anything unexpected here is a bug upstream and
-    raises ``ValueError`` naming the key rather than silently dropping a therapist's hours.
-    """
-    if not data:
-        return {}
-    parsed: dict[int, list[Window]] = {}
-    for day, windows in data.items():
-        if day not in WEEKDAY_NUMBERS:
-            raise ValueError(f"availability: unknown weekday {day!r}")
-        day_windows: list[Window] = []
-        for window in windows:
-            try:
-                start = dt.time.fromisoformat(window["start"])
-                end = dt.time.fromisoformat(window["end"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"availability.{day}: bad window") from exc
-            if end <= start:
-                raise ValueError(f"availability.{day}: end must be after start")
-            day_windows.append((start, end))
-        if day_windows:
-            parsed[WEEKDAY_NUMBERS[day]] = _merged(day_windows)
-    return parsed
-
-
-def _merged(windows: Sequence[Window]) -> list[Window]:
-    """Sorted, with overlapping or touching windows joined (the rule the contract applies)."""
-    result: list[Window] = []
-    for start, end in sorted(windows):
-        if result and start <= result[-1][1]:
-            result[-1] = (result[-1][0], max(result[-1][1], end))
-        else:
-            result.append((start, end))
-    return result
-
-
-class Holidays:
-    """Public holidays in Germany (and one state), as a fast ``date in holidays`` check.
-
-    Each year is computed once, the first time a date of it is asked about.
-    """
-
-    def __init__(self, state: str | None = None) -> None:
-        self.state = state
-        # Built now so that an unknown state fails at start-up, not at the first booking.
-        holiday_calendars.country_holidays(HOLIDAY_COUNTRY, subdiv=state)
-        self._by_year: dict[int, frozenset[dt.date]] = {}
-
-    def __contains__(self, day: object) -> bool:
-        if isinstance(day, dt.datetime):
-            day = day.date()
-        if not isinstance(day, dt.date):
-            return False
-        dates = self._by_year.get(day.year)
-        if dates is None:
-            calendar = holiday_calendars.country_holidays(
-                HOLIDAY_COUNTRY, subdiv=self.state, years=day.year
-            )
-            dates = frozenset(calendar.keys())
-            self._by_year[day.year] = dates
-        return day in dates
-
-    def __repr__(self) -> str:
-        return f"Holidays(state={self.state!r})"
 
 
 class BookedCalls:
@@ -212,7 +142,7 @@ def free_slots(
     booked: BookedCalls,
     now: dt.datetime,
     rules: SlotRules,
-    holidays: Holidays,
+    holidays: availability.Holidays,
     *,
     not_before: dt.datetime | None = None,
     horizon_from: dt.datetime | None = None,
@@ -270,7 +200,7 @@ def first_free_slot(
     booked: BookedCalls,
     now: dt.datetime,
     rules: SlotRules,
-    holidays: Holidays,
+    holidays: availability.Holidays,
     *,
     not_before: dt.datetime | None = None,
     horizon_from: dt.datetime | None = None,
@@ -308,7 +238,7 @@ def _day_windows(availability: Mapping[int, Sequence[Window]]) -> dict[int, list
             raise ValueError(f"availability: a window of weekday {weekday} ends before it starts")
         if windows:
             result[weekday] = [
-                (_since_midnight(s), _since_midnight(e)) for s, e in _merged(windows)
+                (_since_midnight(s), _since_midnight(e)) for s, e in availability._merged(windows)
             ]
     return result
 
@@ -328,7 +258,7 @@ def _candidates(
     last_day: dt.date,
     earliest: dt.datetime,
     rules: SlotRules,
-    holidays: Holidays,
+    holidays: availability.Holidays,
 ) -> Iterator[tuple[dt.datetime, tuple[dt.datetime, ...]]]:
     """Each grid wall time inside a window, in increasing order, as (bound, starts).
 

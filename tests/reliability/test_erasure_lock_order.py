@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.calls import outcomes, scheduling
+from comms_tasks.calls import outcomes, requested
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from comms_tasks.contracts import (
     QUEUE_EMAIL,
@@ -28,7 +28,7 @@ from comms_tasks.contracts import (
     validate_command,
     validate_event,
 )
-from comms_tasks.emails import answers, composing
+from comms_tasks.emails import answers, composing, requested
 from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, PhoneCall, Therapist
 from comms_tasks.projections import upstream
@@ -101,7 +101,7 @@ def test_a_requested_confirmation_and_an_erasure_do_not_deadlock(committed_db: E
     )
 
     def confirm(session: Session) -> None:
-        answers.queue_requested_email(session, command, utc_now(), get_settings())
+        requested.queue_requested_email(session, command, utc_now(), get_settings())
 
     errors = interleave_at(committed_db, confirm, first_share_lock, erasure_of(10))
     assert errors == []
@@ -207,7 +207,7 @@ def test_schedule_call_with_notes_and_an_erasure_keep_no_notes_about_the_erased(
 
         def book(session: Session, command: Any = command, refused: list[str] = refused) -> None:
             try:
-                scheduling.schedule_requested_call(session, command, utc_now(), get_settings())
+                requested.schedule_requested_call(session, command, utc_now(), get_settings())
             except Rejected as exc:
                 refused.append(str(exc))
 

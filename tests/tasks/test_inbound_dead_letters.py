@@ -25,7 +25,7 @@ from comms_tasks import migrate
 from comms_tasks.app import app
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.db import make_engine, reset_engine
-from comms_tasks.inbound import inbox
+from comms_tasks.inbound import failures, inbox
 from comms_tasks.inbound.dead_letters import purge_expired_dead_letters
 from comms_tasks.models import DeadLetter, DeadLetterStatus
 from comms_tasks.models.base import utcnow
@@ -222,7 +222,7 @@ def test_the_next_message_after_a_deep_one_is_applied(committed_db: Engine) -> N
 
 
 def test_storable_keeps_a_bounded_depth_without_recursing() -> None:
-    kept = inbox.storable({"a": nested(200_000, "list"), "b": "Bl\x00\ud800"})
+    kept = failures.storable({"a": nested(200_000, "list"), "b": "Bl\x00\ud800"})
 
     depth = 0
     value = kept["a"]

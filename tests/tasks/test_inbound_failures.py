@@ -26,7 +26,7 @@ from comms_tasks.app import app
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import COMMANDS, INBOUND_EVENTS
 from comms_tasks.db import make_engine
-from comms_tasks.inbound import inbox
+from comms_tasks.inbound import failures
 from comms_tasks.inbound.runner import MAX_TRANSIENT_RETRIES
 from comms_tasks.models import DeadLetter, DeadLetterStatus
 from tests import factories as f
@@ -256,20 +256,20 @@ def test_only_outages_are_transient(committed_db: Engine) -> None:
     finally:
         unreachable.dispose()
     assert isinstance(refused, OperationalError)
-    assert inbox.is_transient(refused)
-    assert inbox.is_transient(real_error(committed_db, raising(SERIALIZATION_FAILURE)))
-    assert inbox.is_transient(real_error(committed_db, raising(DEADLOCK)))
-    assert inbox.is_transient(real_error(committed_db, raising("57P01")))  # admin shutdown
+    assert failures.is_transient(refused)
+    assert failures.is_transient(real_error(committed_db, raising(SERIALIZATION_FAILURE)))
+    assert failures.is_transient(real_error(committed_db, raising(DEADLOCK)))
+    assert failures.is_transient(real_error(committed_db, raising("57P01")))  # admin shutdown
 
     division = real_error(committed_db, "SELECT 1 / 0")
     assert isinstance(division, DataError)
-    assert not inbox.is_transient(division)
-    assert not inbox.is_transient(real_error(committed_db, raising(DATA_EXCEPTION)))
+    assert not failures.is_transient(division)
+    assert not failures.is_transient(real_error(committed_db, raising(DATA_EXCEPTION)))
     duplicate = real_error(committed_db, raising(UNIQUE_VIOLATION))
     assert isinstance(duplicate, IntegrityError)
-    assert not inbox.is_transient(duplicate)
-    assert not inbox.is_transient(OverflowError("date value out of range"))
-    assert not inbox.is_transient(ValueError(str(uuid.uuid4())))
+    assert not failures.is_transient(duplicate)
+    assert not failures.is_transient(OverflowError("date value out of range"))
+    assert not failures.is_transient(ValueError(str(uuid.uuid4())))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,6 @@
+"""TODO."""
+from __future__ import annotations
+
+
+class NotReplayable(LookupError):
+    """The dead letter does not exist or was replayed already."""
