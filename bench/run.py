@@ -77,6 +77,7 @@ from comms_tasks.models import (
     PhoneCallBatch,
 )
 from comms_tasks.models.base import SCHEMA, utcnow
+from comms_tasks.task_names import BATCH_REQUESTS, FOLLOW_UP_CHECK, POLL_MAILBOX, SEND_EMAIL
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUT = PROJECT_ROOT / "var" / "bench"
@@ -306,14 +307,14 @@ class Bench:
 
     def _play_beat_send(self) -> None:
         if time.monotonic() - self._last_send >= SEND_EMAIL_EVERY:
-            self.celery.send_task("comms.send_email")
+            self.celery.send_task(SEND_EMAIL)
             self._last_send = time.monotonic()
 
     def batching(self) -> dict[str, Any]:
         """comms.batch_requests until every email is queued; the sends it starts then finish."""
         self.peak.start()
         started = utcnow()
-        self.celery.send_task("comms.batch_requests")
+        self.celery.send_task(BATCH_REQUESTS)
         wait_until(lambda: count_emails(self.service) >= self.size.emails, "the emails")
         memory = self.peak.stop()
         finished = self.last_event(started, "email.queued")
@@ -358,7 +359,7 @@ class Bench:
         emails = count_emails(self.service)
         self.peak.start()
         started = utcnow()
-        self.celery.send_task("comms.send_email")
+        self.celery.send_task(SEND_EMAIL)
         self._last_send = time.monotonic()
         self.wait_until_sent(emails)
         memory = self.peak.stop()
@@ -409,7 +410,7 @@ class Bench:
             ahead = polls["sent"] * batch < total and done >= (polls["sent"] - 1) * batch
             stalled = time.monotonic() - polls["progress"] > POLL_AGAIN_AFTER
             if ahead or stalled:
-                self.celery.send_task("comms.poll_mailbox")
+                self.celery.send_task(POLL_MAILBOX)
                 polls["sent"] += 1
                 polls["progress"] = time.monotonic()
 
@@ -531,7 +532,7 @@ class Bench:
 
         self.peak.start()
         started = utcnow()
-        self.celery.send_task("comms.follow_up_check")
+        self.celery.send_task(FOLLOW_UP_CHECK)
         wait_until(resolved, f"{unanswered} follow-up calls")
         memory = self.peak.stop()
         finished = self.last_event(started, "call.scheduled", "call.unschedulable")

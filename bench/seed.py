@@ -18,7 +18,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.ops import demo, demo_vocabulary
+from comms_tasks.ops import demo, demo_patients, demo_vocabulary
 
 ROWS_PER_INSERT = 5_000
 REQUEST_AGE = dt.timedelta(days=30)
@@ -61,7 +61,9 @@ def read_model_rows(size: Size, now: dt.datetime) -> dict[type, list[dict[str, A
     therapists = []
     for therapist_id in range(1, size.therapists + 1):
         profile = demo.therapist_profile(
-            rng, therapist_id, demo_vocabulary.LAST_NAMES[therapist_id % len(demo_vocabulary.LAST_NAMES)]
+            rng,
+            therapist_id,
+            demo_vocabulary.LAST_NAMES[therapist_id % len(demo_vocabulary.LAST_NAMES)],
         )
         profile["id"] = profile.pop("therapist_id")
         profile["email"] = f"t{therapist_id}.{profile['email']}"
@@ -73,7 +75,7 @@ def read_model_rows(size: Size, now: dt.datetime) -> dict[type, list[dict[str, A
         patient_id = index // 2 + 1
         created_at = now - REQUEST_AGE + dt.timedelta(seconds=index)
         if len(patients) < patient_id:
-            summary = demo.patient_summary(rng, now)
+            summary = demo_patients.patient_summary(rng, now)
             registered_on = (created_at - dt.timedelta(days=rng.randint(1, 120))).date()
             patients.append(
                 {"id": patient_id, "registered_on": registered_on, "summary_event_at": created_at}

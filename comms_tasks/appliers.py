@@ -8,15 +8,15 @@ command and tests import it.
 from __future__ import annotations
 
 from comms_tasks.calls import tasks as call_tasks
-from comms_tasks.contracts import (
+from comms_tasks.emails import tasks as email_tasks
+from comms_tasks.inbound.inbox import Applier
+from comms_tasks.projections import tasks as upstream_tasks
+from comms_tasks.task_names import (
     QUEUE_EMAIL,
     RECORD_CALL_OUTCOME,
     RECORD_EMAIL_RESPONSE,
     SCHEDULE_CALL,
 )
-from comms_tasks.emails import tasks as email_tasks
-from comms_tasks.inbound.inbox import Applier
-from comms_tasks.projections import tasks as upstream_tasks
 
 APPLIERS: dict[str, Applier] = {
     **upstream_tasks.APPLIERS,

@@ -1,4 +1,5 @@
-"""TODO."""
+"""Database URLs: the driver made explicit, and a URL safe to show (no password)."""
+
 from __future__ import annotations
 
 from sqlalchemy.engine import make_url

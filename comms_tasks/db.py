@@ -38,7 +38,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url`` with the schema mapping and per-dialect settings applied.
 
     Every engine of the service is made here, so ``postgresql://`` means the installed
-    driver everywhere (see :func:`~comms_tasks.settings.database_url_for_driver`).
+    driver everywhere (see :func:`~comms_tasks.database_urls.database_url_for_driver`).
     """
     url = database_urls.database_url_for_driver(url)
     # Statement parameters may be patient data: database errors must not repeat them.

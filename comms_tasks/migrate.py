@@ -51,8 +51,9 @@ def not_there(url: str) -> str | None:
     path = sqlite_file(url)
     if path is None or path.is_file():
         return None
+    where = database_urls.safe_database_url(url)
     return (
-        f"no database at {path} ({database_urls.safe_database_url(url)}): `comms db upgrade` creates it "
+        f"no database at {path} ({where}): `comms db upgrade` creates it "
         "there, or set COMMS_DATABASE_URL (or COMMS_VAR_DIR) to where it is"
     )
 

@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
-from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
 from comms_tasks.emails import weekly
-from comms_tasks.inbound.inbox import handle, replay
+from comms_tasks.inbound.dead_letter_replay import replay
+from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -25,6 +25,7 @@ from comms_tasks.models import (
     ResponseOutcome,
 )
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from tests import factories as f
 from tests.test_calls import MATCHING, THERAPIST, apply, calls_of, now, sent_email
 

@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.calls import follow_up, scheduling
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
-from comms_tasks.contracts import RECORD_CALL_OUTCOME, RECORD_EMAIL_RESPONSE, SCHEDULE_CALL
 from comms_tasks.db import transaction
 from comms_tasks.emails import weekly
 from comms_tasks.inbound.inbox import handle
@@ -32,6 +31,7 @@ from comms_tasks.models import (
     Therapist,
 )
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import RECORD_CALL_OUTCOME, RECORD_EMAIL_RESPONSE, SCHEDULE_CALL
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for, worker_environment
 

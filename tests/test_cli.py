@@ -20,7 +20,6 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import HANDLE_MATCHING_EVENT
 from comms_tasks.db import transaction
 from comms_tasks.emails import weekly
 from comms_tasks.inbound.inbox import handle
@@ -40,6 +39,7 @@ from comms_tasks.models import (
     TherapistStatus,
 )
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import HANDLE_MATCHING_EVENT
 from tests import factories as f
 from tests.conftest import worker_environment
 

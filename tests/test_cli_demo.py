@@ -14,10 +14,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
-from comms_tasks.contracts import HANDLE_THERAPIST_EVENT
 from comms_tasks.db import make_engine, transaction
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, Therapist
+from comms_tasks.task_names import HANDLE_THERAPIST_EVENT
 from tests import factories as f
 from tests.conftest import PROJECT_ROOT, worker_environment
 

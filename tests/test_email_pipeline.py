@@ -17,7 +17,6 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
-from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
 from comms_tasks.emails import delivery, weekly
 from comms_tasks.emails.tasks import batch_requests, send_email
@@ -34,6 +33,7 @@ from comms_tasks.models import (
 )
 from comms_tasks.projections.tasks import APPLIERS as EVENT_APPLIERS
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from tests import factories as f
 from tests.smtp import SmtpSink
 

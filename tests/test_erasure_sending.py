@@ -17,7 +17,6 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
-from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import transaction
 from comms_tasks.emails import delivery, rechecks
 from comms_tasks.emails.tasks import send_email
@@ -28,6 +27,7 @@ from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from comms_tasks.models.base import utcnow
 from comms_tasks.projections.upstream import erase_patient
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import QUEUE_EMAIL
 from tests import factories as f
 from tests.smtp import SmtpSink
 from tests.test_retention import MARKER, PATIENT, load, queued_email

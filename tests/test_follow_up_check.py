@@ -17,7 +17,6 @@ from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.calls import follow_up
-from comms_tasks.contracts import RECORD_EMAIL_RESPONSE
 from comms_tasks.db import transaction
 from comms_tasks.emails import rechecks, weekly
 from comms_tasks.models import (
@@ -33,6 +32,7 @@ from comms_tasks.models import (
 )
 from comms_tasks.privacy import retention
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import RECORD_EMAIL_RESPONSE
 from tests import factories as f
 from tests.test_calls import ALL_WEEK, MATCHING, THERAPIST, apply
 

@@ -21,7 +21,6 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
-from comms_tasks.contracts import QUEUE_EMAIL
 from comms_tasks.db import get_engine, transaction
 from comms_tasks.emails import delivery, weekly
 from comms_tasks.emails.tasks import send_email
@@ -29,6 +28,7 @@ from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, OutboxEvent, Therapist
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import QUEUE_EMAIL
 from schedules import BATCH_TIME
 from tests import factories as f
 from tests.smtp import SmtpSink

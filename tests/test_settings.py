@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_NAME
-from comms_tasks.rules import availability
+from comms_tasks.rules import office_hours
 from comms_tasks.settings import ConfigurationError, Settings, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -362,7 +362,7 @@ def test_holiday_state_accepts_the_city_and_state_names_of_the_holidays_library(
     # The Augsburger Friedensfest (8 August) is a holiday in Augsburg only.
     import datetime as dt
 
-    assert (dt.date(2026, 8, 8) in availability.Holidays(state)) is (expected == "Augsburg")
+    assert (dt.date(2026, 8, 8) in office_hours.Holidays(state)) is (expected == "Augsburg")
 
 
 # --- SMTP credentials never travel in clear by accident --------------------------------

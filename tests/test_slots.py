@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from comms_tasks.contracts.common import WEEKDAYS
-from comms_tasks.rules import availability
+from comms_tasks.rules import office_hours
 from comms_tasks.rules.slots import BookedCalls, SlotRules, first_free_slot, free_slots
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
@@ -84,8 +84,8 @@ def make_rules(
 
 
 @functools.cache
-def holidays_of(state: str | None) -> availability.Holidays:
-    return availability.Holidays(state)
+def holidays_of(state: str | None) -> office_hours.Holidays:
+    return office_hours.Holidays(state)
 
 
 def local(year: int, month: int, day: int, hour: int, minute: int, fold: int = 0) -> dt.datetime:
@@ -95,7 +95,7 @@ def local(year: int, month: int, day: int, hour: int, minute: int, fold: int = 0
 
 
 def availability(**days: Sequence[tuple[str, str]]) -> dict[int, list[Window]]:
-    return availability.parse_availability(
+    return office_hours.parse_availability(
         {
             day: [{"start": start, "end": end} for start, end in windows]
             for day, windows in days.items()
@@ -402,7 +402,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         json.setdefault(day, []).append({"start": clock_time(opens), "end": clock_time(closes)})
     else:
         now = draw(moments(zone))
-    windows = availability.parse_availability(json)
+    windows = office_hours.parse_availability(json)
     rules = make_rules(
         zone=zone,
         calls_per_slot=draw(st.integers(1, 3)),
@@ -463,7 +463,7 @@ def competing_therapists(draw: st.DrawFn) -> dict[int, dict[int, list[Window]]]:
             start = 9 * 60 + draw(st.integers(0, 12))
             end = start + draw(st.integers(5, 40))
             json[day] = [{"start": clock_time(start), "end": clock_time(end)}]
-        result[therapist_id] = availability.parse_availability(json)
+        result[therapist_id] = office_hours.parse_availability(json)
     return result
 
 
@@ -604,16 +604,16 @@ def test_a_state_holiday_has_no_slot_in_that_state_only(
 
 
 def test_holidays_answers_dates_and_datetimes_and_rejects_unknown_states() -> None:
-    bavaria = availability.Holidays("BY")
+    bavaria = office_hours.Holidays("BY")
     assert dt.date(2026, 1, 6) in bavaria
     assert dt.datetime(2026, 1, 6, 12, 0) in bavaria
     assert dt.date(2026, 1, 7) not in bavaria
     assert dt.date(2027, 12, 25) in bavaria
-    assert dt.date(2026, 1, 6) not in availability.Holidays()
-    assert dt.date(2026, 10, 3) in availability.Holidays()
-    assert "2026-10-03" not in availability.Holidays()
+    assert dt.date(2026, 1, 6) not in office_hours.Holidays()
+    assert dt.date(2026, 10, 3) in office_hours.Holidays()
+    assert "2026-10-03" not in office_hours.Holidays()
     with pytest.raises(NotImplementedError):
-        availability.Holidays("XX")
+        office_hours.Holidays("XX")
 
 
 # --- Windows, lead time, horizon -----------------------------------------------------------
@@ -813,9 +813,9 @@ def test_the_index_refuses_calls_that_end_before_they_start_or_are_naive() -> No
 
 
 def test_parse_availability() -> None:
-    assert availability.parse_availability(None) == {}
-    assert availability.parse_availability({}) == {}
-    assert availability.parse_availability(
+    assert office_hours.parse_availability(None) == {}
+    assert office_hours.parse_availability({}) == {}
+    assert office_hours.parse_availability(
         {
             "monday": [{"start": "14:00", "end": "16:30"}, {"start": "09:00", "end": "12:00"}],
             "sunday": [{"start": "08:00", "end": "09:00"}, {"start": "08:30", "end": "10:00"}],
@@ -840,7 +840,7 @@ def test_parse_availability_refuses_what_validation_should_have_stopped(
     data: dict[str, Any],
 ) -> None:
     with pytest.raises(ValueError, match="availability"):
-        availability.parse_availability(data)
+        office_hours.parse_availability(data)
 
 
 def test_a_search_from_a_later_day_lasts_a_horizon_from_that_day() -> None:

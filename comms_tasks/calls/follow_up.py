@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.calls.scheduling import MARK_PER_STATEMENT, Booking, KnownCalls
 from comms_tasks.contracts.published import CallUnschedulablePayload
-from comms_tasks.emails import composing, requested
+from comms_tasks.emails import composing, requested_emails
 from comms_tasks.events.outbox import record_events
 from comms_tasks.models import (
     Email,
@@ -24,7 +24,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.rules import availability, batching
+from comms_tasks.rules import batching, office_hours
 from comms_tasks.settings import Settings
 
 
@@ -140,7 +140,7 @@ def schedule_follow_ups(
         email.id: [batch.placement_request_id for batch in email.batches if batch.included]
         for email in emails.values()
     }
-    pending = requested.requests_still_pending(
+    pending = requested_emails.requests_still_pending(
         session, [request_id for ids in included.values() for request_id in ids], lock=True
     )
     therapist_ids = {email.therapist_id for email in emails.values()}
@@ -213,7 +213,7 @@ def _why_not_callable(therapist: Therapist | None) -> str | None:
         return f"the therapist's status is {therapist.status.value}"
     if not therapist.phone:
         return "no phone number"
-    if not availability.parse_availability(therapist.phone_availability):
+    if not office_hours.parse_availability(therapist.phone_availability):
         return "no phone availability"
     return None
 

@@ -13,7 +13,7 @@ from comms_tasks.calls import follow_up
 from comms_tasks.calls.scheduling import MAX_CALL_ATTEMPTS, Booking, lock_booking
 from comms_tasks.contracts import received
 from comms_tasks.contracts.published import CallCompletedPayload, CallFailedPayload
-from comms_tasks.emails import answers, requested
+from comms_tasks.emails import answers, requested_emails
 from comms_tasks.events.outbox import record_event
 from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
@@ -68,7 +68,9 @@ def record_call_outcome(
     if email_id is not None:
         session.get(Email, email_id, with_for_update=True, populate_existing=True)
     if command.status == "failed":
-        pending = requested.requests_still_pending(session, call_requests, lock=True) - erased
+        pending = (
+            requested_emails.requests_still_pending(session, call_requests, lock=True) - erased
+        )
     call = session.get(PhoneCall, command.call_id, with_for_update=True, populate_existing=True)
     if call is None:
         raise Rejected("command.call_id: unknown call", command_id)
@@ -238,7 +240,7 @@ def withdraw_request_from_calls(session: Session, request_id: int) -> None:
         .with_for_update(of=PhoneCall)
     ).all()
     for call in calls:
-        pending = requested.requests_still_pending(
+        pending = requested_emails.requests_still_pending(
             session, [batch.placement_request_id for batch in call.batches]
         )
         if not pending:

@@ -20,7 +20,7 @@ from comms_tasks.contracts.published import CallScheduledPayload
 from comms_tasks.db import insert_rows
 from comms_tasks.events.outbox import record_events
 from comms_tasks.models import PhoneCall, PhoneCallBatch, PhoneCallStatus, Therapist
-from comms_tasks.rules import availability
+from comms_tasks.rules import office_hours
 from comms_tasks.rules.slots import BookedCalls, SlotRules, first_free_slot
 from comms_tasks.settings import Settings
 
@@ -45,8 +45,8 @@ def slot_rules(settings: Settings) -> SlotRules:
 
 
 @functools.cache
-def holidays_for(state: str | None) -> availability.Holidays:
-    return availability.Holidays(state)
+def holidays_for(state: str | None) -> office_hours.Holidays:
+    return office_hours.Holidays(state)
 
 
 def lock_booking(session: Session) -> None:
@@ -160,7 +160,7 @@ class Booking:
         A search from ``horizon_from`` needs the booking started with ``since`` at or
         before it, so that the calls of its range are known.
         """
-        availability = availability.parse_availability(therapist.phone_availability)
+        availability = office_hours.parse_availability(therapist.phone_availability)
         if not therapist.phone or not availability:
             return None
         return first_free_slot(
@@ -253,5 +253,3 @@ class Booking:
 
 
 # --- commands -----------------------------------------------------------------------------
-
-

@@ -8,16 +8,20 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
-from comms_tasks.calls import follow_up, outcomes, requested, scheduling
-from comms_tasks.contracts import RECORD_CALL_OUTCOME, SCHEDULE_CALL, received
+from comms_tasks.calls import follow_up, outcomes, requested_calls, scheduling
+from comms_tasks.contracts import received
 from comms_tasks.db import transaction
 from comms_tasks.emails.tasks import send_email, send_email_after_commit
 from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import (
+    FOLLOW_UP_CHECK,
+    RECORD_CALL_OUTCOME,
+    SCHEDULE_CALL,
+    SCHEDULE_CALLS,
+)
 
-FOLLOW_UP_CHECK = "comms.follow_up_check"
-SCHEDULE_CALLS = "comms.schedule_calls"
 # Emails per booking transaction: the booking lock is held for one chunk at a time.
 EMAILS_PER_CHUNK = 500
 
@@ -64,7 +68,7 @@ def schedule_calls() -> dict[str, Any]:
 
 
 def apply_schedule_call(session: Session, command: received.ScheduleCall) -> None:
-    requested.schedule_requested_call(session, command, utcnow(), get_settings())
+    requested_calls.schedule_requested_call(session, command, utcnow(), get_settings())
 
 
 def apply_call_outcome(session: Session, command: received.RecordCallOutcome) -> None:

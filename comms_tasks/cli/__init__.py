@@ -24,13 +24,7 @@ from comms_tasks.cli import (
     run_commands,
     status_commands,
 )
-from comms_tasks.cli.shared import (
-    ABORTED,
-    USAGE_ERROR,
-    app,
-    broker_unreachable,
-    say_error,
-)
+from comms_tasks.cli.shared import ABORTED, USAGE_ERROR, app, broker_unreachable, say_error
 from comms_tasks.settings import ConfigurationError, get_settings
 
 app.add_typer(call_commands.calls_app, name="calls")

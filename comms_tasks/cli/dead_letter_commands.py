@@ -116,7 +116,7 @@ def dead_letters_replay(
     from rich.progress import track
 
     from comms_tasks.appliers import APPLIERS
-    from comms_tasks.inbound.inbox import NotReplayable, replay
+    from comms_tasks.inbound.dead_letter_replay import NotReplayable, replay
     from comms_tasks.models import DeadLetter, DeadLetterStatus
 
     if bool(dead_letter_ids) == replay_all:

@@ -23,6 +23,7 @@ from comms_tasks.cli.shared import (
 )
 from comms_tasks.local_time import local_text
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import SEND_EMAIL
 
 emails_app = typer.Typer(help="Emails to therapists.", no_args_is_help=True)
 
@@ -238,7 +239,7 @@ def emails_respond(
     if confirmations:
         try:
             with broker() as producer:
-                send_message("comms.send_email", {}, producer=producer)
+                send_message(SEND_EMAIL, {}, producer=producer)
         except typer.Exit:
             console.print("confirmations go out with the next send (every minute)")
     result = {"email_id": email_id, "outcomes": outcomes, "confirmations": confirmations}

@@ -7,14 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from comms_tasks.cli.shared import (
-    JsonOption,
-    console,
-    database,
-    emit_json,
-    errors,
-    fail,
-)
+from comms_tasks.cli.shared import JsonOption, console, database, emit_json, errors, fail
 from comms_tasks.settings import get_settings
 
 explain_app = typer.Typer(help="Why the service does what it does.", no_args_is_help=True)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.cli.shared import MASK, JsonOption, console, database, emit_json, fail
 from comms_tasks.local_time import local_iso, local_text
 from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
+from comms_tasks.task_names import SCHEDULE_CALLS
 
 mailbox_app = typer.Typer(
     help="Replies, automatic answers and bounces read from the mailbox.", no_args_is_help=True
@@ -180,6 +181,6 @@ def _book_calls() -> None:
     from comms_tasks.cli.shared import send_message
 
     try:
-        send_message("comms.schedule_calls", {})
+        send_message(SCHEDULE_CALLS, {})
     except Exception:  # noqa: BLE001 - beat's follow-up check books it later anyway
         console.print("the call is booked at the next follow-up check", highlight=False)

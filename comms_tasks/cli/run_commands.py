@@ -28,6 +28,7 @@ from comms_tasks.cli.shared import (
 from comms_tasks.cli.status_commands import print_status
 from comms_tasks.local_time import local_clock
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import BATCH_REQUESTS, FOLLOW_UP_CHECK, POLL_MAILBOX
 
 # --- demo and run --------------------------------------------------------------------
 
@@ -58,9 +59,9 @@ def demo(
     """
     from rich.progress import track
 
+    from comms_tasks.database_urls import safe_database_url
     from comms_tasks.ops.demo import demo_messages
     from comms_tasks.ops.demo_guard import data_not_from_the_demo, describe
-    from comms_tasks.settings import safe_database_url
 
     messages = demo_messages(dt.datetime.now(dt.UTC))
     with database() as session:
@@ -236,9 +237,7 @@ def run(
     reported = False
     quiet_since = time.monotonic()
     # The daily pipeline, run at once when asked: the batch, then the follow-up check.
-    kicks = (
-        ["comms.batch_requests", "comms.follow_up_check", "comms.poll_mailbox"] if batch_now else []
-    )
+    kicks = [BATCH_REQUESTS, FOLLOW_UP_CHECK, POLL_MAILBOX] if batch_now else []
     try:
         while not stopping and (seconds is None or time.monotonic() - started < seconds):
             time.sleep(1)

@@ -6,13 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from comms_tasks.cli.shared import (
-    JsonOption,
-    app,
-    console,
-    database,
-    emit_json,
-)
+from comms_tasks.cli.shared import JsonOption, app, console, database, emit_json
 from comms_tasks.local_time import local_text
 
 # --- status --------------------------------------------------------------------------

@@ -18,14 +18,15 @@ from comms_tasks.contracts import received
 from comms_tasks.contracts.common import FIELD_ERROR, Contract
 from comms_tasks.contracts.limits import MAX_NESTING
 from comms_tasks.contracts.received import Command, Envelope
-
-HANDLE_THERAPIST_EVENT = "comms.handle_therapist_event"
-HANDLE_MATCHING_EVENT = "comms.handle_matching_event"
-HANDLE_PATIENT_EVENT = "comms.handle_patient_event"
-RECORD_EMAIL_RESPONSE = "comms.record_email_response"
-RECORD_CALL_OUTCOME = "comms.record_call_outcome"
-QUEUE_EMAIL = "comms.queue_email"
-SCHEDULE_CALL = "comms.schedule_call"
+from comms_tasks.task_names import (
+    HANDLE_MATCHING_EVENT,
+    HANDLE_PATIENT_EVENT,
+    HANDLE_THERAPIST_EVENT,
+    QUEUE_EMAIL,
+    RECORD_CALL_OUTCOME,
+    RECORD_EMAIL_RESPONSE,
+    SCHEDULE_CALL,
+)
 
 INBOUND_EVENTS: dict[str, dict[str, type[Envelope]]] = {
     HANDLE_THERAPIST_EVENT: {

@@ -309,5 +309,3 @@ def cancel_follow_up_calls(session: Session, email_id: int) -> int:
         call.status = PhoneCallStatus.CANCELLED
         call.notes = "cancelled: the email was answered"
     return len(calls)
-
-

@@ -12,17 +12,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
-from comms_tasks.contracts import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, received
+from comms_tasks.contracts import received
 from comms_tasks.db import after_commit, transaction
-from comms_tasks.emails import answers, delivery, requested, weekly
+from comms_tasks.emails import answers, delivery, requested_emails, weekly
 from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.mail.sender import SendResult, sender_from_settings
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import BATCH_REQUESTS, QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, SEND_EMAIL
 
 log = logging.getLogger(__name__)
-
-SEND_EMAIL = "comms.send_email"
 
 
 # Emails claimed at a time: one SMTP connection carries them all.
@@ -135,9 +134,6 @@ def send_email_after_commit(session: Session) -> None:
     after_commit(session, send_email.delay)
 
 
-BATCH_REQUESTS = "comms.batch_requests"
-
-
 # Therapists per transaction: bounded locks and memory, progress survives a crash.
 THERAPISTS_PER_CHUNK = 500
 
@@ -203,7 +199,7 @@ def apply_email_response(session: Session, command: received.RecordEmailResponse
 
 
 def apply_queue_email(session: Session, command: received.QueueEmail) -> None:
-    if requested.queue_requested_email(session, command, utcnow(), get_settings()):
+    if requested_emails.queue_requested_email(session, command, utcnow(), get_settings()):
         send_email_after_commit(session)
 
 

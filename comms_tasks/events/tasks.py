@@ -8,8 +8,7 @@ from comms_tasks.app import app
 from comms_tasks.db import transaction
 from comms_tasks.events import outbox
 from comms_tasks.settings import get_settings
-
-RELAY_OUTBOX = "comms.relay_outbox"
+from comms_tasks.task_names import RELAY_OUTBOX
 
 
 @app.task(name=RELAY_OUTBOX)

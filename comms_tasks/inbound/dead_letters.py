@@ -43,6 +43,8 @@ from comms_tasks.models.base import utcnow
 
 # Dead letters per transaction of the nightly purge.
 DEAD_LETTERS_PER_CHUNK = 500
+
+
 def redact_dead_letter(letter: DeadLetter, now: dt.datetime) -> None:
     # A message that arrived JSON-encoded keeps its ids too; one too deep to read is a
     # string, redacted whole.
@@ -67,7 +69,11 @@ def _parsed(value: Any, depth: int) -> Any:
     :data:`MAX_STORED_NESTING` levels deep (which the parser may not even survive)
     raises :class:`Unexaminable`; what is not JSON stays a string.
     """
-    if depth < masking._MAX_NESTED_JSON and isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+    if (
+        depth < masking._MAX_NESTED_JSON
+        and isinstance(value, str)
+        and value.lstrip()[:1] in ("{", "[")
+    ):
         try:
             document = json.loads(value)
         except RecursionError:

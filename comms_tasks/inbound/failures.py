@@ -1,4 +1,6 @@
-"""TODO."""
+"""What a failure is: transient (the database away, a lost race) or not, its one-line
+reason, and what of a message can be stored."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +10,15 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from comms_tasks.contracts.limits import MAX_STORED_NESTING
-from comms_tasks.inbound.inbox import cause_of
+
+
+def cause_of(exc: BaseException) -> str:
+    name = type(exc).__name__
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        name = f"{name} ({type(orig).__name__})"
+    return name
+
 
 # NUL and lone surrogates (a "\ud800" escape in JSON is no character): PostgreSQL can
 # store neither in text or JSON.

@@ -39,7 +39,7 @@ from comms_tasks.contracts import (
 )
 from comms_tasks.contracts.common import Contract
 from comms_tasks.db import transaction
-from comms_tasks.inbound import dead_letter_replay, failures
+from comms_tasks.inbound import failures
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
 from comms_tasks.models.messaging import PENDING_UNREDACTED
@@ -103,14 +103,6 @@ def store_failure(
     return _keep_call(task_name, args, kwargs, reason)
 
 
-def cause_of(exc: BaseException) -> str:
-    name = type(exc).__name__
-    orig = getattr(exc, "orig", None)
-    if orig is not None:
-        name = f"{name} ({type(orig).__name__})"
-    return name
-
-
 def store_unstorable(
     task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException
 ) -> Outcome:
@@ -120,7 +112,7 @@ def store_unstorable(
     not lost without a trace, and the producer can send it again once fixed. Redelivered,
     it counts on the same letter (fingerprint of the message as received).
     """
-    reason = f"the message could not be stored: {cause_of(exc)}"
+    reason = f"the message could not be stored: {failures.cause_of(exc)}"
     return _keep_call(task_name, args, kwargs, reason, unstorable=True)
 
 
@@ -257,7 +249,7 @@ def _store_dead_letter(
             },
         )
         letter_id: int = session.execute(statement.returning(DeadLetter.id)).scalar_one()
-        # Imported here: dead_letters builds on this module (replay, NotReplayable).
+        # Imported here: dead_letters builds on this module.
         from comms_tasks.inbound.dead_letters import redact_if_its_patient_was_erased
 
         letter = session.get(DeadLetter, letter_id)
@@ -351,50 +343,3 @@ def handle(
         _update_dead_letter(dead_letter_id, outcome)
         outcome = dataclasses.replace(outcome, dead_letter_id=dead_letter_id)
     return outcome
-
-
-def replay(dead_letter_id: int, appliers: dict[str, Applier]) -> Outcome:
-    """Validate and apply a dead letter again; it stays pending, with a new reason, if it fails."""
-    with transaction() as session:
-        letter = session.get(DeadLetter, dead_letter_id)
-        if letter is None:
-            raise dead_letter_replay.NotReplayable(f"dead letter {dead_letter_id} does not exist")
-        if letter.status is DeadLetterStatus.REPLAYED:
-            raise dead_letter_replay.NotReplayable(f"dead letter {dead_letter_id} was replayed already")
-        if letter.payload_redacted_at is not None:
-            raise dead_letter_replay.NotReplayable(
-                f"dead letter {dead_letter_id}: its message was redacted on "
-                f"{letter.payload_redacted_at:%Y-%m-%d} (patient erased or retention period "
-                "over); nothing is left to replay"
-            )
-        task_name, payload = letter.task_name, letter.payload
-    if task_name not in appliers:
-        raise dead_letter_replay.NotReplayable(
-            f"dead letter {dead_letter_id}: {task_name} is no task of this service (a name "
-            "the producer got wrong); nothing is replayed, the producer sends it again under "
-            "the right name"
-        )
-    if _is_undecoded(payload):
-        raise dead_letter_replay.NotReplayable(
-            f"dead letter {dead_letter_id}: the message could not be decoded; nothing is "
-            "replayed, the producer sends it again"
-        )
-    raw = payload
-    if isinstance(payload, dict) and set(payload) == {"args", "kwargs"}:
-        # Stored whole because the call itself was malformed; unpack it the same way.
-        try:
-            raw = unpack_arguments(task_name, tuple(payload["args"]), payload["kwargs"])
-        except ContractViolation as violation:
-            outcome = Outcome("dead_letter", None, dead_letter_id, violation.reason)
-            _update_dead_letter(dead_letter_id, outcome)
-            return outcome
-    try:
-        return handle(task_name, raw, appliers[task_name], dead_letter_id=dead_letter_id)
-    except Exception as exc:
-        if failures.is_transient(exc):
-            raise  # the database is away: the letter stays as it is, try again later
-        outcome = Outcome(
-            "dead_letter", _message_id_of_raw(task_name, raw), dead_letter_id, failures.failure_reason(exc)
-        )
-        _update_dead_letter(dead_letter_id, outcome)
-        return outcome

@@ -1,4 +1,6 @@
-"""TODO."""
+"""Dead letters shown without patient data: ids and vocabulary kept, every other value
+masked, reasons cut before any quoted value."""
+
 from __future__ import annotations
 
 import re

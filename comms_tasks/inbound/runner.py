@@ -12,13 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from comms_tasks.app import app
 from comms_tasks.inbound import failures
-from comms_tasks.inbound.inbox import (
-    Applier,
-    cause_of,
-    handle_call,
-    store_failure,
-    store_unstorable,
-)
+from comms_tasks.inbound.inbox import Applier, handle_call, store_failure, store_unstorable
 
 # The database may be briefly unreachable (restart, failover) or a transaction lose a
 # race (serialization failure, deadlock): such a task is retried with backoff, over a
@@ -110,4 +104,4 @@ def retry(task: Task, exc: BaseException, countdown: float) -> NoReturn:
     Called outside any ``except`` block, so that the reported traceback chains no
     exception with its message.
     """
-    raise task.retry(exc=RetriedOutage(cause_of(exc)), countdown=countdown)
+    raise task.retry(exc=RetriedOutage(failures.cause_of(exc)), countdown=countdown)

@@ -8,7 +8,7 @@ letter instead: task name, message id and a reason that quotes nothing of the me
 only the letter holds the body, under retention and erasure like every other one. The
 log line names the letter, the message's id and the reason.
 
-``comms dead-letters replay`` refuses these letters with the reason (``inbox.replay``):
+``comms dead-letters replay`` refuses these letters with the reason (``dead_letter_replay.replay``):
 an unknown name is the producer's to fix, and a body that cannot be decoded holds no
 message to apply. The producer sends the message again, correctly.
 """
@@ -31,7 +31,6 @@ from comms_tasks.inbound.inbox import (
     NOT_STORED,
     UNDECODED_BODY,
     UNDECODED_BODY_BASE64,
-    cause_of,
     loggable_id,
     store_stray,
 )
@@ -144,13 +143,13 @@ class DeadLetteringConsumer(Consumer):
                 f"{plain(message.content_type)} (only JSON is)"
             )
         else:
-            reason = f"the message is not a valid task message: {cause_of(exc)}"
+            reason = f"the message is not a valid task message: {failures.cause_of(exc)}"
         name, task_id = task_name_of(message), task_id_of(message)
         if self._keep(message, name, task_id, reason, undecoded(message)):
             signals.task_rejected.send(sender=self, message=message, exc=exc)
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
-        reason = f"the message could not be decoded: {cause_of(exc)}"
+        reason = f"the message could not be decoded: {failures.cause_of(exc)}"
         name, task_id = task_name_of(message), task_id_of(message)
         self._keep(message, name, task_id, reason, undecoded(message))
 
@@ -177,10 +176,10 @@ class DeadLetteringConsumer(Consumer):
                     "left unacknowledged, to be delivered again",
                     plain(task_name),
                     loggable_id(message_id),
-                    cause_of(exc),
+                    failures.cause_of(exc),
                 )
                 return False
-            reason = f"{reason}; the message could not be stored: {cause_of(exc)}"
+            reason = f"{reason}; the message could not be stored: {failures.cause_of(exc)}"
             try:
                 letter_id = store_stray(task_name, message_id, reason, NOT_STORED)
             except Exception as again:  # noqa: BLE001 - the consumer must go on
@@ -189,7 +188,7 @@ class DeadLetteringConsumer(Consumer):
                     "left unacknowledged, to be delivered again",
                     plain(task_name),
                     loggable_id(message_id),
-                    cause_of(again),
+                    failures.cause_of(again),
                 )
                 return False
         what = plain(task_name)

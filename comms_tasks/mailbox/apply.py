@@ -24,7 +24,7 @@ from comms_tasks.contracts import received
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
 from comms_tasks.emails import answers
 from comms_tasks.inbound.inbox import Rejected
-from comms_tasks.mailbox import bounces, finding
+from comms_tasks.mailbox import bounces, email_lookup
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys
 from comms_tasks.mailbox.redaction import redact_mail
@@ -42,6 +42,8 @@ from comms_tasks.settings import Settings
 # always makes the same command id.
 MAILBOX_COMMANDS = uuid.UUID("8f0e1d4c-5b6a-4e1f-9a3b-2c7d6e5f4a31")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 @dataclasses.dataclass(frozen=True)
 class Applied:
     """What one message did: its row, and whether it was new (False: seen before)."""
@@ -186,7 +188,9 @@ def record_mail(
         raw=fetched.raw,
     )
     # Added once everything about it is known: one INSERT, no UPDATE after it.
-    found = None if kind is InboundMailKind.UNRELATED else finding.find_email(session, keys, kind)
+    found = (
+        None if kind is InboundMailKind.UNRELATED else email_lookup.find_email(session, keys, kind)
+    )
     call_requested = False
     if found is not None:
         lock_found(session, found)
@@ -212,7 +216,7 @@ def record_mail(
     )
 
 
-def lock_found(session: Session, found: finding.Found) -> None:
+def lock_found(session: Session, found: email_lookup.Found) -> None:
     """Lock the email found and its thread, and read them again, before applying.
 
     The email was found without a lock: a ``patient.erased`` (or the purge) may have
@@ -258,7 +262,7 @@ def earlier_copy(session: Session, mail: InboundMail, email: Email) -> int | Non
     return None
 
 
-def keep_as_copy(mail: InboundMail, found: finding.Found, copy_id: int) -> None:
+def keep_as_copy(mail: InboundMail, found: email_lookup.Found, copy_id: int) -> None:
     """Keep a second copy with its email, filed like the first, applying nothing again."""
     mail.email_id = found.email.id
     mail.match_method = found.method
@@ -270,7 +274,7 @@ def keep_as_copy(mail: InboundMail, found: finding.Found, copy_id: int) -> None:
 def apply_to(
     session: Session,
     mail: InboundMail,
-    found: finding.Found,
+    found: email_lookup.Found,
     classified: Classified,
     now: dt.datetime,
     settings: Settings,
@@ -344,7 +348,7 @@ def assign(
         auto_submitted_reason=mail.auto_reason,
         defect=mail.defect,
     )
-    found = finding.Found(email, "operator")
+    found = email_lookup.Found(email, "operator")
     lock_found(session, found)
     call_requested = apply_to(session, mail, found, classified, now, settings)
     if email.body_redacted_at is not None:

@@ -1,4 +1,6 @@
-"""TODO."""
+"""What a bounce changes: noted on its email, a permanent one flags the address
+undeliverable and asks for the follow-up call now."""
+
 from __future__ import annotations
 
 import datetime as dt

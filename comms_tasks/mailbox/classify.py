@@ -69,6 +69,7 @@ _RETURNED_ID_LINE = re.compile(
     r"^\s*Message-ID:\s*(<[^\r\n]{0,600})$", re.IGNORECASE | re.MULTILINE
 )
 
+
 class MailKind(StrEnum):
     REPLY = "reply"
     AUTO_REPLY = "auto_reply"
@@ -336,5 +337,3 @@ def _precedence(message: Message) -> str | None:
 
 
 # --- human replies ----------------------------------------------------------------------
-
-

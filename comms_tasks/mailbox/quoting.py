@@ -1,4 +1,6 @@
-"""TODO."""
+"""A reply's new text: the body part read, the quoted original cut (mail-parser-reply in
+German and English, Outlook's separators, mobile signatures), bounded."""
+
 from __future__ import annotations
 
 import re

@@ -29,19 +29,13 @@ from comms_tasks.db import get_engine, transaction
 from comms_tasks.mailbox import _mime, apply
 from comms_tasks.mailbox.classify import classify, parse
 from comms_tasks.mailbox.match import keys
-from comms_tasks.mailbox.sources import (
-    FOLDERS,
-    Fetched,
-    MailboxError,
-    StaleKeyError,
-    open_source,
-)
+from comms_tasks.mailbox.sources import FOLDERS, Fetched, MailboxError, StaleKeyError, open_source
 from comms_tasks.models import InboundMail, InboundMailKind, InboundMailState, MailboxPoll
 from comms_tasks.models.base import utcnow
 from comms_tasks.models.inbound_mail import MAX_REASON
 from comms_tasks.settings import Settings, get_settings
+from comms_tasks.task_names import POLL_MAILBOX
 
-POLL_MAILBOX = "comms.poll_mailbox"
 # pg_try_advisory_lock key of the poll (the claim and booking locks have their own).
 POLL_LOCK_KEY = 7_310_642_205
 # Messages recorded in one transaction. A group holds the locks of its emails until its

@@ -27,10 +27,11 @@ import math
 import random
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from comms_tasks.contracts import EVENT_ARGUMENT, HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
-from comms_tasks.ops import demo_vocabulary
+from comms_tasks.contracts import EVENT_ARGUMENT
+from comms_tasks.ops import demo_patients, demo_vocabulary
+from comms_tasks.task_names import HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
 
 # --- Message contract --------------------------------------------------------------
 
@@ -67,9 +68,6 @@ NON_ACTIVE_LOAD = (1, 1)
 MEAN_REQUESTS_PER_PATIENT = 2
 MAX_REQUESTS_PER_PATIENT = 4
 REQUESTS_PER_PATIENT_WEIGHTS = {1: 35, 2: 35, 3: 20, 4: 10}
-MISSING_REGISTRATION_SHARE = 0.05
-GROUP_THERAPY_SHARE = 0.4
-
 # --- Time --------------------------------------------------------------------------
 
 # The therapist service synced its profiles before the oldest request was created.
@@ -79,8 +77,6 @@ OLDEST_REQUEST_AGO = dt.timedelta(days=40)
 NEWEST_REQUEST_AGO = dt.timedelta(days=1)
 # A patient's requests are created within a few days of each other.
 PATIENT_REQUEST_SPREAD = dt.timedelta(days=3)
-REGISTERED_DAYS_BEFORE_FIRST_REQUEST = (1, 120)
-
 # --- Therapist profiles ------------------------------------------------------------
 
 NO_SALUTATION_SHARE = 0.07
@@ -104,12 +100,6 @@ WINDOW_MINUTES = (25, 30, 30, 45, 50, 60)
 
 # --- Patient summaries -------------------------------------------------------------
 
-GENDER_WEIGHTS = {"weiblich": 60, "männlich": 35, "divers": 5}
-SYMPTOMS_MONTHS = (3, 18)
-MAX_YEARS_AGO = 7
-
-T = TypeVar("T")
-
 
 @dataclasses.dataclass(frozen=True)
 class DemoMessage:
@@ -117,13 +107,6 @@ class DemoMessage:
 
     task_name: str
     kwargs: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Request:
-    patient_id: int
-    therapist_id: int
-    created_at: dt.datetime
 
 
 def demo_messages(
@@ -158,7 +141,7 @@ def demo_messages(
         messages.append(DemoMessage(HANDLE_THERAPIST_EVENT, {EVENT_ARGUMENT: event}))
 
     planned = _plan_requests(rng, now, profiles, requests)
-    summaries = _patient_summaries(rng, now, planned)
+    summaries = demo_patients._patient_summaries(rng, now, planned)
     for placement_request_id, request in enumerate(planned, start=1):
         payload = {
             "placement_request_id": placement_request_id,
@@ -191,10 +174,6 @@ def _envelope(
     }
 
 
-def _weighted(rng: random.Random, weights: dict[T, int]) -> T:
-    return rng.choices(list(weights), weights=list(weights.values()))[0]
-
-
 # --- Therapists --------------------------------------------------------------------
 
 
@@ -203,14 +182,16 @@ def therapist_profile(rng: random.Random, therapist_id: int, last_name: str) -> 
     female = rng.random() < len(demo_vocabulary.FEMALE_FIRST_NAMES) / (
         len(demo_vocabulary.FEMALE_FIRST_NAMES) + len(demo_vocabulary.MALE_FIRST_NAMES)
     )
-    first_name = rng.choice(demo_vocabulary.FEMALE_FIRST_NAMES if female else demo_vocabulary.MALE_FIRST_NAMES)
+    first_name = rng.choice(
+        demo_vocabulary.FEMALE_FIRST_NAMES if female else demo_vocabulary.MALE_FIRST_NAMES
+    )
     salutation: str | None = "Frau" if female else "Herr"
     if rng.random() < NO_SALUTATION_SHARE:
         salutation = None
     return {
         "therapist_id": therapist_id,
         "salutation": salutation,
-        "title": _weighted(rng, dict(demo_vocabulary.TITLES)),
+        "title": demo_patients._weighted(rng, dict(demo_vocabulary.TITLES)),
         "first_name": first_name,
         "last_name": last_name,
         "email": _email(rng, first_name, last_name),
@@ -226,7 +207,9 @@ def _ascii(name: str) -> str:
 
 def _email(rng: random.Random, first_name: str, last_name: str) -> str:
     first, last = _ascii(first_name), _ascii(last_name)
-    return rng.choice(demo_vocabulary.EMAIL_PATTERNS).format(first=first, initial=first[0], last=last)
+    return rng.choice(demo_vocabulary.EMAIL_PATTERNS).format(
+        first=first, initial=first[0], last=last
+    )
 
 
 def _phone(rng: random.Random) -> str:
@@ -241,7 +224,7 @@ def _phone(rng: random.Random) -> str:
 
 def _phone_availability(rng: random.Random) -> dict[str, list[dict[str, str]]]:
     """One to three short windows a week, on different days."""
-    days = rng.sample(WORKDAYS, _weighted(rng, WINDOWS_PER_WEEK_WEIGHTS))
+    days = rng.sample(WORKDAYS, demo_patients._weighted(rng, WINDOWS_PER_WEEK_WEIGHTS))
     if rng.random() < SATURDAY_SHARE:
         days[-1] = "saturday"
     availability: dict[str, list[dict[str, str]]] = {}
@@ -277,7 +260,7 @@ def _assign_statuses(rng: random.Random, profiles: list[dict[str, Any]]) -> None
 
 def _plan_requests(
     rng: random.Random, now: dt.datetime, profiles: Sequence[dict[str, Any]], requests: int
-) -> list[_Request]:
+) -> list[demo_patients._Request]:
     """Who asks whom and when, in the order the requests were created."""
     if requests == 0:
         return []
@@ -286,18 +269,18 @@ def _plan_requests(
     patients = max(
         round(requests / MEAN_REQUESTS_PER_PATIENT), math.ceil(requests / max_per_patient)
     )
-    demands = [_weighted(rng, REQUESTS_PER_PATIENT_WEIGHTS) for _ in range(patients)]
+    demands = [demo_patients._weighted(rng, REQUESTS_PER_PATIENT_WEIGHTS) for _ in range(patients)]
     # Always fits: patients <= requests <= patients * max_per_patient.
     _fit_total(rng, demands, requests, [(1, max_per_patient)] * patients)
 
-    planned: list[_Request] = []
+    planned: list[demo_patients._Request] = []
     oldest, newest = now - OLDEST_REQUEST_AGO, now - NEWEST_REQUEST_AGO
     for patient_index, therapist_ids in enumerate(_assign(rng, demands, loads)):
         first = _random_time(rng, oldest, newest)
         last = min(first + PATIENT_REQUEST_SPREAD, newest)
         for position, therapist_id in enumerate(therapist_ids):
             created_at = first if position == 0 else _random_time(rng, first, last)
-            planned.append(_Request(patient_index + 1, therapist_id, created_at))
+            planned.append(demo_patients._Request(patient_index + 1, therapist_id, created_at))
     planned.sort(key=lambda r: (r.created_at, r.patient_id, r.therapist_id))
     return planned
 
@@ -404,54 +387,3 @@ def _random_time(rng: random.Random, earliest: dt.datetime, latest: dt.datetime)
 
 
 # --- Patients ----------------------------------------------------------------------
-
-
-def _patient_summaries(
-    rng: random.Random, now: dt.datetime, planned: Sequence[_Request]
-) -> dict[int, dict[str, Any]]:
-    """Patient id -> the summary sent with each of the patient's requests."""
-    first_request: dict[int, dt.datetime] = {}
-    for request in planned:
-        first_request.setdefault(request.patient_id, request.created_at)
-    patient_ids = sorted(first_request)
-    unregistered = rng.sample(patient_ids, round(len(patient_ids) * MISSING_REGISTRATION_SHARE))
-    summaries: dict[int, dict[str, Any]] = {}
-    for patient_id in patient_ids:
-        summary = patient_summary(rng, now)
-        if patient_id not in unregistered:
-            days_before = rng.randint(*REGISTERED_DAYS_BEFORE_FIRST_REQUEST)
-            registered_on = first_request[patient_id].date() - dt.timedelta(days=days_before)
-            summary = {"registered_on": registered_on.isoformat(), **summary}
-        elif unregistered.index(patient_id) % 2:
-            # Producers may send an optional field as null or leave it out: both occur.
-            summary = {"registered_on": None, **summary}
-        summaries[patient_id] = summary
-    return summaries
-
-
-def patient_summary(rng: random.Random, now: dt.datetime) -> dict[str, Any]:
-    diagnosis = rng.choice(list(demo_vocabulary.COMPLAINTS_BY_DIAGNOSIS))
-    return {
-        "diagnosis": diagnosis,
-        "gender": _weighted(rng, GENDER_WEIGHTS),
-        "time_availability": rng.choice(demo_vocabulary.TIME_AVAILABILITY),
-        "symptoms_since": _symptoms_since(rng, now),
-        "open_to_group_therapy": rng.random() < GROUP_THERAPY_SHARE,
-        "therapy_experience": _therapy_experience(rng, now),
-        "current_complaints": rng.choice(demo_vocabulary.COMPLAINTS_BY_DIAGNOSIS[diagnosis]),
-    }
-
-
-def _symptoms_since(rng: random.Random, now: dt.datetime) -> str:
-    choices = (
-        f"seit etwa {rng.randint(*SYMPTOMS_MONTHS)} Monaten",
-        f"seit {rng.choice(demo_vocabulary.SEASONS)} {now.year - 1}",
-        "seit über einem Jahr",
-        "seit mehreren Jahren, verstärkt seit dem letzten Winter",
-    )
-    return rng.choice(choices)
-
-
-def _therapy_experience(rng: random.Random, now: dt.datetime) -> str:
-    years = {f"y{ago}": now.year - ago for ago in range(1, MAX_YEARS_AGO + 1)}
-    return rng.choice(demo_vocabulary.THERAPY_EXPERIENCE).format(**years)

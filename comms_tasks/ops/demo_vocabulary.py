@@ -1,4 +1,6 @@
-"""TODO."""
+"""The demo's words: first and last names, titles, address patterns, phone prefixes,
+complaints, availability and experience phrases. Data only."""
+
 from __future__ import annotations
 
 FEMALE_FIRST_NAMES = (

@@ -9,8 +9,7 @@ from comms_tasks.app import app
 from comms_tasks.models.base import utcnow
 from comms_tasks.privacy import retention
 from comms_tasks.settings import get_settings
-
-PURGE_EXPIRED = "comms.purge_expired"
+from comms_tasks.task_names import PURGE_EXPIRED
 
 
 @app.task(name=PURGE_EXPIRED)

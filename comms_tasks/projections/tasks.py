@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from comms_tasks.contracts import (
+from comms_tasks.inbound.inbox import Applier
+from comms_tasks.inbound.runner import inbound_task
+from comms_tasks.projections import upstream
+from comms_tasks.task_names import (
     HANDLE_MATCHING_EVENT,
     HANDLE_PATIENT_EVENT,
     HANDLE_THERAPIST_EVENT,
 )
-from comms_tasks.inbound.inbox import Applier
-from comms_tasks.inbound.runner import inbound_task
-from comms_tasks.projections import upstream
 
 APPLIERS: dict[str, Applier] = {
     HANDLE_THERAPIST_EVENT: upstream.apply_therapist_event,

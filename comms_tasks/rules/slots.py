@@ -18,7 +18,7 @@ import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
 
 from comms_tasks.contracts.common import WEEKDAYS
-from comms_tasks.rules import availability
+from comms_tasks.rules import office_hours
 
 HOLIDAY_COUNTRY = "DE"
 WEEKDAY_NUMBERS = {name: number for number, name in enumerate(WEEKDAYS)}
@@ -142,7 +142,7 @@ def free_slots(
     booked: BookedCalls,
     now: dt.datetime,
     rules: SlotRules,
-    holidays: availability.Holidays,
+    holidays: office_hours.Holidays,
     *,
     not_before: dt.datetime | None = None,
     horizon_from: dt.datetime | None = None,
@@ -200,7 +200,7 @@ def first_free_slot(
     booked: BookedCalls,
     now: dt.datetime,
     rules: SlotRules,
-    holidays: availability.Holidays,
+    holidays: office_hours.Holidays,
     *,
     not_before: dt.datetime | None = None,
     horizon_from: dt.datetime | None = None,
@@ -238,7 +238,7 @@ def _day_windows(availability: Mapping[int, Sequence[Window]]) -> dict[int, list
             raise ValueError(f"availability: a window of weekday {weekday} ends before it starts")
         if windows:
             result[weekday] = [
-                (_since_midnight(s), _since_midnight(e)) for s, e in availability._merged(windows)
+                (_since_midnight(s), _since_midnight(e)) for s, e in office_hours._merged(windows)
             ]
     return result
 
@@ -258,7 +258,7 @@ def _candidates(
     last_day: dt.date,
     earliest: dt.datetime,
     rules: SlotRules,
-    holidays: availability.Holidays,
+    holidays: office_hours.Holidays,
 ) -> Iterator[tuple[dt.datetime, tuple[dt.datetime, ...]]]:
     """Each grid wall time inside a window, in increasing order, as (bound, starts).
 

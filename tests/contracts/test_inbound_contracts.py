@@ -31,14 +31,13 @@ from comms_tasks.contracts import (
 )
 from comms_tasks.contracts.common import Contract, availability_to_json
 from comms_tasks.contracts.limits import MAX_NESTING
+from comms_tasks.task_names import QUEUE_EMAIL, SCHEDULE_CALL
 
 THERAPIST = "comms.handle_therapist_event"
 MATCHING = "comms.handle_matching_event"
 PATIENT = "comms.handle_patient_event"
 EMAIL_RESPONSE = "comms.record_email_response"
 CALL_OUTCOME = "comms.record_call_outcome"
-QUEUE_EMAIL = "comms.queue_email"
-SCHEDULE_CALL = "comms.schedule_call"
 
 # Written down from CONTRACTS.md, not read from the code, so that drift shows.
 EVENT_TYPES_BY_TASK = {

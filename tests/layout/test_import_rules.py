@@ -15,7 +15,19 @@ PACKAGE = Path(__file__).resolve().parents[2] / "comms_tasks"
 # What every part may use: settings, the database, tables, contracts, the pure rules,
 # one message's rendering and delivery, and the Celery app.
 FOUNDATION = frozenset(
-    {"settings", "db", "migrate", "local_time", "models", "contracts", "rules", "mail", "app"}
+    {
+        "settings",
+        "database_urls",
+        "db",
+        "migrate",
+        "local_time",
+        "task_names",
+        "models",
+        "contracts",
+        "rules",
+        "mail",
+        "app",
+    }
 )
 # Each stage, and the stages it may import besides itself and the foundation: the order
 # of the pipeline, so that no two stages import each other.
@@ -131,3 +143,14 @@ def test_no_two_modules_share_a_name_and_there_is_no_tasks_folder() -> None:
         names.setdefault(name, []).append(str(path.relative_to(PACKAGE)))
     assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
     assert not (PACKAGE / "tasks").exists()
+
+
+def test_beat_schedules_only_tasks_that_have_a_name_in_task_names() -> None:
+    """``schedules`` is loaded by the app itself and so cannot import ``comms_tasks``: its
+    task names are written out, and must be the ones of ``task_names``."""
+    import schedules
+    from comms_tasks import task_names
+
+    names = {value for key, value in vars(task_names).items() if key.isupper()}
+    scheduled = {entry["task"] for entry in schedules.beat_schedule.values()}
+    assert scheduled and scheduled <= names

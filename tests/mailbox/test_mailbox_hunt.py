@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.mailbox import apply as mail_apply
-from comms_tasks.mailbox import finding, sources, tasks
+from comms_tasks.mailbox import email_lookup, sources, tasks
 from comms_tasks.mailbox.tasks import poll_mailbox
 from comms_tasks.models import Email, EmailStatus, InboundMail, InboundMailKind, InboundMailState
 from comms_tasks.models.base import utcnow
@@ -67,7 +67,7 @@ def in_another_transaction(action: Callable[[], None]) -> None:
 def erase_right_after_matching(monkeypatch: pytest.MonkeyPatch) -> None:
     """patient.erased runs and commits just after the poll found the email, before it
     applies the message: the interleaving of two workers at the wrong moment."""
-    finding = finding.find_email
+    finding = email_lookup.find_email
     done: list[bool] = []
 
     def find_then_erase(*args: Any, **kwargs: Any) -> Any:

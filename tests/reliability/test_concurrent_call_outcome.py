@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from comms_tasks.calls import follow_up, outcomes, requested, scheduling
+from comms_tasks.calls import follow_up, outcomes, requested_calls, scheduling
 from comms_tasks.contracts import received
 from comms_tasks.db import transaction
 from comms_tasks.inbound.inbox import Rejected
@@ -112,7 +112,7 @@ def schedule_command(therapist_id: int, request_ids: list[int]) -> Callable[[Ses
     )
 
     def work(session: Session) -> None:
-        requested.schedule_requested_call(
+        requested_calls.schedule_requested_call(
             session, command, dt.datetime.now(dt.UTC), get_settings()
         )
 

@@ -18,21 +18,20 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.calls import outcomes, requested
+from comms_tasks.calls import outcomes, requested_calls
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
-from comms_tasks.contracts import (
-    QUEUE_EMAIL,
-    RECORD_CALL_OUTCOME,
-    RECORD_EMAIL_RESPONSE,
-    SCHEDULE_CALL,
-    validate_command,
-    validate_event,
-)
-from comms_tasks.emails import answers, composing, requested
+from comms_tasks.contracts import validate_command, validate_event
+from comms_tasks.emails import answers, composing, requested_emails
 from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, PhoneCall, Therapist
 from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
+from comms_tasks.task_names import (
+    QUEUE_EMAIL,
+    RECORD_CALL_OUTCOME,
+    RECORD_EMAIL_RESPONSE,
+    SCHEDULE_CALL,
+)
 from tests import factories as f
 from tests.reliability.test_concurrent_answer import Paused, interleave, run_interleaved
 from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
@@ -101,7 +100,7 @@ def test_a_requested_confirmation_and_an_erasure_do_not_deadlock(committed_db: E
     )
 
     def confirm(session: Session) -> None:
-        requested.queue_requested_email(session, command, utc_now(), get_settings())
+        requested_emails.queue_requested_email(session, command, utc_now(), get_settings())
 
     errors = interleave_at(committed_db, confirm, first_share_lock, erasure_of(10))
     assert errors == []
@@ -207,7 +206,7 @@ def test_schedule_call_with_notes_and_an_erasure_keep_no_notes_about_the_erased(
 
         def book(session: Session, command: Any = command, refused: list[str] = refused) -> None:
             try:
-                requested.schedule_requested_call(session, command, utc_now(), get_settings())
+                requested_calls.schedule_requested_call(session, command, utc_now(), get_settings())
             except Rejected as exc:
                 refused.append(str(exc))
 

@@ -26,15 +26,6 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
-from comms_tasks.contracts import (
-    HANDLE_MATCHING_EVENT,
-    HANDLE_PATIENT_EVENT,
-    HANDLE_THERAPIST_EVENT,
-    QUEUE_EMAIL,
-    RECORD_CALL_OUTCOME,
-    RECORD_EMAIL_RESPONSE,
-    SCHEDULE_CALL,
-)
 from comms_tasks.inbound.inbox import Outcome, handle
 from comms_tasks.models import (
     SCHEMA,
@@ -44,6 +35,15 @@ from comms_tasks.models import (
     PlacementRequest,
     ProcessedMessage,
     Therapist,
+)
+from comms_tasks.task_names import (
+    HANDLE_MATCHING_EVENT,
+    HANDLE_PATIENT_EVENT,
+    HANDLE_THERAPIST_EVENT,
+    QUEUE_EMAIL,
+    RECORD_CALL_OUTCOME,
+    RECORD_EMAIL_RESPONSE,
+    SCHEDULE_CALL,
 )
 from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_on_broker

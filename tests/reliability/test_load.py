@@ -20,8 +20,8 @@ from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
+from comms_tasks.task_names import HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT
 from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_on_broker
 

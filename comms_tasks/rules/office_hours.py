@@ -1,4 +1,6 @@
-"""TODO."""
+"""A therapist's phone availability read into windows per weekday, and the public
+holidays of the configured state."""
+
 from __future__ import annotations
 
 import datetime as dt

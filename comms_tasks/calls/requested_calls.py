@@ -1,4 +1,6 @@
-"""TODO."""
+"""Calls other services ask for (``comms.schedule_call``): at an explicit time or in the
+next free slot, for requests still pending, never twice for one of them."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -10,7 +12,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.calls import follow_up
 from comms_tasks.calls.scheduling import Booking, holidays_for, slot_rules
 from comms_tasks.contracts import received
-from comms_tasks.emails import requested
+from comms_tasks.emails import requested_emails
 from comms_tasks.inbound import checks
 from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
@@ -21,7 +23,7 @@ from comms_tasks.models import (
     Therapist,
     TherapistStatus,
 )
-from comms_tasks.rules import availability
+from comms_tasks.rules import office_hours
 from comms_tasks.rules.slots import BookedCalls, first_free_slot
 from comms_tasks.settings import Settings
 
@@ -107,7 +109,7 @@ def _check_explicit_time(
     try:
         slot = first_free_slot(
             therapist.id,
-            availability.parse_availability(therapist.phone_availability),
+            office_hours.parse_availability(therapist.phone_availability),
             BookedCalls(rules.block),
             now,
             rules,
@@ -123,7 +125,7 @@ def _check_explicit_time(
 
 def _check_still_pending(session: Session, request_ids: Sequence[int], command_id: str) -> None:
     erased = follow_up.erased_requests(session, request_ids)
-    pending = requested.requests_still_pending(session, request_ids, lock=True)
+    pending = requested_emails.requests_still_pending(session, request_ids, lock=True)
     for index, request_id in enumerate(request_ids):
         if request_id in erased:
             raise Rejected(

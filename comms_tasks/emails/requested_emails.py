@@ -1,4 +1,6 @@
-"""TODO."""
+"""Emails other services ask for (``comms.queue_email``): a reminder of an email, or
+confirmations of accepted requests; and which requests are still pending."""
+
 from __future__ import annotations
 
 import datetime as dt

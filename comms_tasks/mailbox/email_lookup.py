@@ -1,4 +1,6 @@
-"""TODO."""
+"""Finding the email a message answers: by its token, then its thread, then (unsure)
+its sender."""
+
 from __future__ import annotations
 
 import dataclasses
