@@ -402,7 +402,7 @@ def test_no_secret_is_written_into_the_file(compose: dict[str, Any]) -> None:
 def test_flower_gets_its_basic_auth_from_the_environment(compose: dict[str, Any]) -> None:
     flower = service(compose, "flower")
     # Passed through from .env or the shell, never written here; Flower itself refuses to
-    # start without it (tests/test_flower_auth.py).
+    # start without it (tests/worker/test_flower_auth.py).
     assert "FLOWER_BASIC_AUTH" in flower["environment"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"] is None
     assert not any(w.startswith("--basic-auth") for w in command_words(compose, "flower"))

@@ -20,7 +20,7 @@ from comms_tasks.contracts.limits import MAX_SUBJECT
 from comms_tasks.mail.render import EarlierEmail, EmailRenderer, PatientEntry, Recipient
 from comms_tasks.models import DeadLetter, Email, EmailStatus, Therapist
 from tests import factories as f
-from tests import test_email_pipeline as pipeline
+from tests.emails import test_email_pipeline as pipeline
 
 # The contract's field -> the column it is stored in.
 STORED_FIELDS: list[tuple[type[Contract], str, Any]] = [

@@ -19,7 +19,6 @@ from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import ContractViolation
 from comms_tasks.models import DeadLetter
 from tests import factories as f
-from tests import test_email_pipeline as pipeline
 from tests.contracts.test_inbound_contracts import (
     CALL_OUTCOME,
     EMAIL_RESPONSE,
@@ -34,6 +33,7 @@ from tests.contracts.test_inbound_contracts import (
     schedule_call,
     validate,
 )
+from tests.emails import test_email_pipeline as pipeline
 
 OUT_OF_RANGE: list[Any] = [
     pytest.param(SCHEDULE_CALL, schedule_call(at="9999-12-31T23:58:00Z"), "command.at", id="at"),

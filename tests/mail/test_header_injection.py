@@ -29,7 +29,7 @@ from comms_tasks.emails.tasks import send_email
 from comms_tasks.mail import message
 from comms_tasks.mail.message import HeaderError, OutgoingMessage, build_mime
 from comms_tasks.models import EmailStatus, Therapist
-from tests import test_email_pipeline as pipeline
+from tests.emails import test_email_pipeline as pipeline
 from tests.mail.test_sender import outgoing
 from tests.smtp import SmtpSink
 

@@ -15,11 +15,11 @@ from comms_tasks.mailbox.tasks import poll_mailbox
 from comms_tasks.models import Email, EmailBatch, EmailTemplate, InboundMailState
 from comms_tasks.settings import get_settings
 from tests.conftest import worker_environment
+from tests.emails.test_email_pipeline import events_of
 from tests.mailbox.conftest import MaildirHarness
 from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
 from tests.mailbox.test_poll import load, mails, sent_email
 from tests.smtp import SmtpSink
-from tests.test_email_pipeline import events_of
 
 COMMS = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "comms"
 Run = Callable[..., subprocess.CompletedProcess[str]]

@@ -22,11 +22,11 @@ from comms_tasks.models.base import utcnow
 from comms_tasks.privacy.retention import purge_all_expired
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.emails.test_email_pipeline import apply, events_of
 from tests.mailbox.conftest import MaildirHarness
 from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
 from tests.mailbox.test_poll import MISTYPED, load, mails, sent_email
 from tests.smtp import SmtpSink
-from tests.test_email_pipeline import apply, events_of
 
 PATIENT = "comms.handle_patient_event"
 # The first patient of the email sent_email() makes (requests 70 and 71).
@@ -282,7 +282,7 @@ def test_a_reply_read_after_its_reminder_was_queued_cancels_the_unsent_reminder(
     """The reply was written (its Date) before the reminder was queued, and read from the
     mailbox after: the reminder was asked for without knowing of the answer, and must
     not go out to a therapist who answered."""
-    from tests.test_send_rechecks import queue_command_email
+    from tests.emails.test_send_rechecks import queue_command_email
 
     email = sent_email(committed_db, smtp)
     reminder = queue_command_email(email, "follow_up")  # queued now, not yet sent

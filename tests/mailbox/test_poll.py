@@ -31,10 +31,7 @@ from comms_tasks.models.base import utcnow
 from comms_tasks.privacy.retention import purge_all_expired
 from comms_tasks.settings import get_settings
 from tests import factories as f
-from tests.mailbox.conftest import Harness, ImapHarness, start_dovecot
-from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
-from tests.smtp import SmtpSink
-from tests.test_email_pipeline import (
+from tests.emails.test_email_pipeline import (
     all_emails,
     apply,
     events_of,
@@ -42,6 +39,9 @@ from tests.test_email_pipeline import (
     run_batch,
     therapist,
 )
+from tests.mailbox.conftest import Harness, ImapHarness, start_dovecot
+from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
+from tests.smtp import SmtpSink
 
 T0 = dt.datetime(2026, 11, 23, 6, 30, tzinfo=dt.UTC)
 THERAPIST_ID = 7
@@ -305,7 +305,7 @@ def test_a_reply_to_a_reminder_answers_the_original_through_its_thread(
     polled: Harness, committed_db: Engine, smtp: SmtpSink
 ) -> None:
     original = sent_email(committed_db, smtp)
-    from tests.test_send_rechecks import queue_command_email
+    from tests.emails.test_send_rechecks import queue_command_email
 
     reminder = queue_command_email(original, "follow_up")
     assert send_email() == {"sent": 1}

@@ -30,8 +30,8 @@ from comms_tasks.models.enums import PENDING_REQUEST_STATUSES
 from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
 from tests import factories as f
-from tests.test_calls import MATCHING, apply
-from tests.test_follow_up_check import email_sent_at
+from tests.calls.test_calls import MATCHING, apply
+from tests.calls.test_follow_up_check import email_sent_at
 
 STEP_TIMEOUT = 20
 INSERT_CALL = "INSERT INTO communication_service.phone_calls"

@@ -19,8 +19,8 @@ from comms_tasks.contracts import validate_event
 from comms_tasks.models import DeadLetter, DeadLetterStatus, PlacementRequest
 from comms_tasks.projections import upstream
 from tests import factories as f
+from tests.privacy.test_retention import MARKER, MATCHING, PATIENT, THERAPIST, apply
 from tests.reliability.test_concurrent_answer import interleave
-from tests.test_retention import MARKER, MATCHING, PATIENT, THERAPIST, apply
 
 ERASED = 100
 REQUEST = 1001

@@ -33,10 +33,10 @@ from comms_tasks.task_names import (
     SCHEDULE_CALL,
 )
 from tests import factories as f
+from tests.calls.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
+from tests.calls.test_calls import now as utc_now
+from tests.privacy.test_retention import MARKER
 from tests.reliability.test_concurrent_answer import Paused, interleave, run_interleaved
-from tests.test_calls import MATCHING, PATIENT, apply, calls_of, outcome, sent_email
-from tests.test_calls import now as utc_now
-from tests.test_retention import MARKER
 
 Stop = Callable[[str, Any], bool]
 

@@ -26,8 +26,8 @@ from comms_tasks.privacy import retention
 from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.privacy.test_retention import MARKER, MATCHING, THERAPIST, apply
 from tests.reliability.test_concurrent_answer import interleave
-from tests.test_retention import MARKER, MATCHING, THERAPIST, apply
 
 ERASED = 100
 OTHER = 300

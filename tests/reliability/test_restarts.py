@@ -26,7 +26,7 @@ from comms_tasks.db import make_engine
 from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
 from tests import factories as f
 from tests.conftest import REDIS_URL, WorkerProcess, count_rows, other_service, worker_environment
-from tests.events import bind_queue, drain, record_queued_events
+from tests.event_queue import bind_queue, drain, record_queued_events
 from tests.reliability.servers import PrivatePostgres
 from tests.servers import PrivateRedis
 

@@ -29,8 +29,8 @@ from comms_tasks.projections.upstream import erase_patient
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import QUEUE_EMAIL
 from tests import factories as f
+from tests.privacy.test_retention import MARKER, PATIENT, load, queued_email
 from tests.smtp import SmtpSink
-from tests.test_retention import MARKER, PATIENT, load, queued_email
 
 ERASED = 100
 OTHER = 300

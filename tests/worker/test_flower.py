@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.models import Patient
 from tests import factories as f
+from tests.cli.test_cli_call_outcome import call_id  # noqa: F401 - a fixture: a scheduled call
 from tests.conftest import (
     PROJECT_ROOT,
     REDIS_URL,
@@ -39,7 +40,6 @@ from tests.conftest import (
     wait_for,
     worker_environment,
 )
-from tests.test_cli_call_outcome import call_id  # noqa: F401 - a fixture: a scheduled call
 
 # A Redis database of its own: the session's worker must not take these messages.
 BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/12"

@@ -31,8 +31,7 @@ from comms_tasks.settings import get_settings
 from comms_tasks.task_names import QUEUE_EMAIL
 from schedules import BATCH_TIME
 from tests import factories as f
-from tests.smtp import SmtpSink
-from tests.test_email_pipeline import (
+from tests.emails.test_email_pipeline import (
     THERAPIST,
     apply,
     command,
@@ -40,6 +39,7 @@ from tests.test_email_pipeline import (
     queue_one,
     therapist,
 )
+from tests.smtp import SmtpSink
 
 
 def load(engine: Engine, email_id: int) -> Email:

@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import Engine, update
 
 from comms_tasks.models import PhoneCall, PhoneCallStatus
+from tests.calls.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
 from tests.conftest import worker_environment
-from tests.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
 
 COMMS = Path(sys.executable).parent / "comms"
 BERLIN = ZoneInfo("Europe/Berlin")

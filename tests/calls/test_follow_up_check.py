@@ -34,7 +34,7 @@ from comms_tasks.privacy import retention
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import RECORD_EMAIL_RESPONSE
 from tests import factories as f
-from tests.test_calls import ALL_WEEK, MATCHING, THERAPIST, apply
+from tests.calls.test_calls import ALL_WEEK, MATCHING, THERAPIST, apply
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 

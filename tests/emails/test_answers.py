@@ -27,7 +27,7 @@ from comms_tasks.models import (
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from tests import factories as f
-from tests.test_calls import MATCHING, THERAPIST, apply, calls_of, now, sent_email
+from tests.calls.test_calls import MATCHING, THERAPIST, apply, calls_of, now, sent_email
 
 
 def answer(

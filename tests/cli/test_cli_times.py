@@ -17,9 +17,9 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import DeadLetter, EmailStatus, TaskRun
+from tests.calls.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
+from tests.cli.test_cli import change_email, dead_letter, queue_email
 from tests.conftest import worker_environment
-from tests.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
-from tests.test_cli import change_email, dead_letter, queue_email
 
 COMMS = Path(sys.executable).parent / "comms"
 WINTER = dt.datetime(2026, 1, 15, 8, 30, tzinfo=dt.UTC)

@@ -32,7 +32,7 @@ from comms_tasks.models import DeadLetter, DeadLetterStatus
 from tests import factories as f
 from tests.conftest import WorkerProcess, free_port, worker_environment
 from tests.contracts.test_inbound_contracts import example_message
-from tests.tasks.test_inbound_tasks import COMMS, THERAPIST, comms_json, send, therapist
+from tests.inbound.test_inbound_tasks import COMMS, THERAPIST, comms_json, send, therapist
 
 SETUP = """
 CREATE TABLE IF NOT EXISTS public.test_refusals (message_id text PRIMARY KEY, sqlstate text);

@@ -15,7 +15,7 @@ from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from comms_tasks.models import Email, PhoneCallStatus
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import RECORD_CALL_OUTCOME, SCHEDULE_CALL
-from tests.test_calls import (
+from tests.calls.test_calls import (
     apply,
     calls_of,
     local_slot,

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.models import DeadLetter, DeadLetterStatus
 from tests import factories as f
 from tests.conftest import WorkerProcess, worker_environment
-from tests.tasks.test_inbound_tasks import COMMS, THERAPIST, comms_json, therapist
+from tests.inbound.test_inbound_tasks import COMMS, THERAPIST, comms_json, therapist
 
 MARKER = "STRAY-DIAGNOSIS-41c7"
 

@@ -15,7 +15,7 @@ from comms_tasks.events.outbox import record_event
 from comms_tasks.events.tasks import relay_outbox
 from comms_tasks.models import OutboxEvent
 from comms_tasks.settings import get_settings
-from tests.events import bind_queue, drain, record_queued_events
+from tests.event_queue import bind_queue, drain, record_queued_events
 from tests.servers import PrivateRedis
 
 

@@ -21,13 +21,13 @@ from comms_tasks.models import DeadLetter, DeadLetterStatus
 from comms_tasks.worker.deliveries import MAX_DELIVERIES
 from tests import factories as f
 from tests.conftest import WorkerProcess, broker_environment, other_service
-from tests.servers import PrivateRedis
-from tests.tasks.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
+from tests.inbound.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
     SERIALIZATION_FAILURE,
     Refusals,
     refusals,
 )
-from tests.tasks.test_inbound_tasks import THERAPIST, comms_json, therapist
+from tests.inbound.test_inbound_tasks import THERAPIST, comms_json, therapist
+from tests.servers import PrivateRedis
 from tests.worker_crash_hook import CRASH_NAME
 
 

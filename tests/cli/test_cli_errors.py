@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from tests.calls.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
 from tests.conftest import free_port, worker_environment
-from tests.test_calls import calls_of, follow_up_check, schedule_calls, sent_email
 
 COMMS = Path(sys.executable).parent / "comms"
 PASSWORD = "pw-never-printed-b40c"

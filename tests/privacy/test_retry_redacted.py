@@ -21,7 +21,7 @@ from comms_tasks.emails import rechecks
 from comms_tasks.models import Email, EmailStatus
 from tests import factories as f
 from tests.conftest import worker_environment
-from tests.test_retention import MARKER, PATIENT, apply, load, queued_email
+from tests.privacy.test_retention import MARKER, PATIENT, apply, load, queued_email
 
 COMMS = Path(sys.executable).parent / "comms"
 Run = Callable[..., subprocess.CompletedProcess[str]]

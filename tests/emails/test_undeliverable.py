@@ -19,8 +19,15 @@ from comms_tasks.emails.tasks import send_email
 from comms_tasks.models import EmailStatus
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.emails.test_email_pipeline import (
+    T0,
+    THERAPIST,
+    all_emails,
+    apply,
+    open_requests,
+    run_batch,
+)
 from tests.smtp import SmtpSink
-from tests.test_email_pipeline import T0, THERAPIST, all_emails, apply, open_requests, run_batch
 
 ADDRESS = "praxis3@weber-therapie.de"
 DAY = dt.timedelta(days=1)

@@ -25,12 +25,12 @@ from comms_tasks.privacy.task_reprs import identifying_repr
 from tests import factories as f
 from tests.conftest import WorkerProcess, wait_for
 from tests.contracts.test_inbound_contracts import EMAIL_RESPONSE, email_response
-from tests.tasks.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
+from tests.inbound.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
     SERIALIZATION_FAILURE,
     Refusals,
     refusals,
 )
-from tests.tasks.test_inbound_tasks import MATCHING
+from tests.inbound.test_inbound_tasks import MATCHING
 
 MARKER = "RETRIED-DIAGNOSIS-8c2d"
 
