@@ -13,6 +13,9 @@ from celery.signals import beat_init, celeryd_after_setup, worker_init, worker_p
 # Imported for what they register: the worker's conf command with every password masked
 # (censored_conf), Flower's refusal to run without auth (flower_guard), and the time each
 # scheduled task ran (task_runs).
+import comms_tasks.worker.censored_conf
+import comms_tasks.worker.flower_guard
+import comms_tasks.worker.logs
 import comms_tasks.worker.task_runs  # noqa: F401
 
 # A chunk of the batch or of the call booking holds thousands of ORM objects; with the

@@ -154,3 +154,10 @@ def test_beat_schedules_only_tasks_that_have_a_name_in_task_names() -> None:
     names = {value for key, value in vars(task_names).items() if key.isupper()}
     scheduled = {entry["task"] for entry in schedules.beat_schedule.values()}
     assert scheduled and scheduled <= names
+
+
+def test_the_app_loads_every_process_hook() -> None:
+    """The worker's hooks register themselves when imported: the app must import each."""
+    hooks = {"censored_conf", "flower_guard", "logs", "task_runs"}
+    imported = imports_of(PACKAGE / "app.py")
+    assert {f"comms_tasks.worker.{hook}" for hook in hooks} <= imported
