@@ -107,6 +107,17 @@ def smtp(
     get_settings.cache_clear()
 
 
+# --- The app's tasks ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_task_registered() -> None:
+    """Each stage's tasks.py loaded, as worker and beat load them (app.autodiscover_tasks)."""
+    from comms_tasks.app import app
+
+    app.loader.import_default_modules()
+
+
 # --- PostgreSQL --------------------------------------------------------------------
 
 
