@@ -182,6 +182,42 @@ def committed_db(committed_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterato
     get_settings.cache_clear()
 
 
+@pytest.fixture
+def domain_db(committed_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Connection]:
+    """For domain tests that stay in this process: every session of the service (and the
+    test's own) joins one transaction, rolled back after the test, as warehouse's
+    ``db_session`` does. Nothing is committed, so nothing is emptied afterwards.
+
+    The service's ``transaction()`` becomes a savepoint of that transaction: its commit
+    releases it, its rollback undoes only its own work. Tests that cross processes or
+    connections (workers, ``comms``, two writers) keep ``committed_db``.
+    """
+    import functools
+
+    from sqlalchemy.orm import sessionmaker
+
+    from comms_tasks import db as service_db
+
+    monkeypatch.setenv("COMMS_DATABASE_URL", committed_url)
+    get_settings.cache_clear()
+    reset_engine()
+    engine = make_engine(committed_url)
+    connection = engine.connect()
+    outer = connection.begin()
+    joined = sessionmaker(
+        bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+    )
+    monkeypatch.setattr(service_db, "_session_factory", functools.cache(lambda: joined))
+    try:
+        yield connection
+    finally:
+        outer.rollback()
+        connection.close()
+        engine.dispose()
+        reset_engine()
+        get_settings.cache_clear()
+
+
 # --- Redis and Celery --------------------------------------------------------------
 
 

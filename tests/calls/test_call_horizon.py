@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
@@ -29,7 +29,7 @@ BUSY = "dead_letter: command.at: the therapist or the operators are busy then"
 
 
 def test_an_explicit_time_beyond_the_horizon_is_checked_against_the_calls_then(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     sent_email(1, days_ago=1)
     sent_email(2, days_ago=1)
@@ -44,35 +44,35 @@ def test_an_explicit_time_beyond_the_horizon_is_checked_against_the_calls_then(
     )
     assert apply(SCHEDULE_CALL, schedule_command(2, at + dt.timedelta(minutes=5))) == "applied"
 
-    booked = calls_of(committed_db)
+    booked = calls_of(domain_db)
     assert [(c.therapist_id, c.scheduled_at) for c in booked] == [
         (1, at),
         (2, at + dt.timedelta(minutes=5)),
     ]
 
 
-def fail_with_retry_after(committed_db: Engine, therapist_id: int, day: dt.date) -> None:
+def fail_with_retry_after(domain_db: Connection, therapist_id: int, day: dt.date) -> None:
     sent_email(therapist_id)
     follow_up_check()
     schedule_calls()
-    [call] = [c for c in calls_of(committed_db) if c.therapist_id == therapist_id]
+    [call] = [c for c in calls_of(domain_db) if c.therapist_id == therapist_id]
     command = outcome(call.id, "failed", retry_after=day.isoformat())
     assert apply(RECORD_CALL_OUTCOME, command) == "applied"
 
 
 def test_a_retry_after_beyond_the_horizon_is_booked_within_a_horizon_from_that_day(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     settings = get_settings()
     horizon = dt.timedelta(days=settings.call_horizon_days)
     later = (now() + horizon + dt.timedelta(days=6)).astimezone(settings.zone).date()
 
-    fail_with_retry_after(committed_db, 7, later)
+    fail_with_retry_after(domain_db, 7, later)
     # A second therapist asks for the same day: the first retry's call is counted.
-    fail_with_retry_after(committed_db, 8, later)
+    fail_with_retry_after(domain_db, 8, later)
 
-    first_7, first_8 = (c for c in calls_of(committed_db) if c.attempt == 1)
-    retry_7, retry_8 = (c for c in calls_of(committed_db) if c.attempt == 2)
+    first_7, first_8 = (c for c in calls_of(domain_db) if c.attempt == 1)
+    retry_7, retry_8 = (c for c in calls_of(domain_db) if c.attempt == 2)
     assert (first_7.status, first_8.status) == (PhoneCallStatus.FAILED, PhoneCallStatus.FAILED)
     assert not first_7.follow_up_required and not first_8.follow_up_required
     for retry in (retry_7, retry_8):
@@ -80,19 +80,19 @@ def test_a_retry_after_beyond_the_horizon_is_booked_within_a_horizon_from_that_d
         assert later <= retry.scheduled_date <= later + horizon
     assert retry_7.scheduled_at != retry_8.scheduled_at
     assert abs(retry_7.scheduled_at - retry_8.scheduled_at) >= dt.timedelta(minutes=5)
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         email = session.get(Email, first_7.email_id)
         assert email is not None and not email.follow_up_required
 
 
 def test_a_retry_after_at_the_end_of_the_range_is_booked_and_beyond_it_refused(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     """The contract's last day (2199-12-31) books; the calendar's last day is refused."""
     sent_email(9)
     follow_up_check()
     schedule_calls()
-    [call] = calls_of(committed_db)
+    [call] = calls_of(domain_db)
     too_far = outcome(call.id, "failed", retry_after=dt.date.max.isoformat())
     assert apply(RECORD_CALL_OUTCOME, too_far) == (
         "dead_letter: command.retry_after: must be between the years 1900 and 2199"
@@ -102,7 +102,7 @@ def test_a_retry_after_at_the_end_of_the_range_is_booked_and_beyond_it_refused(
     assert apply(
         RECORD_CALL_OUTCOME, outcome(call.id, "failed", retry_after=last_day.isoformat())
     ) == ("applied")
-    [retry] = [c for c in calls_of(committed_db) if c.attempt == 2]
+    [retry] = [c for c in calls_of(domain_db) if c.attempt == 2]
     assert retry.status is PhoneCallStatus.SCHEDULED
     horizon = dt.timedelta(days=get_settings().call_horizon_days)
     assert last_day <= retry.scheduled_date <= last_day + horizon

@@ -545,7 +545,7 @@ def test_a_task_reads_only_the_calls_booked_since_its_last_chunk(committed_db: E
         booking.book(therapist, start, [2020], dedup_key="test:other")
         booking.record()
     with transaction() as session:
-        again = booking.read_calls(session, at, settings, known)
+        again = scheduling.read_calls(session, at, settings, known)
     assert again is known, "the index is extended, not read again"
     assert known.booked.load(ours.scheduled_at, ours_end) == 1
     assert known.booked.load(start, start + dt.timedelta(minutes=5)) == 1

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select, update
+from sqlalchemy import Connection, Engine, event, func, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.calls import follow_up
@@ -77,7 +77,7 @@ def check(at: dt.datetime) -> tuple[int, follow_up.ScheduleReport]:
     return marked, report
 
 
-def test_an_email_with_nothing_left_to_discuss_is_settled_once(committed_db: Engine) -> None:
+def test_an_email_with_nothing_left_to_discuss_is_settled_once(domain_db: Connection) -> None:
     sent = local(2026, 11, 2, 6, 0)
     email_id = email_sent_at(1, sent, withdrawn=True)
     marked, report = check(sent + dt.timedelta(days=7, hours=3))
@@ -85,7 +85,7 @@ def test_an_email_with_nothing_left_to_discuss_is_settled_once(committed_db: Eng
     for days in (8, 9, 199):
         marked, report = check(sent + dt.timedelta(days=days, hours=3))
         assert (marked, report.nothing_left, report.scheduled) == (0, 0, 0), f"day {days}"
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         email = session.get(Email, email_id)
         assert email is not None
         assert email.follow_up_settled_at is not None
@@ -102,7 +102,7 @@ def backdate(engine: Engine, email_id: int, sent_at: dt.datetime) -> None:
         )
 
 
-def test_follow_up_housekeeping_does_not_move_the_retention_clock(committed_db: Engine) -> None:
+def test_follow_up_housekeeping_does_not_move_the_retention_clock(domain_db: Connection) -> None:
     """Retention counts from the last activity (sent, answered), not from the check's marks."""
     wall = dt.datetime.now(dt.UTC)
     days = get_settings().retention_days
@@ -111,8 +111,8 @@ def test_follow_up_housekeeping_does_not_move_the_retention_clock(committed_db: 
     answered = email_sent_at(3, wall - dt.timedelta(days=days + 20))
     recent = email_sent_at(4, wall - dt.timedelta(days=days - 10), withdrawn=True)
     for email_id, days_ago in ((settled, days + 20), (flagged, days + 20), (answered, days + 20)):
-        backdate(committed_db, email_id, wall - dt.timedelta(days=days_ago))
-    backdate(committed_db, recent, wall - dt.timedelta(days=days - 10))
+        backdate(domain_db, email_id, wall - dt.timedelta(days=days_ago))
+    backdate(domain_db, recent, wall - dt.timedelta(days=days - 10))
     response = {
         "command_id": str(uuid.uuid4()),
         "email_id": answered,
@@ -126,7 +126,7 @@ def test_follow_up_housekeeping_does_not_move_the_retention_clock(committed_db: 
     assert (marked, report.nothing_left, report.unschedulable) == (3, 2, 1)
     with transaction() as session:
         redacted = retention.purge_expired(session, wall, days, limit=100)
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         bodies = {
             email_id: session.get_one(Email, email_id).body_text
             for email_id in (settled, flagged, answered, recent)
@@ -152,7 +152,7 @@ def test_follow_up_housekeeping_does_not_move_the_retention_clock(committed_db: 
     ids=["monday-09:05", "spring-forward", "fall-back"],
 )
 def test_an_email_is_due_from_the_seventh_local_calendar_day(
-    committed_db: Engine, sent: dt.datetime, not_yet: dt.datetime, due: dt.datetime
+    domain_db: Connection, sent: dt.datetime, not_yet: dt.datetime, due: dt.datetime
 ) -> None:
     assert get_settings().zone == BERLIN
     email_sent_at(1, sent)

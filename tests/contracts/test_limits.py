@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Engine, String
+from sqlalchemy import Connection, String
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import MAX_MESSAGE_ID, readable_message_id, received
@@ -115,9 +115,9 @@ def test_the_subject_column_fits_the_longest_subject_a_command_can_make() -> Non
 
 
 def test_a_therapist_with_the_longest_values_is_stored_and_asked_on_postgres(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
-    assert committed_db.dialect.name == "postgresql"
+    assert domain_db.dialect.name == "postgresql"
     longest = {
         field: contract_max_length(received.TherapistUpsertedPayload, field)
         for field in ("title", "first_name", "last_name", "phone")
@@ -128,11 +128,11 @@ def test_a_therapist_with_the_longest_values_is_stored_and_asked_on_postgres(
 
     report = pipeline.run_batch(pipeline.T0)
 
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         stored = session.get(Therapist, 9)
         assert stored is not None
         assert {field: getattr(stored, field) for field in values} == values
-    [queued] = pipeline.all_emails(committed_db)
+    [queued] = pipeline.all_emails(domain_db)
     assert queued.status is EmailStatus.QUEUED, report
     assert queued.recipient_name == " ".join(
         (values["title"], values["first_name"], values["last_name"])

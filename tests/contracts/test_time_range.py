@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
@@ -94,7 +94,7 @@ def test_the_ends_of_the_range_are_accepted(at: str) -> None:
 
 
 def test_a_schedule_call_far_in_the_future_is_a_dead_letter_not_a_lost_task(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     pipeline.therapist(17)
     pipeline.apply(pipeline.MATCHING, f.request_created(301, therapist_id=17))
@@ -104,7 +104,7 @@ def test_a_schedule_call_far_in_the_future_is_a_dead_letter_not_a_lost_task(
     result = app.tasks[SCHEDULE_CALL].apply(kwargs={"command": command})
 
     assert result.successful(), result.traceback
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         [letter] = session.scalars(select(DeadLetter)).all()
     assert letter.message_id == command["command_id"]
     assert letter.reason.startswith("command.at: must be between the years")
