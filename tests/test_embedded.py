@@ -94,7 +94,7 @@ def test_demo_flows_through_the_filesystem_broker_into_sqlite_and_out_as_eml_fil
 
 SEND = """
 import json, sys
-from comms_tasks.cli import send_message
+from comms_tasks.cli.shared import send_message
 for task_name, kwargs in json.loads(sys.argv[1]):
     send_message(task_name, kwargs)
 """

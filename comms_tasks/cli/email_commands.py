@@ -165,7 +165,7 @@ def emails_retry(
     email_id: Annotated[int, typer.Argument(help="The email's id.")], as_json: JsonOption = False
 ) -> None:
     """Queue a failed (or waiting) email for the next send, with a fresh set of attempts."""
-    from comms_tasks.sending import retry_now
+    from comms_tasks.emails.delivery import retry_now
 
     _change_email(email_id, retry_now, "retried", as_json)
 
@@ -175,7 +175,7 @@ def emails_cancel(
     email_id: Annotated[int, typer.Argument(help="The email's id.")], as_json: JsonOption = False
 ) -> None:
     """Cancel an email that has not been sent."""
-    from comms_tasks.sending import cancel
+    from comms_tasks.emails.delivery import cancel
 
     _change_email(
         email_id, lambda session, email, _now: cancel(session, email), "cancelled", as_json

@@ -79,7 +79,7 @@ def erase_right_after_matching(monkeypatch: pytest.MonkeyPatch) -> None:
             )
         return found
 
-    monkeypatch.setattr(mail_apply, "find_email", find_then_erase)
+    monkeypatch.setattr(email_lookup, "find_email", find_then_erase)
 
 
 # --- a second copy of one message ---------------------------------------------------------

@@ -33,7 +33,7 @@ from comms_tasks.models import (
     PlacementRequest,
     PlacementRequestStatus,
 )
-from comms_tasks.privacy.retention import purge_expired
+from comms_tasks.privacy.tasks import purge_expired
 from comms_tasks.settings import get_settings
 from tests import factories as f
 
