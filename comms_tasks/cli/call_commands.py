@@ -86,39 +86,15 @@ def calls_ics(
     date: DateOption = None,
 ) -> None:
     """Write the day's calls as an iCalendar file (ids and phone numbers, no health data)."""
-    import icalendar
+    from comms_tasks.ops.call_calendar import call_sheet_calendar
 
     day = _day(date)
-    zone = get_settings().zone
-    calendar = icalendar.Calendar()
-    calendar.add("prodid", "-//Therapievermittlung//comms call sheet//DE")
-    calendar.add("version", "2.0")
-    calendar.add("x-wr-calname", f"Rückrufe {day:%d.%m.%Y}")
-    stamp = dt.datetime.now(dt.UTC)
-    sheet = [call for call in _sheet(day) if call["status"] == "scheduled"]
-    for call in sheet:
-        start = dt.datetime.fromisoformat(call["scheduled_at"]).astimezone(zone)
-        event = icalendar.Event()
-        event.add("uid", f"comms-call-{call['call_id']}@therapievermittlung")
-        event.add("dtstamp", stamp)
-        event.add("dtstart", start)
-        event.add("dtend", start + dt.timedelta(minutes=call["duration_minutes"]))
-        event.add("summary", f"Rückruf {call['therapist'] or call['therapist_id']}")
-        requests = ", ".join(f"Nr. {p['placement_request_id']}" for p in call["patients"])
-        event.add(
-            "description",
-            f"Telefon: {call['phone'] or '-'}\nAnfragen: {requests}\n"
-            f"Details: comms calls today --date {day.isoformat()}",
-        )
-        if call["phone"]:
-            event.add("location", call["phone"])
-        calendar.add_component(event)
-    calendar.add_missing_timezones()
+    content, written = call_sheet_calendar(day, _sheet(day), get_settings().zone)
     try:
-        output.write_bytes(calendar.to_ical())
+        output.write_bytes(content)
     except OSError as exc:
         raise fail(f"--output: cannot write {output}: {exc.strerror or exc}") from None
-    console.print(f"wrote {len(sheet)} calls to {output}")
+    console.print(f"wrote {written} calls to {output}")
 
 
 def _check_outcome_options(status: str, with_requests: bool, retry_after: str | None) -> None:
@@ -186,7 +162,8 @@ def calls_outcome(
     """Send the outcome of a call to the service, as the record_call_outcome message."""
     import uuid
 
-    from comms_tasks.contracts import RECORD_CALL_OUTCOME, ContractViolation, validate_command
+    from comms_tasks.contracts import ContractViolation, validate_command
+    from comms_tasks.task_names import RECORD_CALL_OUTCOME
 
     require_database()
     requests = []

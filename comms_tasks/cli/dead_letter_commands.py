@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from comms_tasks.cli.shared import (
     USAGE_ERROR,
@@ -53,13 +52,11 @@ def dead_letters_list(
     as_json: JsonOption = False,
 ) -> None:
     """List dead letters (pending ones unless --all)."""
-    from comms_tasks.models import DeadLetter, DeadLetterStatus
+    from comms_tasks.ops import listings
 
     with database() as session:
-        query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)
-        if not show_all:
-            query = query.where(DeadLetter.status == DeadLetterStatus.PENDING)
-        letters = [_letter_dict(letter) for letter in session.scalars(query)]
+        found = listings.dead_letters(session, include_replayed=show_all, limit=limit)
+        letters = [_letter_dict(letter) for letter in found]
     if as_json:
         emit_json(letters)
         return
@@ -117,21 +114,14 @@ def dead_letters_replay(
 
     from comms_tasks.appliers import APPLIERS
     from comms_tasks.inbound.dead_letter_replay import NotReplayable, replay
-    from comms_tasks.models import DeadLetter, DeadLetterStatus
 
     if bool(dead_letter_ids) == replay_all:
         raise fail("give dead letter ids or --all, not both or neither", code=USAGE_ERROR)
     if replay_all:
+        from comms_tasks.ops.listings import replayable_dead_letter_ids
+
         with database() as session:
-            dead_letter_ids = list(
-                session.scalars(
-                    select(DeadLetter.id)
-                    .where(DeadLetter.status == DeadLetterStatus.PENDING)
-                    # A redacted message has nothing left to apply.
-                    .where(DeadLetter.payload_redacted_at.is_(None))
-                    .order_by(DeadLetter.id)
-                )
-            )
+            dead_letter_ids = replayable_dead_letter_ids(session)
     require_database()
     ids = dead_letter_ids or []
     results = []

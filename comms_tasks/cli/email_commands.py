@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from comms_tasks.cli.shared import (
     USAGE_ERROR,
@@ -60,19 +59,19 @@ def emails_list(
     as_json: JsonOption = False,
 ) -> None:
     """List emails, newest first."""
-    from comms_tasks.models import Email, EmailStatus
+    from comms_tasks.models import EmailStatus
+    from comms_tasks.ops import listings
 
-    query = select(Email).order_by(Email.id.desc()).limit(limit)
+    status = None
     if status_filter is not None:
         try:
-            query = query.where(Email.status == EmailStatus(status_filter))
+            status = EmailStatus(status_filter)
         except ValueError:
             choices = ", ".join(s.value for s in EmailStatus)
             raise fail(f"--status: must be one of {choices}", code=USAGE_ERROR) from None
-    if therapist is not None:
-        query = query.where(Email.therapist_id == therapist)
     with database() as session:
-        items = [_email_summary(email) for email in session.scalars(query)]
+        found = listings.emails(session, status=status, therapist_id=therapist, limit=limit)
+        items = [_email_summary(email) for email in found]
     if as_json:
         emit_json(items)
         return

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from comms_tasks.cli.shared import MASK, JsonOption, console, database, emit_json, fail
@@ -55,15 +54,13 @@ def mailbox_list(
     as_json: JsonOption = False,
 ) -> None:
     """The newest messages read from the mailbox (at most 200)."""
-    query = select(InboundMail).order_by(InboundMail.id.desc()).limit(LIST_LIMIT)
-    if kind is not None:
-        query = query.where(InboundMail.kind == kind)
-    if unmatched:
-        query = query.where(InboundMail.state == InboundMailState.UNMATCHED)
-    if to_review:
-        query = query.where(InboundMail.to_review.is_(True))
+    from comms_tasks.ops import listings
+
     with database() as session:
-        rows = [summary(mail) for mail in session.scalars(query)]
+        found = listings.inbound_mail(
+            session, kind=kind, unmatched=unmatched, to_review=to_review, limit=LIST_LIMIT
+        )
+        rows = [summary(mail) for mail in found]
     if as_json:
         emit_json(rows)
         return

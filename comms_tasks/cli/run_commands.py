@@ -10,7 +10,6 @@ import time
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy import select
 
 from comms_tasks.cli.call_commands import calls_today
 from comms_tasks.cli.shared import (
@@ -27,6 +26,7 @@ from comms_tasks.cli.shared import (
 )
 from comms_tasks.cli.status_commands import print_status
 from comms_tasks.local_time import local_clock
+from comms_tasks.ops import listings
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import BATCH_REQUESTS, FOLLOW_UP_CHECK, POLL_MAILBOX
 
@@ -121,7 +121,6 @@ def _celery(*arguments: str) -> subprocess.Popen[bytes]:
 
 
 def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> None:
-    from comms_tasks.models import Email, EmailStatus, PhoneCall, PhoneCallStatus
 
     console.rule("what happened")
     print_status(snapshot)
@@ -131,14 +130,10 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
         highlight=False,
     )
     with database() as session:
-        sent = session.execute(
-            select(Email.therapist_id)
-            .where(Email.status == EmailStatus.SENT)
-            .where(Email.sent_at >= since)
-        ).all()
+        sent = listings.therapists_emailed_since(session, since)
     if sent:
         console.print(
-            f"Sent {len(sent)} emails to {len({row[0] for row in sent})} therapists in this run.",
+            f"Sent {len(sent)} emails to {len(set(sent))} therapists in this run.",
             highlight=False,
         )
     files = sorted(settings.outbox_folder.glob("*.eml"))
@@ -147,12 +142,7 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
             f"Mail written to {settings.outbox_folder}/; open {files[0]}", highlight=False
         )
     with database() as session:
-        first_call = session.scalar(
-            select(PhoneCall.scheduled_date)
-            .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-            .order_by(PhoneCall.scheduled_at)
-            .limit(1)
-        )
+        first_call = listings.first_call_day(session)
     _report_mailbox()
     if first_call is not None:
         console.print("Follow-up calls are booked; the first day's call sheet:", highlight=False)
@@ -161,33 +151,28 @@ def _report_run(snapshot: dict[str, Any], settings: Any, since: dt.datetime) -> 
 
 def _report_mailbox() -> None:
     """One line per message read from the mailbox: what it was and what it changed."""
-    from comms_tasks.models import Email, InboundMail, InboundMailKind, PhoneCall
+    from comms_tasks.models import InboundMailKind
 
     with database() as session:
-        mails = session.scalars(select(InboundMail).order_by(InboundMail.id)).all()
-        lines = []
-        for mail in mails:
-            email = session.get(Email, mail.email_id) if mail.email_id else None
-            calls = (
-                session.scalars(select(PhoneCall).where(PhoneCall.email_id == email.id)).all()
-                if email
-                else []
+        effects = listings.mailbox_effects(session)
+    lines = []
+    for mail in effects:
+        call = ", ".join(f"call {call_id} {status.value}" for call_id, status in mail.calls)
+        call = call or "no call"
+        status_code = mail.status_code or "no status"
+        if mail.email_id is None:
+            effect = "kept for operators (comms mailbox list --unmatched)"
+        elif mail.kind is InboundMailKind.REPLY:
+            effect = f"response recorded on email {mail.email_id}; {call}"
+        elif mail.kind is InboundMailKind.AUTO_REPLY:
+            effect = f"kept on email {mail.email_id}, not a response; {call}"
+        elif mail.kind is InboundMailKind.BOUNCE:
+            effect = (
+                f"email {mail.email_id} undeliverable ({status_code}), the address flagged; {call}"
             )
-            call = ", ".join(f"call {c.id} {c.status.value}" for c in calls) or "no call"
-            if email is None:
-                effect = "kept for operators (comms mailbox list --unmatched)"
-            elif mail.kind is InboundMailKind.REPLY:
-                effect = f"response recorded on email {email.id}; {call}"
-            elif mail.kind is InboundMailKind.AUTO_REPLY:
-                effect = f"kept on email {email.id}, not a response; {call}"
-            elif mail.kind is InboundMailKind.BOUNCE:
-                effect = (
-                    f"email {email.id} undeliverable ({mail.status_code or 'no status'}), "
-                    f"the address flagged; {call}"
-                )
-            else:
-                effect = f"noted on email {email.id} ({mail.status_code or 'no status'}); {call}"
-            lines.append(f"mailbox message {mail.id}: {mail.kind.value}: {effect}")
+        else:
+            effect = f"noted on email {mail.email_id} ({status_code}); {call}"
+        lines.append(f"mailbox message {mail.mail_id}: {mail.kind.value}: {effect}")
     if lines:
         console.print("Read from the mailbox:", highlight=False)
         for line in lines:

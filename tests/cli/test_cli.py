@@ -650,7 +650,7 @@ def test_dead_letter_show_masks_patient_data_in_any_malformed_shape(comms: Run, 
 
 def erase_through_the_inbox(patient_id: int) -> None:
     from comms_tasks.appliers import APPLIERS
-    from comms_tasks.contracts import HANDLE_PATIENT_EVENT
+    from comms_tasks.task_names import HANDLE_PATIENT_EVENT
 
     erased = f.patient_erased(patient_id, occurred_at=f.at(60))
     assert handle(HANDLE_PATIENT_EVENT, erased, APPLIERS[HANDLE_PATIENT_EVENT]).result == "applied"

@@ -18,13 +18,13 @@ from comms_tasks.app import app
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.contracts import ContractViolation
 from comms_tasks.models import DeadLetter
+from comms_tasks.task_names import SCHEDULE_CALL
 from tests import factories as f
 from tests.contracts.test_inbound_contracts import (
     CALL_OUTCOME,
     EMAIL_RESPONSE,
     MATCHING,
     PATIENT,
-    SCHEDULE_CALL,
     call_outcome,
     created_payload,
     email_response,

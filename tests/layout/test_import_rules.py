@@ -186,3 +186,24 @@ def test_every_import_of_the_package_resolves() -> None:
                     continue
                 missing.append(f"{module_name(path)}: {node.module}.{alias.name}")
     assert missing == []
+
+
+def test_task_names_come_from_task_names_only() -> None:
+    """Every ``comms.*`` name is defined once, in ``task_names``, and imported from there."""
+    from comms_tasks import task_names
+
+    names = {key for key in vars(task_names) if key.isupper()}
+    elsewhere = []
+    roots = (PACKAGE, PACKAGE.parent / "tests", PACKAGE.parent / "bench")
+    for path in sorted(p for root in roots for p in root.rglob("*.py")):
+        if path == PACKAGE / "task_names.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module != "comms_tasks.task_names":
+                elsewhere += [f"{path}: {a.name}" for a in node.names if a.name in names]
+            elif isinstance(node, ast.Assign):
+                targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                value = node.value
+                if isinstance(value, ast.Constant) and str(value.value).startswith("comms."):
+                    elsewhere += [f"{path}: {t} = {value.value!r}" for t in targets if t in names]
+    assert elsewhere == []
