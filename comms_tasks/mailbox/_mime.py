@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.errors
 import email.parser
 import email.policy
+import email.utils
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -140,8 +141,11 @@ def content_type(part: Message) -> str:
 
 
 def param(part: Message, name: str, header: str = "content-type") -> str | None:
+    """A parameter of a header, RFC 2231 values (``charset*=utf-8''...``) decoded."""
     try:
         value = part.get_param(name, header=header)
+        if isinstance(value, tuple):  # compat32 leaves an RFC 2231 value in three parts
+            value = email.utils.collapse_rfc2231_value(value)
     except Exception:  # noqa: BLE001
         return None
     return value if isinstance(value, str) else None

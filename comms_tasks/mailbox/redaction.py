@@ -9,10 +9,33 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from comms_tasks.models import Email, EmailBatch, InboundMail, InboundMailState, PlacementRequest
+
+# PostgreSQL advisory lock between recording mail and erasing a patient. A poll holds it
+# exclusively for each transaction that writes messages (a group of them, or one); an
+# erasure takes it shared before it locks anything. So an erasure waits for a group under
+# way and then sees (and redacts) every row the group wrote — an unmatched reply takes no
+# row lock the erasure could wait on — and the two never hold emails in opposite orders
+# (a group locks them in message order, an erasure in id order). Erasures share it, so
+# they do not wait for each other. SQLite has one writer at a time anyway.
+MAIL_WRITES_LOCK_KEY = 7_310_642_206
+
+
+def lock_for_recording(session: Session) -> None:
+    """Hold the mail-writes lock until this transaction ends (a poll's group, or one)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MAIL_WRITES_LOCK_KEY})
+
+
+def wait_for_recording(session: Session) -> None:
+    """Wait for mail being recorded, and keep new groups out until this transaction ends."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": MAIL_WRITES_LOCK_KEY}
+        )
 
 
 def redact_mail(mail: InboundMail, now: dt.datetime) -> None:

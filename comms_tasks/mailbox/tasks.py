@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
 from comms_tasks.db import get_engine, transaction
-from comms_tasks.mailbox import _mime, apply
+from comms_tasks.mailbox import _mime, apply, redaction
 from comms_tasks.mailbox.classify import classify, parse
 from comms_tasks.mailbox.match import keys
 from comms_tasks.mailbox.sources import FOLDERS, Fetched, MailboxError, StaleKeyError, open_source
@@ -170,6 +170,7 @@ def keep(
 def keep_unreadable(source_name: str, fetched: Fetched, reason: str) -> apply.Applied:
     """A message whose recording failed: kept as unmatched with the reason, once."""
     with transaction() as session:
+        redaction.lock_for_recording(session)
         return keep(session, source_name, fetched, reason)
 
 
@@ -264,6 +265,7 @@ def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> l
     """Record a group of messages in one transaction; one by one when that fails."""
     try:
         with transaction() as session:
+            redaction.lock_for_recording(session)
             seen = apply.SeenBefore(session, source_name, group)
             return [record(session, source_name, fetched, settings, seen) for fetched in group]
     except Exception as exc:  # noqa: BLE001 - the group is rolled back and tried one by one
@@ -280,6 +282,7 @@ def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.A
     """Record one message; one that cannot be recorded is kept as unmatched, with why."""
     try:
         with transaction() as session:
+            redaction.lock_for_recording(session)
             return record(session, source_name, fetched, settings)
     except OperationalError:
         raise  # the database is away: the message stays in the inbox for the next poll

@@ -15,7 +15,7 @@ from comms_tasks.contracts import received
 from comms_tasks.contracts.common import availability_to_json
 from comms_tasks.inbound.dead_letters import erase_patient_from_dead_letters
 from comms_tasks.inbound.inbox import Rejected
-from comms_tasks.mailbox.redaction import erase_patient_from_mail
+from comms_tasks.mailbox.redaction import erase_patient_from_mail, wait_for_recording
 from comms_tasks.models import (
     Patient,
     PlacementRequest,
@@ -109,6 +109,8 @@ def apply_patient_event(session: Session, event: received.Envelope) -> None:
     if isinstance(event, received.PatientUpdated):
         _apply_summary(session, event.payload.patient_id, event.payload.patient, event.occurred_at)
     elif isinstance(event, received.PatientErased):
+        # Before any row lock: a poll recording mail finishes first (see redaction).
+        wait_for_recording(session)
         erase_patient(session, event.payload.patient_id, event.occurred_at)
         erase_patient_from_emails(
             session, event.payload.patient_id, event.occurred_at, get_settings()
