@@ -207,3 +207,13 @@ def test_task_names_come_from_task_names_only() -> None:
                 if isinstance(value, ast.Constant) and str(value.value).startswith("comms."):
                     elsewhere += [f"{path}: {t} = {value.value!r}" for t in targets if t in names]
     assert elsewhere == []
+
+
+def test_no_module_of_the_package_is_over_400_lines() -> None:
+    """A module a reader can hold in mind: past 400 lines it is split by what it does."""
+    long = {
+        str(path.relative_to(PACKAGE)): count
+        for path in PACKAGE.rglob("*.py")
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > 400
+    }
+    assert long == {}
