@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
@@ -98,27 +98,27 @@ def published_outcomes(engine: Engine) -> list[tuple[int, str]]:
 # --- an answer to a reminder ---------------------------------------------------------------
 
 
-def test_an_answer_to_the_reminder_cancels_the_originals_call(committed_db: Engine) -> None:
+def test_an_answer_to_the_reminder_cancels_the_originals_call(domain_db: Connection) -> None:
     original = sent_email(21)
     assert follow_up_check()["marked"] == 1
     assert schedule_calls()["scheduled"] == 1
     reminder = reminder_of(original, [210, 211])
     response = answer(reminder.id, now(), (210, "rejected"), (211, "rejected"))
     assert apply(RECORD_EMAIL_RESPONSE, response) == "applied"
-    [call] = calls_of(committed_db)
+    [call] = calls_of(domain_db)
     assert call.email_id == original.id
     assert call.status is PhoneCallStatus.CANCELLED
     # The original is answered too, for the requests the answer covers.
-    assert email_row(committed_db, original.id).response_received
-    assert outcomes_of(committed_db, original.id) == {
+    assert email_row(domain_db, original.id).response_received
+    assert outcomes_of(domain_db, original.id) == {
         210: ResponseOutcome.REJECTED,
         211: ResponseOutcome.REJECTED,
     }
     # Each outcome is published once, by the email that was answered.
-    assert published_outcomes(committed_db) == [(210, "rejected"), (211, "rejected")]
+    assert published_outcomes(domain_db) == [(210, "rejected"), (211, "rejected")]
 
 
-def test_an_answered_reminder_keeps_its_original_from_a_call_later(committed_db: Engine) -> None:
+def test_an_answered_reminder_keeps_its_original_from_a_call_later(domain_db: Connection) -> None:
     original = sent_email(22, days_ago=3)
     reminder = reminder_of(original, [220])
     assert apply(RECORD_EMAIL_RESPONSE, answer(reminder.id, now(), (220, "accepted"))) == "applied"
@@ -129,9 +129,9 @@ def test_an_answered_reminder_keeps_its_original_from_a_call_later(committed_db:
         row.sent_at = now() - dt.timedelta(days=8)
     assert follow_up_check()["marked"] == 0
     schedule_calls()
-    assert calls_of(committed_db) == []
-    assert outcomes_of(committed_db, original.id) == {220: ResponseOutcome.ACCEPTED, 221: None}
-    with Session(committed_db) as session:
+    assert calls_of(domain_db) == []
+    assert outcomes_of(domain_db, original.id) == {220: ResponseOutcome.ACCEPTED, 221: None}
+    with Session(domain_db) as session:
         templates = session.scalars(select(Email.template).order_by(Email.id)).all()
     assert templates.count(EmailTemplate.CONFIRMATION) == 1
 
@@ -139,7 +139,7 @@ def test_an_answered_reminder_keeps_its_original_from_a_call_later(committed_db:
 # --- answers out of order -----------------------------------------------------------------
 
 
-def test_an_older_answer_never_overwrites_a_newer_one(committed_db: Engine) -> None:
+def test_an_older_answer_never_overwrites_a_newer_one(domain_db: Connection) -> None:
     email = sent_email(31)
     newer = now()
     first = answer(email.id, newer, (310, "accepted"), content="NEUER: Ich nehme sie.")
@@ -153,25 +153,25 @@ def test_an_older_answer_never_overwrites_a_newer_one(committed_db: Engine) -> N
         content="ÄLTER: Leider kein Platz.",
     )
     assert apply(RECORD_EMAIL_RESPONSE, older) == "applied"
-    row = email_row(committed_db, email.id)
+    row = email_row(domain_db, email.id)
     assert row.response_date == newer
     assert row.response_content == "NEUER: Ich nehme sie."
     # The older answer only says what no newer one did.
-    assert outcomes_of(committed_db, email.id) == {
+    assert outcomes_of(domain_db, email.id) == {
         310: ResponseOutcome.ACCEPTED,
         311: ResponseOutcome.REJECTED,
     }
-    assert published_outcomes(committed_db) == [(310, "accepted"), (311, "rejected")]
+    assert published_outcomes(domain_db) == [(310, "accepted"), (311, "rejected")]
     # Between the two: newer than what request 311 holds, older than the email's answer.
     between = answer(email.id, newer - dt.timedelta(minutes=30), (311, "accepted"))
     assert apply(RECORD_EMAIL_RESPONSE, between) == "applied"
-    assert outcomes_of(committed_db, email.id) == {
+    assert outcomes_of(domain_db, email.id) == {
         310: ResponseOutcome.ACCEPTED,
         311: ResponseOutcome.ACCEPTED,
     }
-    assert email_row(committed_db, email.id).response_content == "NEUER: Ich nehme sie."
-    assert published_outcomes(committed_db)[-1] == (311, "accepted")
-    with Session(committed_db) as session:
+    assert email_row(domain_db, email.id).response_content == "NEUER: Ich nehme sie."
+    assert published_outcomes(domain_db)[-1] == (311, "accepted")
+    with Session(domain_db) as session:
         confirmed = session.scalars(
             select(EmailBatch.placement_request_id)
             .join(Email, Email.id == EmailBatch.email_id)
@@ -181,14 +181,14 @@ def test_an_older_answer_never_overwrites_a_newer_one(committed_db: Engine) -> N
     assert confirmed == [310, 311]
 
 
-def test_an_answer_with_the_same_time_applies(committed_db: Engine) -> None:
+def test_an_answer_with_the_same_time_applies(domain_db: Connection) -> None:
     email = sent_email(32)
     received = now()
     assert apply(RECORD_EMAIL_RESPONSE, answer(email.id, received, (320, "accepted"))) == "applied"
     again = answer(email.id, received, (320, "rejected"), content="Korrektur")
     assert apply(RECORD_EMAIL_RESPONSE, again) == "applied"
-    assert outcomes_of(committed_db, email.id)[320] is ResponseOutcome.REJECTED
-    assert email_row(committed_db, email.id).response_content == "Korrektur"
+    assert outcomes_of(domain_db, email.id)[320] is ResponseOutcome.REJECTED
+    assert email_row(domain_db, email.id).response_content == "Korrektur"
 
 
 # --- an answer to an email that was not sent ------------------------------------------------
@@ -207,18 +207,18 @@ def queued_email(therapist_id: int) -> Email:
 
 
 def test_an_answer_to_an_unsent_email_is_a_dead_letter_until_it_is_sent(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     email = queued_email(41)
     response = answer(email.id, now(), (410, "accepted"))
     outcome = handle(RECORD_EMAIL_RESPONSE, response, APPLIERS[RECORD_EMAIL_RESPONSE])
     assert outcome.result == "dead_letter"
     assert outcome.reason == "command.email_id: the email was not sent (queued)"
-    row = email_row(committed_db, email.id)
+    row = email_row(domain_db, email.id)
     assert row.status is EmailStatus.QUEUED
     assert not row.response_received
-    assert outcomes_of(committed_db, email.id) == {410: None}
-    assert published_outcomes(committed_db) == []
+    assert outcomes_of(domain_db, email.id) == {410: None}
+    assert published_outcomes(domain_db) == []
     # Once it is sent, the operator replays the answer and nothing was lost.
     with transaction() as session:
         sent = session.get(Email, email.id)
@@ -227,11 +227,11 @@ def test_an_answer_to_an_unsent_email_is_a_dead_letter_until_it_is_sent(
         sent.sent_at = now()
     assert outcome.dead_letter_id is not None
     assert replay(outcome.dead_letter_id, APPLIERS).result == "applied"
-    assert email_row(committed_db, email.id).response_received
-    assert outcomes_of(committed_db, email.id) == {410: ResponseOutcome.ACCEPTED}
+    assert email_row(domain_db, email.id).response_received
+    assert outcomes_of(domain_db, email.id) == {410: ResponseOutcome.ACCEPTED}
 
 
-def test_an_answer_to_a_cancelled_or_failed_email_is_a_dead_letter(committed_db: Engine) -> None:
+def test_an_answer_to_a_cancelled_or_failed_email_is_a_dead_letter(domain_db: Connection) -> None:
     for therapist_id, status in ((42, EmailStatus.CANCELLED), (43, EmailStatus.FAILED)):
         email = queued_email(therapist_id)
         with transaction() as session:
@@ -242,7 +242,7 @@ def test_an_answer_to_a_cancelled_or_failed_email_is_a_dead_letter(committed_db:
         assert apply(RECORD_EMAIL_RESPONSE, response) == (
             f"dead_letter: command.email_id: the email was not sent ({status.value})"
         )
-        assert not email_row(committed_db, email.id).response_received
+        assert not email_row(domain_db, email.id).response_received
 
 
 # --- confirmations asked for by command -----------------------------------------------------
@@ -269,7 +269,7 @@ def confirmations_of(engine: Engine) -> list[tuple[str, list[int]]]:
         return [(e.dedup_key, [b.placement_request_id for b in e.batches]) for e in found]
 
 
-def test_a_request_is_confirmed_once_whatever_command_asks(committed_db: Engine) -> None:
+def test_a_request_is_confirmed_once_whatever_command_asks(domain_db: Connection) -> None:
     email = sent_email(51)
     assert apply(RECORD_EMAIL_RESPONSE, answer(email.id, now(), (510, "accepted"))) == "applied"
     # A producer retrying with fresh command ids, then asking for both requests.
@@ -277,22 +277,22 @@ def test_a_request_is_confirmed_once_whatever_command_asks(committed_db: Engine)
     assert confirm(51, 510) == "applied"
     assert confirm(51, 511) == "applied"
     assert confirm(51, 510, 511) == "applied"
-    assert confirmations_of(committed_db) == [
+    assert confirmations_of(domain_db) == [
         ("confirmation:510", [510]),
         ("confirmation:511", [511]),
     ]
 
 
-def test_a_cancelled_request_is_not_confirmed(committed_db: Engine) -> None:
+def test_a_cancelled_request_is_not_confirmed(domain_db: Connection) -> None:
     sent_email(52)
     assert apply(MATCHING, f.request_cancelled(521, occurred_at=now())) == "applied"
     assert confirm(52, 520, 521) == (
         "dead_letter: command.placement_request_ids[1]: the request is cancelled"
     )
-    assert confirmations_of(committed_db) == []
+    assert confirmations_of(domain_db) == []
 
 
-def test_an_answer_to_the_original_cancels_its_unsent_reminder(committed_db: Engine) -> None:
+def test_an_answer_to_the_original_cancels_its_unsent_reminder(domain_db: Connection) -> None:
     original = sent_email(23)
     queue = {
         "command_id": str(uuid.uuid4()),
@@ -304,7 +304,7 @@ def test_an_answer_to_the_original_cancels_its_unsent_reminder(committed_db: Eng
     assert apply(QUEUE_EMAIL, queue) == "applied"
     # The therapist answers the original before the reminder went out, deciding nothing yet.
     assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         reminder = session.scalars(
             select(Email).where(Email.in_reply_to_email_id == original.id)
         ).one()
@@ -313,7 +313,7 @@ def test_an_answer_to_the_original_cancels_its_unsent_reminder(committed_db: Eng
 
 
 def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     original = sent_email(24)
     answered_at = now()
@@ -332,7 +332,7 @@ def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
     assert apply(RECORD_EMAIL_RESPONSE, older) == "applied"
     assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, answered_at)) == "applied"
 
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         reminder = session.scalars(
             select(Email).where(Email.in_reply_to_email_id == original.id)
         ).one()
@@ -340,7 +340,7 @@ def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
 
 
 def test_a_reminder_of_an_email_that_never_went_out_is_a_dead_letter(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     original = sent_email(25)
     with transaction() as session:
@@ -358,7 +358,7 @@ def test_a_reminder_of_an_email_that_never_went_out_is_a_dead_letter(
     assert apply(QUEUE_EMAIL, queue) == (
         "dead_letter: command.reply_to_email_id: the email was not sent (failed)"
     )
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         assert (
             session.scalars(select(Email).where(Email.in_reply_to_email_id == original.id)).all()
             == []

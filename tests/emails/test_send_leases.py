@@ -13,7 +13,7 @@ import datetime as dt
 import random
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
@@ -45,54 +45,54 @@ def failed_events(engine: Engine) -> list[dict[str, Any]]:
         ]
 
 
-def test_an_email_that_kills_its_worker_every_time_ends_failed(committed_db: Engine) -> None:
-    f.queue_plain_emails(committed_db, 1, "lease")
+def test_an_email_that_kills_its_worker_every_time_ends_failed(domain_db: Connection) -> None:
+    f.queue_plain_emails(domain_db, 1, "lease")
     lease = delivery.lease_duration(get_settings()) + dt.timedelta(seconds=1)
     now = dt.datetime.now(dt.UTC)
     for attempt in range(1, delivery.MAX_ATTEMPTS + 1):
-        assert claim(now) == [the_email(committed_db).id], f"attempt {attempt}"
+        assert claim(now) == [the_email(domain_db).id], f"attempt {attempt}"
         # ... the worker dies here, nothing is recorded; the lease runs out.
         now += lease
-        assert the_email(committed_db).retry_count == attempt - 1
+        assert the_email(domain_db).retry_count == attempt - 1
     set_aside: dict[str, int] = {}
     assert claim(now, set_aside) == []
     assert set_aside == {"failed": 1}
-    email = the_email(committed_db)
+    email = the_email(domain_db)
     assert email.status is EmailStatus.FAILED
     assert email.retry_count == delivery.MAX_ATTEMPTS
     assert email.lease_expires_at is None and email.next_attempt_at is None
     assert email.error_message == delivery.WORKER_LOST
-    [event] = failed_events(committed_db)
+    [event] = failed_events(domain_db)
     assert event["payload"]["email_id"] == email.id
     assert event["payload"]["reason"] == delivery.WORKER_LOST
     # Nothing claims it any more.
     assert claim(now + lease) == []
 
 
-def test_a_lost_attempt_and_a_recorded_one_count_once_each(committed_db: Engine) -> None:
-    f.queue_plain_emails(committed_db, 1, "lease")
+def test_a_lost_attempt_and_a_recorded_one_count_once_each(domain_db: Connection) -> None:
+    f.queue_plain_emails(domain_db, 1, "lease")
     lease = delivery.lease_duration(get_settings()) + dt.timedelta(seconds=1)
     now = dt.datetime.now(dt.UTC)
     [email_id] = claim(now)
     now += lease
     assert claim(now) == [email_id]
-    lost = the_email(committed_db)
+    lost = the_email(domain_db)
     assert lost.retry_count == 1
     assert lost.error_message == delivery.WORKER_LOST
     result = SendResult(email_id=email_id, delivered=False, temporary=True, error="451 later")
     with transaction() as session:
         [recorded] = delivery.record_results(session, [(result, now)], random.Random(1))
     assert recorded.status is EmailStatus.QUEUED
-    assert the_email(committed_db).retry_count == 2
+    assert the_email(domain_db).retry_count == 2
     # Claimed again in time and delivered: no further count, the reason is cleared.
-    waiting = the_email(committed_db)
+    waiting = the_email(domain_db)
     assert waiting.next_attempt_at is not None
     assert claim(waiting.next_attempt_at) == [email_id]
     delivered = SendResult(email_id=email_id, delivered=True)
     with transaction() as session:
         delivery.record_results(session, [(delivered, waiting.next_attempt_at)], random.Random(1))
-    sent = the_email(committed_db)
+    sent = the_email(domain_db)
     assert sent.status is EmailStatus.SENT
     assert sent.retry_count == 2
     assert sent.error_message is None
-    assert failed_events(committed_db) == []
+    assert failed_events(domain_db) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.orm import Session
 
 from comms_tasks import migrate
@@ -81,31 +81,31 @@ def mark_sent(engine: Engine, email_id: int) -> None:
         )
 
 
-def test_erasure_redacts_sent_emails_and_rewrites_unsent_ones(committed_db: Engine) -> None:
+def test_erasure_redacts_sent_emails_and_rewrites_unsent_ones(domain_db: Connection) -> None:
     sent = queued_email(1, [100, 200])
-    mark_sent(committed_db, sent)
+    mark_sent(domain_db, sent)
     unsent = queued_email(2, [100, 300])
     only_patient = queued_email(3, [100])
 
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(61)))
 
-    redacted = load(committed_db, sent)
+    redacted = load(domain_db, sent)
     assert redacted.body_text == rechecks.REDACTED_TEXT
     assert MARKER not in redacted.body_html
     assert redacted.body_redacted_at is not None
     assert redacted.status is EmailStatus.SENT
     assert len(redacted.batches) == 2
 
-    rewritten = load(committed_db, unsent)
+    rewritten = load(domain_db, unsent)
     assert f"{MARKER}-100" not in rewritten.body_text + rewritten.body_html
     assert f"{MARKER}-300" in rewritten.body_text
     assert rewritten.subject == "Anfrage für einen Therapieplatz"
     assert rewritten.status is EmailStatus.QUEUED
 
-    cancelled = load(committed_db, only_patient)
+    cancelled = load(domain_db, only_patient)
     assert cancelled.status is EmailStatus.CANCELLED
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         patient = session.get(Patient, 100)
         assert patient is not None and patient.diagnosis is None
         untouched = session.get(Patient, 200)
@@ -113,15 +113,15 @@ def test_erasure_redacts_sent_emails_and_rewrites_unsent_ones(committed_db: Engi
 
 
 def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     old = queued_email(4, [400])
     recent = queued_email(5, [500])
     waiting = queued_email(6, [600])
     for email_id in (old, recent):
-        mark_sent(committed_db, email_id)
+        mark_sent(domain_db, email_id)
     retention = dt.timedelta(days=get_settings().retention_days)
-    with Session(committed_db) as session, session.begin():
+    with Session(domain_db) as session, session.begin():
         for email_id in (old, waiting):
             session.execute(
                 update(Email)
@@ -130,33 +130,33 @@ def test_bodies_quiet_longer_than_the_retention_period_are_redacted_once(
             )
     assert purge_expired()["redacted"] == 1
     assert purge_expired()["redacted"] == 0
-    assert load(committed_db, old).body_text == rechecks.REDACTED_TEXT
-    assert MARKER in load(committed_db, recent).body_text
+    assert load(domain_db, old).body_text == rechecks.REDACTED_TEXT
+    assert MARKER in load(domain_db, recent).body_text
     # An email still to be sent keeps its body whatever its age.
-    assert MARKER in load(committed_db, waiting).body_text
-    with Session(committed_db) as session:
+    assert MARKER in load(domain_db, waiting).body_text
+    with Session(domain_db) as session:
         assert session.scalar(select(Email.status).where(Email.id == old)) is EmailStatus.SENT
 
 
-def test_scheduled_tasks_record_their_last_run(committed_db: Engine) -> None:
+def test_scheduled_tasks_record_their_last_run(domain_db: Connection) -> None:
     from comms_tasks.ops.reports import status_snapshot
     from comms_tasks.worker.task_runs import record_run
 
     with transaction() as session:
         record_run(session, "comms.purge_expired", "SUCCESS")
         record_run(session, "comms.purge_expired", "FAILURE")
-    with Session(committed_db) as session:
+    with Session(domain_db) as session:
         runs = status_snapshot(session)["last_runs"]
     assert runs["comms.purge_expired"]["last_state"] == "FAILURE"
     assert runs["comms.purge_expired"]["last_finished_at"] is not None
     assert runs["comms.batch_requests"] == {"last_finished_at": None, "last_state": None}
 
 
-def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(committed_db: Engine) -> None:
+def test_a_helper_run_is_not_counted_as_a_run_of_its_scheduled_task(domain_db: Connection) -> None:
     from comms_tasks.ops.reports import status_snapshot
 
     def last_state() -> str | None:
-        with Session(committed_db) as session:
+        with Session(domain_db) as session:
             runs = status_snapshot(session)["last_runs"]
         return runs["comms.batch_requests"]["last_state"]
 
@@ -230,7 +230,7 @@ def keep_dead_letters(messages: dict[str, tuple[str, Any]]) -> dict[str, int]:
 
 
 def test_erasure_redacts_the_patients_dead_letters_and_keeps_their_ids(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     # The request is known, so a response naming it is the patient's too.
     apply(THERAPIST, f.therapist_upserted(1))
@@ -241,7 +241,7 @@ def test_erasure_redacts_the_patients_dead_letters_and_keeps_their_ids(
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
 
     for name, letter_id in erased.items():
-        letter = stored_letter(committed_db, letter_id)
+        letter = stored_letter(domain_db, letter_id)
         text = json.dumps(letter.payload, ensure_ascii=False)
         assert f"{MARKER}-100" not in text, name
         assert "Antriebslosigkeit" not in text, name
@@ -249,18 +249,18 @@ def test_erasure_redacts_the_patients_dead_letters_and_keeps_their_ids(
         assert letter.payload_redacted_at is not None, name
         # Still identifiable: the reason, its message id and the ids inside stay.
         assert letter.reason, name
-    created = stored_letter(committed_db, erased["created"])
+    created = stored_letter(domain_db, erased["created"])
     assert created.message_id is not None
     assert created.payload["event_id"] == created.message_id
     assert created.payload["payload"]["patient_id"] == 100
     assert created.payload["payload"]["placement_request_id"] == 1001
     assert set(created.payload["payload"]["patient"].values()) == {masking.REDACTED_VALUE}
-    response = stored_letter(committed_db, erased["response"]).payload
+    response = stored_letter(domain_db, erased["response"]).payload
     assert response["outcomes"][0]["placement_request_id"] == 1001
     assert response["outcomes"][0]["notes"] == masking.REDACTED_VALUE
 
     for name, letter_id in kept.items():
-        letter = stored_letter(committed_db, letter_id)
+        letter = stored_letter(domain_db, letter_id)
         assert f"{MARKER}-200" in json.dumps(letter.payload, ensure_ascii=False), name
         assert letter.payload_redacted_at is None, name
 
@@ -483,7 +483,7 @@ def test_on_sqlite_a_dead_letter_stored_with_a_nan_token_stops_no_erasure(
 
 
 def test_dead_letters_past_the_retention_period_lose_their_patient_data(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     letters = keep_dead_letters(
         {
@@ -497,7 +497,7 @@ def test_dead_letters_past_the_retention_period_lose_their_patient_data(
         }
     )
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=get_settings().retention_days + 1)
-    with Session(committed_db) as session, session.begin():
+    with Session(domain_db) as session, session.begin():
         for name in ("old", "old, replayed lately", "old, replayed long ago"):
             session.execute(
                 update(DeadLetter)
@@ -520,16 +520,16 @@ def test_dead_letters_past_the_retention_period_lose_their_patient_data(
     redacted = {
         name
         for name, letter_id in letters.items()
-        if MARKER not in json.dumps(stored_letter(committed_db, letter_id).payload)
+        if MARKER not in json.dumps(stored_letter(domain_db, letter_id).payload)
     }
     assert redacted == {"old", "old, replayed long ago"}
-    old = stored_letter(committed_db, letters["old"])
+    old = stored_letter(domain_db, letters["old"])
     assert old.payload_redacted_at is not None
     assert old.payload["payload"]["patient_id"] == 401
     assert old.status is DeadLetterStatus.PENDING
 
 
-def test_a_dead_letter_about_an_erased_patient_is_stored_redacted(committed_db: Engine) -> None:
+def test_a_dead_letter_about_an_erased_patient_is_stored_redacted(domain_db: Connection) -> None:
     apply(THERAPIST, f.therapist_upserted(1))
     apply(MATCHING, f.request_created(6001, patient_id=600, therapist_id=1))
     apply(PATIENT, f.patient_erased(600, occurred_at=f.at(60)))
@@ -538,11 +538,11 @@ def test_a_dead_letter_about_an_erased_patient_is_stored_redacted(committed_db: 
     other = keep_dead_letters(patient_dead_letters(700, 7001))
 
     for name, letter_id in late.items():
-        letter = stored_letter(committed_db, letter_id)
+        letter = stored_letter(domain_db, letter_id)
         assert f"{MARKER}-600" not in json.dumps(letter.payload, ensure_ascii=False), name
         assert letter.payload_redacted_at is not None, name
     for name, letter_id in other.items():
-        letter = stored_letter(committed_db, letter_id)
+        letter = stored_letter(domain_db, letter_id)
         assert f"{MARKER}-700" in json.dumps(letter.payload, ensure_ascii=False), name
 
 
@@ -596,33 +596,33 @@ def answer_texts(engine: Engine, email_id: int) -> tuple[str | None, dict[int, s
 
 
 def test_answers_notes_leave_with_erasure_and_retention_and_none_come_back(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     both = queued_email(1, [100, 200])
     other = queued_email(3, [300])
     for email_id in (both, other):
-        mark_sent(committed_db, email_id)
+        mark_sent(domain_db, email_id)
     answer(both, {1001: f"{MARKER} note 100", 2001: f"{MARKER} note 200"}, content=MARKER)
     answer(other, {3003: f"{MARKER} note 300"}, content=MARKER)
 
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
-    assert answer_texts(committed_db, both) == (None, {1001: None, 2001: None})
+    assert answer_texts(domain_db, both) == (None, {1001: None, 2001: None})
 
     # A late answer to the redacted email: its outcome counts, its text is not kept.
     answer(both, {1001: f"{MARKER} late note"}, content=f"{MARKER} late answer")
-    assert answer_texts(committed_db, both) == (None, {1001: None, 2001: None})
-    late = load(committed_db, both)
+    assert answer_texts(domain_db, both) == (None, {1001: None, 2001: None})
+    late = load(domain_db, both)
     assert late.response_received is True
     assert {b.placement_request_id: b.response_outcome for b in late.batches}[1001] is not None
 
-    with Session(committed_db) as session, session.begin():
+    with Session(domain_db) as session, session.begin():
         session.execute(
             update(Email)
             .where(Email.id == other)
             .values(last_activity_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=400))
         )
     assert purge_expired()["redacted"] == 1
-    assert answer_texts(committed_db, other) == (None, {3003: None})
+    assert answer_texts(domain_db, other) == (None, {3003: None})
 
 
 # --- calls and the requests' status reasons --------------------------------------------
@@ -681,7 +681,7 @@ def status_reason(engine: Engine, request_id: int) -> str | None:
 
 
 def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
-    committed_db: Engine,
+    domain_db: Connection,
 ) -> None:
     for therapist_id in (1, 3):
         apply(
@@ -709,25 +709,25 @@ def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
     call_outcome(other, {3003: f"{MARKER} r3"}, f"{MARKER} said")
 
     apply(PATIENT, f.patient_erased(100, occurred_at=f.at(60)))
-    assert call_texts(committed_db, done) == [None, None, None, None]
-    assert call_texts(committed_db, waiting) == [None, None, None]
-    assert status_reason(committed_db, 1001) is None
-    assert status_reason(committed_db, 2001) == f"{MARKER} reason"
-    assert MARKER in str(call_texts(committed_db, other))
+    assert call_texts(domain_db, done) == [None, None, None, None]
+    assert call_texts(domain_db, waiting) == [None, None, None]
+    assert status_reason(domain_db, 1001) is None
+    assert status_reason(domain_db, 2001) == f"{MARKER} reason"
+    assert MARKER in str(call_texts(domain_db, other))
 
     # Recorded after the erasure: the outcome counts, its text is not kept.
     call_outcome(waiting, {1001: f"{MARKER} late"}, f"{MARKER} late")
-    assert call_texts(committed_db, waiting) == [None, None, None]
+    assert call_texts(domain_db, waiting) == [None, None, None]
     apply(
         MATCHING,
         f.status_changed(
             1001, "rejected", old_status="in_progress", occurred_at=f.at(70), reason=MARKER
         ),
     )
-    assert status_reason(committed_db, 1001) is None
+    assert status_reason(domain_db, 1001) is None
 
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=get_settings().retention_days + 1)
-    with Session(committed_db) as session, session.begin():
+    with Session(domain_db) as session, session.begin():
         session.execute(
             update(PhoneCall)
             .where(PhoneCall.id == other)
@@ -740,9 +740,9 @@ def test_calls_notes_and_status_reasons_leave_with_erasure_and_retention(
         )
     result = purge_expired()
     assert (result["calls_redacted"], result["status_reasons_redacted"]) == (1, 1)
-    assert call_texts(committed_db, other) == [None, None, None]
-    assert status_reason(committed_db, 3003) is None
-    assert status_reason(committed_db, 2001) == f"{MARKER} reason"
+    assert call_texts(domain_db, other) == [None, None, None]
+    assert status_reason(domain_db, 3003) is None
+    assert status_reason(domain_db, 2001) == f"{MARKER} reason"
     assert purge_expired() == {
         "redacted": 0,
         "dead_letters_redacted": 0,
@@ -770,7 +770,7 @@ def outbox_texts(folder: Path) -> dict[str, str]:
 
 
 def test_the_file_backends_copies_of_redacted_emails_are_removed(
-    committed_db: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    domain_db: Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from comms_tasks.emails.tasks import send_email
 
@@ -792,7 +792,7 @@ def test_the_file_backends_copies_of_redacted_emails_are_removed(
     # A copy written after the erasure (a send in flight) goes with the nightly purge,
     # and so does the copy of an email past the retention period.
     (outbox / erased_file).write_bytes(erased_copy)
-    with Session(committed_db) as session, session.begin():
+    with Session(domain_db) as session, session.begin():
         session.execute(
             update(Email)
             .where(Email.id == kept)
@@ -801,4 +801,4 @@ def test_the_file_backends_copies_of_redacted_emails_are_removed(
     result = purge_expired()
     assert (result["redacted"], result["outbox_files_removed"]) == (1, 2)
     assert outbox_texts(outbox) == {}
-    assert load(committed_db, erased).status is EmailStatus.SENT
+    assert load(domain_db, erased).status is EmailStatus.SENT
