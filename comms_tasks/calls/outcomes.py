@@ -11,11 +11,10 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.calls import follow_up
 from comms_tasks.calls.scheduling import MAX_CALL_ATTEMPTS, Booking, lock_booking
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.contracts.published import CallCompletedPayload, CallFailedPayload
 from comms_tasks.emails import answers, requested_emails
 from comms_tasks.events.outbox import record_event
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
     Email,
     PhoneCall,

@@ -11,10 +11,9 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.calls import follow_up
 from comms_tasks.calls.scheduling import Booking, holidays_for, slot_rules
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.emails import requested_emails
 from comms_tasks.inbound import checks
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
     PhoneCall,
     PhoneCallBatch,

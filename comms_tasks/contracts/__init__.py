@@ -68,6 +68,10 @@ class ContractViolation(ValueError):
         self.message_id = message_id
 
 
+class Rejected(ContractViolation):
+    """A well-formed message that cannot be applied (e.g. it names an unknown id)."""
+
+
 # A key of the message may be anything the sender wrote, health data too ("HIV positiv"
 # as a key): a reason names it only when it looks like an identifier, as every key of
 # the contracts does, and says UNKNOWN_KEY in place of any other.

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.contracts.published import (
     EmailResponseRecordedPayload,
     OutcomeRecordedPayload,
@@ -19,7 +19,6 @@ from comms_tasks.contracts.published import (
 )
 from comms_tasks.emails import composing
 from comms_tasks.events.outbox import record_event
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
     Email,
     EmailStatus,

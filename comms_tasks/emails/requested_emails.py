@@ -9,11 +9,10 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.emails import composing
 from comms_tasks.emails.answers import queue_confirmation
 from comms_tasks.inbound import checks
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import (
     Email,
     EmailStatus,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from comms_tasks.inbound.inbox import Rejected
+from comms_tasks.contracts import Rejected
 from comms_tasks.models import PlacementRequest, Therapist
 
 

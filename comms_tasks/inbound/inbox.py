@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 MAX_TASK_NAME = 100
 
 
-class Rejected(ContractViolation):
-    """A well-formed message that cannot be applied (e.g. it names an unknown id)."""
-
-
 Applier = Callable[[Session, Any], None]
 
 

@@ -20,10 +20,9 @@ from pydantic import ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
 from comms_tasks.emails import answers
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.mailbox import bounces, email_lookup
 from comms_tasks.mailbox.classify import Classified, MailKind
 from comms_tasks.mailbox.match import MatchKeys

@@ -11,10 +11,9 @@ import datetime as dt
 from sqlalchemy.orm import Session
 
 from comms_tasks.calls import outcomes
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.contracts.common import availability_to_json
 from comms_tasks.inbound.dead_letters import erase_patient_from_dead_letters
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.mailbox.redaction import erase_patient_from_mail, wait_for_recording
 from comms_tasks.models import (
     Patient,

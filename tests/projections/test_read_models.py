@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from comms_tasks.contracts import validate_event
-from comms_tasks.inbound.inbox import Rejected
+from comms_tasks.contracts import Rejected, validate_event
 from comms_tasks.models import (
     Patient,
     PlacementRequest,

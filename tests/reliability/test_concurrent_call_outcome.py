@@ -18,9 +18,8 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.calls import follow_up, outcomes, requested_calls, scheduling
-from comms_tasks.contracts import received
+from comms_tasks.contracts import Rejected, received
 from comms_tasks.db import transaction
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import Email, PhoneCall, PhoneCallBatch, PhoneCallStatus
 from comms_tasks.settings import get_settings
 from tests.reliability.test_concurrent_answer import (

@@ -20,9 +20,8 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.calls import outcomes, requested_calls
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
-from comms_tasks.contracts import validate_command, validate_event
+from comms_tasks.contracts import Rejected, validate_command, validate_event
 from comms_tasks.emails import answers, composing, requested_emails
-from comms_tasks.inbound.inbox import Rejected
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Patient, PhoneCall, Therapist
 from comms_tasks.projections import upstream
 from comms_tasks.settings import get_settings
