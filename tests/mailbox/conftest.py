@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 from comms_tasks.mailbox.imap import ImapSource
 from comms_tasks.mailbox.maildir import MaildirSource
 from comms_tasks.mailbox.sources import MailSource
+from comms_tasks.settings import get_settings
 from tests.mailbox.dovecot import PrivateDovecot, dovecot_installed
+from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS
+from tests.smtp import SmtpSink
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
@@ -162,3 +166,17 @@ def mailbox(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     if request.param == "imap":
         return ImapHarness(request.getfixturevalue("dovecot"))
     return MaildirHarness(tmp_path / "mailbox")
+
+
+@pytest.fixture
+def inbox(
+    tmp_path: Path, smtp: SmtpSink, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> MaildirHarness:
+    """A Maildir the settings point at, with tagged reply and bounce addresses."""
+    harness = MaildirHarness(tmp_path / "mailbox")
+    monkeypatch.setenv("COMMS_REPLY_ADDRESS", REPLY_ADDRESS)
+    monkeypatch.setenv("COMMS_BOUNCE_ADDRESS", BOUNCE_ADDRESS)
+    monkeypatch.setenv("COMMS_MAILBOX_BACKEND", "maildir")
+    monkeypatch.setenv("COMMS_MAILBOX_DIR", str(harness.root))
+    get_settings.cache_clear()
+    return harness

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from comms_tasks.mailbox.classify import classify
 from comms_tasks.mailbox.tasks import poll_mailbox
 from comms_tasks.models import Email, InboundMailState
 from comms_tasks.models.base import utcnow
-from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.emails.test_email_pipeline import (
     MATCHING,
@@ -30,25 +28,10 @@ from tests.emails.test_email_pipeline import (
     therapist,
 )
 from tests.mailbox.conftest import MaildirHarness
-from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
+from tests.mailbox.samples import sample
+from tests.mailbox.test_mailbox_hunt import PATIENT, PATIENT_ID
 from tests.mailbox.test_poll import ADDRESS, T0, THERAPIST_ID, mails, sent_email
 from tests.smtp import SmtpSink
-
-PATIENT = "comms.handle_patient_event"
-PATIENT_ID = 10_070  # request 70 of sent_email()'s email
-
-
-@pytest.fixture
-def inbox(
-    tmp_path: Path, smtp: SmtpSink, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
-) -> MaildirHarness:
-    harness = MaildirHarness(tmp_path / "mailbox")
-    monkeypatch.setenv("COMMS_REPLY_ADDRESS", REPLY_ADDRESS)
-    monkeypatch.setenv("COMMS_BOUNCE_ADDRESS", BOUNCE_ADDRESS)
-    monkeypatch.setenv("COMMS_MAILBOX_BACKEND", "maildir")
-    monkeypatch.setenv("COMMS_MAILBOX_DIR", str(harness.root))
-    get_settings.cache_clear()
-    return harness
 
 
 def unmatched_quoting_reply() -> bytes:

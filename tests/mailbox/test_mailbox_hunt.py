@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,27 +23,13 @@ from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.emails.test_email_pipeline import apply, events_of
 from tests.mailbox.conftest import MaildirHarness
-from tests.mailbox.samples import BOUNCE_ADDRESS, REPLY_ADDRESS, sample
+from tests.mailbox.samples import sample
 from tests.mailbox.test_poll import MISTYPED, load, mails, sent_email
 from tests.smtp import SmtpSink
 
 PATIENT = "comms.handle_patient_event"
 # The first patient of the email sent_email() makes (requests 70 and 71).
 PATIENT_ID = 10_070
-
-
-@pytest.fixture
-def inbox(
-    tmp_path: Path, smtp: SmtpSink, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
-) -> MaildirHarness:
-    """A Maildir the settings point at, with tagged reply and bounce addresses."""
-    harness = MaildirHarness(tmp_path / "mailbox")
-    monkeypatch.setenv("COMMS_REPLY_ADDRESS", REPLY_ADDRESS)
-    monkeypatch.setenv("COMMS_BOUNCE_ADDRESS", BOUNCE_ADDRESS)
-    monkeypatch.setenv("COMMS_MAILBOX_BACKEND", "maildir")
-    monkeypatch.setenv("COMMS_MAILBOX_DIR", str(harness.root))
-    get_settings.cache_clear()
-    return harness
 
 
 def in_another_transaction(action: Callable[[], None]) -> None:
