@@ -18,6 +18,7 @@ from comms_tasks.cli.shared import (
     database,
     emit_json,
     fail,
+    request_outcomes,
     require_database,
     send_message,
 )
@@ -168,21 +169,13 @@ def calls_outcome(
     require_database()
     requests = []
     request_ids: list[int] = []
-    for item in request or []:
-        request_id, _, outcome = item.partition("=")
-        if not request_id.isdigit() or outcome not in (
-            "accepted",
-            "rejected",
-            "needs_follow_up",
-            "discussed",
-        ):
-            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
-        request_ids.append(int(request_id))
+    for request_id, outcome in request_outcomes(request, discussed=True):
+        request_ids.append(request_id)
         requests.append(
             {
-                "placement_request_id": int(request_id),
+                "placement_request_id": request_id,
                 "discussed": True,
-                "outcome": None if outcome == "discussed" else outcome,
+                "outcome": outcome,
                 "notes": None,
             }
         )

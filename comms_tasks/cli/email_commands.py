@@ -18,6 +18,7 @@ from comms_tasks.cli.shared import (
     database,
     emit_json,
     fail,
+    request_outcomes,
     send_message,
 )
 from comms_tasks.local_time import local_text
@@ -205,15 +206,10 @@ def emails_respond(
     from comms_tasks.models.base import utcnow
 
     outcomes: list[dict[str, Any]] = []
-    for item in request or []:
-        request_id, _, outcome = item.partition("=")
-        if not request_id.isdigit() or outcome not in ("accepted", "rejected", "needs_follow_up"):
-            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
-        if any(named["placement_request_id"] == int(request_id) for named in outcomes):
+    for request_id, outcome in request_outcomes(request, discussed=False):
+        if any(named["placement_request_id"] == request_id for named in outcomes):
             raise fail(f"--request: request {request_id} is named twice", code=USAGE_ERROR)
-        outcomes.append(
-            {"placement_request_id": int(request_id), "outcome": outcome, "notes": None}
-        )
+        outcomes.append({"placement_request_id": request_id, "outcome": outcome, "notes": None})
     now = utcnow()
     try:
         command = received.RecordEmailResponse.model_validate(

@@ -216,3 +216,25 @@ def _field(key: str, value: Any) -> Text:
     if key.endswith("_at") and isinstance(value, str) and value:
         value = local_text(value, seconds=True)
     return Text.assemble((key, "bold"), f": {value}" if value != "" else ":")
+
+
+# A call's request that was talked about without an outcome (``--request 17=discussed``).
+DISCUSSED = "discussed"
+
+
+def request_outcomes(items: list[str] | None, *, discussed: bool) -> list[tuple[int, str | None]]:
+    """``--request REQUEST_ID=OUTCOME`` options, each as (id, outcome or None if discussed).
+
+    The outcomes are the contract's (:class:`ResponseOutcome`); a call's may also be
+    ``discussed``. Anything else ends the command in one line naming the option.
+    """
+    from comms_tasks.models import ResponseOutcome
+
+    allowed = {outcome.value for outcome in ResponseOutcome} | ({DISCUSSED} if discussed else set())
+    parsed: list[tuple[int, str | None]] = []
+    for item in items or []:
+        request_id, _, outcome = item.partition("=")
+        if not request_id.isdigit() or outcome not in allowed:
+            raise fail(f"--request: {item!r} is not REQUEST_ID=OUTCOME", code=USAGE_ERROR)
+        parsed.append((int(request_id), None if outcome == DISCUSSED else outcome))
+    return parsed
