@@ -95,9 +95,9 @@ def raw_hash(raw: bytes) -> str:
 class SeenBefore:
     """The rows of a group's messages already kept, read in one query for the group.
 
-    A message is known by where the mailbox keeps it or by its bytes' hash, as in
-    :func:`seen_before`; the rows the group adds are added here too, so that the same
-    bytes twice in one group are applied once.
+    A message is known by where the mailbox keeps it or by its bytes' hash; the rows the
+    group adds are added here too, so that the same bytes twice in one group are applied
+    once. A message recorded alone is a group of one.
     """
 
     def __init__(self, session: Session, source: str, group: Sequence[Fetched]) -> None:
@@ -126,19 +126,6 @@ class SeenBefore:
         return self._by_key.get(fetched.key) or self._by_hash.get(raw_hash(fetched.raw))
 
 
-def seen_before(session: Session, source: str, fetched: Fetched) -> InboundMail | None:
-    return session.scalar(
-        select(InboundMail)
-        .where(
-            or_(
-                (InboundMail.source == source) & (InboundMail.source_key == fetched.key),
-                InboundMail.raw_sha256 == raw_hash(fetched.raw),
-            )
-        )
-        .limit(1)
-    )
-
-
 # --- finding the email -------------------------------------------------------------------
 
 
@@ -157,13 +144,13 @@ def record_mail(
     date: str | None,
     now: dt.datetime,
     settings: Settings,
-    seen: SeenBefore | None = None,
+    seen: SeenBefore,
 ) -> Applied:
     """Keep one message from the mailbox and apply what it means, once.
 
     ``seen``: the group's messages kept before, when the message is one of a group.
     """
-    known = seen.find(fetched) if seen is not None else seen_before(session, source, fetched)
+    known = seen.find(fetched)
     if known is not None:
         return Applied(known.id, known.kind, known.state, new=False, email_id=known.email_id)
     kind = InboundMailKind(classified.kind.value)
@@ -203,8 +190,7 @@ def record_mail(
             redact_mail(mail, now)
     session.add(mail)
     session.flush()
-    if seen is not None:
-        seen.add(mail)
+    seen.add(mail)
     return Applied(
         mail.id,
         mail.kind,

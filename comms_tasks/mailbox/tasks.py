@@ -102,7 +102,7 @@ def record(
     source_name: str,
     fetched: Fetched,
     settings: Settings,
-    seen: apply.SeenBefore | None = None,
+    seen: apply.SeenBefore,
 ) -> apply.Applied:
     """Classify, match and record one message in ``session``'s transaction."""
     if fetched.headers_only:
@@ -139,13 +139,11 @@ def keep(
     source_name: str,
     fetched: Fetched,
     reason: str,
-    seen: apply.SeenBefore | None = None,
+    seen: apply.SeenBefore,
 ) -> apply.Applied:
     """A message kept as unmatched with the reason (once), in ``session``'s transaction."""
     now = utcnow()
-    known = (
-        seen.find(fetched) if seen is not None else apply.seen_before(session, source_name, fetched)
-    )
+    known = seen.find(fetched)
     if known is not None:
         return apply.Applied(known.id, known.kind, known.state, new=False)
     mail = InboundMail(
@@ -162,16 +160,23 @@ def keep(
     )
     session.add(mail)
     session.flush()
-    if seen is not None:
-        seen.add(mail)
+    seen.add(mail)
     return apply.Applied(mail.id, mail.kind, mail.state, new=True)
+
+
+@contextlib.contextmanager
+def recording(source_name: str, group: list[Fetched]) -> Iterator[tuple[Session, apply.SeenBefore]]:
+    """A transaction that writes mail (with the lock an erasure waits for), and what of
+    ``group`` was kept before."""
+    with transaction() as session:
+        redaction.lock_for_recording(session)
+        yield session, apply.SeenBefore(session, source_name, group)
 
 
 def keep_unreadable(source_name: str, fetched: Fetched, reason: str) -> apply.Applied:
     """A message whose recording failed: kept as unmatched with the reason, once."""
-    with transaction() as session:
-        redaction.lock_for_recording(session)
-        return keep(session, source_name, fetched, reason)
+    with recording(source_name, [fetched]) as (session, seen):
+        return keep(session, source_name, fetched, reason, seen)
 
 
 def record_poll(
@@ -212,15 +217,12 @@ def poll_mailbox() -> dict[str, Any]:
                     if not batch:
                         break
                     fetched_in_all += len(batch)
-                    results = [
-                        (fetched, applied)
-                        for start in range(0, len(batch), GROUP_SIZE)
-                        for fetched, applied in zip(
-                            batch[start : start + GROUP_SIZE],
-                            apply_group(source.name, batch[start : start + GROUP_SIZE], settings),
-                            strict=True,
+                    results: list[tuple[Fetched, apply.Applied]] = []
+                    for start in range(0, len(batch), GROUP_SIZE):
+                        group = batch[start : start + GROUP_SIZE]
+                        results += zip(
+                            group, apply_group(source.name, group, settings), strict=True
                         )
-                    ]
                     for fetched, applied in results:
                         folder = folder_for(applied.kind, applied.state)
                         try:
@@ -264,9 +266,7 @@ def calls_waiting() -> bool:
 def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> list[apply.Applied]:
     """Record a group of messages in one transaction; one by one when that fails."""
     try:
-        with transaction() as session:
-            redaction.lock_for_recording(session)
-            seen = apply.SeenBefore(session, source_name, group)
+        with recording(source_name, group) as (session, seen):
             return [record(session, source_name, fetched, settings, seen) for fetched in group]
     except Exception as exc:  # noqa: BLE001 - the group is rolled back and tried one by one
         if len(group) > 1:
@@ -281,9 +281,8 @@ def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> l
 def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
     """Record one message; one that cannot be recorded is kept as unmatched, with why."""
     try:
-        with transaction() as session:
-            redaction.lock_for_recording(session)
-            return record(session, source_name, fetched, settings)
+        with recording(source_name, [fetched]) as (session, seen):
+            return record(session, source_name, fetched, settings, seen)
     except OperationalError:
         raise  # the database is away: the message stays in the inbox for the next poll
     except Exception as exc:  # noqa: BLE001 - one message never stops a poll
