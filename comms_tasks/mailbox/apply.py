@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import email.utils
-import hashlib
 import re
 import uuid
 from collections.abc import Sequence
@@ -88,10 +87,6 @@ def message_date(raw_date: str | None, now: dt.datetime) -> dt.datetime:
     return now
 
 
-def raw_hash(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
 class SeenBefore:
     """The rows of a group's messages already kept, read in one query for the group.
 
@@ -103,7 +98,7 @@ class SeenBefore:
     def __init__(self, session: Session, source: str, group: Sequence[Fetched]) -> None:
         self.source = source
         keys = sorted({fetched.key for fetched in group})
-        hashes = sorted({raw_hash(fetched.raw) for fetched in group})
+        hashes = sorted({fetched.sha256 for fetched in group})
         rows = session.scalars(
             select(InboundMail).where(
                 or_(
@@ -123,7 +118,7 @@ class SeenBefore:
         self._by_hash.setdefault(mail.raw_sha256, mail)
 
     def find(self, fetched: Fetched) -> InboundMail | None:
-        return self._by_key.get(fetched.key) or self._by_hash.get(raw_hash(fetched.raw))
+        return self._by_key.get(fetched.key) or self._by_hash.get(fetched.sha256)
 
 
 # --- finding the email -------------------------------------------------------------------
@@ -157,7 +152,7 @@ def record_mail(
     mail = InboundMail(
         source=source,
         source_key=fetched.key,
-        raw_sha256=raw_hash(fetched.raw),
+        raw_sha256=fetched.sha256,
         size=len(fetched.raw),
         fetched_at=now,
         received_at=message_date(date, now),

@@ -16,6 +16,8 @@ Their messages are one line and never hold a password or anything of a message.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
@@ -77,6 +79,11 @@ class Fetched:
     raw: bytes
     size: int
     headers_only: bool = False
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The hash of ``raw``, computed once: it finds the message again and names its row."""
+        return hashlib.sha256(self.raw).hexdigest()
 
 
 class MailboxError(Exception):

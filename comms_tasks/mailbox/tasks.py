@@ -149,7 +149,7 @@ def keep(
     mail = InboundMail(
         source=source_name,
         source_key=fetched.key,
-        raw_sha256=apply.raw_hash(fetched.raw),
+        raw_sha256=fetched.sha256,
         size=len(fetched.raw),
         fetched_at=now,
         received_at=now,
