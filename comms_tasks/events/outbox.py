@@ -3,8 +3,9 @@
 :func:`record_event` adds the event to the caller's transaction, so an event exists if
 and only if its change committed. :func:`relay` publishes pending rows to the topic
 exchange ``comms.events`` (routing key = event type) and marks them published; a row
-whose publish fails stays pending and is tried again by the next relay. Delivery is at
-least once: consumers deduplicate by ``event_id``.
+whose publish fails stays pending and is tried again by the next relay. On RabbitMQ each
+publish waits for the broker's confirm. Delivery is at least once: consumers deduplicate
+by ``event_id``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from comms_tasks.contracts.published import EVENTS_EXCHANGE, build_event
 from comms_tasks.db import insert_rows
 from comms_tasks.models import OutboxEvent
 from comms_tasks.models.base import utcnow
+from comms_tasks.settings import is_rabbitmq_url
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,10 @@ def relay(
         return RelayReport(published=0, pending=0)
     published = 0
     error: str | None = None
+    if is_rabbitmq_url(broker_url):
+        # Publisher confirms: publish returns once RabbitMQ took the event (and raises on a
+        # nack), so a row is marked published only after the broker confirmed it.
+        transport_options = {**transport_options, "confirm_publish": True}
     try:
         connection = Connection(broker_url, transport_options=transport_options, connect_timeout=5)
         with connection as conn:
