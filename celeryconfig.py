@@ -49,6 +49,24 @@ else:
         "visibility_timeout": _settings.task_time_limit * 4,
     }
 
+# RabbitMQ (docs/operations.md, "Choosing a broker"). The task queue is a quorum queue:
+# durable, replicated over a cluster's nodes, a message kept until it is acknowledged.
+# Celery sees it and takes no global QoS (quorum queues refuse it, a prefetch count per
+# consumer instead) and delays a countdown (an inbound retry) in RabbitMQ's own delayed
+# delivery queues, which need the task exchange to be a topic exchange. Publishing a task
+# waits for the broker's confirm: a `send_task` or a retry that returned is on the queue.
+if _settings.rabbitmq:
+    broker_transport_options.pop("visibility_timeout")
+    broker_transport_options["confirm_publish"] = True
+    task_default_queue_type = _settings.rabbitmq_queue_type
+    if task_default_queue_type == "quorum":
+        # Not the queue's own name: a service that sends us tasks with Celery's defaults
+        # declares an exchange `celery` of type direct, which must not clash with this one.
+        task_default_exchange = "comms.tasks"
+        task_default_exchange_type = "topic"
+        task_default_routing_key = "celery"
+        worker_detect_quorum_queues = True
+
 # Results are not used to pass data between tasks (the database holds the state), so
 # by default none are stored; a backend can be configured for operators who want them.
 result_backend = _settings.result_backend

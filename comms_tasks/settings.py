@@ -49,6 +49,11 @@ class ConfigurationError(RuntimeError):
     """Raised at start-up when an environment variable holds a value we cannot use."""
 
 
+def is_rabbitmq_url(url: str) -> bool:
+    """An AMQP URL, as kombu's RabbitMQ transports take them."""
+    return url.split("://", 1)[0] in {"amqp", "amqps", "pyamqp"}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -66,6 +71,9 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     # Where published events go; the task broker unless set.
     events_broker_url: str | None = None
+    # On RabbitMQ, the type of the task queue `celery`: quorum (replicated, the default) or
+    # classic, for a broker whose other services declare the queue the classic way.
+    rabbitmq_queue_type: Literal["quorum", "classic"] = "quorum"
     result_backend: str | None = None
     redbeat_redis_url: str | None = None
 
@@ -212,6 +220,11 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def rabbitmq(self) -> bool:
+        """Tasks travel over RabbitMQ (AMQP)."""
+        return is_rabbitmq_url(self.effective_broker_url)
 
     @property
     def effective_events_broker_url(self) -> str:

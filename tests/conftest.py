@@ -2,7 +2,12 @@
 
 URLs come from the environment and default to the local servers:
 - ``COMMS_TEST_POSTGRES_URL``: a server where the tests may create databases;
-- ``COMMS_TEST_REDIS_URL``: a Redis database the tests may flush.
+- ``COMMS_TEST_REDIS_URL``: a Redis database the tests may flush;
+- ``COMMS_TEST_RABBITMQ_URL``: a RabbitMQ node (without a virtual host) where the tests
+  may create and delete virtual hosts of their own, named after this process.
+
+Every test that runs a real worker runs on both brokers (the ``broker_kind`` fixture),
+each run with a broker of its own: a Redis database or a RabbitMQ virtual host.
 
 Each database test runs inside a transaction that is rolled back. Tests that need a real
 worker (which commits) use a separate database whose tables are emptied after each test.
@@ -44,6 +49,8 @@ POSTGRES_URL = os.environ.get(
     "COMMS_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("COMMS_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+RABBITMQ_URL = os.environ.get("COMMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672")
+BROKERS = ("redis", "rabbitmq")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Whatever this process writes under the var folder (embedded broker folders, .eml files)
@@ -218,25 +225,103 @@ def domain_db(committed_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
         get_settings.cache_clear()
 
 
-# --- Redis and Celery --------------------------------------------------------------
+# --- Brokers and Celery ------------------------------------------------------------
+
+
+def is_rabbitmq(url: str) -> bool:
+    return url.split("://", 1)[0] in {"amqp", "amqps", "pyamqp"}
+
+
+def broker_url_of(kind: str, slot: int) -> str:
+    """A broker of its own for ``slot``: Redis database ``slot`` (0-15) of the test Redis,
+    or the RabbitMQ virtual host ``comms-test-<pid>-<slot>``."""
+    if kind == "redis":
+        return REDIS_URL.rsplit("/", 1)[0] + f"/{slot}"
+    if kind == "rabbitmq":
+        return f"{RABBITMQ_URL}/comms-test-{os.getpid()}-{slot}"
+    raise ValueError(f"unknown broker {kind!r}")
+
+
+def _rabbitmqctl(*arguments: str) -> str:
+    node = os.environ.get("COMMS_TEST_RABBITMQ_NODE")
+    command = ["rabbitmqctl", *(["-n", node] if node else []), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def _vhost_of(url: str) -> str:
+    vhost = make_url(url.replace("amqp://", "postgresql://", 1)).database
+    if not vhost or not vhost.startswith("comms-test-"):
+        raise ValueError("tests empty only virtual hosts of their own (comms-test-*)")
+    return vhost
+
+
+def empty_broker(url: str) -> None:
+    """Nothing left on the broker at ``url``: its Redis database flushed, or its RabbitMQ
+    virtual host deleted and made again (queues, exchanges and bindings gone)."""
+    if not is_rabbitmq(url):
+        redis.Redis.from_url(url).flushdb()
+        return
+    vhost = _vhost_of(url)
+    # One call of the CLI (its start dominates): delete if there, add, let guest in. The
+    # host's default queue type is quorum, as in production (docs/operations.md).
+    _rabbitmqctl(
+        "eval",
+        f'V = <<"{vhost}">>, catch rabbit_vhost:delete(V, <<"tests">>), '
+        'ok = rabbit_vhost:add(V, #{default_queue_type => <<"quorum">>}, <<"tests">>), '
+        'rabbit_auth_backend_internal:set_permissions(<<"guest">>, V, <<".*">>, <<".*">>, '
+        '<<".*">>, <<"tests">>).',
+    )
+
+
+def drop_broker(url: str) -> None:
+    """Remove what :func:`empty_broker` made (a RabbitMQ virtual host goes entirely)."""
+    if not is_rabbitmq(url):
+        redis.Redis.from_url(url).flushdb()
+        return
+    _rabbitmqctl("eval", f'catch rabbit_vhost:delete(<<"{_vhost_of(url)}">>, <<"tests">>).')
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """``redis`` or ``rabbitmq``: every test that asks for it runs once on each."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return REDIS_URL
+def worker_broker_url(broker_kind: str) -> Iterator[str]:
+    """The session worker's broker: the test Redis database, or virtual host slot 13."""
+    url = broker_url_of(broker_kind, 13) if broker_kind == "rabbitmq" else REDIS_URL
+    empty_broker(url)
+    yield url
+    drop_broker(url)
+
+
+@pytest.fixture
+def broker_url(broker_kind: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A broker of this test module's own (slot ``BROKER_SLOT`` of the module), empty."""
+    slot = getattr(request.module, "BROKER_SLOT", None)
+    if slot is None:
+        raise RuntimeError(f"{request.module.__name__} sets no BROKER_SLOT")
+    url = broker_url_of(broker_kind, int(slot))
+    empty_broker(url)
+    yield url
+    drop_broker(url)
 
 
 def other_service(broker_url: str) -> Celery:
-    """Another service's Celery app: it knows only task names, never our code."""
+    """Another service's Celery app: it knows only task names, never our code, and keeps
+    Celery's defaults (on RabbitMQ, the virtual host makes its queue a quorum queue)."""
     app = Celery("other-service", broker=broker_url, set_as_current=False)
     app.conf.task_serializer = "json"
     return app
 
 
 @pytest.fixture(scope="session")
-def sender(redis_url: str) -> Iterator[Celery]:
-    app = other_service(redis_url)
+def sender(worker_broker_url: str) -> Iterator[Celery]:
+    app = other_service(worker_broker_url)
     yield app
     app.close()
 
@@ -250,8 +335,8 @@ def worker_environment(**overrides: str) -> dict[str, str]:
 def broker_environment(
     database_url: str, broker_url: str, var_dir: Path, **settings: str
 ) -> dict[str, str]:
-    """A worker's environment on ``broker_url``, whose Redis database is emptied first."""
-    redis.Redis.from_url(broker_url).flushdb()
+    """A worker's environment on ``broker_url``, which is emptied first."""
+    empty_broker(broker_url)
     return worker_environment(
         COMMS_DATABASE_URL=database_url,
         COMMS_BROKER_URL=broker_url,
@@ -341,7 +426,7 @@ def worker_on_broker(
         yield process
     finally:
         process.stop()
-        redis.Redis.from_url(broker_url).flushdb()
+        empty_broker(broker_url)
 
 
 def start_workers(env: dict[str, str], log_dir: Path, count: int = 2) -> list[WorkerProcess]:
@@ -365,11 +450,13 @@ def worker_log_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def worker(committed_url: str, redis_url: str, worker_log_dir: Path) -> Iterator[WorkerProcess]:
+def worker(
+    committed_url: str, worker_broker_url: str, worker_log_dir: Path
+) -> Iterator[WorkerProcess]:
     """One worker for the session, on the committed database and the test Redis."""
     env = worker_environment(
         COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=redis_url,
+        COMMS_BROKER_URL=worker_broker_url,
         COMMS_VAR_DIR=str(worker_log_dir / "var"),
     )
     process = WorkerProcess(env, worker_log_dir / "worker.log")

@@ -119,7 +119,7 @@ def test_a_url_that_cannot_work_is_a_configuration_error_naming_the_variable(
 
 
 def test_comms_and_the_worker_work_with_the_url_tools_print(
-    committed_db: Engine, committed_url: str, redis_url: str, tmp_path: Path
+    committed_db: Engine, committed_url: str, worker_broker_url: str, tmp_path: Path
 ) -> None:
     url = plain_form(committed_url)
     assert url.startswith("postgresql://")
@@ -128,7 +128,7 @@ def test_comms_and_the_worker_work_with_the_url_tools_print(
     status = run(env, "comms", "status", "--json")
     assert status.returncode == 0, status.stderr
 
-    env["COMMS_BROKER_URL"] = redis_url
+    env["COMMS_BROKER_URL"] = worker_broker_url
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
@@ -143,7 +143,7 @@ def test_comms_and_the_worker_work_with_the_url_tools_print(
             stderr=subprocess.STDOUT,
         )
     try:
-        sender = other_service(redis_url)
+        sender = other_service(worker_broker_url)
         sender.send_task(
             "comms.handle_therapist_event",
             kwargs={"event": f.therapist_upserted(7101)},

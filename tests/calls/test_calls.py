@@ -492,14 +492,20 @@ def test_the_call_sheet_and_its_calendar(
 
 
 def test_calls_outcome_sends_the_public_message(
-    worker: WorkerProcess, committed_db: Engine, committed_url: str, redis_url: str, tmp_path: Path
+    worker: WorkerProcess,
+    committed_db: Engine,
+    committed_url: str,
+    worker_broker_url: str,
+    tmp_path: Path,
 ) -> None:
     sent_email(14)
     follow_up_check()
     schedule_calls()
     [call] = calls_of(committed_db)
     env = worker_environment(
-        COMMS_DATABASE_URL=committed_url, COMMS_BROKER_URL=redis_url, COMMS_VAR_DIR=str(tmp_path)
+        COMMS_DATABASE_URL=committed_url,
+        COMMS_BROKER_URL=worker_broker_url,
+        COMMS_VAR_DIR=str(tmp_path),
     )
     bad = subprocess.run(
         [COMMS, "calls", "outcome", str(call.id), "--status", "finished"],

@@ -9,26 +9,26 @@ from sqlalchemy import Engine
 
 from comms_tasks.models import Email, EmailStatus
 from tests import factories as f
-from tests.conftest import REDIS_URL, broker_environment, count_rows, start_workers, wait_for
+from tests.conftest import broker_environment, count_rows, start_workers, wait_for
 from tests.smtp import SmtpSink
 
 EMAILS = 500
 # A Redis database of its own: the session's worker (file backend) must not take these.
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/14"
+BROKER_SLOT = 14  # the broker_url fixture: this module's broker, on each kind
 
 
 def test_two_workers_send_each_email_exactly_once(
-    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
+    broker_url: str, committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     f.queue_plain_emails(committed_db, EMAILS, "load")
     env = broker_environment(
         committed_url,
-        BROKER_URL,
+        broker_url,
         tmp_path / "var",
         **smtp_sink.worker_settings(),
     )
     workers = start_workers(env, tmp_path)
-    app = Celery("operator", broker=BROKER_URL, set_as_current=False)
+    app = Celery("operator", broker=broker_url, set_as_current=False)
     try:
         for _ in range(6):
             app.send_task("comms.send_email")

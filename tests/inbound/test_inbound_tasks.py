@@ -53,14 +53,14 @@ def comms_json(committed_url: str, *args: str) -> Any:
 
 
 def test_a_bad_message_from_another_process_becomes_a_dead_letter_and_the_next_applies(
-    worker: WorkerProcess, committed_db: Engine, committed_url: str, redis_url: str
+    worker: WorkerProcess, committed_db: Engine, committed_url: str, worker_broker_url: str
 ) -> None:
     bad = f.therapist_upserted(21, email="praxis@weber.de\r\nBcc: alle@example.org")
     good = f.therapist_upserted(22)
     script = textwrap.dedent(
         f"""
         from celery import Celery
-        app = Celery("matching-service", broker={redis_url!r})
+        app = Celery("matching-service", broker={worker_broker_url!r})
         app.send_task({THERAPIST!r}, kwargs={{"event": {bad!r}}})
         app.send_task({THERAPIST!r}, kwargs={{"event": {good!r}}})
         """

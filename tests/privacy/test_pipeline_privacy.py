@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.models import DeadLetter, Email, EmailStatus, OutboxEvent, PlacementRequest
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, count_rows
+from tests.conftest import WorkerProcess, broker_environment, count_rows
 from tests.smtp import SmtpSink
 
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/10"
+BROKER_SLOT = 10  # the broker_url fixture: this module's broker, on each kind
 MARK = "PIPEMARK"
 SUMMARY_FIELDS = (
     "diagnosis",
@@ -35,17 +35,17 @@ def marked_summary(tag: str) -> dict[str, Any]:
 
 
 def test_patient_data_goes_into_the_email_and_nowhere_else(
-    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
+    broker_url: str, committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     env = broker_environment(
         committed_url,
-        BROKER_URL,
+        broker_url,
         tmp_path / "var",
         **smtp_sink.worker_settings(),
         COMMS_LOG_LEVEL="DEBUG",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
-    app = Celery("other-services", broker=BROKER_URL, set_as_current=False)
+    app = Celery("other-services", broker=broker_url, set_as_current=False)
     try:
         app.send_task("comms.handle_therapist_event", kwargs={"event": f.therapist_upserted(1)})
         for request_id in (1, 2, 3):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from typing import Any
 
 from celery import Celery
@@ -35,7 +36,10 @@ def test_task_events_and_worker_log_carry_ids_not_patient_data(
     def listen() -> None:
         with sender.connection_for_read() as connection:
             receiver = sender.events.Receiver(
-                connection, handlers={"*": events.append}, node_id="privacy-test"
+                # A name of its own: on RabbitMQ, receivers of one name share one queue.
+                connection,
+                handlers={"*": events.append},
+                node_id=f"privacy-test-{uuid.uuid4().hex}",
             )
             receivers.append(receiver)
             with contextlib.suppress(TimeoutError):

@@ -2,28 +2,32 @@
 
 Celery republishes a retried task itself, and by default rebuilds ``kwargsrepr`` from the
 kwargs, into the new message's headers and its ``task-sent`` event (what Flower shows).
-Here a real worker on the test Redis retries a real outage: a trigger in the test
+Here a real worker (on Redis, then on RabbitMQ) retries a real outage: a trigger in the test
 database refuses the message's ``processed_messages`` row with a serialization failure
 (a transient error) until the test allows it. Meanwhile the test listens to every task
-event, as Flower does, and reads every key of the broker's Redis database, where the
-retried message waits (its headers are plain JSON there, its body base64).
+event, as Flower does, and reads what the broker shows of the retried message: every key
+of the Redis database, where it waits (its headers are plain JSON there, its body base64),
+or, on RabbitMQ, a copy of every republished message's headers and properties.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from kombu import Connection, Exchange, Queue, binding
 from sqlalchemy import Engine
 
 from comms_tasks.privacy.task_reprs import identifying_repr
 from tests import factories as f
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import WorkerProcess, is_rabbitmq, wait_for
 from tests.contracts.test_inbound_contracts import EMAIL_RESPONSE, email_response
 from tests.inbound.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
     SERIALIZATION_FAILURE,
@@ -47,7 +51,10 @@ class EventLog:
     def _listen(self) -> None:
         with self.app.connection_for_read() as connection:
             self._receiver = self.app.events.Receiver(
-                connection, handlers={"*": self.events.append}, node_id="retry-privacy-test"
+                # A name of its own: on RabbitMQ, receivers of one name share one queue.
+                connection,
+                handlers={"*": self.events.append},
+                node_id=f"retry-privacy-test-{uuid.uuid4().hex}",
             )
             with contextlib.suppress(TimeoutError):
                 self._receiver.capture(limit=None, timeout=120, wakeup=True)
@@ -109,6 +116,58 @@ class BrokerReader:
         self.client.close()
 
 
+class RabbitReader:
+    """On RabbitMQ, a queue of the test's own bound to every exchange a retry can take (the
+    task exchange and the delayed-delivery levels): each republished message is copied to
+    it, and its headers and properties (what RabbitMQ shows as plain text) are searched."""
+
+    EXCHANGES = ["comms.tasks", "celery_delayed_delivery"] + [
+        f"celery_delayed_{level}" for level in range(28)
+    ]
+
+    def __init__(self, url: str, needle: str) -> None:
+        self.url = url
+        self.needle = needle
+        self.found: list[str] = []
+        self.reads = 0
+        self._stop = threading.Event()
+        self._queue = Queue(
+            "retry-privacy-spy",
+            bindings=[
+                binding(Exchange(name, type="topic"), routing_key="#") for name in self.EXCHANGES
+            ],
+            durable=False,
+            auto_delete=True,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._ready = threading.Event()
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        shown = repr(message.headers) + repr(message.properties)
+        if self.needle in shown:
+            self.found.append(shown[:2000])
+        self.reads += 1
+        message.ack()
+
+    def _read(self) -> None:
+        with (
+            Connection(self.url) as connection,
+            connection.Consumer(self._queue, callbacks=[self._on_message], accept=["json"]),
+        ):
+            self._ready.set()
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError, socket.timeout):
+                    connection.drain_events(timeout=0.2)
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self._ready.wait(timeout=20), "the spy queue was not declared"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 @pytest.fixture
 def event_log(sender: Celery) -> Iterator[EventLog]:
     log = EventLog(sender)
@@ -137,7 +196,7 @@ def test_a_retried_inbound_task_shows_only_ids_in_events_and_broker_headers(
     worker: WorkerProcess,
     committed_db: Engine,
     sender: Celery,
-    redis_url: str,
+    worker_broker_url: str,
     refusals: Refusals,  # noqa: F811 - the fixture imported above
     event_log: EventLog,
     message: Callable[[], tuple[str, str, dict[str, Any]]],
@@ -146,7 +205,11 @@ def test_a_retried_inbound_task_shows_only_ids_in_events_and_broker_headers(
     message_id = str(body.get("event_id") or body["command_id"])
     event_log.start()
     refusals.refuse(message_id, SERIALIZATION_FAILURE)
-    reader = BrokerReader(redis_url, MARKER)
+    reader: BrokerReader | RabbitReader
+    if is_rabbitmq(worker_broker_url):
+        reader = RabbitReader(worker_broker_url, MARKER)
+    else:
+        reader = BrokerReader(worker_broker_url, MARKER)
     reader.start()
     try:
         # A careful sender (like `comms`): its own message shows ids only.
@@ -155,7 +218,7 @@ def test_a_retried_inbound_task_shows_only_ids_in_events_and_broker_headers(
             task_name, kwargs={argument: body}, argsrepr=argsrepr, kwargsrepr=kwargsrepr
         ).id
 
-        # Refused twice: two retries republished by the worker, each waiting in Redis.
+        # Refused twice: two retries republished by the worker, each waiting on the broker.
         worker.wait_for(lambda: refusals.attempts() >= 3)
         refusals.allow(message_id)
         worker.wait_for(lambda: event_log.of(task_id, "task-succeeded"))
@@ -171,7 +234,8 @@ def test_a_retried_inbound_task_shows_only_ids_in_events_and_broker_headers(
         assert message_id in sent["kwargs"]
     for reported in event_log.events:
         assert MARKER not in repr(reported), reported
-    assert reader.reads > 0
+    # Redis: scans of its keys; RabbitMQ: the retried messages themselves.
+    assert reader.reads >= 2
     assert reader.found == []
     # A retry names the outage by its class, not by the server's message.
     for retried in event_log.of(task_id, "task-retried"):

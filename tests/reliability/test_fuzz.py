@@ -46,11 +46,11 @@ from comms_tasks.task_names import (
     SCHEDULE_CALL,
 )
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, count_rows, worker_on_broker
+from tests.conftest import WorkerProcess, count_rows, worker_on_broker
 
 pytestmark = pytest.mark.reliability
 
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/9"
+BROKER_SLOT = 9  # the broker_url fixture: this module's broker, on each kind
 RESULTS = {"applied", "duplicate", "dead_letter"}
 HUGE = 100_000
 _ids = itertools.count(500_000)
@@ -320,9 +320,9 @@ def test_mutated_messages_of_every_task_never_raise_and_leave_nothing_half_appli
 
 @pytest.fixture
 def fuzz_worker(
-    committed_db: Engine, committed_url: str, worker_log_dir: Path
+    broker_url: str, committed_db: Engine, committed_url: str, worker_log_dir: Path
 ) -> Iterator[WorkerProcess]:
-    with worker_on_broker(committed_url, BROKER_URL, worker_log_dir, "fuzz") as process:
+    with worker_on_broker(committed_url, broker_url, worker_log_dir, "fuzz") as process:
         yield process
 
 
@@ -396,10 +396,13 @@ def hostile_calls(hostile_ids: list[int]) -> list[tuple[str, tuple[Any, ...], di
     return calls
 
 
-def publish_raw(body: bytes | str, content_type: str, headers: dict[str, Any]) -> None:
+def publish_raw(
+    broker_url: str, body: bytes | str, content_type: str, headers: dict[str, Any]
+) -> None:
     """Publish a raw message to the ``celery`` queue, as a foreign producer could."""
-    with Connection(BROKER_URL) as connection:
-        producer = Producer(connection, exchange=Exchange("celery", type="direct"))
+    with Connection(broker_url) as connection:
+        # The default exchange, which routes by queue name on either broker.
+        producer = Producer(connection, exchange=Exchange(""))
         producer.publish(
             body,
             routing_key="celery",
@@ -415,7 +418,7 @@ RAW_REFUSED = 5
 
 
 def test_a_real_worker_survives_hostile_messages_and_applies_the_next_good_one(
-    fuzz_worker: WorkerProcess, committed_db: Engine
+    broker_url: str, fuzz_worker: WorkerProcess, committed_db: Engine
 ) -> None:
     hostile_ids: list[int] = []
     calls = hostile_calls(hostile_ids)
@@ -426,17 +429,24 @@ def test_a_real_worker_survives_hostile_messages_and_applies_the_next_good_one(
         "argsrepr": "()",
         "kwargsrepr": "{}",
     }
-    app = Celery("hostile-service", broker=BROKER_URL, set_as_current=False)
+    app = Celery("hostile-service", broker=broker_url, set_as_current=False)
     app.conf.task_serializer = "json"
     try:
         # Refused before any task runs: pickle, a body that is not JSON, no task header,
         # a task nobody registered, a body of the wrong shape.
         publish_raw(
-            b"\x80\x04\x95not really pickle", "application/x-python-serialize", task_headers
+            broker_url,
+            b"\x80\x04\x95not really pickle",
+            "application/x-python-serialize",
+            task_headers,
         )
-        publish_raw("{not json", "application/json", {**task_headers, "id": str(uuid.uuid4())})
-        publish_raw('{"hello": "world"}', "application/json", {})
-        publish_raw("[[], {}, {}]", "text/plain", {**task_headers, "id": str(uuid.uuid4())})
+        publish_raw(
+            broker_url, "{not json", "application/json", {**task_headers, "id": str(uuid.uuid4())}
+        )
+        publish_raw(broker_url, '{"hello": "world"}', "application/json", {})
+        publish_raw(
+            broker_url, "[[], {}, {}]", "text/plain", {**task_headers, "id": str(uuid.uuid4())}
+        )
         app.send_task("comms.no_such_task", kwargs={"event": {}})
         for task, args, kwargs in calls:
             app.send_task(task, args=args, kwargs=kwargs)

@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 from comms_tasks.mail.message import new_message_id
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment
+from tests.conftest import WorkerProcess, broker_environment
 from tests.smtp import SmtpSink
 
 EMAILS = 20
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/7"
+BROKER_SLOT = 7  # the broker_url fixture: this module's broker, on each kind
 REFUSED = 5  # therapist number whose recipient the server refuses with 550
 # Answers to the DATA commands, in sending order (the refused recipient sends no DATA):
 # emails 1, 2, 3, 4, 6, 7; the rest are accepted.
@@ -89,20 +89,20 @@ def settled(engine: Engine) -> bool:
 
 @pytest.mark.reliability
 def test_smtp_faults_follow_the_retry_rules(
-    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
+    broker_url: str, committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     message_ids = queue_emails(committed_db, EMAILS)
     smtp_sink.refuse_recipient(recipient(REFUSED))
     smtp_sink.script(*DATA_SCRIPT)
     env = broker_environment(
         committed_url,
-        BROKER_URL,
+        broker_url,
         tmp_path / "var",
         **smtp_sink.worker_settings(),
         COMMS_SMTP_TIMEOUT="2",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
-    app = Celery("operator", broker=BROKER_URL, set_as_current=False)
+    app = Celery("operator", broker=broker_url, set_as_current=False)
     started = time.monotonic()
     try:
         # One task: one pool process sends the emails in order, so the script lines up.

@@ -26,7 +26,7 @@ from tests.conftest import (
 )
 from tests.smtp import SmtpSink
 
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/3"
+BROKER_SLOT = 3  # the broker_url fixture: this module's broker, on each kind
 REDBEAT_URL = REDIS_URL.rsplit("/", 1)[0] + "/4"
 THERAPISTS = 200
 ALL_WEEK = {
@@ -58,20 +58,20 @@ def seed(engine: Engine) -> None:
 
 
 def test_two_workers_two_beats_and_duplicate_runs_create_nothing_twice(
-    committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
+    broker_url: str, committed_db: Engine, committed_url: str, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     redis.Redis.from_url(REDBEAT_URL).flushdb()
     seed(committed_db)
     env = broker_environment(
         committed_url,
-        BROKER_URL,
+        broker_url,
         tmp_path / "var",
         COMMS_REDBEAT_REDIS_URL=REDBEAT_URL,
         **smtp_sink.worker_settings(),
     )
     workers = start_workers(env, tmp_path)
     beats: list[CeleryProcess] = []
-    app = Celery("duplicated-beats", broker=BROKER_URL, set_as_current=False)
+    app = Celery("duplicated-beats", broker=broker_url, set_as_current=False)
     try:
         for n in (1, 2):
             beats.append(CeleryProcess(env, tmp_path / f"beat{n}.log", "beat", "--loglevel=INFO"))

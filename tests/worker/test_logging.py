@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.models import Patient
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, broker_environment, wait_for
+from tests.conftest import WorkerProcess, broker_environment, wait_for
 
 MARKER = "LOGMARK-9b2e"
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/11"
+BROKER_SLOT = 11  # the broker_url fixture: this module's broker, on each kind
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -28,16 +28,16 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def test_json_logs_name_task_ids_and_duration_and_no_patient_data(
-    committed_db: Engine, committed_url: str, tmp_path: Path
+    broker_url: str, committed_db: Engine, committed_url: str, tmp_path: Path
 ) -> None:
     env = broker_environment(
         committed_url,
-        BROKER_URL,
+        broker_url,
         tmp_path / "var",
         COMMS_LOG_FORMAT="json",
     )
     worker = WorkerProcess(env, tmp_path / "worker.log")
-    app = Celery("matching-service", broker=BROKER_URL, set_as_current=False)
+    app = Celery("matching-service", broker=broker_url, set_as_current=False)
     summary = {field: MARKER for field in ("diagnosis", "gender", "current_complaints")}
     good = f.request_created(91, patient_id=9100, **summary)
     bad = f.request_created(92, patient_id=9200, **summary)

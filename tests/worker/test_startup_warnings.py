@@ -51,11 +51,11 @@ def test_the_clear_text_opt_in_warns() -> None:
 
 
 def test_worker_with_file_backend_on_postgresql_warns_at_start(
-    committed_url: str, redis_url: str, tmp_path: Path
+    committed_url: str, worker_broker_url: str, tmp_path: Path
 ) -> None:
     env = worker_environment(
         COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=redis_url,
+        COMMS_BROKER_URL=worker_broker_url,
         COMMS_MAIL_BACKEND="file",
         COMMS_VAR_DIR=str(tmp_path / "var"),
     )

@@ -50,9 +50,9 @@ def test_every_beat_entry_marks_its_runs(name: str) -> None:
 
 
 def test_through_a_real_worker_only_the_beat_entry_counts(
-    committed_db: Engine, redis_url: str, worker: WorkerProcess
+    committed_db: Engine, worker_broker_url: str, worker: WorkerProcess
 ) -> None:
-    with app.connection_for_write(redis_url) as connection:
+    with app.connection_for_write(worker_broker_url) as connection:
         done = worker.log().count("comms.send_email[")
         # Started like send_email_after_commit starts it.
         send_email.apply_async(connection=connection)
