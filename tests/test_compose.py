@@ -24,6 +24,7 @@ from tests.conftest import PROJECT_ROOT
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 MAILCATCHER_FILE = PROJECT_ROOT / "docker-compose.mailcatcher.yml"
+RABBITMQ_FILE = PROJECT_ROOT / "docker-compose.rabbitmq.yml"
 SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower")
 # The processes that read the settings (and so need the same mail settings).
 COMMS_SERVICES = ("migrate", "worker", "beat", "flower")
@@ -248,6 +249,11 @@ def mailcatcher_shape() -> dict[str, Any]:
     return read_compose(MAILCATCHER_FILE.read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def rabbitmq_shape() -> dict[str, Any]:
+    return read_compose(RABBITMQ_FILE.read_text(encoding="utf-8"))
+
+
 def interpolated_default(value: str) -> str:
     """What compose makes of ``${VAR:-default}`` when VAR is not set (a plain value as is)."""
     match = re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", value)
@@ -428,13 +434,44 @@ def test_beat_uses_redbeat(compose: dict[str, Any]) -> None:
     assert str(environment.get("COMMS_REDBEAT_REDIS_URL", "")).startswith("redis://")
 
 
-def test_every_variable_compose_uses_is_in_env_example(compose: dict[str, Any]) -> None:
+def test_every_variable_compose_uses_is_in_env_example(
+    compose: dict[str, Any], rabbitmq_shape: dict[str, Any]
+) -> None:
     example = (PROJECT_ROOT / ".env.example").read_text(encoding="utf-8")
     documented = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example, re.MULTILINE))
-    used = {key for key, _ in walk(compose) if key.startswith("COMMS_")}
-    used |= {name for _, value in walk(compose) for name in INTERPOLATION.findall(value)}
-    assert used, "no variable found: the walk is broken"
-    assert used - documented == set()
+    for shape in (compose, rabbitmq_shape):
+        used = {key for key, _ in walk(shape) if key.startswith("COMMS_")}
+        used |= {name for _, value in walk(shape) for name in INTERPOLATION.findall(value)}
+        assert used, "no variable found: the walk is broken"
+        assert used - documented == set()
+
+
+def test_rabbitmq_shape_moves_tasks_and_events_and_keeps_redbeat_on_redis(
+    compose: dict[str, Any], rabbitmq_shape: dict[str, Any]
+) -> None:
+    for name in COMMS_SERVICES:
+        environment = service(rabbitmq_shape, name)["environment"]
+        assert str(environment["COMMS_BROKER_URL"]).startswith("amqp://comms:"), name
+        assert "COMMS_EVENTS_BROKER_URL" not in environment, name  # events go with the tasks
+    for name in ("worker", "beat", "flower"):
+        depends = service(rabbitmq_shape, name)["depends_on"]
+        assert depends["rabbitmq"]["condition"] == "service_healthy", name
+    assert str(service(compose, "beat")["environment"]["COMMS_REDBEAT_REDIS_URL"]).startswith(
+        "redis://"
+    )
+    rabbitmq = service(rabbitmq_shape, "rabbitmq")
+    assert str(rabbitmq["image"]).endswith("-management")
+    assert [str(port) for port in rabbitmq["ports"]] == ["127.0.0.1:15672:15672"]
+    assert "rabbitmq-data" in rabbitmq_shape["volumes"]
+    # Flower's Broker page: the management API, its password from the environment.
+    api = str(service(rabbitmq_shape, "flower")["environment"]["FLOWER_BROKER_API"])
+    assert api.startswith("http://comms:") and api.endswith("@rabbitmq:15672/api/")
+    assert not any("broker" in word for word in command_words(compose, "flower"))
+    # Senders with Celery's defaults declare the task queue the same way (operations.md).
+    mounted = [str(volume).split(":")[0] for volume in rabbitmq["volumes"]]
+    config = PROJECT_ROOT / mounted[0]
+    assert "default_queue_type = quorum" in config.read_text(encoding="utf-8")
+    assert literal_secrets(rabbitmq_shape) == []
 
 
 def test_make_flower_without_basic_auth_refuses_to_start() -> None:
