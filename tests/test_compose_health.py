@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from comms_tasks.settings import Settings
-from tests.conftest import PROJECT_ROOT, REDIS_URL, CeleryProcess, WorkerProcess, worker_environment
+from tests.conftest import PROJECT_ROOT, CeleryProcess, WorkerProcess, worker_environment
 from tests.test_compose import COMPOSE_FILE, read_compose
 
 CHECK_TIMEOUT = 60
@@ -60,6 +60,10 @@ def run_healthcheck(check: dict[str, Any], env: dict[str, str]) -> subprocess.Co
     )
 
 
+# The broker_url fixture: the worker's check on each broker (compose has a RabbitMQ shape).
+BROKER_SLOT = 1
+
+
 def seconds(duration: str) -> float:
     match = re.fullmatch(r"(\d+)(s|m)", duration)
     assert match, duration
@@ -74,13 +78,13 @@ def test_worker_stop_grace_period_outlasts_the_longest_task(compose: dict[str, A
 
 
 def test_worker_healthcheck_answers_for_its_own_node_only(
-    compose: dict[str, Any], committed_url: str, tmp_path: Path
+    compose: dict[str, Any], committed_url: str, broker_url: str, tmp_path: Path
 ) -> None:
     check = healthcheck(compose, "worker")
     host = f"health-{uuid.uuid4().hex[:8]}"
     env = worker_environment(
         COMMS_DATABASE_URL=committed_url,
-        COMMS_BROKER_URL=REDIS_URL,
+        COMMS_BROKER_URL=broker_url,
         COMMS_VAR_DIR=str(tmp_path / "var"),
     )
     # Without the worker: no reply, a failing check.

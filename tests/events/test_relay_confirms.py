@@ -82,7 +82,5 @@ def test_confirmed_events_are_published_once_each(
     assert relay_outbox()["published"] == 4
     assert relay_outbox()["published"] == 0
 
-    assert sorted(str(body["event_id"]) for body in drain(rabbitmq_events, queue)) == sorted(
-        events
-    )
+    assert sorted(str(body["event_id"]) for body in drain(rabbitmq_events, queue)) == sorted(events)
     assert published(committed_db) == 4

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
@@ -25,7 +24,7 @@ from comms_tasks import migrate
 from comms_tasks.db import make_engine
 from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
 from tests import factories as f
-from tests.conftest import REDIS_URL, WorkerProcess, count_rows, other_service, worker_environment
+from tests.conftest import WorkerProcess, count_rows, other_service, worker_environment
 from tests.event_queue import bind_queue, drain, record_queued_events
 from tests.reliability.servers import PrivatePostgres
 from tests.servers import PrivateRedis
@@ -38,7 +37,7 @@ REDIS_EVENTS = 50
 OUTBOX_EVENTS_WHILE_DOWN = 20
 POSTGRES_EVENTS = 100
 POSTGRES_DOWN_SECONDS = 5
-POSTGRES_BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/8"
+BROKER_SLOT = 8  # the broker_url fixture: the PostgreSQL restart test runs on each broker
 TIMEOUT = 90
 
 
@@ -129,19 +128,18 @@ def test_redis_restart_mid_pipeline(
 
 
 def test_postgres_restart_mid_pipeline(
-    private_postgres: PrivatePostgres, worker_log_dir: Path
+    private_postgres: PrivatePostgres, broker_url: str, worker_log_dir: Path
 ) -> None:
     url = private_postgres.create_database("comms")
     migrate.upgrade(url)
     engine = make_engine(url, connect_args={"connect_timeout": 2})
-    redis.Redis.from_url(POSTGRES_BROKER_URL).flushdb()
     env = worker_environment(
         COMMS_DATABASE_URL=url,
-        COMMS_BROKER_URL=POSTGRES_BROKER_URL,
+        COMMS_BROKER_URL=broker_url,
         COMMS_VAR_DIR=str(worker_log_dir / "var-postgres-restart"),
     )
     worker = WorkerProcess(env, worker_log_dir / "worker-postgres-restart.log")
-    sender = other_service(POSTGRES_BROKER_URL)
+    sender = other_service(broker_url)
     try:
         send_therapists(sender, range(1, POSTGRES_EVENTS + 1))
         worker.wait_for(lambda: count_rows(engine, ProcessedMessage) >= 10, timeout=TIMEOUT)

@@ -19,11 +19,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -32,7 +29,6 @@ from tests import factories as f
 from tests.cli.test_cli_call_outcome import call_id  # noqa: F401 - a fixture: a scheduled call
 from tests.conftest import (
     PROJECT_ROOT,
-    REDIS_URL,
     CeleryProcess,
     WorkerProcess,
     free_port,
@@ -41,8 +37,9 @@ from tests.conftest import (
     worker_environment,
 )
 
-# A Redis database of its own: the session's worker must not take these messages.
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/12"
+# A broker of its own (the broker_url fixture, on each kind): the session's worker must not
+# take these messages.
+BROKER_SLOT = 12
 FLOWER_START_TIMEOUT = 30
 # Direct connections to 127.0.0.1, whatever proxy the environment names.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -78,15 +75,6 @@ class FlowerProcess(CeleryProcess):
             return error.code, error.read().decode("utf-8", errors="replace")
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return 0, ""
-
-
-@pytest.fixture
-def broker_url() -> Iterator[str]:
-    client = redis.Redis.from_url(BROKER_URL)
-    client.flushdb()
-    yield BROKER_URL
-    client.flushdb()
-    client.close()
 
 
 def flower_environment(**overrides: str) -> dict[str, str]:

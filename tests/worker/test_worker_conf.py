@@ -4,7 +4,9 @@ Flower reads it with ``celery inspect conf``. A real worker is started with a pa
 every setting that can hold one (broker, result backend, RedBeat, events broker,
 database, SMTP) and asked for its configuration over the broker, as Flower does; no
 password may appear anywhere in the reply. The shared Redis has no password, so it
-accepts any password for its ``default`` user: the URLs work as given.
+accepts any password for its ``default`` user: the URLs work as given. Redis only: the
+masking is the same for every URL (``mask_credentials``), and the shared RabbitMQ knows
+only guest's password.
 """
 
 from __future__ import annotations

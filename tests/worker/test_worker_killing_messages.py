@@ -2,7 +2,7 @@
 
 With ``task_reject_on_worker_lost`` a message whose pool process died is given back to
 the broker and delivered again, forever if it kills every process that runs it. A real
-prefork worker on a private Redis runs a real inbound task; ``tests.worker_crash_hook``
+prefork worker (on Redis, then on RabbitMQ) runs a real inbound task; ``tests.worker_crash_hook``
 makes the process die (``os._exit``) where it would apply one chosen message, as an out
 of memory kill or a segfault would. Ordinary retries (a database outage, here a trigger
 refusing the message with a serialization failure) are not deliveries that killed
@@ -27,8 +27,9 @@ from tests.inbound.test_inbound_failures import (  # noqa: F401 - the fixture, u
     refusals,
 )
 from tests.inbound.test_inbound_tasks import THERAPIST, comms_json, therapist
-from tests.servers import PrivateRedis
 from tests.worker_crash_hook import CRASH_NAME
+
+BROKER_SLOT = 2  # the broker_url fixture: this module's broker, on each kind
 
 
 def dead_letters(engine: Engine) -> list[DeadLetter]:
@@ -39,17 +40,17 @@ def dead_letters(engine: Engine) -> list[DeadLetter]:
 def test_a_message_that_kills_its_worker_is_a_dead_letter_after_a_few_deliveries(
     committed_db: Engine,
     committed_url: str,
-    private_redis: PrivateRedis,
+    broker_url: str,
     refusals: Refusals,  # noqa: F811 - the fixture imported above
     tmp_path: Path,
 ) -> None:
     crashes = tmp_path / "crashes"
     crashes.touch()
     env = broker_environment(
-        committed_url, private_redis.url, tmp_path / "var", CRASH_HOOK_LOG=str(crashes)
+        committed_url, broker_url, tmp_path / "var", CRASH_HOOK_LOG=str(crashes)
     )
     worker = WorkerProcess(env, tmp_path / "worker.log", "--include", "tests.worker_crash_hook")
-    producer: Celery = other_service(private_redis.url)
+    producer: Celery = other_service(broker_url)
     try:
         killer = f.therapist_upserted(5100, last_name=CRASH_NAME)
         # Retried more often than the limit, for an outage: applied in the end.
