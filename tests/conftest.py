@@ -242,7 +242,7 @@ def broker_url_of(kind: str, slot: int) -> str:
     raise ValueError(f"unknown broker {kind!r}")
 
 
-def _rabbitmqctl(*arguments: str) -> str:
+def rabbitmqctl(*arguments: str) -> str:
     node = os.environ.get("COMMS_TEST_RABBITMQ_NODE")
     command = ["rabbitmqctl", *(["-n", node] if node else []), *arguments]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
@@ -251,7 +251,7 @@ def _rabbitmqctl(*arguments: str) -> str:
     return done.stdout
 
 
-def _vhost_of(url: str) -> str:
+def vhost_of(url: str) -> str:
     vhost = make_url(url.replace("amqp://", "postgresql://", 1)).database
     if not vhost or not vhost.startswith("comms-test-"):
         raise ValueError("tests empty only virtual hosts of their own (comms-test-*)")
@@ -264,10 +264,10 @@ def empty_broker(url: str) -> None:
     if not is_rabbitmq(url):
         redis.Redis.from_url(url).flushdb()
         return
-    vhost = _vhost_of(url)
+    vhost = vhost_of(url)
     # One call of the CLI (its start dominates): delete if there, add, let guest in. The
     # host's default queue type is quorum, as in production (docs/operations.md).
-    _rabbitmqctl(
+    rabbitmqctl(
         "eval",
         f'V = <<"{vhost}">>, catch rabbit_vhost:delete(V, <<"tests">>), '
         'ok = rabbit_vhost:add(V, #{default_queue_type => <<"quorum">>}, <<"tests">>), '
@@ -281,7 +281,7 @@ def drop_broker(url: str) -> None:
     if not is_rabbitmq(url):
         redis.Redis.from_url(url).flushdb()
         return
-    _rabbitmqctl("eval", f'catch rabbit_vhost:delete(<<"{_vhost_of(url)}">>, <<"tests">>).')
+    rabbitmqctl("eval", f'catch rabbit_vhost:delete(<<"{vhost_of(url)}">>, <<"tests">>).')
 
 
 @pytest.fixture(scope="session", params=BROKERS)

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from comms_tasks.events.tasks import relay_outbox
 from comms_tasks.settings import get_settings
 from tests import factories as f
-from tests.conftest import WorkerProcess, _rabbitmqctl, _vhost_of, wait_for
+from tests.conftest import WorkerProcess, rabbitmqctl, vhost_of, wait_for
 from tests.event_queue import bind_queue, record_queued_events
 from tests.inbound.test_inbound_tasks import THERAPIST, therapist
 
@@ -29,13 +29,13 @@ pytestmark = pytest.mark.parametrize("broker_kind", ["rabbitmq"], indirect=True)
 
 def listed(what: str, vhost: str | None, *columns: str) -> list[dict[str, Any]]:
     arguments = [what, "--formatter", "json", *(["-p", vhost] if vhost else []), *columns]
-    return list(json.loads(_rabbitmqctl(*arguments)))
+    return list(json.loads(rabbitmqctl(*arguments)))
 
 
 def test_the_task_queue_is_a_durable_quorum_queue_consumed_without_global_qos(
     worker: WorkerProcess, committed_db: Engine, sender: Celery, worker_broker_url: str
 ) -> None:
-    vhost = _vhost_of(worker_broker_url)
+    vhost = vhost_of(worker_broker_url)
     sender.send_task(THERAPIST, kwargs={"event": f.therapist_upserted(9301)})
     worker.wait_for(lambda: therapist(committed_db, 9301))
 
@@ -77,7 +77,7 @@ def test_events_are_confirmed_and_persistent_on_a_durable_topic_exchange(
 
     assert relay_outbox()["published"] == 1
 
-    vhost = _vhost_of(worker_broker_url)
+    vhost = vhost_of(worker_broker_url)
     exchanges = {e["name"]: e for e in listed("list_exchanges", vhost, "name", "type", "durable")}
     assert exchanges["comms.events"]["type"] == "topic"
     assert exchanges["comms.events"]["durable"] is True
