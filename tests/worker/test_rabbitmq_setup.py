@@ -10,6 +10,7 @@ message of the durable topic exchange ``comms.events``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,14 @@ from sqlalchemy import Engine
 from comms_tasks.events.tasks import relay_outbox
 from comms_tasks.settings import get_settings
 from tests import factories as f
-from tests.conftest import WorkerProcess, rabbitmqctl, vhost_of, wait_for
+from tests.conftest import (
+    WorkerProcess,
+    other_service,
+    rabbitmqctl,
+    vhost_of,
+    wait_for,
+    worker_environment,
+)
 from tests.event_queue import bind_queue, record_queued_events
 from tests.inbound.test_inbound_tasks import THERAPIST, therapist
 
@@ -86,3 +94,26 @@ def test_events_are_confirmed_and_persistent_on_a_durable_topic_exchange(
     assert message.properties["delivery_mode"] == 2
     assert message.properties["message_id"] == event_id
     get_settings.cache_clear()
+
+
+def test_a_queue_of_its_own_declared_first_by_a_sender_with_celerys_defaults(
+    committed_db: Engine, committed_url: str, worker_broker_url: str, tmp_path: Path
+) -> None:
+    """``-Q name``: the sender (Celery's defaults) declared the queue and its direct exchange
+    first; the worker declares them alike instead of failing on a topic exchange."""
+    sender = other_service(worker_broker_url)
+    try:
+        sender.send_task(THERAPIST, kwargs={"event": f.therapist_upserted(9303)}, queue="own-queue")
+        env = worker_environment(
+            COMMS_DATABASE_URL=committed_url,
+            COMMS_BROKER_URL=worker_broker_url,
+            COMMS_VAR_DIR=str(tmp_path / "var"),
+        )
+        process = WorkerProcess(env, tmp_path / "worker.log", "-Q", "own-queue", "-n", "own@%h")
+        try:
+            process.wait_for(lambda: therapist(committed_db, 9303))
+            process.check_alive()
+        finally:
+            process.stop()
+    finally:
+        sender.close()
