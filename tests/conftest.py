@@ -42,7 +42,7 @@ from comms_tasks.settings import get_settings
 from tests.smtp import smtp_sink  # noqa: F401  (the plain SMTP server fixture, for every test)
 
 if TYPE_CHECKING:
-    from tests.servers import PrivateRedis
+    from tests.servers import PrivateRabbitMQ, PrivateRedis
     from tests.smtp import SmtpSink
 
 POSTGRES_URL = os.environ.get(
@@ -473,3 +473,17 @@ def private_redis() -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of this test's own (virtual host ``comms``), for tests that stop
+    and start it; killed and removed afterwards, whatever the test did."""
+    from tests.servers import PrivateRabbitMQ  # tests.servers imports this module
+
+    server = PrivateRabbitMQ()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
