@@ -6,13 +6,17 @@ keeps its data over a restart: the task queue is a quorum queue and messages are
 persistent, so every message the broker confirmed before the stop must be applied, once,
 after it, including those a worker process had taken but not yet acknowledged.
 
-The sender publishes with confirms: a ``send_task`` that returned is a message the broker
-accepted. Outbox events recorded while the node is down are relayed after the restart to a
-durable queue bound to ``comms.events`` before the stop.
+Another service sends without pause, with publisher confirms: a ``send_task`` that
+returned is a message the broker accepted; the one in flight at the stop may or may not
+have been taken, and is applied at most once either way. Outbox events recorded while the
+node is down are relayed after the restart to a durable queue bound to ``comms.events``
+before the stop.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +33,9 @@ from comms_tasks.models import (
     ProcessedMessage,
     Therapist,
 )
-from comms_tasks.task_names import HANDLE_MATCHING_EVENT, HANDLE_THERAPIST_EVENT, RELAY_OUTBOX
+from comms_tasks.task_names import HANDLE_MATCHING_EVENT as MATCHING
+from comms_tasks.task_names import HANDLE_THERAPIST_EVENT as THERAPIST
+from comms_tasks.task_names import RELAY_OUTBOX
 from tests import factories as f
 from tests.conftest import WorkerProcess, count_rows, other_service, worker_environment
 from tests.event_queue import bind_queue, drain, record_queued_events
@@ -37,11 +43,14 @@ from tests.servers import PrivateRabbitMQ
 
 pytestmark = pytest.mark.reliability
 
-PAIRS = 400  # a therapist upsert and a request creation each: 800 inbound messages
 APPLIED_BEFORE_STOP = 100
+# The sender sends this many back to back (a backlog on the queue), then one each pause.
+BACKLOG = 300
+SEND_PAUSE_SECONDS = 0.01
 OUTBOX_EVENTS_WHILE_DOWN = 20
 DOWN_SECONDS = 3
 LATE_THERAPIST = 100_000
+SETTLED_SECONDS = 3
 TIMEOUT = 120
 
 
@@ -52,13 +61,36 @@ def confirmed_sender(url: str) -> Celery:
     return app
 
 
-def send_pairs(app: Celery, ids: range) -> None:
-    for n in ids:
-        app.send_task(HANDLE_THERAPIST_EVENT, kwargs={"event": f.therapist_upserted(n)})
-        app.send_task(
-            HANDLE_MATCHING_EVENT,
-            kwargs={"event": f.request_created(n, therapist_id=n, patient_id=10_000 + n)},
-        )
+class SteadySender(threading.Thread):
+    """Sends a therapist upsert and a request creation after another, with confirms, until
+    a send fails (the node went away) or it is told to stop. ``accepted`` holds the event
+    id of each message whose ``send_task`` returned, ``attempted`` every one tried."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="steady-sender", daemon=True)
+        self.app = confirmed_sender(url)
+        self.attempted: dict[str, tuple[str, int]] = {}
+        self.accepted: list[str] = []
+        self.failure: str | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for n in itertools.count(1):
+                therapist = f.therapist_upserted(n)
+                request = f.request_created(n, therapist_id=n, patient_id=10_000 + n)
+                for task, event in ((THERAPIST, therapist), (MATCHING, request)):
+                    if self.halt.is_set():
+                        return
+                    self.attempted[event["event_id"]] = (task, n)
+                    self.app.send_task(task, kwargs={"event": event})
+                    self.accepted.append(event["event_id"])
+                    if len(self.accepted) > BACKLOG:
+                        time.sleep(SEND_PAUSE_SECONDS)
+        except Exception as exc:  # the stop is expected to end it here
+            self.failure = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            self.app.close()
 
 
 def test_rabbitmq_restart_mid_pipeline(
@@ -76,28 +108,41 @@ def test_rabbitmq_restart_mid_pipeline(
     )
     worker = WorkerProcess(env, worker_log_dir / "worker-rabbitmq-restart.log")
     worker_pid = worker.process.pid
-    sender = confirmed_sender(url)
-    inbound = 2 * PAIRS
+    sender = SteadySender(url)
 
     def applied() -> int:
         return count_rows(committed_db, ProcessedMessage)
 
-    try:
-        started = time.monotonic()
-        send_pairs(sender, range(1, PAIRS + 1))
-        sent_seconds = time.monotonic() - started
-        sender.close()  # its connection would otherwise see the node go away
-        worker.wait_for(lambda: applied() >= APPLIED_BEFORE_STOP, timeout=TIMEOUT)
+    def processed_ids() -> set[str]:
+        with Session(committed_db) as session:
+            return set(session.scalars(select(ProcessedMessage.message_id)).all())
 
+    def settled(late_id: str) -> bool:
+        """The message sent after the restart applied, and nothing applied for a while."""
+        before = processed_ids()
+        if late_id not in before:
+            return False
+        time.sleep(SETTLED_SECONDS)
+        return processed_ids() == before
+
+    try:
+        # The sender publishes faster than the worker applies: a backlog builds up, and
+        # the node stops under both, a publish and a message being applied in flight.
+        sender.start()
+        worker.wait_for(lambda: applied() >= APPLIED_BEFORE_STOP, timeout=TIMEOUT)
         private_rabbitmq.stop()
         stopped = time.monotonic()
+        sender.halt.set()
+        sender.join(timeout=60)
+        assert not sender.is_alive(), "a send_task still blocked with the node down"
+        accepted = set(sender.accepted)
         applied_at_stop = applied()
         recorded = record_queued_events(OUTBOX_EVENTS_WHILE_DOWN)
         time.sleep(DOWN_SECONDS)
         applied_while_down = applied()
         assert worker.process.poll() is None, worker.tail()
         # Mid-pipeline: messages the broker accepted were still waiting when it stopped.
-        assert applied_while_down < inbound, "the node stopped after the pipeline drained"
+        assert applied_while_down < len(accepted), "the node stopped after the pipeline drained"
 
         starting = time.monotonic()
         private_rabbitmq.start()
@@ -108,11 +153,10 @@ def test_rabbitmq_restart_mid_pipeline(
 
         late_sender = confirmed_sender(url)
         try:
-            late_sender.send_task(
-                HANDLE_THERAPIST_EVENT, kwargs={"event": f.therapist_upserted(LATE_THERAPIST)}
-            )
-            worker.wait_for(lambda: applied() >= inbound + 1, timeout=TIMEOUT)
-            drained_seconds = time.monotonic() - restarted
+            late = f.therapist_upserted(LATE_THERAPIST)
+            late_sender.send_task(THERAPIST, kwargs={"event": late})
+            worker.wait_for(lambda: settled(late["event_id"]), timeout=TIMEOUT)
+            drained_seconds = time.monotonic() - restarted - SETTLED_SECONDS
 
             def relayed() -> bool:
                 if count_rows(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
@@ -127,7 +171,10 @@ def test_rabbitmq_restart_mid_pipeline(
         time.sleep(2)  # a late redelivery would be applied (or not) by now
         received = drain(url, queue, idle_seconds=2)
 
-        processed = applied()
+        done = processed_ids()
+        sent = {**sender.attempted, late["event_id"]: (THERAPIST, LATE_THERAPIST)}
+        lost = accepted - done
+        in_flight = set(sender.attempted) - accepted
         therapists = count_rows(committed_db, Therapist)
         requests = count_rows(committed_db, PlacementRequest)
         dead = count_rows(committed_db, DeadLetter)
@@ -141,9 +188,11 @@ def test_rabbitmq_restart_mid_pipeline(
         connects = log.count("Connected to amqp://")
         failed_connects = log.count("Cannot connect to amqp://")
         print(
-            f"RELIABILITY rabbitmq_restart: inbound={inbound} send_seconds={sent_seconds:.1f} "
+            f"RELIABILITY rabbitmq_restart: accepted={len(accepted)} "
+            f"in_flight_at_stop={len(in_flight)} applied_in_flight={len(in_flight & done)} "
+            f"sender_stopped_by={sender.failure!r} "
             f"applied_at_stop={applied_at_stop} applied_while_down={applied_while_down} "
-            f"applied={processed} therapists={therapists} requests={requests} "
+            f"applied={len(done)} lost={len(lost)} therapists={therapists} requests={requests} "
             f"dead_letters={dead} results_applied={results['applied']} "
             f"results_duplicate={results['duplicate']} connects={connects} "
             f"failed_connects={failed_connects} "
@@ -153,10 +202,11 @@ def test_rabbitmq_restart_mid_pipeline(
             f"resumed_seconds={resumed_seconds:.1f} "
             f"drained_seconds={drained_seconds:.1f}"
         )
-        assert processed == inbound + 1
-        assert results["applied"] == inbound + 1
-        assert therapists == PAIRS + 1
-        assert requests == PAIRS
+        assert not lost, f"{len(lost)} accepted messages never applied"
+        assert done <= set(sent), "applied messages nobody sent"
+        assert results["applied"] == len(done), "a message applied more than once"
+        assert therapists == sum(sent[i][0] == THERAPIST for i in done)
+        assert requests == sum(sent[i][0] == MATCHING for i in done)
         assert dead == 0
         assert set(recorded) <= outbox_ids
         assert counts == Counter({event_id: 1 for event_id in outbox_ids})
@@ -164,5 +214,5 @@ def test_rabbitmq_restart_mid_pipeline(
         assert worker.process.pid == worker_pid
         assert connects >= 2, "connected again after the restart"
     finally:
-        sender.close()
+        sender.halt.set()
         worker.stop()
