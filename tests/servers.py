@@ -90,19 +90,26 @@ class PrivateRabbitMQ:
     VHOST = "comms"
     START_TIMEOUT = 60
 
-    def __init__(self) -> None:
+    def __init__(self, management: bool = False) -> None:
+        """``management``: with the management plugin, its API on :attr:`management_port`."""
         self.port = free_port()
         self.dist_port = free_port()
+        self.management_port = free_port() if management else None
         self.node = f"comms-test-{os.getpid()}-{next(_rabbitmq_nodes)}@localhost"
         self.directory = Path(tempfile.mkdtemp(prefix="comms-rabbitmq-"))
         self.log_path = self.directory / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.beam_pid: int | None = None
         self._vhost_made = False
-        (self.directory / "enabled_plugins").write_text("[].\n")
-        (self.directory / "rabbitmq.conf").write_text(
-            f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        config = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+        if self.management_port is not None:
+            config += (
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+            )
+        (self.directory / "enabled_plugins").write_text(
+            "[rabbitmq_management].\n" if management else "[].\n"
         )
+        (self.directory / "rabbitmq.conf").write_text(config)
         (self.directory / "rabbitmq-env.conf").write_text(
             'export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"\n'
         )
