@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert
+from sqlalchemy import Engine, create_engine, event, insert, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -148,6 +148,18 @@ def reset_engine() -> None:
 def transaction() -> contextlib.AbstractContextManager[Session]:
     """One unit of work: commit on success, roll back on any error; the session is closed."""
     return _session_factory().begin()
+
+
+def commit_without_flush_wait(session: Session) -> None:
+    """This transaction's commit returns before PostgreSQL has flushed it to disk.
+
+    The commit is visible at once and survives any client crash; only a crash of the
+    PostgreSQL server within its ``wal_writer_delay`` (200 ms by default) can lose it.
+    For writes whose loss is safe to repeat (a send result: the email is sent again).
+    SQLite has no such setting; nothing happens there.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit = off"))
 
 
 AFTER_COMMIT_KEY = "comms_after_commit"

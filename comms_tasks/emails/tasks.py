@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -15,8 +15,9 @@ from comms_tasks.app import app
 from comms_tasks.contracts import received
 from comms_tasks.db import after_commit, transaction
 from comms_tasks.emails import answers, delivery, requested_emails, weekly
+from comms_tasks.emails.recording import ResultRecorder
 from comms_tasks.inbound.runner import inbound_task
-from comms_tasks.mail.sender import SendResult, sender_from_settings
+from comms_tasks.mail.sender import sender_from_settings
 from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import BATCH_REQUESTS, QUEUE_EMAIL, RECORD_EMAIL_RESPONSE, SEND_EMAIL
@@ -28,57 +29,12 @@ log = logging.getLogger(__name__)
 EMAILS_PER_CLAIM = 100
 
 
-# Results are committed in small groups: at most this many, or this old. A worker killed
-# in between sends those emails again after their lease (the window between the
-# server's acceptance and our commit); each commit costs a round trip and a disk flush.
-RESULTS_PER_COMMIT = 20
-
-
-RESULTS_MAX_WAIT = 0.5
-
-
 # Leave the rest to the next run well before the soft time limit interrupts us.
 TIME_BUDGET_FRACTION = 0.8
 
 
-class _Results:
-    """The results of one claim, committed in small groups as they come.
-
-    Leaving its ``with`` block commits what is waiting, however the block ends: what the
-    server accepted is recorded before anything else happens.
-    """
-
-    def __init__(self, email_ids: set[int], counts: dict[str, int], rng: random.Random) -> None:
-        self.unrecorded = email_ids
-        self.counts = counts
-        self.rng = rng
-        self._waiting: list[tuple[SendResult, dt.datetime]] = []
-        self._oldest = 0.0
-
-    def __enter__(self) -> _Results:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.commit()
-
-    def add(self, result: SendResult) -> None:
-        if not self._waiting:
-            self._oldest = time.monotonic()
-        self._waiting.append((result, utcnow()))
-        full = len(self._waiting) >= RESULTS_PER_COMMIT
-        if full or time.monotonic() - self._oldest >= RESULTS_MAX_WAIT:
-            self.commit()
-
-    def commit(self) -> None:
-        if not self._waiting:
-            return
-        with transaction() as session:
-            recorded = delivery.record_results(session, self._waiting, self.rng)
-        for result, _ in self._waiting:
-            self.unrecorded.discard(result.email_id)
-        for item in recorded:
-            self.counts[item.status.value] = self.counts.get(item.status.value, 0) + 1
-        self._waiting = []
+class _TimeBudgetSpentError(Exception):
+    """The run's time is up: the message about to be handed over is not, nor the rest."""
 
 
 @app.task(name=SEND_EMAIL)
@@ -114,19 +70,34 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
             for _ in range(settings.smtp_connections - 1):
                 send_email.apply_async(kwargs={"helper": True})
             helpers_started = True
-        results = _Results({message.email_id for message in messages}, counts, rng)
+        # Each result is committed while the next message goes out; no message is
+        # accepted by the server before the result before it is recorded.
+        results = ResultRecorder([message.email_id for message in messages], counts, rng)
+        before_handover = functools.partial(_recorded_and_in_time, results, deadline)
         try:
             with results:
-                for result in sender_from_settings(settings).send(messages):
+                sender = sender_from_settings(settings)
+                for result in sender.send(messages, before_handover=before_handover):
                     results.add(result)
-        except SoftTimeLimitExceeded:
+        except (SoftTimeLimitExceeded, _TimeBudgetSpentError) as stopped:
             # What was sent is recorded; what was not goes back to the queue at once.
             with transaction() as session:
                 delivery.release(session, sorted(results.unrecorded), utcnow())
-            raise
+            if isinstance(stopped, SoftTimeLimitExceeded):
+                raise
+            break
         if email_id is not None:
             break
     return counts
+
+
+def _recorded_and_in_time(results: ResultRecorder, deadline: float) -> None:
+    """Before a message is handed over: the result before it recorded, time left."""
+    results.wait()
+    if time.monotonic() >= deadline:
+        # Stopping here, before the server accepted it, leaves nothing unrecorded; the
+        # soft time limit could strike while a reply is on its way.
+        raise _TimeBudgetSpentError
 
 
 def send_email_after_commit(session: Session) -> None:

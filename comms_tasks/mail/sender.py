@@ -9,11 +9,13 @@ sent before the next one goes out. Per-message failures are results, never excep
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import smtplib
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -37,9 +39,24 @@ class SendResult:
     error: str | None = None  # the server's reply or the exception, one line
 
 
+def _go_ahead() -> None:
+    """The default of ``before_handover``: nothing to wait for."""
+
+
 class Sender(Protocol):
-    def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
-        """One result per message, in order, each as soon as that message was sent."""
+    def send(
+        self,
+        messages: Iterable[OutgoingMessage],
+        before_handover: Callable[[], None] = _go_ahead,
+    ) -> Iterator[SendResult]:
+        """One result per message, in order, each as soon as that message was sent.
+
+        ``before_handover`` is called before each message is handed over for good (for
+        SMTP, before the end of its DATA: the server accepts a message when it reads
+        that line); what it raises stops the run without handing the message over. The
+        task waits there until the result before is recorded, so that at most one
+        accepted message per connection is ever unrecorded.
+        """
         ...
 
 
@@ -145,7 +162,11 @@ class SmtpSender:
         self.ca_file = ca_file
         self.local_hostname = local_hostname
 
-    def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
+    def send(
+        self,
+        messages: Iterable[OutgoingMessage],
+        before_handover: Callable[[], None] = _go_ahead,
+    ) -> Iterator[SendResult]:
         connection: smtplib.SMTP | None = None
         # Once a (re)connect failed, the rest of the batch fails with its reason instead
         # of hammering a relay that is down.
@@ -171,7 +192,16 @@ class SmtpSender:
                             message.email_id, False, temporary=True, error=connect_error
                         )
                         continue
-                result, connection_usable = self._send_one(connection, message, mime)
+                try:
+                    result, connection_usable = self._send_one(
+                        connection, message, mime, before_handover
+                    )
+                except BaseException:
+                    # Stopped in the middle of DATA: a QUIT now would be read as part of
+                    # the message. Closing makes the server drop it.
+                    connection.close()
+                    connection = None
+                    raise
                 if not connection_usable:
                     connection.close()
                     connection = None
@@ -181,15 +211,21 @@ class SmtpSender:
                 self._quit(connection)
 
     def _send_one(
-        self, connection: smtplib.SMTP, message: OutgoingMessage, mime: bytes
+        self,
+        connection: smtplib.SMTP,
+        message: OutgoingMessage,
+        mime: bytes,
+        before_handover: Callable[[], None],
     ) -> tuple[SendResult, bool]:
         """The result, and whether the connection can carry the next message."""
         try:
             # The envelope comes from the message's fields, never parsed from headers.
-            connection.sendmail(
+            _transmit(
+                connection,
                 ascii_address(message.envelope_sender or message.sender_email),
-                [ascii_address(message.recipient_email)],
+                ascii_address(message.recipient_email),
                 mime,
+                before_handover,
             )
         except (
             smtplib.SMTPRecipientsRefused,
@@ -221,6 +257,11 @@ class SmtpSender:
                 self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
             )
         try:
+            # The last line of a message goes out as a segment of its own (after
+            # before_handover): without this, Nagle's algorithm holds it until the server's
+            # delayed ACK of the body, ~40 ms a message.
+            if connection.sock is not None:
+                connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection.ehlo_or_helo_if_needed()
             if self.security == "starttls":
                 if not connection.has_extn("starttls"):
@@ -265,6 +306,58 @@ class SmtpSender:
             connection.close()
 
 
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def _transmit(
+    connection: smtplib.SMTP,
+    sender: str,
+    recipient: str,
+    content: bytes,
+    before_handover: Callable[[], None],
+) -> None:
+    """``smtplib.SMTP.sendmail`` for one recipient, with ``before_handover`` before the end.
+
+    The envelope, the DATA command and the content go out while the caller records the
+    result before (its commit overlaps this message's round trips); only the last line,
+    which makes the server accept the message, waits for ``before_handover``. Refusals
+    raise what ``sendmail`` raises, after a RSET (unless the server closed, 421).
+    """
+    connection.ehlo_or_helo_if_needed()
+    code, reply = connection.mail(sender)
+    if code != 250:
+        _reset(connection, code)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    code, reply = connection.rcpt(recipient)
+    if code not in (250, 251):
+        _reset(connection, code)
+        raise smtplib.SMTPRecipientsRefused({recipient: (code, reply)})
+    connection.putcmd("data")
+    code, reply = connection.getreply()
+    if code != 354:
+        _reset(connection, code)
+        raise smtplib.SMTPDataError(code, reply)
+    body = _LEADING_DOT.sub(b"..", content)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    connection.send(body)
+    before_handover()
+    connection.send(b".\r\n")
+    code, reply = connection.getreply()
+    if code != 250:
+        _reset(connection, code)
+        raise smtplib.SMTPDataError(code, reply)
+
+
+def _reset(connection: smtplib.SMTP, code: int) -> None:
+    """After a refusal, as ``sendmail`` does: RSET, or close when the server said 421."""
+    if code == 421:
+        connection.close()
+        return
+    with contextlib.suppress(smtplib.SMTPServerDisconnected):
+        connection.rset()
+
+
 def _login(connection: smtplib.SMTP, username: str, password: str) -> None:
     if (username + password).isascii():
         connection.login(username, password)
@@ -295,10 +388,20 @@ class FileSender:
     def path_for(self, message: OutgoingMessage) -> Path:
         return outbox_path(self.folder, message.email_id, message.message_id)
 
-    def send(self, messages: Iterable[OutgoingMessage]) -> Iterator[SendResult]:
+    def send(
+        self,
+        messages: Iterable[OutgoingMessage],
+        before_handover: Callable[[], None] = _go_ahead,
+    ) -> Iterator[SendResult]:
         for message in messages:
             try:
-                self._write(self.path_for(message), build_mime(message))
+                content = build_mime(message)
+            except ValueError as exc:
+                yield _failure(message, exc)
+                continue
+            before_handover()
+            try:
+                self._write(self.path_for(message), content)
             except (OSError, ValueError) as exc:
                 yield _failure(message, exc)
             else:

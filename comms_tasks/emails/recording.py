@@ -1,0 +1,94 @@
+"""Recording a claim's send results from a thread of its own, one commit per result.
+
+The connection sends message N+1 while this thread commits the result of message N;
+before the server may accept N+1 (the end of its DATA), the sender waits for that commit
+(:meth:`ResultRecorder.wait`, the sender's ``before_handover``). So at most one message
+per connection is ever accepted by the server and not yet recorded: a worker killed at
+any moment sends at most that one again after the lease.
+
+Each commit does not wait for its WAL flush (``synchronous_commit = off``, see
+:func:`comms_tasks.db.commit_without_flush_wait`): only a crash of PostgreSQL itself can
+lose such a commit, and a lost result leaves its email ``sending`` (or ``queued``, if the
+claim is lost too), which is sent again: a duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import random
+import threading
+from collections.abc import Iterable
+
+from comms_tasks.db import commit_without_flush_wait, transaction
+from comms_tasks.emails import delivery
+from comms_tasks.mail.sender import SendResult
+from comms_tasks.models.base import utcnow
+
+
+class RecordingFailedError(RuntimeError):
+    """A result could not be recorded (e.g. the database went away); sending stops."""
+
+
+_DONE = None
+
+
+class ResultRecorder:
+    """Records results as :meth:`add` hands them over; ``with`` it around one claim's send.
+
+    Leaving the ``with`` block waits until every result handed over is committed, however
+    the block ends: what the server accepted is recorded before anything else happens.
+    ``unrecorded`` and ``counts`` are read once the block is left.
+    """
+
+    def __init__(self, email_ids: Iterable[int], counts: dict[str, int], rng: random.Random):
+        self.unrecorded = set(email_ids)
+        self.counts = counts
+        self._rng = rng
+        self._results: queue.Queue[tuple[SendResult, dt.datetime] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._record_each, name="send-results")
+
+    def __enter__(self) -> ResultRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *_exc: object) -> None:
+        self._results.put(_DONE)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+    def add(self, result: SendResult) -> None:
+        self._raise_if_failed()
+        self._results.put((result, utcnow()))
+
+    def wait(self) -> None:
+        """Until every result handed over is committed."""
+        self._results.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RecordingFailedError(f"a send result was not recorded: {self._error}")
+
+    def _record_each(self) -> None:
+        while True:
+            item = self._results.get()
+            try:
+                if item is _DONE:
+                    return
+                if self._error is None:
+                    self._record(item)
+            except Exception as exc:  # noqa: BLE001 - handed to the sending thread
+                self._error = exc
+            finally:
+                self._results.task_done()
+
+    def _record(self, item: tuple[SendResult, dt.datetime]) -> None:
+        with transaction() as session:
+            commit_without_flush_wait(session)
+            recorded = delivery.record_results(session, [item], self._rng)
+        self.unrecorded.discard(item[0].email_id)
+        for each in recorded:
+            self.counts[each.status.value] = self.counts.get(each.status.value, 0) + 1
