@@ -29,7 +29,6 @@ from sqlalchemy.orm import Session
 from comms_tasks.models import Email, EmailStatus
 from tests import factories as f
 from tests.conftest import (
-    REDIS_URL,
     WorkerProcess,
     broker_environment,
     count_rows,
@@ -42,7 +41,7 @@ EMAILS = 800
 # Messages accepted by the server before each kill: early, in the middle, late.
 KILL_AFTER_ACCEPTED = (30, 120, 250)
 SEND_RUNS_PER_WORKER = 2  # a worker's pool processes (--concurrency=2)
-BROKER_URL = REDIS_URL.rsplit("/", 1)[0] + "/6"
+BROKER_SLOT = 6  # the broker_url fixture: this module's broker, on each kind
 # Short limits so that the lease (time limit + LEASE_MARGIN of 60 s) runs out in the test.
 TASK_TIME_LIMIT = 20
 TASK_SOFT_TIME_LIMIT = 15
@@ -121,12 +120,12 @@ def kill_worker(worker: WorkerProcess, smtp_port: int) -> int:
 
 @pytest.mark.reliability
 def test_workers_killed_mid_send_lose_no_email_and_resend_one_per_connection(
-    committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
+    broker_url: str, committed_db: Engine, committed_url: str, sink: SmtpSink, tmp_path: Path
 ) -> None:
     f.queue_plain_emails(committed_db, EMAILS, "kill")
     env = broker_environment(
         committed_url,
-        BROKER_URL,
+        broker_url,
         tmp_path / "var",
         **sink.worker_settings(),
         COMMS_TASK_TIME_LIMIT=str(TASK_TIME_LIMIT),
@@ -134,7 +133,7 @@ def test_workers_killed_mid_send_lose_no_email_and_resend_one_per_connection(
     )
     workers = start_workers(env, tmp_path)
     live = list(workers)
-    app = Celery("operator", broker=BROKER_URL, set_as_current=False)
+    app = Celery("operator", broker=broker_url, set_as_current=False)
     kills: list[tuple[int, int]] = []  # (accepted at the kill, connections open)
     try:
         for _ in range(len(live) * SEND_RUNS_PER_WORKER):
