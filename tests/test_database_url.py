@@ -135,6 +135,9 @@ def test_comms_and_the_worker_work_with_the_url_tools_print(
             [
                 str(BIN / "celery"),
                 *("-A", "comms_tasks", "worker", "--concurrency=1", "--queues=plain-url-test"),
+                # A node name of its own: the session's worker shares this broker (RabbitMQ
+                # refuses a second node of one name: its control queue is exclusive).
+                "--hostname=plain-url@%h",
                 *("--without-mingle", "--without-gossip"),
             ],
             env=env,
