@@ -50,8 +50,8 @@ class ConfigurationError(RuntimeError):
 
 
 def is_rabbitmq_url(url: str) -> bool:
-    """An AMQP URL, as kombu's RabbitMQ transports take them."""
-    return url.split("://", 1)[0] in {"amqp", "amqps", "pyamqp"}
+    """An AMQP URL, as kombu's RabbitMQ transports take them (schemes ignore case)."""
+    return url.split("://", 1)[0].lower() in {"amqp", "amqps", "pyamqp"}
 
 
 class Settings(BaseSettings):

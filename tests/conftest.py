@@ -39,6 +39,7 @@ from comms_tasks import migrate
 from comms_tasks.db import make_engine, reset_engine
 from comms_tasks.models import SCHEMA, Base
 from comms_tasks.settings import get_settings
+from comms_tasks.settings import is_rabbitmq_url as is_rabbitmq
 from tests.smtp import smtp_sink  # noqa: F401  (the plain SMTP server fixture, for every test)
 
 if TYPE_CHECKING:
@@ -226,10 +227,6 @@ def domain_db(committed_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
 
 
 # --- Brokers and Celery ------------------------------------------------------------
-
-
-def is_rabbitmq(url: str) -> bool:
-    return url.split("://", 1)[0] in {"amqp", "amqps", "pyamqp"}
 
 
 def broker_url_of(kind: str, slot: int) -> str:

@@ -84,3 +84,18 @@ def test_confirmed_events_are_published_once_each(
 
     assert sorted(str(body["event_id"]) for body in drain(rabbitmq_events, queue)) == sorted(events)
     assert published(committed_db) == 4
+
+
+def test_an_amqp_url_in_capitals_is_confirmed_too(
+    rabbitmq_events: str, committed_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """URL schemes are case-insensitive, and kombu takes ``AMQP://`` to RabbitMQ."""
+    monkeypatch.setenv("COMMS_EVENTS_BROKER_URL", "AMQP" + rabbitmq_events[len("amqp") :])
+    get_settings.cache_clear()
+    refusing_queue(rabbitmq_events)
+    record_queued_events(3)
+
+    report = relay_outbox()
+
+    assert report["published"] == 0, report
+    assert published(committed_db) == 0
