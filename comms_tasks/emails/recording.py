@@ -48,6 +48,7 @@ class ResultRecorder:
         self._results: queue.Queue[tuple[SendResult, dt.datetime] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._record_each, name="send-results")
+        self._finished = threading.Event()
 
     def __enter__(self) -> ResultRecorder:
         self._thread.start()
@@ -55,7 +56,21 @@ class ResultRecorder:
 
     def __exit__(self, exc_type: object, *_exc: object) -> None:
         self._results.put(_DONE)
+        interrupted: BaseException | None = None
+        while True:
+            # The soft time limit may strike while the last result is being committed:
+            # wait for it all the same (the hard limit is the backstop), then go on
+            # with the interruption, so that nothing accepted is released unrecorded.
+            # An event, not Thread.join: a join interrupted once returns at once after
+            # (CPython marks the thread stopped, bpo-45274).
+            try:
+                self._finished.wait()
+                break
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                interrupted = exc
         self._thread.join()
+        if interrupted is not None:
+            raise interrupted
         if exc_type is None:
             self._raise_if_failed()
 
@@ -73,6 +88,12 @@ class ResultRecorder:
             raise RecordingFailedError(f"a send result was not recorded: {self._error}")
 
     def _record_each(self) -> None:
+        try:
+            self._record_until_done()
+        finally:
+            self._finished.set()
+
+    def _record_until_done(self) -> None:
         while True:
             item = self._results.get()
             try:

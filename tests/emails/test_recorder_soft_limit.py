@@ -1,0 +1,86 @@
+"""A soft time limit while the recorder's last commit is under way loses nothing.
+
+``ResultRecorder`` waits, however its block ends, until every result handed over is
+committed. Here the soft time limit (raised as billiard raises it, from a timer signal in
+the main thread) strikes while the last result's commit is slowed down: before the fix
+the block was left at once, send_email released the accepted message to ``queued`` while
+the recorder thread still ran, and it was sent again. Fault injection: the recorder's
+commit is slowed and the limit's signal timed, in this process (no worker needed).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from billiard.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from comms_tasks.emails import recording
+from comms_tasks.emails.tasks import send_email
+from comms_tasks.models import Email, EmailStatus
+from comms_tasks.settings import get_settings
+from tests import factories as f
+from tests.smtp import SmtpSink
+
+
+@pytest.fixture
+def smtp(committed_db: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
+    sink = SmtpSink()
+    sink.start()
+    monkeypatch.setenv("COMMS_MAIL_BACKEND", "smtp")
+    monkeypatch.setenv("COMMS_SMTP_HOST", sink.host)
+    monkeypatch.setenv("COMMS_SMTP_PORT", str(sink.port))
+    monkeypatch.setenv("COMMS_SMTP_SECURITY", "none")
+    monkeypatch.setenv("COMMS_SMTP_TIMEOUT", "5")
+    get_settings.cache_clear()
+    yield sink
+    sink.stop()
+    get_settings.cache_clear()
+
+
+def test_soft_limit_during_the_final_join(
+    committed_db: Engine, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f.queue_plain_emails(committed_db, 2, "join")
+    last = 2
+    real_record = recording.ResultRecorder._record
+    real_add = recording.ResultRecorder.add
+
+    def slow_record(self, item):  # the connection checkout / round trips of the last one
+        if item[0].email_id == last:
+            time.sleep(1.0)
+        return real_record(self, item)
+
+    def add(self, result):
+        real_add(self, result)
+        if result.email_id == last:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)  # the soft limit, as billiard raises it
+
+    def soft_limit(*_: object) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(recording.ResultRecorder, "_record", slow_record)
+    monkeypatch.setattr(recording.ResultRecorder, "add", add)
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            send_email()
+        # enumerate(), not is_alive(): an interrupted join marks the thread stopped
+        # (CPython bpo-45274) although it is still running.
+        alive = [t.name for t in threading.enumerate() if t.name == "send-results"]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(2)  # the late recorder has run by now
+    with Session(committed_db) as session:
+        statuses = {e.id: e.status for e in session.scalars(select(Email))}
+    assert len(smtp.accepted) == 2
+    assert alive == [], "send_email raised while its recorder thread was still recording"
+    assert statuses == {1: EmailStatus.SENT, 2: EmailStatus.SENT}, (
+        f"both accepted by the server, but {statuses}"
+    )
