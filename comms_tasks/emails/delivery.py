@@ -164,6 +164,12 @@ def lease_duration(settings: Settings) -> dt.timedelta:
     return dt.timedelta(seconds=settings.task_time_limit) + LEASE_MARGIN
 
 
+def lease_of_claim(claimed_at: dt.datetime, settings: Settings) -> dt.datetime:
+    """The lease a claim made at ``claimed_at`` writes on its emails: also what tells the
+    claim from a later one of the same email (after this lease ran out)."""
+    return claimed_at + lease_duration(settings)
+
+
 def _due(now: dt.datetime) -> object:
     return or_(
         (Email.status == EmailStatus.QUEUED)
@@ -208,7 +214,7 @@ def claim_due(
             set_aside["failed"] = set_aside.get("failed", 0) + 1
             continue
         email.status = EmailStatus.SENDING
-        email.lease_expires_at = now + lease_duration(settings)
+        email.lease_expires_at = lease_of_claim(now, settings)
         claimed.append(email)
     return claimed
 
@@ -279,12 +285,16 @@ class Recorded:
 
 
 def record_results(
-    session: Session, results: Sequence[tuple[SendResult, dt.datetime]], rng: random.Random
+    session: Session,
+    results: Sequence[tuple[SendResult, dt.datetime]],
+    rng: random.Random,
+    lease: dt.datetime | None = None,
 ) -> list[Recorded]:
     """Store several sends' results (each with when it came) at once.
 
-    Emails no longer ours are skipped: our lease ran out and another send claimed them,
-    or an operator cancelled them.
+    Emails no longer ours are skipped: an operator cancelled them, or, given the claim's
+    ``lease`` (:func:`lease_of_claim`), our lease ran out and another send claimed them
+    (a worker paused past its lease must not overwrite the new claim's result).
     """
     if not results:
         return []
@@ -301,9 +311,15 @@ def record_results(
     recorded = []
     for result, at in results:
         email = emails.get(result.email_id)
-        if email is not None and email.status is EmailStatus.SENDING:
+        if email is not None and _still_ours(email, lease):
             recorded.append(_record(session, email, result, at, rng))
     return recorded
+
+
+def _still_ours(email: Email, lease: dt.datetime | None) -> bool:
+    return email.status is EmailStatus.SENDING and (
+        lease is None or email.lease_expires_at == lease
+    )
 
 
 def _record(
@@ -336,14 +352,23 @@ def _record(
     return Recorded(email.id, email.status)
 
 
-def release(session: Session, email_ids: Sequence[int], now: dt.datetime) -> None:
-    """Give claimed emails back at once (the task stops before sending them)."""
-    session.execute(
+def release(
+    session: Session,
+    email_ids: Sequence[int],
+    now: dt.datetime,
+    lease: dt.datetime | None = None,
+) -> None:
+    """Give claimed emails back at once (the task stops before sending them); given the
+    claim's ``lease``, only those still under it (not claimed again since)."""
+    statement = (
         update(Email)
         .where(Email.id.in_(email_ids))
         .where(Email.status == EmailStatus.SENDING)
         .values(status=EmailStatus.QUEUED, lease_expires_at=None, next_attempt_at=now)
     )
+    if lease is not None:
+        statement = statement.where(Email.lease_expires_at == lease)
+    session.execute(statement)
 
 
 def retry_now(session: Session, email: Email, now: dt.datetime) -> None:

@@ -41,8 +41,15 @@ class ResultRecorder:
     ``unrecorded`` and ``counts`` are read once the block is left.
     """
 
-    def __init__(self, email_ids: Iterable[int], counts: dict[str, int], rng: random.Random):
+    def __init__(
+        self,
+        email_ids: Iterable[int],
+        counts: dict[str, int],
+        rng: random.Random,
+        lease: dt.datetime | None = None,
+    ):
         self.unrecorded = set(email_ids)
+        self.lease = lease  # the claim's (delivery.lease_of_claim): only its emails
         self.counts = counts
         self._rng = rng
         self._results: queue.Queue[tuple[SendResult, dt.datetime] | None] = queue.Queue()
@@ -109,7 +116,7 @@ class ResultRecorder:
     def _record(self, item: tuple[SendResult, dt.datetime]) -> None:
         with transaction() as session:
             commit_without_flush_wait(session)
-            recorded = delivery.record_results(session, [item], self._rng)
+            recorded = delivery.record_results(session, [item], self._rng, self.lease)
         self.unrecorded.discard(item[0].email_id)
         for each in recorded:
             self.counts[each.status.value] = self.counts.get(each.status.value, 0) + 1

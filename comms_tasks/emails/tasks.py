@@ -55,10 +55,12 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
     helpers_started = helper or email_id is not None
     while time.monotonic() < deadline:
         set_aside: dict[str, int] = {}
+        claimed_at = utcnow()
         with transaction() as session:
             messages = delivery.prepare_batch(
-                session, utcnow(), EMAILS_PER_CLAIM, settings, email_id, set_aside
+                session, claimed_at, EMAILS_PER_CLAIM, settings, email_id, set_aside
             )
+        lease = delivery.lease_of_claim(claimed_at, settings)
         for outcome, count in set_aside.items():
             counts[outcome] = counts.get(outcome, 0) + count
         if not messages:
@@ -72,7 +74,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
             helpers_started = True
         # Each result is committed while the next message goes out; no message is
         # accepted by the server before the result before it is recorded.
-        results = ResultRecorder([message.email_id for message in messages], counts, rng)
+        results = ResultRecorder([message.email_id for message in messages], counts, rng, lease)
         before_handover = functools.partial(_recorded_and_in_time, results, deadline)
         try:
             with results:
@@ -82,7 +84,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
         except (SoftTimeLimitExceeded, _TimeBudgetSpentError) as stopped:
             # What was sent is recorded; what was not goes back to the queue at once.
             with transaction() as session:
-                delivery.release(session, sorted(results.unrecorded), utcnow())
+                delivery.release(session, sorted(results.unrecorded), utcnow(), lease)
             if isinstance(stopped, SoftTimeLimitExceeded):
                 raise
             break
