@@ -324,7 +324,10 @@ def _transmit(
     raise what ``sendmail`` raises, after a RSET (unless the server closed, 421).
     """
     connection.ehlo_or_helo_if_needed()
-    code, reply = connection.mail(sender)
+    # As sendmail: the size declared when the server takes it (RFC 1870), so that a relay
+    # with a limit refuses a message too big at MAIL, before its body crosses.
+    size = [f"SIZE={len(content)}"] if connection.has_extn("size") else []
+    code, reply = connection.mail(sender, size)
     if code != 250:
         _reset(connection, code)
         raise smtplib.SMTPSenderRefused(code, reply, sender)
