@@ -3,11 +3,18 @@ as another service would."""
 
 from __future__ import annotations
 
+import time
+
+from celery import Celery
 from kombu import Connection, Consumer, Queue
+from sqlalchemy import Engine
 
 from comms_tasks.contracts.published import EmailQueuedPayload
 from comms_tasks.db import transaction
 from comms_tasks.events.outbox import events_exchange, record_event
+from comms_tasks.models import OutboxEvent
+from comms_tasks.task_names import RELAY_OUTBOX
+from tests.conftest import count_rows, wait_for
 
 
 def record_queued_events(count: int, first_email_id: int = 1) -> list[str]:
@@ -46,3 +53,16 @@ def drain(url: str, queue: Queue, idle_seconds: float = 1) -> list[dict[str, obj
                 except TimeoutError:
                     break
     return received
+
+
+def relay_until_published(engine: Engine, sender: Celery, timeout: float = 90) -> None:
+    """Send ``comms.relay_outbox`` as beat would, once a second, until no event is pending."""
+
+    def relayed() -> bool:
+        if count_rows(engine, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
+            return True
+        sender.send_task(RELAY_OUTBOX)
+        time.sleep(1)
+        return False
+
+    wait_for(relayed, timeout=timeout)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -23,24 +22,8 @@ from sqlalchemy.orm import Session
 from comms_tasks.emails import recording
 from comms_tasks.emails.tasks import send_email
 from comms_tasks.models import Email, EmailStatus
-from comms_tasks.settings import get_settings
 from tests import factories as f
 from tests.smtp import SmtpSink
-
-
-@pytest.fixture
-def smtp(committed_db: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpSink]:
-    sink = SmtpSink()
-    sink.start()
-    monkeypatch.setenv("COMMS_MAIL_BACKEND", "smtp")
-    monkeypatch.setenv("COMMS_SMTP_HOST", sink.host)
-    monkeypatch.setenv("COMMS_SMTP_PORT", str(sink.port))
-    monkeypatch.setenv("COMMS_SMTP_SECURITY", "none")
-    monkeypatch.setenv("COMMS_SMTP_TIMEOUT", "5")
-    get_settings.cache_clear()
-    yield sink
-    sink.stop()
-    get_settings.cache_clear()
 
 
 def test_soft_limit_during_the_final_join(

@@ -35,10 +35,9 @@ from comms_tasks.models import (
 )
 from comms_tasks.task_names import HANDLE_MATCHING_EVENT as MATCHING
 from comms_tasks.task_names import HANDLE_THERAPIST_EVENT as THERAPIST
-from comms_tasks.task_names import RELAY_OUTBOX
 from tests import factories as f
 from tests.conftest import WorkerProcess, count_rows, other_service, worker_environment
-from tests.event_queue import bind_queue, drain, record_queued_events
+from tests.event_queue import bind_queue, drain, record_queued_events, relay_until_published
 from tests.servers import PrivateRabbitMQ
 
 pytestmark = pytest.mark.reliability
@@ -158,14 +157,7 @@ def test_rabbitmq_restart_mid_pipeline(
             worker.wait_for(lambda: settled(late["event_id"]), timeout=TIMEOUT)
             drained_seconds = time.monotonic() - restarted - SETTLED_SECONDS
 
-            def relayed() -> bool:
-                if count_rows(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
-                    return True
-                late_sender.send_task(RELAY_OUTBOX)
-                time.sleep(1)
-                return False
-
-            worker.wait_for(relayed, timeout=TIMEOUT)
+            relay_until_published(committed_db, late_sender, timeout=TIMEOUT)
         finally:
             late_sender.close()
         time.sleep(2)  # a late redelivery would be applied (or not) by now

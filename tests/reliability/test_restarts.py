@@ -25,7 +25,7 @@ from comms_tasks.db import make_engine
 from comms_tasks.models import DeadLetter, OutboxEvent, ProcessedMessage, Therapist
 from tests import factories as f
 from tests.conftest import WorkerProcess, count_rows, other_service, worker_environment
-from tests.event_queue import bind_queue, drain, record_queued_events
+from tests.event_queue import bind_queue, drain, record_queued_events, relay_until_published
 from tests.reliability.servers import PrivatePostgres
 from tests.servers import PrivateRedis
 
@@ -96,14 +96,7 @@ def test_redis_restart_mid_pipeline(
 
         queue = bind_queue(private_redis.url, "restart-consumer")
 
-        def relayed() -> bool:
-            if count_rows(committed_db, OutboxEvent, OutboxEvent.published_at.is_(None)) == 0:
-                return True
-            sender.send_task(RELAY)
-            time.sleep(1)
-            return False
-
-        worker.wait_for(relayed, timeout=TIMEOUT)
+        relay_until_published(committed_db, sender, timeout=TIMEOUT)
         received = drain(private_redis.url, queue, idle_seconds=2)
 
         applied = count_rows(committed_db, ProcessedMessage)
