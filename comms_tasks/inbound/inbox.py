@@ -278,9 +278,14 @@ def _already_processed(message_id: str) -> bool:
 
 
 def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
+    # Imported here: the worker's delivery count builds on this module.
+    from comms_tasks.worker.deliveries import forget_on_commit
+
     message_id = message_id_of(message)
     try:
         with transaction() as session:
+            # The run's delivery count goes with this transaction, applied or duplicate.
+            forget_on_commit(session)
             if session.get(ProcessedMessage, message_id) is not None:
                 return Outcome("duplicate", message_id)
             # Written first: a concurrent worker applying the same message waits on this
