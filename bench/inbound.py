@@ -48,7 +48,7 @@ from rich import table as rich_table
 from sqlalchemy import Engine, create_engine, func, select
 
 from bench import run as bench_run
-from bench.memory import StagePeak
+from bench.memory import StagePeak, children
 from bench.seed import Size, fresh_database, read_model_rows, seed
 from comms_tasks.models import DeadLetter, ProcessedMessage
 from comms_tasks.models.base import utcnow
@@ -229,6 +229,18 @@ def environment(database_url: str, broker_url: str, **extra: str) -> dict[str, s
     return env
 
 
+def cpu_seconds(main_pid: int) -> float:
+    """User and system CPU time of a worker's pool processes so far (``/proc/<pid>/stat``)."""
+    total = 0
+    for pid in children(main_pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def worker(app: str, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with bench_run.process(worker_command(app), log, env) as child:
@@ -267,12 +279,15 @@ class Stage:
         def finished() -> bool:
             return times.exists() and len(times.read_text().split()) >= 2
 
-        with worker("bench.noop_app", env, self.log("noop")):
+        with worker("bench.noop_app", env, self.log("noop")) as child:
+            cpu = cpu_seconds(child.pid)
             bench_run.wait_until(finished, f"the no-op worker on {self.broker}")
+            cpu = cpu_seconds(child.pid) - cpu
         first, last = (float(value) for value in times.read_text().split()[:2])
         return {
             "seconds": last - first,
             "events_per_second": (len(self.batch) - 1) / (last - first),
+            "pool_cpu_ms_per_event": 1000 * cpu / len(self.batch),
             "publish_seconds": publish_seconds,
         }
 
@@ -288,9 +303,11 @@ class Stage:
         with worker("comms_tasks", env, self.log("service")) as child:
             peak = StagePeak(child.pid)
             peak.start()
+            cpu = cpu_seconds(child.pid)
             bench_run.wait_until(
                 lambda: self.applied() >= expected, f"the inbound events on {self.broker}"
             )
+            cpu = cpu_seconds(child.pid) - cpu
             memory = peak.stop()
         with self.engine.connect() as connection:
             first, last = connection.execute(
@@ -309,6 +326,8 @@ class Stage:
         return {
             "seconds": seconds,
             "events_per_second": (expected - 1) / seconds,
+            # Less moved by a busy machine than the rate: the pool process's own work.
+            "pool_cpu_ms_per_event": 1000 * cpu / expected,
             "publish_seconds": publish_seconds,
             "peak_rss_mb": memory,
         }
@@ -340,6 +359,7 @@ def on_broker(
         **service,
         "baseline_events_per_second": best["events_per_second"],
         "baseline_events_per_second_each": [run["events_per_second"] for run in tries],
+        "baseline_pool_cpu_ms_per_event": min(run["pool_cpu_ms_per_event"] for run in tries),
         "ratio": ratio,
         **bench_run.verdict(ratio, TARGET, AIM, higher_is_better=True),
     }
