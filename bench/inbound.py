@@ -24,7 +24,7 @@ Each rate counts the intervals between the first and the last message (``events 
 
 Redis is a private ``redis-server``; RabbitMQ is the machine's node (``BENCH_RABBITMQ``,
 default ``127.0.0.1:5672`` guest/guest), on a vhost the stage adds with ``rabbitmqctl``
-and deletes when it is done.
+(default queue type quorum, as a deployment's) and deletes when it is done.
 """
 
 from __future__ import annotations
@@ -197,7 +197,9 @@ def _rabbitmqctl(*arguments: str) -> None:
 def rabbitmq_vhost() -> Iterator[str]:
     """A vhost of the stage's own on the machine's RabbitMQ node, deleted afterwards."""
     vhost = f"comms-bench-{os.getpid()}"
-    _rabbitmqctl("add_vhost", vhost)
+    # Quorum the vhost's default queue type, as docs/operations.md asks of a deployment:
+    # other services declare the task queue with Celery's defaults.
+    _rabbitmqctl("add_vhost", vhost, "--default-queue-type", "quorum")
     try:
         _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         yield f"{RABBITMQ.rstrip('/')}/{vhost}"
