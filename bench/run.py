@@ -60,6 +60,7 @@ from rich.console import Console
 from sqlalchemy import Engine, Table, create_engine, func, insert, select, text
 from sqlalchemy.orm import Session
 
+from bench import inbound as bench_inbound
 from bench import mailbox as bench_mailbox
 from bench.memory import StagePeak
 from bench.seed import Size, fresh_database, read_model_rows, seed
@@ -718,6 +719,7 @@ def build_report(
     baseline_parsing: dict[str, Any],
     sink: dict[str, Any],
     postgres_version: str,
+    inbound: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report: judged on the like-for-like shape, the scale-out figures beside it.
 
@@ -766,6 +768,7 @@ def build_report(
             for stage in ("batching", "sending")
         },
         **{f"scheduling_{run['unanswered_emails']}": run["peak_rss_mb"] for run in runs},
+        **(bench_inbound.peaks(inbound) if inbound is not None else {}),
     }
     highest = max(mb for stage in peaks.values() for mb in stage.values())
     memory = {
@@ -775,6 +778,8 @@ def build_report(
     }
     judged = size.name == "full"
     met = all(part["met"] for part in (batching, sending, mailbox, scheduling, memory))
+    if inbound is not None:
+        met = met and inbound["met"]
 
     def describe(shape: Shape) -> str:
         return (
@@ -799,6 +804,7 @@ def build_report(
         "sending": sending,
         "mailbox": mailbox,
         "scheduling": scheduling,
+        **({"inbound": inbound} if inbound is not None else {}),
         "memory": memory,
         "sink": sink,
     }
@@ -889,6 +895,8 @@ def print_table(report: dict[str, Any], console: Console) -> None:
         scheduling["target"],
         mark(scheduling),
     )
+    for *cells, part in bench_inbound.table_rows(report["inbound"]) if "inbound" in report else []:
+        grid.add_row(*cells, mark(part))
     grid.add_row(
         "memory",
         f"{memory['highest_mb']:.0f} MB peak",
@@ -1018,6 +1026,7 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
         expected = 4 * size.emails + 2 * BASELINE_REPEATS * int(baseline_sending["emails"])
         if sink["messages"] < expected:
             raise BenchError(f"the sink accepted {sink['messages']} messages, expected {expected}")
+        inbound = bench_inbound.run_stage(size, postgres, console)
         return build_report(
             size,
             like_for_like,
@@ -1028,6 +1037,7 @@ def run(size: Size, postgres: str, console: Console) -> dict[str, Any]:
             baseline_parsing,
             sink,
             postgres_version,
+            inbound,
         )
     finally:
         service.dispose()
@@ -1045,24 +1055,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help="default: var/bench/report-<size>.json")
     parser.add_argument(
         "--stage",
-        choices=("all", "send"),
+        choices=("all", "send", "inbound"),
         default="all",
-        help="send: the sending stage alone (report-<size>-send.json)",
+        help="send or inbound: that stage alone (report-<size>-<stage>.json)",
     )
     args = parser.parse_args(argv)
     console = Console()
     size = SIZES[args.size]
     if args.stage == "send":
         return main_sending(size, args.postgres.rstrip("/"), args.report, console)
+    alone = args.stage == "inbound"
     try:
-        report = run(size, args.postgres.rstrip("/"), console)
+        if alone:
+            report = bench_inbound.report(size, args.postgres.rstrip("/"), console)
+        else:
+            report = run(size, args.postgres.rstrip("/"), console)
     except BenchError as exc:
         console.print(f"[red]bench failed:[/] {exc}")
         return 2
-    path = args.report or OUT / f"report-{size.name}.json"
+    name = f"report-{size.name}-inbound.json" if alone else f"report-{size.name}.json"
+    path = args.report or OUT / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    print_table(report, console)
+    (bench_inbound.print_table if alone else print_table)(report, console)
     console.print(f"report: {path}")
     if report["judged"] and not report["all_targets_met"]:
         return 1

@@ -8,11 +8,12 @@ the models and migrations name the schema once and work on both.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, text
+from sqlalchemy import Connection, Engine, create_engine, event, insert, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -145,9 +146,50 @@ def reset_engine() -> None:
     _session_factory.cache_clear()
 
 
+_held: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "comms_held_connection", default=None
+)
+
+
+@contextlib.contextmanager
+def one_connection() -> Iterator[None]:
+    """The block's transactions, one after the other, on one connection from the pool.
+
+    A task of a few short transactions (an inbound message: its start count, then the
+    message) checks a connection out, and pings it, once instead of once per
+    transaction. Each :func:`transaction` still commits or rolls back on its own; one
+    opened while another is open, or after the connection was lost, takes a connection of
+    its own from the pool as it would without the block.
+    """
+    try:
+        connection = get_engine().connect()
+    except DBAPIError:
+        # The database is away: each transaction meets the outage itself, as without it.
+        yield
+        return
+    with connection:
+        held = _held.set(connection)
+        try:
+            yield
+        finally:
+            _held.reset(held)
+
+
 def transaction() -> contextlib.AbstractContextManager[Session]:
     """One unit of work: commit on success, roll back on any error; the session is closed."""
-    return _session_factory().begin()
+    connection = _held.get()
+    if connection is None or connection.invalidated or connection.in_transaction():
+        return _session_factory().begin()
+    return _on_connection(connection)
+
+
+@contextlib.contextmanager
+def _on_connection(connection: Connection) -> Iterator[Session]:
+    with Session(bind=connection, expire_on_commit=False) as session, session.begin():
+        # Begun now, not at the first statement: a transaction opened inside this one sees
+        # the connection taken and goes to the pool.
+        session.connection()
+        yield session
 
 
 def commit_without_flush_wait(session: Session) -> None:

@@ -12,11 +12,21 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from bench import inbound as bench_inbound
 from bench import mailbox as bench_mailbox
-from bench.run import LIKE_FOR_LIKE, SCALE_OUT, SIZES, build_report, worker_environment
+from bench.run import (
+    LIKE_FOR_LIKE,
+    SCALE_OUT,
+    SIZES,
+    build_report,
+    verdict,
+    worker_environment,
+)
+from comms_tasks.contracts import validate_event
 from comms_tasks.mail import tokens as reply_tokens
 from comms_tasks.mailbox.classify import MailKind, classify, parse
 from comms_tasks.mailbox.match import keys
+from comms_tasks.models.base import utcnow
 
 PEAK = {"main": 100.0, "pool-1": 120.0}
 MAILBOX = {"messages_per_second": 150.0, "peak_rss_mb": PEAK}
@@ -166,3 +176,76 @@ def test_the_maildir_answers_real_emails_in_the_mix_the_classifier_sees(tmp_path
     assert dict(kinds) == expected
     assert threaded == 200 - 14 - 4  # outlook_ooo_legacy.eml: 2 of every 100
     assert answered == 150 - 20  # gmail_reply.eml: 10 of every 100, from her own address
+
+
+def test_the_inbound_events_are_the_contracts_messages_in_the_mix() -> None:
+    """No broker: the stage sends what other services send, valid against the contracts."""
+    size = SIZES["tiny"]
+    batch = bench_inbound.messages(size, bench_inbound.EVENTS["tiny"], utcnow())
+    kinds = collections.Counter(event["event_type"] for _, event in batch)
+    assert kinds == {
+        "therapist.upserted": 100,
+        "placement_request.created": 150,
+        "placement_request.status_changed": 150,
+        "patient.updated": 100,
+    }
+    assert len({event["event_id"] for _, event in batch}) == len(batch) == 500
+    for task_name, event in batch:
+        validate_event(task_name, event)
+    changed = [event["payload"] for _, event in batch if "new_status" in event["payload"]]
+    # Seeded requests, each changed once; one in five rejected (withdrawn from calls).
+    assert {p["placement_request_id"] for p in changed} == set(range(1, 151))
+    assert sum(p["new_status"] == "rejected" for p in changed) == 30
+    # The full size's 6,000 status changes fit its 50,000 seeded requests.
+    assert bench_inbound.EVENTS["full"] * 3 // 10 <= SIZES["full"].requests
+
+
+def test_the_inbound_target_is_judged_per_broker_against_the_no_op_worker() -> None:
+    def broker(rate: float, baseline: float) -> dict[str, Any]:
+        ratio = rate / baseline
+        return {
+            "events_per_second": rate,
+            "seconds": 20_000 / rate,
+            "baseline_events_per_second": baseline,
+            "ratio": ratio,
+            "peak_rss_mb": PEAK,
+            **verdict(ratio, bench_inbound.TARGET, bench_inbound.AIM, higher_is_better=True),
+        }
+
+    inbound = {"events": 20_000, "redis": broker(300.0, 500.0), "rabbitmq": broker(200.0, 500.0)}
+    inbound["met"] = all(inbound[name]["met"] for name in bench_inbound.BROKERS)
+    result = report_with_inbound(inbound)
+    assert result["inbound"]["redis"]["met"] is True
+    assert result["inbound"]["rabbitmq"]["met"] is False
+    assert result["all_targets_met"] is False
+    assert result["memory"]["per_stage_mb"]["inbound_rabbitmq"] == PEAK
+    rows = bench_inbound.table_rows(result["inbound"])
+    assert [row[0] for row in rows] == ["inbound, redis", "inbound, rabbitmq"]
+    assert rows[0][3] == "0.60x the rate"
+
+
+def report_with_inbound(inbound: dict[str, Any]) -> dict[str, Any]:
+    like_for_like = {"mailbox": MAILBOX, **stages(25.0, 90.0)}
+    runs = [
+        {"unanswered_emails": 1_000, "seconds": 1.0, "peak_rss_mb": PEAK},
+        {"unanswered_emails": 10_000, "seconds": 10.0, "peak_rss_mb": PEAK},
+    ]
+    baseline_sending = {
+        "emails": 10_000,
+        "send_message_per_second": 100.0,
+        "send_message_each": [100.0],
+        "sendmail_per_second": 200.0,
+        "sendmail_each": [200.0],
+    }
+    return build_report(
+        SIZES["full"],
+        like_for_like,
+        stages(15.0, 160.0),
+        runs,
+        [10.0],
+        baseline_sending,
+        PARSING,
+        {},
+        "15",
+        inbound,
+    )

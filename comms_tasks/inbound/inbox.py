@@ -277,16 +277,33 @@ def _already_processed(message_id: str) -> bool:
         )
 
 
+def _claim(session: Session, message_id: str, task_name: str) -> bool:
+    """Insert the message's ``processed_messages`` row; False if it is there already."""
+    dialect = session.get_bind().dialect.name
+    insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    statement = (
+        insert(ProcessedMessage)
+        .values(message_id=message_id, task_name=task_name, processed_at=utcnow())
+        .on_conflict_do_nothing(index_elements=[ProcessedMessage.message_id])
+        .returning(ProcessedMessage.message_id)
+    )
+    return session.execute(statement).first() is not None
+
+
 def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
+    # Imported here: the worker's delivery count builds on this module.
+    from comms_tasks.worker.deliveries import forget_on_commit
+
     message_id = message_id_of(message)
     try:
         with transaction() as session:
-            if session.get(ProcessedMessage, message_id) is not None:
+            # The run's delivery count goes with this transaction, applied or duplicate.
+            forget_on_commit(session)
+            # Written first, in one statement that also tells a message applied before: a
+            # concurrent worker applying the same message waits on this key, then finds
+            # it taken (or, had the first rolled back, takes it), so only one applies.
+            if not _claim(session, message_id, task_name):
                 return Outcome("duplicate", message_id)
-            # Written first: a concurrent worker applying the same message waits on this
-            # key and then fails, so only one of them commits.
-            session.add(ProcessedMessage(message_id=message_id, task_name=task_name))
-            session.flush()
             apply(session, message)
     except IntegrityError:
         if _already_processed(message_id):

@@ -21,6 +21,8 @@ it becomes a dead letter ("killed its worker process 3 times"), replayable in ``
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import logging
 from typing import Any
 
@@ -30,6 +32,7 @@ from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from comms_tasks.inbound.inbox import loggable_id
 from comms_tasks.models import TaskDelivery
@@ -76,6 +79,39 @@ def forget(task_id: str) -> None:
         session.execute(delete(TaskDelivery).where(TaskDelivery.task_id == task_id[:MAX_TASK_ID]))
 
 
+@dataclasses.dataclass
+class _Start:
+    """The counted start of the run in progress in this process."""
+
+    task_id: str
+    forgotten: bool = False
+
+
+_running: contextvars.ContextVar[_Start | None] = contextvars.ContextVar(
+    "comms_counted_start", default=None
+)
+
+
+def forget_on_commit(session: Session) -> None:
+    """Remove the running task's starts in ``session``'s transaction, with its work.
+
+    For a task whose work is one transaction (an inbound message): the starts go when the
+    work commits, and the run spares the transaction of its own :func:`forget`. Should the
+    transaction roll back, the run forgets its starts as any other does.
+    """
+    start = _running.get()
+    if start is None or start.forgotten:
+        return
+    from comms_tasks.db import after_commit
+
+    session.execute(delete(TaskDelivery).where(TaskDelivery.task_id == start.task_id[:MAX_TASK_ID]))
+
+    def forgotten() -> None:
+        start.forgotten = True
+
+    after_commit(session, forgotten)
+
+
 def killer_reason(crashes: int) -> str:
     return f"killed its worker process {crashes} times: not run again"
 
@@ -107,7 +143,16 @@ class CountedTask(Task):
             # The tracer pushed this run's request already; Task.__call__ would push a
             # bare one over it (no id, no retries).
             return self.run(*args, **kwargs)
-        task_id, retries = request.id, int(request.retries or 0)
+        from comms_tasks.db import one_connection
+        from comms_tasks.privacy.task_reprs import INBOUND_TASK_NAMES
+
+        # An inbound message is two short transactions (its count, then the message).
+        if self.name in INBOUND_TASK_NAMES:
+            with one_connection():
+                return self._counted_run(request.id, int(request.retries or 0), args, kwargs)
+        return self._counted_run(request.id, int(request.retries or 0), args, kwargs)
+
+    def _counted_run(self, task_id: str, retries: int, args: Any, kwargs: Any) -> Any:
         try:
             starts = count_start(self.name, task_id, retries)
         except SQLAlchemyError as exc:
@@ -127,10 +172,14 @@ class CountedTask(Task):
                 raise Reject(f"no dead letter stored: {type(exc).__name__}", requeue=True) from None
             self._forget(task_id)
             return outcome
+        start = _Start(task_id)
+        running = _running.set(start)
         try:
             return self.run(*args, **kwargs)
         finally:
-            self._forget(task_id)
+            _running.reset(running)
+            if not start.forgotten:
+                self._forget(task_id)
 
     def _forget(self, task_id: str) -> None:
         try:
