@@ -43,6 +43,7 @@ from comms_tasks.inbound import failures
 from comms_tasks.models import DeadLetter, DeadLetterStatus, ProcessedMessage
 from comms_tasks.models.base import utcnow
 from comms_tasks.models.messaging import PENDING_UNREDACTED
+from comms_tasks.task_starts import forget_on_commit
 
 log = logging.getLogger(__name__)
 # What the dead letters' task_name column holds.
@@ -291,9 +292,6 @@ def _claim(session: Session, message_id: str, task_name: str) -> bool:
 
 
 def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
-    # Imported here: the worker's delivery count builds on this module.
-    from comms_tasks.worker.deliveries import forget_on_commit
-
     message_id = message_id_of(message)
     try:
         with transaction() as session:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, selectinload
 from comms_tasks.db import transaction
 from comms_tasks.emails import rechecks
 from comms_tasks.inbound.dead_letters import DEAD_LETTERS_PER_CHUNK, purge_expired_dead_letters
-from comms_tasks.mail.sender import outbox_email_ids, remove_outbox_copy
+from comms_tasks.mail.file_sender import outbox_email_ids, remove_outbox_copy
 from comms_tasks.mailbox.redaction import purge_expired_mail, redact_mail_of_emails
 from comms_tasks.models import (
     Email,

@@ -21,8 +21,6 @@ it becomes a dead letter ("killed its worker process 3 times"), replayable in ``
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 import logging
 from typing import Any
 
@@ -32,19 +30,19 @@ from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
+from comms_tasks import task_starts
 from comms_tasks.inbound.inbox import loggable_id
 from comms_tasks.models import TaskDelivery
 from comms_tasks.models.base import utcnow
+from comms_tasks.task_starts import MAX_TASK_ID
 
 log = logging.getLogger(__name__)
 
 # Unfinished starts after which a message is not run again: one crash may be bad luck
 # (another message exhausted the memory), three on the same message are the message.
 MAX_DELIVERIES = 3
-# What the table's key columns hold; a longer task id (a stranger's) is cut.
-MAX_TASK_ID = 200
+# What the task name column holds (the task id's: task_starts.MAX_TASK_ID).
 MAX_TASK_NAME = 100
 
 
@@ -77,39 +75,6 @@ def forget(task_id: str) -> None:
 
     with transaction() as session:
         session.execute(delete(TaskDelivery).where(TaskDelivery.task_id == task_id[:MAX_TASK_ID]))
-
-
-@dataclasses.dataclass
-class _Start:
-    """The counted start of the run in progress in this process."""
-
-    task_id: str
-    forgotten: bool = False
-
-
-_running: contextvars.ContextVar[_Start | None] = contextvars.ContextVar(
-    "comms_counted_start", default=None
-)
-
-
-def forget_on_commit(session: Session) -> None:
-    """Remove the running task's starts in ``session``'s transaction, with its work.
-
-    For a task whose work is one transaction (an inbound message): the starts go when the
-    work commits, and the run spares the transaction of its own :func:`forget`. Should the
-    transaction roll back, the run forgets its starts as any other does.
-    """
-    start = _running.get()
-    if start is None or start.forgotten:
-        return
-    from comms_tasks.db import after_commit
-
-    session.execute(delete(TaskDelivery).where(TaskDelivery.task_id == start.task_id[:MAX_TASK_ID]))
-
-    def forgotten() -> None:
-        start.forgotten = True
-
-    after_commit(session, forgotten)
 
 
 def killer_reason(crashes: int) -> str:
@@ -172,12 +137,12 @@ class CountedTask(Task):
                 raise Reject(f"no dead letter stored: {type(exc).__name__}", requeue=True) from None
             self._forget(task_id)
             return outcome
-        start = _Start(task_id)
-        running = _running.set(start)
+        start = task_starts.Start(task_id)
+        token = task_starts.running.set(start)
         try:
             return self.run(*args, **kwargs)
         finally:
-            _running.reset(running)
+            task_starts.running.reset(token)
             if not start.forgotten:
                 self._forget(task_id)
 

@@ -22,6 +22,7 @@ FOUNDATION = frozenset(
         "migrate",
         "local_time",
         "task_names",
+        "task_starts",
         "models",
         "contracts",
         "rules",

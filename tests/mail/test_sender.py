@@ -23,10 +23,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from comms_tasks.mail.file_sender import FileSender
 from comms_tasks.mail.message import OutgoingMessage, build_mime, new_message_id
 from comms_tasks.mail.sender import (
     MAX_ERROR_LENGTH,
-    FileSender,
     SendResult,
     SmtpSender,
     StartTlsUnavailableError,
