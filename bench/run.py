@@ -85,11 +85,14 @@ OUT = PROJECT_ROOT / "var" / "bench"
 SIZES = {
     "full": Size("full", therapists=10_000, requests=50_000, calls=(1_000, 10_000)),
     # 100 messages in polls of 40: the bench chains three polls, as at full size.
+    # 2,000 emails: the sending stage in a few minutes, to compare changes back to back.
+    "small": Size("small", therapists=2_000, requests=10_000, calls=(100, 1_000)),
     "tiny": Size("tiny", therapists=40, requests=200, calls=(10, 40), mails=100, mail_batch=40),
 }
 DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432"
-SERVICE_DATABASE = "comms_bench"
-BASELINE_DATABASE = "comms_bench_baseline"
+# BENCH_DATABASE names them otherwise, so that two checkouts can run the bench at once.
+SERVICE_DATABASE = os.environ.get("BENCH_DATABASE", "comms_bench")
+BASELINE_DATABASE = f"{SERVICE_DATABASE}_baseline"
 # Enough operators that every follow-up call fits the horizon: the stage measures
 # booking, not a full call centre (which would end in reminder emails instead).
 CALLS_PER_SLOT = 40

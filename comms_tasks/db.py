@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, text
+from sqlalchemy import Connection, Engine, create_engine, event, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -192,16 +192,45 @@ def _on_connection(connection: Connection) -> Iterator[Session]:
         yield session
 
 
-def commit_without_flush_wait(session: Session) -> None:
-    """This transaction's commit returns before PostgreSQL has flushed it to disk.
+@contextlib.contextmanager
+def session_without_flush_wait() -> Iterator[Session]:
+    """A session on one connection of its own whose commits never wait for the WAL flush.
 
-    The commit is visible at once and survives any client crash; only a crash of the
+    For a thread that commits many small transactions one after the other (a claim's
+    send results): the connection is taken from the pool once, ``synchronous_commit =
+    off`` is set once for it, and each ``with session.begin():`` is one transaction on
+    it. On the way out the setting is reset, so the pool never hands it on; a connection
+    that cannot be reset is dropped.
+
+    A commit is then visible at once and survives any client crash; only a crash of the
     PostgreSQL server within its ``wal_writer_delay`` (200 ms by default) can lose it.
     For writes whose loss is safe to repeat (a send result: the email is sent again).
-    SQLite has no such setting; nothing happens there.
+    SQLite has no such setting; there it is a session on one connection.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit = off"))
+    factory = _session_factory()
+    bind = factory.kw["bind"]
+    if not isinstance(bind, Engine):
+        # Every session already shares one connection (the domain tests' one transaction):
+        # each transaction is one of theirs, the connection's settings left alone.
+        with factory() as session:
+            yield session
+        return
+    with bind.connect() as connection:
+        postgres = connection.dialect.name == "postgresql"
+        if postgres:
+            connection.exec_driver_sql("SET synchronous_commit = off")
+            connection.commit()
+        try:
+            with Session(bind=connection, expire_on_commit=False) as session:
+                yield session
+        finally:
+            if postgres:
+                try:
+                    connection.rollback()
+                    connection.exec_driver_sql("RESET synchronous_commit")
+                    connection.commit()
+                except DBAPIError:
+                    connection.invalidate()
 
 
 AFTER_COMMIT_KEY = "comms_after_commit"

@@ -17,8 +17,9 @@ import dataclasses
 import datetime as dt
 import random
 from collections.abc import Sequence
+from typing import Any, cast
 
-from sqlalchemy import or_, select, text, update
+from sqlalchemy import Table, or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 
 from comms_tasks.contracts.published import EmailFailedPayload, EmailSentPayload
@@ -31,10 +32,11 @@ from comms_tasks.emails.rechecks import (
     therapists_emailed_today,
     why_not_to,
 )
-from comms_tasks.events.outbox import record_event
+from comms_tasks.events.outbox import record_event, record_events
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, Therapist
+from comms_tasks.models.base import utcnow
 from comms_tasks.settings import Settings, get_settings
 
 
@@ -233,16 +235,35 @@ def count_lost_attempt(session: Session, email: Email, now: dt.datetime) -> bool
 
 def fail(session: Session, email: Email, now: dt.datetime) -> None:
     """The email failed for good, for the reason in its ``error_message``."""
-    email.status = EmailStatus.FAILED
-    email.lease_expires_at = None
-    email.next_attempt_at = None
-    record_event(
-        session,
-        EmailFailedPayload(
-            email_id=email.id, therapist_id=email.therapist_id, reason=email.error_message
-        ),
-        occurred_at=now,
-    )
+    for name, value in failed_values().items():
+        setattr(email, name, value)
+    record_event(session, failed_event(email.id, email.therapist_id, email.error_message), now)
+
+
+# What a result changes, as column values: the ORM (fail) and the statements of
+# record_results apply the same ones.
+
+
+def failed_values() -> dict[str, Any]:
+    return {"status": EmailStatus.FAILED, "lease_expires_at": None, "next_attempt_at": None}
+
+
+def failed_event(email_id: int, therapist_id: int, reason: str | None) -> EmailFailedPayload:
+    return EmailFailedPayload(email_id=email_id, therapist_id=therapist_id, reason=reason)
+
+
+def sent_values(now: dt.datetime) -> dict[str, Any]:
+    return {
+        "status": EmailStatus.SENT,
+        "sent_at": now,
+        "lease_expires_at": None,
+        "next_attempt_at": None,
+        "error_message": None,
+    }
+
+
+def retry_values(retry_count: int, now: dt.datetime, rng: random.Random) -> dict[str, Any]:
+    return {"status": EmailStatus.QUEUED, "next_attempt_at": now + retry_delay(retry_count, rng)}
 
 
 def outgoing(session: Session, email: Email, settings: Settings | None = None) -> OutgoingMessage:
@@ -278,6 +299,9 @@ def lock_claims(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
 
 
+EMAILS = cast(Table, Email.__table__)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recorded:
     email_id: int
@@ -294,62 +318,78 @@ def record_results(
 
     Emails no longer ours are skipped: an operator cancelled them, or, given the claim's
     ``lease`` (:func:`lease_of_claim`), our lease ran out and another send claimed them
-    (a worker paused past its lease must not overwrite the new claim's result).
+    (a worker paused past its lease must not overwrite the new claim's result). Written
+    as statements on the rows, without loading them (one ``UPDATE … RETURNING`` and one
+    event ``INSERT`` for a delivered email): the recorder commits one result per
+    transaction, while the connection waits.
     """
-    if not results:
-        return []
-    emails = {
-        email.id: email
-        for email in session.scalars(
-            select(Email)
+    if len(results) > 1:
+        # The rows locked in the order of their ids, as every writer of several does.
+        session.execute(
+            select(Email.id)
             .where(Email.id.in_([result.email_id for result, _ in results]))
-            .options(defer(Email.body_html), defer(Email.body_text))
             .order_by(Email.id)
             .with_for_update()
         )
-    }
     recorded = []
     for result, at in results:
-        email = emails.get(result.email_id)
-        if email is not None and _still_ours(email, lease):
-            recorded.append(_record(session, email, result, at, rng))
+        each = _record(session, result, at, rng, lease)
+        if each is not None:
+            recorded.append(each)
     return recorded
 
 
-def _still_ours(email: Email, lease: dt.datetime | None) -> bool:
-    return email.status is EmailStatus.SENDING and (
-        lease is None or email.lease_expires_at == lease
-    )
-
-
 def _record(
-    session: Session, email: Email, result: SendResult, now: dt.datetime, rng: random.Random
-) -> Recorded:
-    email.lease_expires_at = None
+    session: Session,
+    result: SendResult,
+    now: dt.datetime,
+    rng: random.Random,
+    lease: dt.datetime | None,
+) -> Recorded | None:
+    # Core statements on the table: no ORM objects, no session bookkeeping per result.
+    connection = session.connection()
+    emails = EMAILS.c
+    ours = (emails.id == result.email_id) & (emails.status == EmailStatus.SENDING)
+    if lease is not None:
+        # Still under this claim's lease: not claimed again since (lease_of_claim).
+        ours = ours & (emails.lease_expires_at == lease)
+    # The statements bypass track_activity's hook: each moves the status, so the
+    # retention clock moves with it here.
     if result.delivered:
-        email.status = EmailStatus.SENT
-        email.sent_at = now
-        email.next_attempt_at = None
-        email.error_message = None
-        record_event(
-            session,
-            EmailSentPayload(
-                email_id=email.id,
-                therapist_id=email.therapist_id,
-                message_id=email.message_id,
-                sent_at=now,
-            ),
-            occurred_at=now,
+        sent = connection.execute(
+            update(EMAILS)
+            .where(ours)
+            .values(**sent_values(now), last_activity_at=utcnow())
+            .returning(emails.therapist_id, emails.message_id)
+        ).one_or_none()
+        if sent is None:
+            return None
+        payload = EmailSentPayload(
+            email_id=result.email_id,
+            therapist_id=sent.therapist_id,
+            message_id=sent.message_id,
+            sent_at=now,
         )
-        return Recorded(email.id, email.status)
-    email.error_message = (result.error or "unknown error")[:MAX_ERROR_LENGTH]
-    email.retry_count += 1
-    if result.temporary and email.retry_count < MAX_ATTEMPTS:
-        email.status = EmailStatus.QUEUED
-        email.next_attempt_at = now + retry_delay(email.retry_count, rng)
-        return Recorded(email.id, email.status)
-    fail(session, email, now)
-    return Recorded(email.id, email.status)
+        record_events(session, [payload], now)
+        return Recorded(result.email_id, EmailStatus.SENT)
+    error = (result.error or "unknown error")[:MAX_ERROR_LENGTH]
+    attempted = connection.execute(
+        update(EMAILS)
+        .where(ours)
+        .values(retry_count=emails.retry_count + 1, error_message=error, lease_expires_at=None)
+        .returning(emails.retry_count, emails.therapist_id)
+    ).one_or_none()
+    if attempted is None:
+        return None
+    if result.temporary and attempted.retry_count < MAX_ATTEMPTS:
+        values = retry_values(attempted.retry_count, now, rng)
+    else:
+        values = failed_values()
+        record_events(session, [failed_event(result.email_id, attempted.therapist_id, error)], now)
+    session.execute(
+        update(Email).where(Email.id == result.email_id).values(**values, last_activity_at=utcnow())
+    )
+    return Recorded(result.email_id, values["status"])
 
 
 def release(

@@ -6,21 +6,25 @@ before the server may accept N+1 (the end of its DATA), the sender waits for tha
 per connection is ever accepted by the server and not yet recorded: a worker killed at
 any moment sends at most that one again after the lease.
 
-Each commit does not wait for its WAL flush (``synchronous_commit = off``, see
-:func:`comms_tasks.db.commit_without_flush_wait`): only a crash of PostgreSQL itself can
-lose such a commit, and a lost result leaves its email ``sending`` (or ``queued``, if the
+Each commit does not wait for its WAL flush (``synchronous_commit = off`` on the one
+connection the thread uses for the claim, see
+:func:`comms_tasks.db.session_without_flush_wait`): only a crash of PostgreSQL can lose
+such a commit, and a lost result leaves its email ``sending`` (or ``queued``, if the
 claim is lost too), which is sent again: a duplicate, never a loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import random
 import threading
 from collections.abc import Iterable
 
-from comms_tasks.db import commit_without_flush_wait, transaction
+from sqlalchemy.orm import Session
+
+from comms_tasks.db import session_without_flush_wait
 from comms_tasks.emails import delivery
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models.base import utcnow
@@ -54,6 +58,7 @@ class ResultRecorder:
         self._rng = rng
         self._results: queue.Queue[tuple[SendResult, dt.datetime] | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._session: Session | None = None
         self._thread = threading.Thread(target=self._record_each, name="send-results")
         self._finished = threading.Event()
 
@@ -101,21 +106,24 @@ class ResultRecorder:
             self._finished.set()
 
     def _record_until_done(self) -> None:
-        while True:
-            item = self._results.get()
-            try:
-                if item is _DONE:
-                    return
-                if self._error is None:
-                    self._record(item)
-            except Exception as exc:  # noqa: BLE001 - handed to the sending thread
-                self._error = exc
-            finally:
-                self._results.task_done()
+        # One connection for the whole claim: no pool checkout (and ping) per result.
+        with contextlib.ExitStack() as connection:
+            while True:
+                item = self._results.get()
+                try:
+                    if item is _DONE:
+                        return
+                    if self._error is None:
+                        if self._session is None:
+                            self._session = connection.enter_context(session_without_flush_wait())
+                        self._record(self._session, item)
+                except Exception as exc:  # noqa: BLE001 - handed to the sending thread
+                    self._error = exc
+                finally:
+                    self._results.task_done()
 
-    def _record(self, item: tuple[SendResult, dt.datetime]) -> None:
-        with transaction() as session:
-            commit_without_flush_wait(session)
+    def _record(self, session: Session, item: tuple[SendResult, dt.datetime]) -> None:
+        with session.begin():
             recorded = delivery.record_results(session, [item], self._rng, self.lease)
         self.unrecorded.discard(item[0].email_id)
         for each in recorded:

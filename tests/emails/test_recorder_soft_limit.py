@@ -34,10 +34,10 @@ def test_soft_limit_during_the_final_join(
     real_record = recording.ResultRecorder._record
     real_add = recording.ResultRecorder.add
 
-    def slow_record(self, item):  # the connection checkout / round trips of the last one
+    def slow_record(self, session, item):  # the connection checkout / round trips of the last one
         if item[0].email_id == last:
             time.sleep(1.0)
-        return real_record(self, item)
+        return real_record(self, session, item)
 
     def add(self, result):
         real_add(self, result)
