@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import session_without_flush_wait
-from comms_tasks.emails import delivery
+from comms_tasks.emails import send_results
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models.base import utcnow
 
@@ -124,7 +124,7 @@ class ResultRecorder:
 
     def _record(self, session: Session, item: tuple[SendResult, dt.datetime]) -> None:
         with session.begin():
-            recorded = delivery.record_results(session, [item], self._rng, self.lease)
+            recorded = send_results.record_results(session, [item], self._rng, self.lease)
         self.unrecorded.discard(item[0].email_id)
         for each in recorded:
             self.counts[each.status.value] = self.counts.get(each.status.value, 0) + 1

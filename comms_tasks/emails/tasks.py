@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from comms_tasks.app import app
 from comms_tasks.contracts import received
 from comms_tasks.db import after_commit, transaction
-from comms_tasks.emails import answers, delivery, requested_emails, weekly
+from comms_tasks.emails import answers, delivery, requested_emails, send_results, weekly
 from comms_tasks.emails.recording import ResultRecorder
 from comms_tasks.inbound.runner import inbound_task
 from comms_tasks.mail.sender import sender_from_settings
@@ -84,7 +84,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
         except (SoftTimeLimitExceeded, _TimeBudgetSpentError) as stopped:
             # What was sent is recorded; what was not goes back to the queue at once.
             with transaction() as session:
-                delivery.release(session, sorted(results.unrecorded), utcnow(), lease)
+                send_results.release(session, sorted(results.unrecorded), utcnow(), lease)
             if isinstance(stopped, SoftTimeLimitExceeded):
                 raise
             break

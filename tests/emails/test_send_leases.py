@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
-from comms_tasks.emails import delivery
+from comms_tasks.emails import delivery, send_results
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
@@ -81,7 +81,7 @@ def test_a_lost_attempt_and_a_recorded_one_count_once_each(domain_db: Connection
     assert lost.error_message == delivery.WORKER_LOST
     result = SendResult(email_id=email_id, delivered=False, temporary=True, error="451 later")
     with transaction() as session:
-        [recorded] = delivery.record_results(session, [(result, now)], random.Random(1))
+        [recorded] = send_results.record_results(session, [(result, now)], random.Random(1))
     assert recorded.status is EmailStatus.QUEUED
     assert the_email(domain_db).retry_count == 2
     # Claimed again in time and delivered: no further count, the reason is cleared.
@@ -90,7 +90,9 @@ def test_a_lost_attempt_and_a_recorded_one_count_once_each(domain_db: Connection
     assert claim(waiting.next_attempt_at) == [email_id]
     delivered = SendResult(email_id=email_id, delivered=True)
     with transaction() as session:
-        delivery.record_results(session, [(delivered, waiting.next_attempt_at)], random.Random(1))
+        send_results.record_results(
+            session, [(delivered, waiting.next_attempt_at)], random.Random(1)
+        )
     sent = the_email(domain_db)
     assert sent.status is EmailStatus.SENT
     assert sent.retry_count == 2

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
-from comms_tasks.emails import delivery
+from comms_tasks.emails import delivery, send_results
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus
 from comms_tasks.settings import get_settings
@@ -30,11 +30,13 @@ def claim(now: dt.datetime) -> list[int]:
     return [m.email_id for m in messages]
 
 
-def record(result: SendResult, at: dt.datetime, claimed_at: dt.datetime) -> list[delivery.Recorded]:
+def record(
+    result: SendResult, at: dt.datetime, claimed_at: dt.datetime
+) -> list[send_results.Recorded]:
     """As send_email records it: with the lease of the claim that sent it."""
     lease = delivery.lease_of_claim(claimed_at, get_settings())
     with transaction() as session:
-        return delivery.record_results(session, [(result, at)], random.Random(1), lease)
+        return send_results.record_results(session, [(result, at)], random.Random(1), lease)
 
 
 def test_stale_worker_result_does_not_override_the_new_claim(domain_db: Connection) -> None:
@@ -67,7 +69,7 @@ def test_stale_worker_release_does_not_requeue_the_new_claim(domain_db: Connecti
     [email_id] = claim(now)  # worker A
     assert claim(now + lease) == [email_id]  # worker B, A's lease ran out
     with transaction() as session:  # A stops and releases what it thinks is its
-        delivery.release(
+        send_results.release(
             session, [email_id], now + lease, delivery.lease_of_claim(now, get_settings())
         )
     # B is still sending it; nobody else may claim it.

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.db import transaction
-from comms_tasks.emails import delivery, rechecks
+from comms_tasks.emails import delivery, rechecks, send_results
 from comms_tasks.emails.tasks import send_email
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.mail.message import OutgoingMessage
@@ -47,11 +47,11 @@ def claim() -> list[OutgoingMessage]:
         return delivery.prepare_batch(session, utcnow(), 100, get_settings())
 
 
-def send_and_record(messages: list[OutgoingMessage]) -> list[delivery.Recorded]:
+def send_and_record(messages: list[OutgoingMessage]) -> list[send_results.Recorded]:
     """What the worker does next, with the messages it built before the erasure."""
     results = [(result, utcnow()) for result in sender_from_settings(get_settings()).send(messages)]
     with transaction() as session:
-        return delivery.record_results(session, results, random.Random(1))
+        return send_results.record_results(session, results, random.Random(1))
 
 
 def text_of(sink: SmtpSink, index: int = -1) -> str:
@@ -106,7 +106,7 @@ def test_an_email_on_the_wire_at_erasure_is_recorded_sent_and_redacted(
     assert during.body_text == rechecks.REDACTED_TEXT
     assert during.body_redacted_at is not None
 
-    assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.SENT)]
+    assert send_and_record(messages) == [send_results.Recorded(email_id, EmailStatus.SENT)]
     # What is true: the worker's message, built before the erasure, went out.
     assert f"{MARKER}-{ERASED}" in text_of(smtp)
     sent = load(committed_db, email_id)
@@ -126,7 +126,7 @@ def test_an_email_on_the_wire_at_erasure_that_comes_back_goes_out_without_the_pa
     messages = claim()
     erase()
     smtp.script("451 4.3.0 Try again later")
-    assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.QUEUED)]
+    assert send_and_record(messages) == [send_results.Recorded(email_id, EmailStatus.QUEUED)]
     waiting = load(committed_db, email_id)
     assert waiting.retry_count == 1
     assert waiting.body_text == rechecks.REDACTED_TEXT
@@ -155,7 +155,7 @@ def test_an_email_on_the_wire_at_erasure_of_its_only_patient_is_cancelled_if_it_
     messages = claim()
     erase()
     smtp.script("451 4.3.0 Try again later")
-    assert send_and_record(messages) == [delivery.Recorded(email_id, EmailStatus.QUEUED)]
+    assert send_and_record(messages) == [send_results.Recorded(email_id, EmailStatus.QUEUED)]
     assert send_email(email_id) == {"cancelled": 1}
     cancelled = load(committed_db, email_id)
     assert cancelled.status is EmailStatus.CANCELLED

@@ -1,0 +1,142 @@
+"""A send's results recorded, and a claim's unsent emails given back.
+
+Each result is written as statements on the email's row (no ORM object loaded), guarded
+by the row being ``sending`` under the claim's lease: a result or a release never touches
+an email claimed again since (``delivery.lease_of_claim``) or cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+from collections.abc import Sequence
+from typing import cast
+
+from sqlalchemy import Table, select, update
+from sqlalchemy.orm import Session
+
+from comms_tasks.contracts.published import EmailSentPayload
+from comms_tasks.emails.delivery import (
+    MAX_ATTEMPTS,
+    MAX_ERROR_LENGTH,
+    failed_event,
+    failed_values,
+    retry_values,
+    sent_values,
+)
+from comms_tasks.events.outbox import record_events
+from comms_tasks.mail.sender import SendResult
+from comms_tasks.models import Email, EmailStatus
+from comms_tasks.models.base import utcnow
+
+EMAILS = cast(Table, Email.__table__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    email_id: int
+    status: EmailStatus
+
+
+def record_results(
+    session: Session,
+    results: Sequence[tuple[SendResult, dt.datetime]],
+    rng: random.Random,
+    lease: dt.datetime | None = None,
+) -> list[Recorded]:
+    """Store several sends' results (each with when it came) at once.
+
+    Emails no longer ours are skipped: an operator cancelled them, or, given the claim's
+    ``lease`` (``delivery.lease_of_claim``), our lease ran out and another send claimed them
+    (a worker paused past its lease must not overwrite the new claim's result). Written
+    as statements on the rows, without loading them (one ``UPDATE … RETURNING`` and one
+    event ``INSERT`` for a delivered email): the recorder commits one result per
+    transaction, while the connection waits.
+    """
+    if len(results) > 1:
+        # The rows locked in the order of their ids, as every writer of several does.
+        session.execute(
+            select(Email.id)
+            .where(Email.id.in_([result.email_id for result, _ in results]))
+            .order_by(Email.id)
+            .with_for_update()
+        )
+    recorded = []
+    for result, at in results:
+        each = _record(session, result, at, rng, lease)
+        if each is not None:
+            recorded.append(each)
+    return recorded
+
+
+def _record(
+    session: Session,
+    result: SendResult,
+    now: dt.datetime,
+    rng: random.Random,
+    lease: dt.datetime | None,
+) -> Recorded | None:
+    # Core statements on the table: no ORM objects, no session bookkeeping per result.
+    connection = session.connection()
+    emails = EMAILS.c
+    ours = (emails.id == result.email_id) & (emails.status == EmailStatus.SENDING)
+    if lease is not None:
+        # Still under this claim's lease: not claimed again since (lease_of_claim).
+        ours = ours & (emails.lease_expires_at == lease)
+    # The statements bypass track_activity's hook: each moves the status, so the
+    # retention clock moves with it here.
+    if result.delivered:
+        sent = connection.execute(
+            update(EMAILS)
+            .where(ours)
+            .values(**sent_values(now), last_activity_at=utcnow())
+            .returning(emails.therapist_id, emails.message_id)
+        ).one_or_none()
+        if sent is None:
+            return None
+        payload = EmailSentPayload(
+            email_id=result.email_id,
+            therapist_id=sent.therapist_id,
+            message_id=sent.message_id,
+            sent_at=now,
+        )
+        record_events(session, [payload], now)
+        return Recorded(result.email_id, EmailStatus.SENT)
+    error = (result.error or "unknown error")[:MAX_ERROR_LENGTH]
+    attempted = connection.execute(
+        update(EMAILS)
+        .where(ours)
+        .values(retry_count=emails.retry_count + 1, error_message=error, lease_expires_at=None)
+        .returning(emails.retry_count, emails.therapist_id)
+    ).one_or_none()
+    if attempted is None:
+        return None
+    if result.temporary and attempted.retry_count < MAX_ATTEMPTS:
+        values = retry_values(attempted.retry_count, now, rng)
+    else:
+        values = failed_values()
+        record_events(session, [failed_event(result.email_id, attempted.therapist_id, error)], now)
+    session.execute(
+        update(Email).where(Email.id == result.email_id).values(**values, last_activity_at=utcnow())
+    )
+    return Recorded(result.email_id, values["status"])
+
+
+def release(
+    session: Session,
+    email_ids: Sequence[int],
+    now: dt.datetime,
+    lease: dt.datetime | None = None,
+) -> None:
+    """Give claimed emails back at once (the task stops before sending them); given the
+    claim's ``lease``, only those still under it (not claimed again since)."""
+    statement = (
+        update(Email)
+        .where(Email.id.in_(email_ids))
+        .where(Email.status == EmailStatus.SENDING)
+        .values(status=EmailStatus.QUEUED, lease_expires_at=None, next_attempt_at=now)
+    )
+    if lease is not None:
+        statement = statement.where(Email.lease_expires_at == lease)
+    session.execute(statement)
