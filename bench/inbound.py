@@ -48,7 +48,7 @@ from rich import table as rich_table
 from sqlalchemy import Engine, create_engine, func, select
 
 from bench import run as bench_run
-from bench.memory import StagePeak, children
+from bench.memory import StagePeak, children, memory_cells
 from bench.seed import Size, fresh_database, read_model_rows, seed
 from comms_tasks.models import DeadLetter, ProcessedMessage
 from comms_tasks.models.base import utcnow
@@ -445,12 +445,5 @@ def print_table(result: dict[str, Any], console: Any) -> None:
     for *cells, part in table_rows(result["inbound"]):
         grid.add_row(*cells, mark(part))
     memory = result["memory"]
-    grid.add_row(
-        "memory",
-        f"{memory['highest_mb']:.0f} MB peak",
-        "-",
-        "per process",
-        memory["target"],
-        mark(memory),
-    )
+    grid.add_row(*memory_cells(memory), mark(memory))
     console.print(grid)

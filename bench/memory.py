@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 SAMPLE_SECONDS = 0.02
 
@@ -76,3 +77,8 @@ class StagePeak:
             name = "main" if index == 0 else f"pool-{index}"
             peaks[name] = round(peak / 1024, 1)
         return peaks
+
+
+def memory_cells(memory: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """The memory row of a bench table: stage, service, baseline, figure, target."""
+    return ("memory", f"{memory['highest_mb']:.0f} MB peak", "-", "per process", memory["target"])

@@ -62,7 +62,7 @@ from sqlalchemy.orm import Session
 
 from bench import inbound as bench_inbound
 from bench import mailbox as bench_mailbox
-from bench.memory import StagePeak
+from bench.memory import StagePeak, memory_cells
 from bench.seed import Size, fresh_database, read_model_rows, seed
 from comms_tasks.emails import composing
 from comms_tasks.emails.delivery import outgoing
@@ -900,14 +900,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     )
     for *cells, part in bench_inbound.table_rows(report["inbound"]) if "inbound" in report else []:
         grid.add_row(*cells, mark(part))
-    grid.add_row(
-        "memory",
-        f"{memory['highest_mb']:.0f} MB peak",
-        "-",
-        "per process",
-        memory["target"],
-        mark(memory),
-    )
+    grid.add_row(*memory_cells(memory), mark(memory))
     console.print(grid)
 
 

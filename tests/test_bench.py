@@ -45,7 +45,11 @@ def stages(
     return shape
 
 
-def report(like_for_like: dict[str, Any], scale_out: dict[str, Any]) -> dict[str, Any]:
+def report(
+    like_for_like: dict[str, Any],
+    scale_out: dict[str, Any],
+    inbound: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     like_for_like = {"mailbox": MAILBOX, **like_for_like}
     runs = [
         {"unanswered_emails": 1_000, "seconds": 1.0, "peak_rss_mb": PEAK},
@@ -58,8 +62,18 @@ def report(like_for_like: dict[str, Any], scale_out: dict[str, Any]) -> dict[str
         "sendmail_per_second": 200.0,
         "sendmail_each": [200.0],
     }
+    extra = () if inbound is None else (inbound,)
     return build_report(
-        SIZES["full"], like_for_like, scale_out, runs, [10.0], baseline_sending, PARSING, {}, "15"
+        SIZES["full"],
+        like_for_like,
+        scale_out,
+        runs,
+        [10.0],
+        baseline_sending,
+        PARSING,
+        {},
+        "15",
+        *extra,
     )
 
 
@@ -225,27 +239,4 @@ def test_the_inbound_target_is_judged_per_broker_against_the_no_op_worker() -> N
 
 
 def report_with_inbound(inbound: dict[str, Any]) -> dict[str, Any]:
-    like_for_like = {"mailbox": MAILBOX, **stages(25.0, 170.0)}
-    runs = [
-        {"unanswered_emails": 1_000, "seconds": 1.0, "peak_rss_mb": PEAK},
-        {"unanswered_emails": 10_000, "seconds": 10.0, "peak_rss_mb": PEAK},
-    ]
-    baseline_sending = {
-        "emails": 10_000,
-        "send_message_per_second": 100.0,
-        "send_message_each": [100.0],
-        "sendmail_per_second": 200.0,
-        "sendmail_each": [200.0],
-    }
-    return build_report(
-        SIZES["full"],
-        like_for_like,
-        stages(15.0, 160.0),
-        runs,
-        [10.0],
-        baseline_sending,
-        PARSING,
-        {},
-        "15",
-        inbound,
-    )
+    return report(stages(25.0, 170.0), stages(15.0, 160.0), inbound)
