@@ -44,10 +44,11 @@ else:
         "interval_start": 0,
         "interval_step": 0.5,
         "interval_max": 2,
+    }
+    if not _settings.rabbitmq:
         # Redis: a task not acknowledged within this time is delivered again. Longer than
         # the hard time limit, so a running task is never handed to a second worker.
-        "visibility_timeout": _settings.task_time_limit * 4,
-    }
+        broker_transport_options["visibility_timeout"] = _settings.task_time_limit * 4
 
 # RabbitMQ (docs/operations.md, "Choosing a broker"). The task queue is a quorum queue:
 # durable, replicated over a cluster's nodes, a message kept until it is acknowledged.
@@ -56,7 +57,6 @@ else:
 # delivery queues, which need the task exchange to be a topic exchange. Publishing a task
 # waits for the broker's confirm: a `send_task` or a retry that returned is on the queue.
 if _settings.rabbitmq:
-    broker_transport_options.pop("visibility_timeout")
     broker_transport_options["confirm_publish"] = True
     task_default_queue_type = _settings.rabbitmq_queue_type
     if task_default_queue_type == "quorum":

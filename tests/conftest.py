@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 from celery import Celery
+from kombu.utils.url import parse_url
 from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -249,7 +250,7 @@ def rabbitmqctl(*arguments: str) -> str:
 
 
 def vhost_of(url: str) -> str:
-    vhost = make_url(url.replace("amqp://", "postgresql://", 1)).database
+    vhost = parse_url(url)["virtual_host"]
     if not vhost or not vhost.startswith("comms-test-"):
         raise ValueError("tests empty only virtual hosts of their own (comms-test-*)")
     return vhost
