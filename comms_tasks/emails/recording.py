@@ -58,7 +58,6 @@ class ResultRecorder:
         self._rng = rng
         self._results: queue.Queue[tuple[SendResult, dt.datetime] | None] = queue.Queue()
         self._error: BaseException | None = None
-        self._session: Session | None = None
         self._thread = threading.Thread(target=self._record_each, name="send-results")
         self._finished = threading.Event()
 
@@ -108,15 +107,16 @@ class ResultRecorder:
     def _record_until_done(self) -> None:
         # One connection for the whole claim: no pool checkout (and ping) per result.
         with contextlib.ExitStack() as connection:
+            session: Session | None = None  # taken at the first result
             while True:
                 item = self._results.get()
                 try:
                     if item is _DONE:
                         return
                     if self._error is None:
-                        if self._session is None:
-                            self._session = connection.enter_context(session_without_flush_wait())
-                        self._record(self._session, item)
+                        if session is None:
+                            session = connection.enter_context(session_without_flush_wait())
+                        self._record(session, item)
                 except Exception as exc:  # noqa: BLE001 - handed to the sending thread
                     self._error = exc
                 finally:
