@@ -87,8 +87,14 @@ result_accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 # Short tasks: take one message at a time per process so a slow one does not hold back
-# messages another process could run.
+# messages another process could run. While inbound messages wait for a batch
+# (comms_tasks.inbound.batching) the consumer raises its own prefetch, one per waiting
+# message, as Celery does for a countdown. A quorum queue's consumer cannot change its
+# prefetch once it consumes (per-consumer QoS applies to new consumers only): there it
+# is the batch size from the start, so that a batch can fill (docs/decisions.md).
 worker_prefetch_multiplier = 1
+if _settings.rabbitmq and _settings.rabbitmq_queue_type == "quorum":
+    worker_prefetch_multiplier = _settings.inbound_batch
 
 # A message the worker cannot run (an unknown task name, a body it cannot decode) is a
 # dead letter, never a log line with its body (comms_tasks.inbound.stray_messages).

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # Connections a backlog is sent over at once (each a task of its own; a relay may
     # limit how many it accepts from one client).
     smtp_connections: int = Field(default=2, ge=1, le=20)
+    # Inbound messages that arrived while the worker's pool was busy are applied together,
+    # up to this many in one transaction (comms_tasks.inbound.batching); 1: one by one.
+    inbound_batch: int = Field(default=50, ge=1, le=500)
     # In the contract's shapes and as wide as the email columns (one source of limits,
     # contracts/limits.py): a sender no email row can hold stops start-up instead.
     sender_email: EmailAddress = "anfragen@therapievermittlung.example"

@@ -278,7 +278,7 @@ def _already_processed(message_id: str) -> bool:
         )
 
 
-def _claim(session: Session, message_id: str, task_name: str) -> bool:
+def claim(session: Session, message_id: str, task_name: str) -> bool:
     """Insert the message's ``processed_messages`` row; False if it is there already."""
     dialect = session.get_bind().dialect.name
     insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
@@ -300,7 +300,7 @@ def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
             # Written first, in one statement that also tells a message applied before: a
             # concurrent worker applying the same message waits on this key, then finds
             # it taken (or, had the first rolled back, takes it), so only one applies.
-            if not _claim(session, message_id, task_name):
+            if not claim(session, message_id, task_name):
                 return Outcome("duplicate", message_id)
             apply(session, message)
     except IntegrityError:

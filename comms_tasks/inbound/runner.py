@@ -23,6 +23,9 @@ MAX_TRANSIENT_RETRIES = 12
 MAX_RACE_RETRIES = 3
 MAX_BACKOFF_SECONDS = 120
 
+# Every inbound task's applier by task name, for the worker's batches (inbound.batch).
+APPLIERS: dict[str, Applier] = {}
+
 
 def inbound_task_options() -> dict[str, Any]:
     """How every inbound task runs: bound (it retries itself, :func:`run_inbound`),
@@ -34,11 +37,14 @@ def inbound_task_options() -> dict[str, Any]:
         "max_retries": None,
         # Flower and the worker's events show the message's ids, not its patient data.
         "Request": "comms_tasks.privacy.task_reprs:RedactedRequest",
+        # Messages that arrive while the pool is busy are applied together (batching).
+        "Strategy": "comms_tasks.inbound.batching:strategy",
     }
 
 
 def inbound_task(task_name: str, applier: Applier) -> Task:
     """Register the task ``task_name``: validate the message, apply it once, or dead-letter."""
+    APPLIERS[task_name] = applier
 
     @app.task(name=task_name, **inbound_task_options())
     def task(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -16,12 +16,8 @@ from typing import Any
 from celery import signals
 
 from comms_tasks.settings import Settings, get_settings
+from comms_tasks.task_outcomes import log_outcome
 
-log = logging.getLogger("comms_tasks.tasks")
-
-# Result keys that identify entities and may be logged.
-ID_KEYS = ("message_id", "dead_letter_id", "email_id", "call_id", "result")
-COUNT_SUFFIXES = ("queued", "sent", "failed", "published", "pending", "scheduled", "marked")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 # Extra attributes our lines carry, in the order JSON output shows them.
 EXTRA_FIELDS = ("task", "task_id", "state", "duration_ms", "ids")
@@ -72,19 +68,6 @@ def _task_started(task_id: str | None = None, **_kwargs: Any) -> None:
         _started[task_id] = time.monotonic()
 
 
-def loggable_ids(result: Any) -> dict[str, Any]:
-    """The ids and counts of a task's result: ids and numbers only."""
-    if not isinstance(result, dict):
-        return {}
-    return {
-        key: value
-        for key, value in result.items()
-        if (key in ID_KEYS or key.endswith(COUNT_SUFFIXES) or key in COUNT_SUFFIXES)
-        and isinstance(value, int | str | None)
-        and not (isinstance(value, str) and len(value) > 100)
-    }
-
-
 @signals.task_postrun.connect
 def _task_finished(
     task_id: str | None = None,
@@ -95,22 +78,4 @@ def _task_finished(
 ) -> None:
     started = _started.pop(task_id or "", None)
     duration_ms = round((time.monotonic() - started) * 1000, 1) if started else None
-    name = getattr(task, "name", "?")
-    ids = loggable_ids(retval)
-    level = logging.INFO if state == "SUCCESS" else logging.WARNING
-    log.log(
-        level,
-        "%s[%s] %s in %s ms %s",
-        name,
-        task_id,
-        state,
-        duration_ms,
-        " ".join(f"{key}={value}" for key, value in ids.items()),
-        extra={
-            "task": name,
-            "task_id": task_id,
-            "state": state,
-            "duration_ms": duration_ms,
-            "ids": ids,
-        },
-    )
+    log_outcome(getattr(task, "name", "?"), task_id, state, duration_ms, retval)

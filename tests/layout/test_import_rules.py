@@ -23,6 +23,7 @@ FOUNDATION = frozenset(
         "local_time",
         "task_names",
         "task_starts",
+        "task_outcomes",
         "models",
         "contracts",
         "rules",

@@ -71,8 +71,10 @@ def test_the_task_queue_is_a_durable_quorum_queue_consumed_without_global_qos(
     assert channels, "the worker has no consuming channel on its virtual host"
     for channel in channels:
         assert channel["global_prefetch_count"] == 0, channel
-    # worker_prefetch_multiplier 1 times concurrency 2, per consumer.
-    assert max(channel["prefetch_count"] for channel in channels) == 2, channels
+    # A quorum queue's consumer cannot raise its prefetch while it consumes: the inbound
+    # batch size (the multiplier) times concurrency 2, per consumer, from the start.
+    expected = get_settings().inbound_batch * 2
+    assert max(channel["prefetch_count"] for channel in channels) == expected, channels
 
 
 def test_events_are_confirmed_and_persistent_on_a_durable_topic_exchange(

@@ -1,0 +1,256 @@
+"""Inbound messages that wait while the pool is busy are applied together, in one
+transaction, and whatever a batch cannot apply runs on its own as before.
+
+First the pool side (:func:`comms_tasks.inbound.batch.apply_batch`, called here in this
+process on the committed database), then a real worker on each broker taking a full
+queue. Which messages shared a transaction is read off PostgreSQL itself: the rows one
+transaction inserted carry its id (``xmin``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from comms_tasks.inbound.batch import MAX_ATTEMPTS, Item, apply_batch
+from comms_tasks.models import DeadLetter, ProcessedMessage, Therapist
+from tests import factories as f
+from tests.conftest import (
+    WorkerProcess,
+    broker_environment,
+    is_rabbitmq,
+    other_service,
+    rabbitmqctl,
+    vhost_of,
+)
+from tests.inbound.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
+    SERIALIZATION_FAILURE,
+    Refusals,
+    refusals,
+)
+from tests.inbound.test_inbound_tasks import MATCHING, THERAPIST, therapist
+
+BROKER_SLOT = 0  # the broker_url fixture: this module's broker, on each kind
+
+
+def item(task_name: str, event: dict[str, Any]) -> Item:
+    return (task_name, str(uuid.uuid4()), (), {"event": event})
+
+
+def transactions(engine: Engine) -> int:
+    """How many transactions wrote the ``processed_messages`` rows."""
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(f"SELECT count(DISTINCT xmin::text) FROM {ProcessedMessage.__table__}")
+            ).scalar_one()
+        )
+
+
+def processed(engine: Engine) -> int:
+    with Session(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(ProcessedMessage)) or 0)
+
+
+def therapists(engine: Engine) -> set[int]:
+    with Session(engine) as session:
+        return set(session.scalars(select(Therapist.id)))
+
+
+def letters(engine: Engine) -> list[DeadLetter]:
+    with Session(engine) as session:
+        return list(session.scalars(select(DeadLetter).order_by(DeadLetter.id)))
+
+
+# --- the pool side -----------------------------------------------------------------------
+
+
+def test_a_batch_applies_its_messages_in_one_transaction(committed_db: Engine) -> None:
+    events = [f.therapist_upserted(n) for n in (1, 2, 3)]
+    created = f.request_created(11, patient_id=1100, therapist_id=1)
+
+    outcomes = apply_batch([*(item(THERAPIST, e) for e in events), item(MATCHING, created)])
+
+    assert [o and o["result"] for o in outcomes] == ["applied"] * 4
+    assert [o and o["message_id"] for o in outcomes] == [
+        *(e["event_id"] for e in events),
+        created["event_id"],
+    ]
+    assert therapists(committed_db) == {1, 2, 3}
+    assert processed(committed_db) == 4
+    assert transactions(committed_db) == 1
+
+
+def test_a_message_that_fails_its_contract_is_left_to_its_own_run(committed_db: Engine) -> None:
+    bad = f.therapist_upserted(22, email="praxis@weber.de\r\nBcc: alle@example.org")
+    no_keyword: Item = (THERAPIST, str(uuid.uuid4()), (f.therapist_upserted(24),), {})
+
+    outcomes = apply_batch(
+        [
+            item(THERAPIST, f.therapist_upserted(21)),
+            item(THERAPIST, bad),
+            no_keyword,
+            item(THERAPIST, f.therapist_upserted(23)),
+        ]
+    )
+
+    # Its own run validates it again and keeps it as a dead letter; the batch stores none.
+    assert [o and o["result"] for o in outcomes] == ["applied", None, None, "applied"]
+    assert therapists(committed_db) == {21, 23}
+    assert letters(committed_db) == []
+    assert transactions(committed_db) == 1
+
+
+def test_a_message_its_applier_refuses_is_taken_out_and_the_rest_applied_together(
+    committed_db: Engine,
+) -> None:
+    # A status change of a request nobody created: the applier raises, mid-batch.
+    unknown = f.status_changed(9999, "in_progress")
+
+    outcomes = apply_batch(
+        [
+            item(THERAPIST, f.therapist_upserted(31)),
+            item(MATCHING, unknown),
+            item(THERAPIST, f.therapist_upserted(32)),
+        ]
+    )
+
+    assert [o and o["result"] for o in outcomes] == ["applied", None, "applied"]
+    assert therapists(committed_db) == {31, 32}
+    # The first attempt rolled back whole; the second committed both.
+    assert transactions(committed_db) == 1
+    assert processed(committed_db) == 2
+
+
+def test_after_a_few_refused_messages_the_rest_runs_alone(committed_db: Engine) -> None:
+    refused = [item(MATCHING, f.status_changed(9990 + n, "in_progress")) for n in range(3)]
+    assert len(refused) == MAX_ATTEMPTS
+
+    outcomes = apply_batch([*refused, item(THERAPIST, f.therapist_upserted(41))])
+
+    # Every attempt took one message out; the last message was not tried again here.
+    assert outcomes == [None] * 4
+    assert processed(committed_db) == 0
+
+
+def test_an_outage_leaves_every_message_to_its_own_run(
+    committed_db: Engine,
+    refusals: Refusals,  # noqa: F811 - the fixture imported above
+) -> None:
+    events = [f.therapist_upserted(n) for n in (51, 52, 53)]
+    refusals.refuse(events[1]["event_id"], SERIALIZATION_FAILURE)
+
+    outcomes = apply_batch([item(THERAPIST, e) for e in events])
+
+    # A serialization failure says nothing of the message: all of them retry on their own.
+    assert outcomes == [None, None, None]
+    assert refusals.attempts() == 1
+    assert processed(committed_db) == 0
+    assert therapists(committed_db) == set()
+
+
+def test_the_same_message_twice_in_a_batch_or_after_one_is_applied_once(
+    committed_db: Engine,
+) -> None:
+    first = f.therapist_upserted(61, occurred_at=f.at(0), email="erste@praxis.de")
+    again = f.therapist_upserted(61, occurred_at=f.at(0), email="zweite@praxis.de")
+    again["event_id"] = first["event_id"]
+
+    outcomes = apply_batch([item(THERAPIST, first), item(THERAPIST, again)])
+    later = apply_batch([item(THERAPIST, first)])
+
+    assert [o and o["result"] for o in outcomes] == ["applied", "duplicate"]
+    assert [o and o["result"] for o in later] == ["duplicate"]
+    current = therapist(committed_db, 61)
+    assert current is not None
+    assert current.email == "erste@praxis.de"
+    assert processed(committed_db) == 1
+
+
+# --- a real worker -----------------------------------------------------------------------
+
+MESSAGES = 300
+
+
+def full_queue(broker_url: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Publish MESSAGES therapist events (one twice, one against its contract, one its
+    applier refuses) while no worker runs; the good ones, the bad one, the refused one."""
+    good = [f.therapist_upserted(1000 + n) for n in range(MESSAGES - 3)]
+    bad = f.therapist_upserted(2000, email="praxis@weber.de\r\nBcc: alle@example.org")
+    refused = f.status_changed(2001, "in_progress")
+    producer = other_service(broker_url)
+    try:
+        for n, event in enumerate(good):
+            producer.send_task(THERAPIST, kwargs={"event": event})
+            if n == 100:
+                producer.send_task(THERAPIST, kwargs={"event": bad})
+                producer.send_task(MATCHING, kwargs={"event": refused})
+                producer.send_task(THERAPIST, kwargs={"event": good[50]})
+    finally:
+        producer.close()
+    return good, bad, refused
+
+
+def left_on_broker(broker_url: str) -> int:
+    """Messages in the task queue, or taken and not acknowledged (Redis)."""
+    if not is_rabbitmq(broker_url):
+        client = redis.Redis.from_url(broker_url)
+        return int(client.llen("celery")) + int(client.hlen("unacked"))
+    queues = json.loads(
+        rabbitmqctl(
+            "list_queues", "-p", vhost_of(broker_url), "--formatter", "json", "name", "messages"
+        )
+    )
+    return sum(int(queue["messages"]) for queue in queues if queue["name"] == "celery")
+
+
+def outcome_lines(worker: WorkerProcess) -> list[str]:
+    return [line for line in worker.log().splitlines() if " SUCCESS in " in line]
+
+
+@pytest.mark.parametrize(("batch", "most_transactions"), [("50", MESSAGES // 5), ("1", None)])
+def test_a_full_queue_is_applied_in_batches_each_message_once(
+    committed_db: Engine,
+    committed_url: str,
+    broker_url: str,
+    tmp_path: Path,
+    batch: str,
+    most_transactions: int | None,
+) -> None:
+    env = broker_environment(committed_url, broker_url, tmp_path / "var", COMMS_INBOUND_BATCH=batch)
+    good, bad, refused = full_queue(broker_url)
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        worker.wait_for(lambda: processed(committed_db) >= len(good), timeout=120)
+        worker.wait_for(lambda: len(letters(committed_db)) >= 2, timeout=60)
+        # One outcome line per message: the duplicate's too, and the two dead letters'.
+        worker.wait_for(lambda: len(outcome_lines(worker)) >= MESSAGES, timeout=60)
+        worker.check_alive()
+    finally:
+        worker.stop()
+    # Every message was acknowledged: none is left on the broker, nor given back to it.
+    assert left_on_broker(broker_url) == 0
+
+    assert therapists(committed_db) == {event["payload"]["therapist_id"] for event in good}
+    assert processed(committed_db) == len(good)
+    assert {letter.message_id for letter in letters(committed_db)} == {
+        bad["event_id"],
+        refused["event_id"],
+    }
+    lines = outcome_lines(worker)
+    assert len(lines) == MESSAGES, lines[-5:]
+    assert sum(f"message_id={good[50]['event_id']}" in line for line in lines) == 2
+    assert sum("result=duplicate" in line for line in lines) == 1
+    written = transactions(committed_db)
+    if most_transactions is None:
+        assert written == len(good)
+    else:
+        assert written <= most_transactions, f"{written} transactions for {len(good)} messages"
+    print(f"{len(good)} messages applied in {written} transactions (COMMS_INBOUND_BATCH={batch})")
