@@ -39,10 +39,10 @@ def _crashing_handle_call(
     return _handle_call(task_name, args, kwargs, apply)
 
 
-def _crashing_apply_batch(items: list[batch.Item]) -> Any:
-    for _, _, _, kwargs in items:
+def _crashing_apply_batch(messages: batch.Batch) -> Any:
+    for _, _, _, kwargs in messages.items:
         _crash_on(kwargs)
-    return _apply_batch(items)
+    return _apply_batch(messages)
 
 
 runner.handle_call = _crashing_handle_call

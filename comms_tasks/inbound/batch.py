@@ -42,10 +42,27 @@ Ready = tuple[int, str, Any, Applier]
 EVERY_ONE = -1
 
 
-def apply_batch(items: list[Item]) -> list[dict[str, Any] | None]:
+class Batch:
+    """The messages of a batch on their way to the pool, shown by their number only.
+
+    The pool logs what it is handed (Celery's ``TaskPool: Apply ... (args: ...)`` at
+    DEBUG): a message's arguments hold patient data, which no log line may show.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+
+    def __repr__(self) -> str:
+        return f"<inbound batch of {len(self.items)} messages>"
+
+
+def apply_batch(batch: Batch) -> list[dict[str, Any] | None]:
     """Each message's outcome (as its task returns it), or ``None``: to run on its own."""
     from comms_tasks.inbound.runner import APPLIERS
 
+    items = batch.items
     started = time.monotonic()
     outcomes: list[dict[str, Any] | None] = [None] * len(items)
     ready: list[Ready] = []

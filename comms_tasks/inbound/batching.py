@@ -78,7 +78,7 @@ class Batcher:
             self._send(batch)
 
     def _send(self, batch: list[tuple[Request, Any]]) -> None:
-        from comms_tasks.inbound.batch import apply_batch
+        from comms_tasks.inbound.batch import Batch, apply_batch
 
         requests = [request for request, _ in batch]
         items = [(r.task_name, r.task_id, tuple(r.args), dict(r.kwargs)) for r in requests]
@@ -99,7 +99,7 @@ class Batcher:
         try:
             self.consumer.pool.apply_async(
                 apply_batch,
-                (items,),
+                (Batch(items),),
                 accept_callback=on_accepted,
                 callback=on_return,
                 error_callback=on_error,

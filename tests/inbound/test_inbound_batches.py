@@ -19,7 +19,8 @@ import redis
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from comms_tasks.inbound.batch import MAX_ATTEMPTS, Item, apply_batch
+from comms_tasks.inbound.batch import MAX_ATTEMPTS, Batch, Item
+from comms_tasks.inbound.batch import apply_batch as apply_in_pool
 from comms_tasks.models import DeadLetter, ProcessedMessage, Therapist
 from tests import factories as f
 from tests.conftest import (
@@ -42,6 +43,10 @@ BROKER_SLOT = 0  # the broker_url fixture: this module's broker, on each kind
 
 def item(task_name: str, event: dict[str, Any]) -> Item:
     return (task_name, str(uuid.uuid4()), (), {"event": event})
+
+
+def apply_batch(items: list[Item]) -> list[dict[str, Any] | None]:
+    return apply_in_pool(Batch(items))
 
 
 def transactions(engine: Engine) -> int:
@@ -254,3 +259,12 @@ def test_a_full_queue_is_applied_in_batches_each_message_once(
     else:
         assert written <= most_transactions, f"{written} transactions for {len(good)} messages"
     print(f"{len(good)} messages applied in {written} transactions (COMMS_INBOUND_BATCH={batch})")
+
+
+def test_a_batch_handed_to_the_pool_shows_its_size_not_its_messages() -> None:
+    # The pool logs what it is handed at DEBUG; a message's arguments hold patient data.
+    created = f.request_created(71, diagnosis="BATCHMARK-diagnosis")
+    shown = repr((Batch([item(MATCHING, created), item(THERAPIST, f.therapist_upserted(71))]),))
+
+    assert "BATCHMARK" not in shown
+    assert shown == "(<inbound batch of 2 messages>,)"
