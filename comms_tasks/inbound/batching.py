@@ -80,6 +80,14 @@ class Batcher:
     def _send(self, batch: list[tuple[Request, Any]]) -> None:
         from comms_tasks.inbound.batch import Batch, apply_batch
 
+        # Revoked (or expired) while it waited: Celery announces and acknowledges it, as
+        # it would have at the pool's door.
+        for request, held in [(r, h) for r, h in batch if r.revoked()]:
+            if held is not None:
+                held.decrement_eventually()
+            batch.remove((request, held))
+        if not batch:
+            return
         requests = [request for request, _ in batch]
         items = [(r.task_name, r.task_id, tuple(r.args), dict(r.kwargs)) for r in requests]
         accepted: dict[str, Any] = {}

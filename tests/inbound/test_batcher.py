@@ -1,0 +1,186 @@
+"""The consumer's side of inbound batches (:class:`comms_tasks.inbound.batching.Batcher`),
+step by step: when a message waits, when a batch goes, the prefetch it takes and gives
+back, and what becomes of each message.
+
+Celery's solo pool runs what it is handed at once, in this process, on the committed
+database: a batch goes and returns inside ``take``. The pool is made busy by holding its
+one slot (``in_flight``), as a batch under way does. The requests stand in for Celery's
+(a broker message each would need a broker): they carry what the batcher reads and
+record what it calls.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from celery.concurrency.solo import TaskPool
+from kombu.common import QoS
+from sqlalchemy import Engine
+
+from comms_tasks.app import app
+from comms_tasks.inbound.batching import Batcher
+from tests import factories as f
+from tests.inbound.test_inbound_tasks import THERAPIST, therapist
+
+
+class FakeRequest:
+    def __init__(self, event: dict[str, Any], *, redelivered: bool = False, retries: int = 0):
+        self.task_name = THERAPIST
+        self.task_id = str(uuid.uuid4())
+        self.args: tuple[Any, ...] = ()
+        self.kwargs = {"event": event}
+        self.delivery_info = {"redelivered": redelivered}
+        self.request_dict = {"retries": retries}
+        self.task = app.tasks[THERAPIST]
+        self.is_revoked = False
+        self.calls: list[str] = []
+        self.results: list[str] = []
+
+    def revoked(self) -> bool:
+        if self.is_revoked:
+            self.calls.append("revoked")
+        return self.is_revoked
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self.calls.append("accepted")
+
+    def on_success(self, failed_retval_runtime: tuple[bool, str, float]) -> None:
+        self.calls.append("succeeded")
+        self.results.append(failed_retval_runtime[1])
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.pool = TaskPool()
+        self.alone: list[FakeRequest] = []
+        self.qos = QoS(lambda prefetch_count: None, 1)
+
+    def on_task_request(self, request: FakeRequest) -> None:
+        self.alone.append(request)
+
+
+@pytest.fixture
+def consumer(committed_db: Engine) -> FakeConsumer:
+    return FakeConsumer()
+
+
+def test_a_message_to_an_idle_pool_goes_at_once_and_is_acknowledged_after(
+    consumer: FakeConsumer, committed_db: Engine
+) -> None:
+    batcher = Batcher(consumer, 50)
+    request = FakeRequest(f.therapist_upserted(1))
+
+    batcher.take(request)  # type: ignore[arg-type]
+
+    assert request.calls == ["accepted", "succeeded"]
+    assert "'result': 'applied'" in request.results[0]
+    assert therapist(committed_db, 1) is not None
+    assert consumer.alone == []
+    assert consumer.qos.value == 1
+    assert batcher.buffer == []
+
+
+def test_messages_wait_while_the_pool_is_busy_and_go_together(
+    consumer: FakeConsumer, committed_db: Engine
+) -> None:
+    batcher = Batcher(consumer, 3)
+    batcher.in_flight = 1  # the one process has a batch
+    requests = [FakeRequest(f.therapist_upserted(n)) for n in range(10, 15)]
+
+    for request in requests:
+        batcher.take(request)  # type: ignore[arg-type]
+
+    # Each waiting message raised the prefetch by one, up to the batch size.
+    assert [request for request, _ in batcher.buffer] == requests
+    assert consumer.qos.value == 1 + 3
+    assert all(request.calls == [] for request in requests)
+
+    batcher.in_flight = 0  # the batch under way returned
+    batcher.flush()
+
+    assert all(request.calls == ["accepted", "succeeded"] for request in requests)
+    assert {n for n in range(10, 15) if therapist(committed_db, n)} == set(range(10, 15))
+    # Every raise given back, once.
+    assert consumer.qos.value == 1
+    assert batcher.buffer == []
+    assert batcher.in_flight == 0
+
+
+def test_a_redelivered_message_or_a_retry_runs_alone(consumer: FakeConsumer) -> None:
+    batcher = Batcher(consumer, 50)
+    redelivered = FakeRequest(f.therapist_upserted(21), redelivered=True)
+    retried = FakeRequest(f.therapist_upserted(22), retries=1)
+
+    batcher.take(redelivered)  # type: ignore[arg-type]
+    batcher.take(retried)  # type: ignore[arg-type]
+
+    assert consumer.alone == [redelivered, retried]
+    assert redelivered.calls == retried.calls == []
+    assert consumer.qos.value == 1
+
+
+def test_what_a_batch_does_not_apply_goes_on_alone_in_its_order(
+    consumer: FakeConsumer, committed_db: Engine
+) -> None:
+    batcher = Batcher(consumer, 50)
+    batcher.in_flight = 1
+    bad = FakeRequest(f.therapist_upserted(31, email="a@b.de\r\nBcc: c@d.de"))
+    good = FakeRequest(f.therapist_upserted(32))
+    unknown = FakeRequest(f.status_changed(9999, "in_progress"))
+    unknown.task_name = "comms.handle_matching_event"
+    for request in (bad, good, unknown):
+        batcher.take(request)  # type: ignore[arg-type]
+
+    batcher.in_flight = 0
+    batcher.flush()
+
+    assert consumer.alone == [bad, unknown]
+    assert bad.calls == unknown.calls == []
+    assert good.calls == ["accepted", "succeeded"]
+    assert therapist(committed_db, 32) is not None
+    assert consumer.qos.value == 1
+
+
+def test_a_message_revoked_while_it_waited_is_left_to_celery(
+    consumer: FakeConsumer, committed_db: Engine
+) -> None:
+    batcher = Batcher(consumer, 50)
+    batcher.in_flight = 1
+    revoked = FakeRequest(f.therapist_upserted(41))
+    kept = FakeRequest(f.therapist_upserted(42))
+    batcher.take(revoked)  # type: ignore[arg-type]
+    batcher.take(kept)  # type: ignore[arg-type]
+    revoked.is_revoked = True
+
+    batcher.in_flight = 0
+    batcher.flush()
+
+    # Celery's revoked() announces and acknowledges it; the batch does not apply it.
+    assert revoked.calls == ["revoked"]
+    assert therapist(committed_db, 41) is None
+    assert kept.calls == ["accepted", "succeeded"]
+    assert consumer.qos.value == 1
+
+
+def test_a_batch_whose_process_died_runs_each_message_alone(consumer: FakeConsumer) -> None:
+    batcher = Batcher(consumer, 50)
+    requests = [FakeRequest(f.therapist_upserted(n)) for n in (51, 52)]
+    batch = [(request, None) for request in requests]
+    batcher.in_flight = 1
+
+    # What the pool's error callback does when the process running the batch is lost.
+    batcher._finish(batch, None, {})  # type: ignore[arg-type]
+
+    assert consumer.alone == requests
+    assert batcher.in_flight == 0
+
+
+def test_batches_are_off_with_a_batch_size_of_one(consumer: FakeConsumer) -> None:
+    batcher = Batcher(consumer, 1)
+    request = FakeRequest(f.therapist_upserted(61))
+
+    batcher.take(request)  # type: ignore[arg-type]
+
+    assert consumer.alone == [request]
