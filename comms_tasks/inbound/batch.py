@@ -23,7 +23,7 @@ from comms_tasks.inbound import failures
 from comms_tasks.inbound.inbox import (
     Applier,
     Outcome,
-    claim,
+    claim_all,
     message_id_of,
     unpack_arguments,
     validate,
@@ -98,10 +98,14 @@ def _apply_together(ready: list[Ready], outcomes: list[dict[str, Any] | None]) -
     current: int | None = None
     try:
         with transaction() as session:
-            for index, task_name, message, applier in ready:
+            # Every message's row first, in one statement: a concurrent worker applying
+            # one of them waits on its key, then finds it taken, as with one message.
+            claimed = claim_all(session, [(message_id_of(m), name) for _, name, m, _ in ready])
+            for index, _, message, applier in ready:
                 current = index
                 message_id = message_id_of(message)
-                if claim(session, message_id, task_name):
+                if message_id in claimed:
+                    claimed.discard(message_id)  # the same id again in the batch: a duplicate
                     applier(session, message)
                     results[index] = Outcome("applied", message_id).as_dict()
                 else:

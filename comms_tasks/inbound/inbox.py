@@ -291,6 +291,27 @@ def claim(session: Session, message_id: str, task_name: str) -> bool:
     return session.execute(statement).first() is not None
 
 
+def claim_all(session: Session, messages: list[tuple[str, str]]) -> set[str]:
+    """Insert the ``processed_messages`` rows of several messages (id, task name) in one
+    statement; the ids that were not there yet. A message id twice is claimed once."""
+    if not messages:
+        return set()
+    dialect = session.get_bind().dialect.name
+    insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    now = utcnow()
+    rows = [
+        {"message_id": message_id, "task_name": task_name, "processed_at": now}
+        for message_id, task_name in messages
+    ]
+    statement = (
+        insert(ProcessedMessage)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[ProcessedMessage.message_id])
+        .returning(ProcessedMessage.message_id)
+    )
+    return set(session.scalars(statement))
+
+
 def _apply_once(task_name: str, message: Contract, apply: Applier) -> Outcome:
     message_id = message_id_of(message)
     try:
