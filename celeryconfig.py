@@ -91,7 +91,8 @@ task_reject_on_worker_lost = True
 # (comms_tasks.inbound.batching) the consumer raises its own prefetch, one per waiting
 # message, as Celery does for a countdown. A quorum queue's consumer cannot change its
 # prefetch once it consumes (per-consumer QoS applies to new consumers only): there it
-# is the batch size from the start, so that a batch can fill (docs/decisions.md).
+# is the batch size from the start, for every task, so that a batch can fill; a busy
+# worker may then hold that many messages per process (docs/decisions.md).
 worker_prefetch_multiplier = 1
 if _settings.rabbitmq and _settings.rabbitmq_queue_type == "quorum":
     worker_prefetch_multiplier = _settings.inbound_batch

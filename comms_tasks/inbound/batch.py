@@ -13,6 +13,7 @@ too runs on its own.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -29,6 +30,8 @@ from comms_tasks.inbound.inbox import (
     validate,
 )
 from comms_tasks.task_outcomes import log_outcome
+
+log = logging.getLogger(__name__)
 
 # A batch is tried again without the message that raised at most this many times.
 MAX_ATTEMPTS = 3
@@ -89,7 +92,22 @@ def apply_batch(batch: Batch) -> list[dict[str, Any] | None]:
     for (task_name, task_id, _, _), outcome in zip(items, outcomes, strict=True):
         if outcome is not None:
             log_outcome(task_name, task_id, "SUCCESS", duration_ms, outcome)
+            _store_result(task_name, task_id, outcome)
     return outcomes
+
+
+def _store_result(task_name: str, task_id: str, outcome: dict[str, Any]) -> None:
+    """With a result backend (``COMMS_RESULT_BACKEND``), the message's result, as its own
+    run would store it; bookkeeping only: the message is applied whatever happens here."""
+    from comms_tasks.app import app
+
+    task = app.tasks[task_name]
+    if task.ignore_result:
+        return
+    try:
+        task.backend.mark_as_done(task_id, outcome)
+    except Exception:
+        log.warning("the result of %s[%s] could not be stored", task_name, task_id, exc_info=True)
 
 
 def _apply_together(ready: list[Ready], outcomes: list[dict[str, Any] | None]) -> int | None:

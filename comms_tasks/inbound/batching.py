@@ -13,6 +13,8 @@ changed: where Celery hands the request to the pool, :meth:`Batcher.take` does.
 - While a message waits, the consumer's prefetch is one higher (as Celery does for a
   message with a countdown), up to the batch size: the broker keeps sending, and the
   next batch fills while the pool works. Other tasks keep their one message per process.
+  Not on RabbitMQ's quorum queues, whose consumer cannot change its prefetch: there it is
+  the batch size per process from the start, for every task (``celeryconfig``).
 - A message of a batch is acknowledged only after the batch committed (acks late), with
   Flower's task-started and task-succeeded events and its outcome as for any task.
 - Whatever the batch did not apply runs on its own, as every message did before: a
@@ -22,6 +24,13 @@ changed: where Celery hands the request to the pool, :meth:`Batcher.take` does.
 - A message delivered again (``redelivered``: its worker died, or the connection was
   lost, before it was acknowledged) or a retry never waits in a batch: it runs alone,
   its start counted, as before.
+- A lost broker connection (``DeadLetteringConsumer.on_close``) empties the buffer and
+  forgets the batches in the pool: their messages come back from the broker.
+- A ``revoke`` reaches a message while it waits (it is not applied); once its batch runs,
+  ``terminate`` cannot stop it alone: it is applied with the batch, and no process is
+  terminated.
+- With a result backend (``COMMS_RESULT_BACKEND``) each applied message's result is
+  stored, as its own run would store it.
 
 ``COMMS_INBOUND_BATCH=1`` turns batches off; so does a pool other than prefork or solo.
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -53,6 +63,9 @@ class Batcher:
         # Each waiting request with the prefetch it was given (to give back), if any.
         self.buffer: list[tuple[Request, Any]] = []
         self.in_flight = 0
+        # A new one after each lost connection (reset): a batch of before then, once back,
+        # touches nothing of now.
+        self.generation = 0
         pool = consumer.pool
         self.processes = max(1, int(getattr(pool, "limit", None) or 1))
         self.enabled = size > 1 and type(pool).__module__ in BATCHING_POOL_MODULES
@@ -70,6 +83,18 @@ class Batcher:
             held.increment_eventually()
         self.buffer.append((request, held))
         self.flush()
+
+    def reset(self) -> None:
+        """The consumer's connection is gone (``on_close``): forget what it held.
+
+        Its messages cannot be acknowledged on the new channel, and the broker gives them
+        back: those waiting are dropped, and so, by the pool, are batches that waited for a
+        process (their callbacks never come). A batch that was running still commits; its
+        messages come back and are duplicates.
+        """
+        self.generation += 1
+        self.buffer = []
+        self.in_flight = 0
 
     def flush(self) -> None:
         """Hand the buffer to the pool while it has a process no batch occupies."""
@@ -95,12 +120,11 @@ class Batcher:
         def on_accepted(pid: int, time_accepted: float) -> None:
             accepted.update(pid=pid, at=time_accepted)
 
-        def on_return(outcomes: Any) -> None:
-            self._finish(batch, outcomes, accepted)
+        finish = self._finisher(batch, accepted)
 
         def on_error(_exc_info: Any) -> None:
             # The process died, or the batch hit its time limit: each goes on its own.
-            self._finish(batch, None, accepted)
+            finish(None)
 
         task: Task = requests[0].task
         self.in_flight += 1
@@ -109,7 +133,7 @@ class Batcher:
                 apply_batch,
                 (Batch(items),),
                 accept_callback=on_accepted,
-                callback=on_return,
+                callback=finish,
                 error_callback=on_error,
                 soft_timeout=task.soft_time_limit or task.app.conf.task_soft_time_limit,
                 timeout=task.time_limit or task.app.conf.task_time_limit,
@@ -118,6 +142,19 @@ class Batcher:
             self.in_flight -= 1
             log.exception("an inbound batch could not go to the pool: each message alone")
             self._each_alone(batch)
+
+    def _finisher(
+        self, batch: list[tuple[Request, Any]], accepted: dict[str, Any]
+    ) -> Callable[[Any], None]:
+        """What the batch's return calls: :meth:`_finish`, unless the connection it came
+        on is gone since (:meth:`reset`)."""
+        generation = self.generation
+
+        def finish(outcomes: Any) -> None:
+            if generation == self.generation:
+                self._finish(batch, outcomes, accepted)
+
+        return finish
 
     def _finish(
         self, batch: list[tuple[Request, Any]], outcomes: Any, accepted: dict[str, Any]
@@ -135,6 +172,10 @@ class Batcher:
                 if outcome is None:
                     self.consumer.on_task_request(request)
                 else:
+                    # A revoke with terminate that came while the batch ran cannot stop
+                    # its message (committed with the others): nothing is terminated, as
+                    # Celery would terminate the process, by now busy with other work.
+                    request._terminate_on_ack = None
                     request.on_accepted(pid, started)
                     request.on_success((False, repr(outcome), runtime))
             except Exception:
@@ -147,6 +188,13 @@ class Batcher:
             if held is not None:
                 held.decrement_eventually()
             self.consumer.on_task_request(request)
+
+
+def reset_batcher(consumer: Any) -> None:
+    """The consumer closed its connection: its batcher, if it has one, forgets."""
+    batcher = getattr(consumer, "_comms_inbound_batcher", None)
+    if batcher is not None:
+        batcher.reset()
 
 
 def runs_alone(request: Request) -> bool:

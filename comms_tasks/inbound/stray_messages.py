@@ -121,6 +121,13 @@ def task_id_of(message: Message) -> str | None:
 class DeadLetteringConsumer(Consumer):
     """Celery's consumer, keeping what it cannot run as dead letters instead of logs."""
 
+    def on_close(self) -> None:
+        super().on_close()
+        # Imported here: batching builds on Celery's worker, loaded with the consumer.
+        from comms_tasks.inbound.batching import reset_batcher
+
+        reset_batcher(self)
+
     def on_unknown_task(self, body: Any, message: Message, exc: Exception) -> None:
         name, task_id = task_name_of(message), task_id_of(message)
         call = call_of(message)

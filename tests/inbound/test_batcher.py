@@ -35,6 +35,7 @@ class FakeRequest:
         self.request_dict = {"retries": retries}
         self.task = app.tasks[THERAPIST]
         self.is_revoked = False
+        self._terminate_on_ack: tuple[Any, ...] | None = None
         self.calls: list[str] = []
         self.results: list[str] = []
 
@@ -44,7 +45,8 @@ class FakeRequest:
         return self.is_revoked
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
-        self.calls.append("accepted")
+        # Celery's terminates the process ``pid`` here when a revoke asked for it.
+        self.calls.append("accepted" if self._terminate_on_ack is None else "terminated")
 
     def on_success(self, failed_retval_runtime: tuple[bool, str, float]) -> None:
         self.calls.append("succeeded")
@@ -184,3 +186,60 @@ def test_batches_are_off_with_a_batch_size_of_one(consumer: FakeConsumer) -> Non
     batcher.take(request)  # type: ignore[arg-type]
 
     assert consumer.alone == [request]
+
+
+def test_a_revoke_with_terminate_during_its_batch_terminates_no_process(
+    consumer: FakeConsumer, committed_db: Engine
+) -> None:
+    batcher = Batcher(consumer, 50)
+    batcher.in_flight = 1
+    request = FakeRequest(f.therapist_upserted(71))
+    batcher.take(request)  # type: ignore[arg-type]
+    # revoke(terminate=True) of a request Celery counts as running, before it is accepted.
+    request._terminate_on_ack = (consumer.pool, "SIGTERM")
+
+    batcher.in_flight = 0
+    batcher.flush()
+
+    # Applied with its batch; the process, by now another message's, is left alone.
+    assert request.calls == ["accepted", "succeeded"]
+    assert therapist(committed_db, 71) is not None
+
+
+def test_after_a_lost_connection_the_batcher_starts_afresh(
+    consumer: FakeConsumer, committed_db: Engine
+) -> None:
+    batcher = Batcher(consumer, 50)
+    stale = FakeRequest(f.therapist_upserted(81))
+    # A batch waits for a process the pool gives to another task; the connection drops,
+    # and the pool discards the waiting batch (AsynPool.flush): its callbacks never come.
+    batcher.in_flight = 1
+    batcher.take(stale)  # type: ignore[arg-type]
+
+    batcher.reset()  # DeadLetteringConsumer.on_close
+    fresh = FakeRequest(f.therapist_upserted(82))
+    batcher.take(fresh)  # type: ignore[arg-type]
+
+    # The stale message comes back from the broker; the new one is not held behind it.
+    assert stale.calls == []
+    assert fresh.calls == ["accepted", "succeeded"]
+    assert therapist(committed_db, 81) is None
+    assert therapist(committed_db, 82) is not None
+    assert batcher.buffer == []
+    assert batcher.in_flight == 0
+
+
+def test_a_batch_of_before_a_lost_connection_touches_nothing_after_it(
+    consumer: FakeConsumer,
+) -> None:
+    batcher = Batcher(consumer, 50)
+    old = [FakeRequest(f.therapist_upserted(91))]
+    batcher.in_flight = 1
+    finish = batcher._finisher([(old[0], None)], {})  # type: ignore[list-item]
+    batcher.reset()
+    batcher.in_flight = 1  # a batch of the new connection runs
+
+    finish(None)  # the old batch's error callback, late
+
+    assert batcher.in_flight == 1
+    assert consumer.alone == []

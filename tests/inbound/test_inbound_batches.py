@@ -26,6 +26,7 @@ from tests import factories as f
 from tests.conftest import (
     WorkerProcess,
     broker_environment,
+    broker_url_of,
     is_rabbitmq,
     other_service,
     rabbitmqctl,
@@ -268,3 +269,32 @@ def test_a_batch_handed_to_the_pool_shows_its_size_not_its_messages() -> None:
 
     assert "BATCHMARK" not in shown
     assert shown == "(<inbound batch of 2 messages>,)"
+
+
+def test_with_a_result_backend_every_batched_message_has_its_result(
+    committed_db: Engine, committed_url: str, broker_url: str, tmp_path: Path
+) -> None:
+    # The results in this module's Redis database, whichever the broker.
+    backend = broker_url_of("redis", BROKER_SLOT)
+    env = broker_environment(
+        committed_url, broker_url, tmp_path / "var", COMMS_RESULT_BACKEND=backend
+    )
+    redis.Redis.from_url(backend).flushdb()
+    producer = other_service(broker_url)
+    producer.conf.result_backend = backend
+    events = [f.therapist_upserted(3000 + n) for n in range(40)]
+    try:
+        sent = [producer.send_task(THERAPIST, kwargs={"event": event}) for event in events]
+        worker = WorkerProcess(env, tmp_path / "worker.log")
+        try:
+            worker.wait_for(lambda: processed(committed_db) >= len(events), timeout=60)
+            results = [result.get(timeout=30) for result in sent]
+        finally:
+            worker.stop()
+    finally:
+        producer.close()
+        redis.Redis.from_url(backend).flushdb()
+
+    assert [result["message_id"] for result in results] == [e["event_id"] for e in events]
+    assert {result["result"] for result in results} == {"applied"}
+    assert transactions(committed_db) < len(events)
