@@ -88,7 +88,7 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # Short tasks: take one message at a time per process so a slow one does not hold back
 # messages another process could run. While inbound messages wait for a batch
-# (comms_tasks.inbound.batching) the consumer raises its own prefetch, one per waiting
+# (comms_tasks.inbound.batcher) the consumer raises its own prefetch, one per waiting
 # message, as Celery does for a countdown. A quorum queue's consumer cannot change its
 # prefetch once it consumes (per-consumer QoS applies to new consumers only): there it
 # is the batch size from the start, for every task, so that a batch can fill; a busy

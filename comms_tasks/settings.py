@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # limit how many it accepts from one client).
     smtp_connections: int = Field(default=2, ge=1, le=20)
     # Inbound messages that arrived while the worker's pool was busy are applied together,
-    # up to this many in one transaction (comms_tasks.inbound.batching); 1: one by one.
+    # up to this many in one transaction (comms_tasks.inbound.batcher); 1: one by one.
     inbound_batch: int = Field(default=50, ge=1, le=500)
     # In the contract's shapes and as wide as the email columns (one source of limits,
     # contracts/limits.py): a sender no email row can hold stops start-up instead.

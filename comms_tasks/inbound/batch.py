@@ -1,5 +1,5 @@
 """Several inbound messages applied in one transaction: the pool side of the worker's
-batches (:mod:`comms_tasks.inbound.batching` hands them over).
+batches (:mod:`comms_tasks.inbound.batcher` hands them over).
 
 Each message is validated, its ``processed_messages`` row claimed and its read model
 changed exactly as :func:`comms_tasks.inbound.inbox.handle` does, one after the other in

@@ -37,8 +37,8 @@ def inbound_task_options() -> dict[str, Any]:
         "max_retries": None,
         # Flower and the worker's events show the message's ids, not its patient data.
         "Request": "comms_tasks.privacy.task_reprs:RedactedRequest",
-        # Messages that arrive while the pool is busy are applied together (batching).
-        "Strategy": "comms_tasks.inbound.batching:strategy",
+        # Messages that arrive while the pool is busy are applied together (inbound.batcher).
+        "Strategy": "comms_tasks.inbound.batcher:strategy",
     }
 
 

@@ -123,8 +123,8 @@ class DeadLetteringConsumer(Consumer):
 
     def on_close(self) -> None:
         super().on_close()
-        # Imported here: batching builds on Celery's worker, loaded with the consumer.
-        from comms_tasks.inbound.batching import reset_batcher
+        # Imported here: the batcher builds on Celery's worker, loaded with the consumer.
+        from comms_tasks.inbound.batcher import reset_batcher
 
         reset_batcher(self)
 

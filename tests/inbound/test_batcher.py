@@ -1,4 +1,4 @@
-"""The consumer's side of inbound batches (:class:`comms_tasks.inbound.batching.Batcher`),
+"""The consumer's side of inbound batches (:class:`comms_tasks.inbound.batcher.Batcher`),
 step by step: when a message waits, when a batch goes, the prefetch it takes and gives
 back, and what becomes of each message.
 
@@ -20,7 +20,7 @@ from kombu.common import QoS
 from sqlalchemy import Engine
 
 from comms_tasks.app import app
-from comms_tasks.inbound.batching import Batcher
+from comms_tasks.inbound.batcher import MALFORMED_CALL, Batcher
 from tests import factories as f
 from tests.inbound.test_inbound_tasks import THERAPIST, therapist
 
@@ -33,6 +33,8 @@ class FakeRequest:
         self.kwargs = {"event": event}
         self.delivery_info = {"redelivered": redelivered}
         self.request_dict = {"retries": retries}
+        self.message = None
+        self.id = self.task_id
         self.task = app.tasks[THERAPIST]
         self.is_revoked = False
         self._terminate_on_ack: tuple[Any, ...] | None = None
@@ -57,10 +59,16 @@ class FakeConsumer:
     def __init__(self) -> None:
         self.pool = TaskPool()
         self.alone: list[FakeRequest] = []
+        self.kept: list[tuple[str, str, Any]] = []
         self.qos = QoS(lambda prefetch_count: None, 1)
 
     def on_task_request(self, request: FakeRequest) -> None:
         self.alone.append(request)
+
+    def _keep(self, message: Any, task_name: str, task_id: str, reason: str, call: Any) -> bool:
+        # DeadLetteringConsumer's: stores the letter and acknowledges the message.
+        self.kept.append((task_id, reason, call))
+        return True
 
 
 @pytest.fixture
@@ -243,3 +251,46 @@ def test_a_batch_of_before_a_lost_connection_touches_nothing_after_it(
 
     assert batcher.in_flight == 1
     assert consumer.alone == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((), "not a mapping"), (7, {}), ((), [["event", f.therapist_upserted(101)]])],
+    ids=["kwargs-a-string", "args-a-number", "kwargs-pairs"],
+)
+def test_a_malformed_call_is_kept_as_a_dead_letter_and_the_rest_go_on(
+    consumer: FakeConsumer, committed_db: Engine, args: Any, kwargs: Any
+) -> None:
+    batcher = Batcher(consumer, 50)
+    batcher.in_flight = 1
+    malformed = FakeRequest(f.therapist_upserted(101))
+    malformed.args, malformed.kwargs = args, kwargs
+    good = FakeRequest(f.therapist_upserted(102))
+
+    batcher.take(malformed)  # type: ignore[arg-type]
+    batcher.take(good)  # type: ignore[arg-type]
+    batcher.in_flight = 0
+    batcher.flush()
+
+    assert consumer.kept == [(malformed.task_id, MALFORMED_CALL, {"args": args, "kwargs": kwargs})]
+    assert consumer.alone == []
+    assert therapist(committed_db, 101) is None
+    assert good.calls == ["accepted", "succeeded"]
+    assert therapist(committed_db, 102) is not None
+
+
+def test_the_embedded_folder_broker_takes_no_batches(
+    committed_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from comms_tasks.inbound.batcher import batcher_of
+    from comms_tasks.settings import get_settings
+
+    monkeypatch.delenv("COMMS_BROKER_URL", raising=False)
+    get_settings.cache_clear()
+    assert get_settings().broker_url is None
+    assert not batcher_of(FakeConsumer()).enabled
+
+    monkeypatch.setenv("COMMS_BROKER_URL", "redis://127.0.0.1:6379/0")
+    get_settings.cache_clear()
+    assert batcher_of(FakeConsumer()).enabled
+    get_settings.cache_clear()

@@ -36,7 +36,7 @@ from comms_tasks.models import (
 from comms_tasks.task_names import HANDLE_MATCHING_EVENT as MATCHING
 from comms_tasks.task_names import HANDLE_THERAPIST_EVENT as THERAPIST
 from tests import factories as f
-from tests.conftest import WorkerProcess, count_rows, other_service, worker_environment
+from tests.conftest import WorkerProcess, count_rows, other_service, wait_for, worker_environment
 from tests.event_queue import bind_queue, drain, record_queued_events, relay_until_published
 from tests.servers import PrivateRabbitMQ
 
@@ -44,7 +44,11 @@ pytestmark = pytest.mark.reliability
 
 APPLIED_BEFORE_STOP = 100
 # The sender sends this many back to back (a backlog on the queue), then one each pause.
-BACKLOG = 300
+BACKLOG = 3000
+# At the stop, more messages wait than the worker may hold: its prefetch on a quorum
+# queue is COMMS_INBOUND_BATCH (50) per process, two processes.
+WAITING_AT_STOP = 300
+BACKLOG_BEFORE_THE_WORKER = 1000
 SEND_PAUSE_SECONDS = 0.01
 OUTBOX_EVENTS_WHILE_DOWN = 20
 DOWN_SECONDS = 3
@@ -105,8 +109,6 @@ def test_rabbitmq_restart_mid_pipeline(
         COMMS_BROKER_URL=url,
         COMMS_VAR_DIR=str(worker_log_dir / "var-rabbitmq-restart"),
     )
-    worker = WorkerProcess(env, worker_log_dir / "worker-rabbitmq-restart.log")
-    worker_pid = worker.process.pid
     sender = SteadySender(url)
 
     def applied() -> int:
@@ -124,11 +126,22 @@ def test_rabbitmq_restart_mid_pipeline(
         time.sleep(SETTLED_SECONDS)
         return processed_ids() == before
 
+    # The worker applies faster than a sender with confirms publishes: a backlog is built
+    # before it starts, and the node stops under both, with messages on the queue beyond
+    # what the worker holds, a publish and a message being applied in flight.
+    sender.start()
+    worker: WorkerProcess | None = None
     try:
-        # The sender publishes faster than the worker applies: a backlog builds up, and
-        # the node stops under both, a publish and a message being applied in flight.
-        sender.start()
-        worker.wait_for(lambda: applied() >= APPLIED_BEFORE_STOP, timeout=TIMEOUT)
+        wait_for(lambda: len(sender.accepted) > BACKLOG_BEFORE_THE_WORKER, timeout=TIMEOUT)
+        worker = WorkerProcess(env, worker_log_dir / "worker-rabbitmq-restart.log")
+        worker_pid = worker.process.pid
+        worker.wait_for(
+            lambda: (
+                applied() >= APPLIED_BEFORE_STOP
+                and len(sender.accepted) - applied() > WAITING_AT_STOP
+            ),
+            timeout=TIMEOUT,
+        )
         private_rabbitmq.stop()
         stopped = time.monotonic()
         sender.halt.set()
@@ -207,4 +220,5 @@ def test_rabbitmq_restart_mid_pipeline(
         assert connects >= 2, "connected again after the restart"
     finally:
         sender.halt.set()
-        worker.stop()
+        if worker is not None:
+            worker.stop()

@@ -32,7 +32,10 @@ changed: where Celery hands the request to the pool, :meth:`Batcher.take` does.
 - With a result backend (``COMMS_RESULT_BACKEND``) each applied message's result is
   stored, as its own run would store it.
 
-``COMMS_INBOUND_BATCH=1`` turns batches off; so does a pool other than prefork or solo.
+``COMMS_INBOUND_BATCH=1`` turns batches off; so does a pool other than prefork or solo,
+and the embedded default's folder broker (it has no acknowledgements: a message is gone
+from its folder once delivered). A call whose args are not a list or whose kwargs are
+not a mapping is kept as a dead letter (Celery would fail it outside the task's body).
 """
 
 from __future__ import annotations
@@ -44,11 +47,16 @@ from typing import Any
 
 from celery import Task
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 from celery.worker.strategy import default as default_strategy
 
 from comms_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+MALFORMED_CALL = (
+    "the message is not a valid task message: its args must be a list and its kwargs a mapping"
+)
 
 # The pools whose callbacks run in the consumer's own thread (the hub's loop, or inline).
 BATCHING_POOL_MODULES = ("celery.concurrency.prefork", "celery.concurrency.solo")
@@ -72,6 +80,9 @@ class Batcher:
 
     def take(self, request: Request) -> None:
         """Where Celery's strategy would hand ``request`` to the pool."""
+        if not well_formed(request):
+            self._keep_malformed(request)
+            return
         if not self.enabled or runs_alone(request):
             self.consumer.on_task_request(request)
             return
@@ -96,6 +107,19 @@ class Batcher:
         self.buffer = []
         self.in_flight = 0
 
+    def _keep_malformed(self, request: Request) -> None:
+        """A call whose args are not a list or whose kwargs not a mapping: Celery's tracer
+        would fail it outside the task's body, and acknowledge it with no dead letter. It
+        is kept as one, as a message the worker cannot run (``stray_messages``)."""
+        keep = getattr(self.consumer, "_keep", None)
+        if keep is None:
+            self.consumer.on_task_request(request)
+            return
+        call = {"args": request.args, "kwargs": request.kwargs}
+        # Kept (and acknowledged), or left unacknowledged while the database is away.
+        keep(request.message, request.task_name, request.task_id, MALFORMED_CALL, call)
+        task_ready(request)
+
     def flush(self) -> None:
         """Hand the buffer to the pool while it has a process no batch occupies."""
         while self.buffer and self.in_flight < self.processes:
@@ -114,7 +138,7 @@ class Batcher:
         if not batch:
             return
         requests = [request for request, _ in batch]
-        items = [(r.task_name, r.task_id, tuple(r.args), dict(r.kwargs)) for r in requests]
+        items = [(r.task_name, r.task_id, tuple(r.args), r.kwargs) for r in requests]
         accepted: dict[str, Any] = {}
 
         def on_accepted(pid: int, time_accepted: float) -> None:
@@ -197,6 +221,12 @@ def reset_batcher(consumer: Any) -> None:
         batcher.reset()
 
 
+def well_formed(request: Request) -> bool:
+    """A call as a batch takes it: args a list, kwargs a mapping. Any other goes alone, to
+    Celery's own handling of it."""
+    return isinstance(request.args, list | tuple) and isinstance(request.kwargs, dict)
+
+
 def runs_alone(request: Request) -> bool:
     """A message delivered again, or a retry: run on its own, its start counted."""
     return bool(request.delivery_info.get("redelivered")) or bool(
@@ -219,7 +249,11 @@ def batcher_of(consumer: Any) -> Batcher:
     """The consumer's one batcher, made with its first inbound task's strategy."""
     batcher = getattr(consumer, "_comms_inbound_batcher", None)
     if batcher is None or batcher.consumer is not consumer:
-        batcher = Batcher(consumer, get_settings().inbound_batch)
+        settings = get_settings()
+        # The embedded default's folder broker deletes a message's file as it delivers it:
+        # a message waiting in a batch would be lost with the worker. One at a time there.
+        size = settings.inbound_batch if settings.broker_url is not None else 1
+        batcher = Batcher(consumer, size)
         consumer._comms_inbound_batcher = batcher
     return batcher
 
