@@ -71,6 +71,19 @@ class FakeConsumer:
         return True
 
 
+def busy(consumer: FakeConsumer, size: int = 50) -> Batcher:
+    """A batcher whose one process has a batch under way."""
+    batcher = Batcher(consumer, size)
+    batcher.in_flight = 1
+    return batcher
+
+
+def batch_returned(batcher: Batcher) -> None:
+    """The batch under way returned: the buffer goes to the pool."""
+    batcher.in_flight = 0
+    batcher.flush()
+
+
 @pytest.fixture
 def consumer(committed_db: Engine) -> FakeConsumer:
     return FakeConsumer()
@@ -134,8 +147,7 @@ def test_a_redelivered_message_or_a_retry_runs_alone(consumer: FakeConsumer) -> 
 def test_what_a_batch_does_not_apply_goes_on_alone_in_its_order(
     consumer: FakeConsumer, committed_db: Engine
 ) -> None:
-    batcher = Batcher(consumer, 50)
-    batcher.in_flight = 1
+    batcher = busy(consumer)
     bad = FakeRequest(f.therapist_upserted(31, email="a@b.de\r\nBcc: c@d.de"))
     good = FakeRequest(f.therapist_upserted(32))
     unknown = FakeRequest(f.status_changed(9999, "in_progress"))
@@ -143,8 +155,7 @@ def test_what_a_batch_does_not_apply_goes_on_alone_in_its_order(
     for request in (bad, good, unknown):
         batcher.take(request)  # type: ignore[arg-type]
 
-    batcher.in_flight = 0
-    batcher.flush()
+    batch_returned(batcher)
 
     assert consumer.alone == [bad, unknown]
     assert bad.calls == unknown.calls == []
@@ -156,16 +167,14 @@ def test_what_a_batch_does_not_apply_goes_on_alone_in_its_order(
 def test_a_message_revoked_while_it_waited_is_left_to_celery(
     consumer: FakeConsumer, committed_db: Engine
 ) -> None:
-    batcher = Batcher(consumer, 50)
-    batcher.in_flight = 1
+    batcher = busy(consumer)
     revoked = FakeRequest(f.therapist_upserted(41))
     kept = FakeRequest(f.therapist_upserted(42))
     batcher.take(revoked)  # type: ignore[arg-type]
     batcher.take(kept)  # type: ignore[arg-type]
     revoked.is_revoked = True
 
-    batcher.in_flight = 0
-    batcher.flush()
+    batch_returned(batcher)
 
     # Celery's revoked() announces and acknowledges it; the batch does not apply it.
     assert revoked.calls == ["revoked"]
@@ -199,15 +208,13 @@ def test_batches_are_off_with_a_batch_size_of_one(consumer: FakeConsumer) -> Non
 def test_a_revoke_with_terminate_during_its_batch_terminates_no_process(
     consumer: FakeConsumer, committed_db: Engine
 ) -> None:
-    batcher = Batcher(consumer, 50)
-    batcher.in_flight = 1
+    batcher = busy(consumer)
     request = FakeRequest(f.therapist_upserted(71))
     batcher.take(request)  # type: ignore[arg-type]
     # revoke(terminate=True) of a request Celery counts as running, before it is accepted.
     request._terminate_on_ack = (consumer.pool, "SIGTERM")
 
-    batcher.in_flight = 0
-    batcher.flush()
+    batch_returned(batcher)
 
     # Applied with its batch; the process, by now another message's, is left alone.
     assert request.calls == ["accepted", "succeeded"]
@@ -261,16 +268,14 @@ def test_a_batch_of_before_a_lost_connection_touches_nothing_after_it(
 def test_a_malformed_call_is_kept_as_a_dead_letter_and_the_rest_go_on(
     consumer: FakeConsumer, committed_db: Engine, args: Any, kwargs: Any
 ) -> None:
-    batcher = Batcher(consumer, 50)
-    batcher.in_flight = 1
+    batcher = busy(consumer)
     malformed = FakeRequest(f.therapist_upserted(101))
     malformed.args, malformed.kwargs = args, kwargs
     good = FakeRequest(f.therapist_upserted(102))
 
     batcher.take(malformed)  # type: ignore[arg-type]
     batcher.take(good)  # type: ignore[arg-type]
-    batcher.in_flight = 0
-    batcher.flush()
+    batch_returned(batcher)
 
     assert consumer.kept == [(malformed.task_id, MALFORMED_CALL, {"args": args, "kwargs": kwargs})]
     assert consumer.alone == []
