@@ -19,6 +19,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from comms_tasks.app import app
 from comms_tasks.db import one_connection, transaction
 from comms_tasks.inbound import failures
 from comms_tasks.inbound.inbox import (
@@ -38,8 +39,9 @@ MAX_ATTEMPTS = 3
 
 # One message as the worker hands it over: its task name, task id, args and kwargs.
 Item = tuple[str, str, tuple[Any, ...], dict[str, Any]]
-# A message ready to apply: its place in the batch, task name, the validated message.
-Ready = tuple[int, str, Any, Applier]
+# A message ready to apply: its place in the batch, task name, message id, the validated
+# message and its applier.
+Ready = tuple[int, str, str, Any, Applier]
 
 # What an attempt that cannot single out one message returns: all of the rest alone.
 EVERY_ONE = -1
@@ -77,7 +79,7 @@ def apply_batch(batch: Batch) -> list[dict[str, Any] | None]:
             message = validate(task_name, unpack_arguments(task_name, args, kwargs))
         except Exception:  # noqa: BLE001, S112 - its own run keeps it as a dead letter
             continue
-        ready.append((index, task_name, message, applier))
+        ready.append((index, task_name, message_id_of(message), message, applier))
     with one_connection():
         for _ in range(MAX_ATTEMPTS):
             if not ready:
@@ -99,8 +101,6 @@ def apply_batch(batch: Batch) -> list[dict[str, Any] | None]:
 def _store_result(task_name: str, task_id: str, outcome: dict[str, Any]) -> None:
     """With a result backend (``COMMS_RESULT_BACKEND``), the message's result, as its own
     run would store it; bookkeeping only: the message is applied whatever happens here."""
-    from comms_tasks.app import app
-
     task = app.tasks[task_name]
     if task.ignore_result:
         return
@@ -118,10 +118,11 @@ def _apply_together(ready: list[Ready], outcomes: list[dict[str, Any] | None]) -
         with transaction() as session:
             # Every message's row first, in one statement: a concurrent worker applying
             # one of them waits on its key, then finds it taken, as with one message.
-            claimed = claim_all(session, [(message_id_of(m), name) for _, name, m, _ in ready])
-            for index, _, message, applier in ready:
+            claimed = claim_all(
+                session, [(message_id, name) for _, name, message_id, _, _ in ready]
+            )
+            for index, _, message_id, message, applier in ready:
                 current = index
-                message_id = message_id_of(message)
                 if message_id in claimed:
                     claimed.discard(message_id)  # the same id again in the batch: a duplicate
                     applier(session, message)

@@ -111,13 +111,12 @@ class Batcher:
         """A call whose args are not a list or whose kwargs not a mapping: Celery's tracer
         would fail it outside the task's body, and acknowledge it with no dead letter. It
         is kept as one, as a message the worker cannot run (``stray_messages``)."""
-        keep = getattr(self.consumer, "_keep", None)
-        if keep is None:
-            self.consumer.on_task_request(request)
-            return
         call = {"args": request.args, "kwargs": request.kwargs}
-        # Kept (and acknowledged), or left unacknowledged while the database is away.
-        keep(request.message, request.task_name, request.task_id, MALFORMED_CALL, call)
+        # Kept (and acknowledged), or left unacknowledged while the database is away: the
+        # worker's consumer is always stray_messages.DeadLetteringConsumer (celeryconfig).
+        self.consumer._keep(
+            request.message, request.task_name, request.task_id, MALFORMED_CALL, call
+        )
         task_ready(request)
 
     def flush(self) -> None:
@@ -222,8 +221,8 @@ def reset_batcher(consumer: Any) -> None:
 
 
 def well_formed(request: Request) -> bool:
-    """A call as a batch takes it: args a list, kwargs a mapping. Any other goes alone, to
-    Celery's own handling of it."""
+    """A call as a task takes it: args a list, kwargs a mapping. Any other is a dead letter
+    (:meth:`Batcher._keep_malformed`)."""
     return isinstance(request.args, list | tuple) and isinstance(request.kwargs, dict)
 
 

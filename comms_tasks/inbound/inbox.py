@@ -280,15 +280,7 @@ def _already_processed(message_id: str) -> bool:
 
 def claim(session: Session, message_id: str, task_name: str) -> bool:
     """Insert the message's ``processed_messages`` row; False if it is there already."""
-    dialect = session.get_bind().dialect.name
-    insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
-    statement = (
-        insert(ProcessedMessage)
-        .values(message_id=message_id, task_name=task_name, processed_at=utcnow())
-        .on_conflict_do_nothing(index_elements=[ProcessedMessage.message_id])
-        .returning(ProcessedMessage.message_id)
-    )
-    return session.execute(statement).first() is not None
+    return message_id in claim_all(session, [(message_id, task_name)])
 
 
 def claim_all(session: Session, messages: list[tuple[str, str]]) -> set[str]:
