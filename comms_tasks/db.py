@@ -193,44 +193,36 @@ def _on_connection(connection: Connection) -> Iterator[Session]:
 
 
 @contextlib.contextmanager
-def session_without_flush_wait() -> Iterator[Session]:
-    """A session on one connection of its own whose commits never wait for the WAL flush.
+def statements_without_flush_wait() -> Iterator[Connection | None]:
+    """A PostgreSQL connection of its own whose statements each commit, without waiting
+    for the WAL flush; ``None`` where there is none to have (SQLite, or every session
+    already sharing one connection, as in the domain tests).
 
-    For a thread that commits many small transactions one after the other (a claim's
-    send results): the connection is taken from the pool once, ``synchronous_commit =
-    off`` is set once for it, and each ``with session.begin():`` is one transaction on
-    it. On the way out the setting is reset, so the pool never hands it on; a connection
+    For a thread that writes many small changes, each one statement, one after the other
+    (a claim's delivered results): the connection is taken from the pool once, in
+    autocommit mode (one round trip per change: no ``BEGIN``, no ``COMMIT``), with
+    ``synchronous_commit = off`` set once. On the way out the setting is reset and the
+    pool restores the isolation level, so the pool never hands either on; a connection
     that cannot be reset is dropped.
 
     A commit is then visible at once and survives any client crash; only a crash of the
     PostgreSQL server within its ``wal_writer_delay`` (200 ms by default) can lose it.
     For writes whose loss is safe to repeat (a send result: the email is sent again).
-    SQLite has no such setting; there it is a session on one connection.
     """
-    factory = _session_factory()
-    bind = factory.kw["bind"]
-    if not isinstance(bind, Engine):
-        # Every session already shares one connection (the domain tests' one transaction):
-        # each transaction is one of theirs, the connection's settings left alone.
-        with factory() as session:
-            yield session
+    bind = _session_factory().kw["bind"]
+    if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
+        yield None
         return
     with bind.connect() as connection:
-        postgres = connection.dialect.name == "postgresql"
-        if postgres:
-            connection.exec_driver_sql("SET synchronous_commit = off")
-            connection.commit()
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.exec_driver_sql("SET synchronous_commit = off")
         try:
-            with Session(bind=connection, expire_on_commit=False) as session:
-                yield session
+            yield connection
         finally:
-            if postgres:
-                try:
-                    connection.rollback()
-                    connection.exec_driver_sql("RESET synchronous_commit")
-                    connection.commit()
-                except DBAPIError:
-                    connection.invalidate()
+            try:
+                connection.exec_driver_sql("RESET synchronous_commit")
+            except DBAPIError:
+                connection.invalidate()
 
 
 AFTER_COMMIT_KEY = "comms_after_commit"

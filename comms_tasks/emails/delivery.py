@@ -272,6 +272,7 @@ def outgoing(session: Session, email: Email, settings: Settings | None = None) -
             references = (original.message_id,)
     return OutgoingMessage(
         email_id=email.id,
+        therapist_id=email.therapist_id,
         message_id=email.message_id,
         sender_email=email.sender_email,
         sender_name=email.sender_name,

@@ -6,11 +6,13 @@ before the server may accept N+1 (the end of its DATA), the sender waits for tha
 per connection is ever accepted by the server and not yet recorded: a worker killed at
 any moment sends at most that one again after the lease.
 
-Each commit does not wait for its WAL flush (``synchronous_commit = off`` on the one
-connection the thread uses for the claim, see
-:func:`comms_tasks.db.session_without_flush_wait`): only a crash of PostgreSQL can lose
-such a commit, and a lost result leaves its email ``sending`` (or ``queued``, if the
-claim is lost too), which is sent again: a duplicate, never a loss.
+On PostgreSQL a delivered result is one statement on the one connection the thread
+takes for the claim, in autocommit mode, whose commits do not wait for the WAL flush
+(:func:`comms_tasks.db.statements_without_flush_wait`): one round trip per result. Only
+a crash of PostgreSQL can lose such a commit, and a lost result leaves its email
+``sending`` (or ``queued``, if the claim is lost too), which is sent again: a duplicate,
+never a loss. A failure (rare: several statements) and every result on SQLite is a
+transaction of its own, as any other.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import datetime as dt
 import queue
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Sequence
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
-from comms_tasks.db import session_without_flush_wait
+from comms_tasks.db import statements_without_flush_wait, transaction
 from comms_tasks.emails import send_results
+from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models.base import utcnow
 
@@ -47,12 +50,14 @@ class ResultRecorder:
 
     def __init__(
         self,
-        email_ids: Iterable[int],
+        messages: Sequence[OutgoingMessage],
         counts: dict[str, int],
         rng: random.Random,
-        lease: dt.datetime | None = None,
+        lease: dt.datetime,
     ):
-        self.unrecorded = set(email_ids)
+        self.unrecorded = {message.email_id for message in messages}
+        # What a delivered email's event names, from the claim.
+        self._sent = {m.email_id: (m.therapist_id, m.message_id) for m in messages}
         self.lease = lease  # the claim's (delivery.lease_of_claim): only its emails
         self.counts = counts
         self._rng = rng
@@ -106,25 +111,34 @@ class ResultRecorder:
 
     def _record_until_done(self) -> None:
         # One connection for the whole claim: no pool checkout (and ping) per result.
-        with contextlib.ExitStack() as connection:
-            session: Session | None = None  # taken at the first result
+        with contextlib.ExitStack() as stack:
+            opened = False  # at the first result
+            statements: Connection | None = None
             while True:
                 item = self._results.get()
                 try:
                     if item is _DONE:
                         return
                     if self._error is None:
-                        if session is None:
-                            session = connection.enter_context(session_without_flush_wait())
-                        self._record(session, item)
+                        if not opened:
+                            statements = stack.enter_context(statements_without_flush_wait())
+                            opened = True
+                        self._record(statements, item)
                 except Exception as exc:  # noqa: BLE001 - handed to the sending thread
                     self._error = exc
                 finally:
                     self._results.task_done()
 
-    def _record(self, session: Session, item: tuple[SendResult, dt.datetime]) -> None:
-        with session.begin():
-            recorded = send_results.record_results(session, [item], self._rng, self.lease)
-        self.unrecorded.discard(item[0].email_id)
+    def _record(self, statements: Connection | None, item: tuple[SendResult, dt.datetime]) -> None:
+        result, at = item
+        if statements is not None and result.delivered:
+            therapist_id, message_id = self._sent[result.email_id]
+            recorded = send_results.record_delivered(
+                statements, result.email_id, therapist_id, message_id, at, self.lease
+            )
+        else:
+            with transaction() as session:
+                recorded = send_results.record_results(session, [item], self._rng, self.lease)
+        self.unrecorded.discard(result.email_id)
         for each in recorded:
             self.counts[each.status.value] = self.counts.get(each.status.value, 0) + 1

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import random
 from collections.abc import Sequence
 from typing import cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, literal, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from comms_tasks.contracts.published import EmailSentPayload
 from comms_tasks.emails.delivery import (
@@ -25,12 +27,13 @@ from comms_tasks.emails.delivery import (
     retry_values,
     sent_values,
 )
-from comms_tasks.events.outbox import record_events
+from comms_tasks.events.outbox import outbox_row, record_events
 from comms_tasks.mail.sender import SendResult
-from comms_tasks.models import Email, EmailStatus
+from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.models.base import utcnow
 
 EMAILS = cast(Table, Email.__table__)
+OUTBOX = cast(Table, OutboxEvent.__table__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,73 @@ def record_results(
         if each is not None:
             recorded.append(each)
     return recorded
+
+
+def record_delivered(
+    connection: Connection,
+    email_id: int,
+    therapist_id: int,
+    message_id: str,
+    now: dt.datetime,
+    lease: dt.datetime,
+) -> list[Recorded]:
+    """A delivered result as one statement (PostgreSQL, on an autocommit connection: one
+    round trip, its own commit): the email's row updated as :func:`record_results` does,
+    and its ``email.sent`` event inserted only if the row was still this claim's.
+
+    The therapist and the Message-ID are the claim's (neither changes after the email is
+    written); the guard is the same as :func:`record_results`'s.
+    """
+    event = outbox_row(
+        EmailSentPayload(
+            email_id=email_id, therapist_id=therapist_id, message_id=message_id, sent_at=now
+        ),
+        now,
+    )
+    inserted = connection.execute(
+        _delivered_statement(),
+        {
+            "email_id": email_id,
+            "lease": lease,
+            **{f"set_{name}": value for name, value in sent_values(now).items()},
+            "activity_at": utcnow(),
+            # Prefixed: a parameter named as a column of emails would be set on it too.
+            **{f"outbox_{name}": value for name, value in event.items()},
+            "outbox_created_at": utcnow(),
+        },
+    ).first()
+    return [] if inserted is None else [Recorded(email_id, EmailStatus.SENT)]
+
+
+@functools.cache
+def _delivered_statement() -> ReturningInsert[tuple[int]]:
+    """``WITH sent AS (UPDATE emails … RETURNING id) INSERT INTO outbox … SELECT … FROM
+    sent``, built once: its values are parameters."""
+    emails, outbox = EMAILS.c, OUTBOX.c
+    sent = (
+        update(EMAILS)
+        .where(emails.id == bindparam("email_id"))
+        .where(emails.status == EmailStatus.SENDING)
+        .where(emails.lease_expires_at == bindparam("lease"))
+        .values(
+            {
+                **{name: bindparam(f"set_{name}", type_=emails[name].type) for name in SENT},
+                "last_activity_at": bindparam("activity_at", type_=emails.last_activity_at.type),
+            }
+        )
+        .returning(emails.id)
+        .cte("sent")
+    )
+    written = ("event_id", "event_type", "envelope", "created_at")
+    event = select(
+        *(bindparam(f"outbox_{name}", type_=outbox[name].type) for name in written),
+        literal(0, outbox.attempts.type),
+    ).select_from(sent)
+    return insert(OUTBOX).from_select([*written, "attempts"], event).returning(outbox.id)
+
+
+# The columns a delivered result sets (delivery.sent_values).
+SENT = tuple(sent_values(utcnow()))
 
 
 def _record(

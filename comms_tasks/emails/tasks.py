@@ -74,7 +74,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
             helpers_started = True
         # Each result is committed while the next message goes out; no message is
         # accepted by the server before the result before it is recorded.
-        results = ResultRecorder([message.email_id for message in messages], counts, rng, lease)
+        results = ResultRecorder(messages, counts, rng, lease)
         before_handover = functools.partial(_recorded_and_in_time, results, deadline)
         try:
             with results:

@@ -36,7 +36,8 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 MAX_ERROR_LENGTH = 500
 
 
-def _outbox_row(payload: Contract, occurred_at: dt.datetime) -> dict[str, Any]:
+def outbox_row(payload: Contract, occurred_at: dt.datetime) -> dict[str, Any]:
+    """The columns of the event's outbox row: its id, its type and its whole envelope."""
     envelope = build_event(payload, occurred_at=occurred_at)
     return {
         "event_id": envelope["event_id"],
@@ -49,14 +50,14 @@ def record_event(
     session: Session, payload: Contract, occurred_at: dt.datetime | None = None
 ) -> str:
     """Add one event to the current transaction; returns its event id."""
-    row = _outbox_row(payload, occurred_at or utcnow())
+    row = outbox_row(payload, occurred_at or utcnow())
     session.add(OutboxEvent(**row))
     return str(row["event_id"])
 
 
 def record_events(session: Session, payloads: Sequence[Contract], occurred_at: dt.datetime) -> None:
     """Add many events to the current transaction in one statement, in this order."""
-    insert_rows(session, OutboxEvent, [_outbox_row(payload, occurred_at) for payload in payloads])
+    insert_rows(session, OutboxEvent, [outbox_row(payload, occurred_at) for payload in payloads])
 
 
 @dataclasses.dataclass(frozen=True)

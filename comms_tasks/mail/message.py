@@ -47,6 +47,7 @@ class HeaderError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class OutgoingMessage:
     email_id: int
+    therapist_id: int  # whom it is for: the email.sent event names them
     message_id: str  # "<...@domain>", fixed before the first attempt
     sender_email: str
     sender_name: str

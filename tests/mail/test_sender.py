@@ -63,6 +63,7 @@ _email_ids = itertools.count(1)
 def outgoing(**changes: Any) -> OutgoingMessage:
     message = OutgoingMessage(
         email_id=next(_email_ids),
+        therapist_id=1,
         message_id=new_message_id(SENDER),
         sender_email=SENDER,
         sender_name=SENDER_NAME,
