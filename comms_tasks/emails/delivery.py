@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import Table, or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from comms_tasks.contracts.published import EmailFailedPayload
 from comms_tasks.emails import answers, composing, rechecks
@@ -33,7 +34,10 @@ from comms_tasks.emails.rechecks import (
 from comms_tasks.events.outbox import record_event
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.models import Email, EmailStatus, Therapist
+from comms_tasks.models.base import utcnow
 from comms_tasks.settings import Settings, get_settings
+
+EMAILS = cast(Table, Email.__table__)
 
 
 def prepare_batch(
@@ -206,15 +210,35 @@ def claim_due(
         )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    claimed = []
+    lease = lease_of_claim(now, settings)
+    claimed, starting = [], []
     for email in session.scalars(query):
-        if email.status is EmailStatus.SENDING and count_lost_attempt(session, email, now):
-            set_aside["failed"] = set_aside.get("failed", 0) + 1
-            continue
-        email.status = EmailStatus.SENDING
-        email.lease_expires_at = lease_of_claim(now, settings)
+        if email.status is EmailStatus.SENDING:
+            if count_lost_attempt(session, email, now):
+                set_aside["failed"] = set_aside.get("failed", 0) + 1
+                continue
+            email.lease_expires_at = lease
+        else:
+            starting.append(email)
         claimed.append(email)
+    if starting:
+        start_sending(session, starting, lease)
     return claimed
+
+
+def start_sending(session: Session, emails: list[Email], lease: dt.datetime) -> None:
+    """Queued emails to ``sending`` under ``lease``: one ``UPDATE`` for them all, where the
+    flush would write one per email; the loaded objects say what it wrote."""
+    activity = utcnow()  # a status change: the retention clock moves, as track_activity's
+    session.execute(
+        update(EMAILS)
+        .where(EMAILS.c.id.in_([email.id for email in emails]))
+        .values(status=EmailStatus.SENDING, lease_expires_at=lease, last_activity_at=activity)
+    )
+    for email in emails:
+        set_committed_value(email, "status", EmailStatus.SENDING)
+        set_committed_value(email, "lease_expires_at", lease)
+        set_committed_value(email, "last_activity_at", activity)
 
 
 def count_lost_attempt(session: Session, email: Email, now: dt.datetime) -> bool:

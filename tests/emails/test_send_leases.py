@@ -13,7 +13,7 @@ import datetime as dt
 import random
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, event, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.db import transaction
@@ -98,3 +98,33 @@ def test_a_lost_attempt_and_a_recorded_one_count_once_each(domain_db: Connection
     assert sent.retry_count == 2
     assert sent.error_message is None
     assert failed_events(domain_db) == []
+
+
+def test_a_claim_moves_its_emails_in_one_statement(domain_db: Connection) -> None:
+    """Queued to sending under the lease, the retention clock moved as track_activity
+    moves it: one UPDATE for the whole claim, not one per email from the flush."""
+    f.queue_plain_emails(domain_db, 3, "one-update")
+    before = {email.id: email.last_activity_at for email in all_emails(domain_db)}
+    updates: list[tuple[str, bool]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, _params: Any, _ctx: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("UPDATE"):
+            updates.append((statement.split("SET")[0], many))
+
+    now = dt.datetime.now(dt.UTC)
+    event.listen(domain_db, "before_cursor_execute", note)
+    try:
+        claimed = claim(now)
+    finally:
+        event.remove(domain_db, "before_cursor_execute", note)
+    assert sorted(claimed) == sorted(before)
+    assert len(updates) == 1 and not updates[0][1], updates
+    lease = delivery.lease_of_claim(now, get_settings())
+    for email in all_emails(domain_db):
+        assert (email.status, email.lease_expires_at) == (EmailStatus.SENDING, lease)
+        assert email.last_activity_at > before[email.id]
+
+
+def all_emails(connection: Connection) -> list[Email]:
+    with Session(connection) as session:
+        return list(session.scalars(select(Email)))
