@@ -219,10 +219,11 @@ def statements_without_flush_wait() -> Iterator[Connection | None]:
         try:
             yield connection
         finally:
-            try:
-                connection.exec_driver_sql("RESET synchronous_commit")
-            except DBAPIError:
-                connection.invalidate()
+            if not connection.invalidated:  # a lost one is dropped by the pool as it is
+                try:
+                    connection.exec_driver_sql("RESET synchronous_commit")
+                except DBAPIError:
+                    connection.invalidate()
 
 
 AFTER_COMMIT_KEY = "comms_after_commit"

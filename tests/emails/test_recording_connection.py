@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
 import time
 from typing import Any
 
+import pytest
 from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from comms_tasks import db
 from comms_tasks.db import transaction
 from comms_tasks.emails import delivery, send_results
-from comms_tasks.emails.recording import ResultRecorder
+from comms_tasks.emails.recording import RecordingFailedError, ResultRecorder
+from comms_tasks.emails.tasks import send_email
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.smtp import SmtpSink
 
 # The columns a delivered result writes, besides the clocks compared on their own.
 WRITTEN = ("status", "sent_at", "lease_expires_at", "next_attempt_at", "error_message")
@@ -170,3 +175,51 @@ def test_the_recorder_writes_delivered_and_failed_results(committed_db: Engine) 
     assert after[refused.email_id].error_message == "550 no"
     assert set(sent_events(committed_db)) == {delivered.email_id}
     assert db.get_engine().pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def terminate(committed_db: Engine, connection: Connection) -> None:
+    """The connection's server process ends, as in a PostgreSQL restart."""
+    pid = connection.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+    with committed_db.connect() as other:
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        other.commit()
+    time.sleep(0.1)
+
+
+def test_a_connection_lost_in_the_block_raises_its_own_error(committed_db: Engine) -> None:
+    """Not the reset's PendingRollbackError on the way out, which would hide it."""
+    with pytest.raises(OperationalError), db.statements_without_flush_wait() as connection:
+        assert connection is not None
+        terminate(committed_db, connection)
+        connection.execute(text("SELECT 1"))
+    with db.get_engine().connect() as connection:
+        assert connection.scalar(text("SHOW synchronous_commit")) == "on"
+
+
+def test_a_database_restart_during_a_claim_stops_the_send_cleanly(
+    committed_db: Engine, smtp: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder's connection is lost between two delivered results: the send stops
+    with RecordingFailedError, and the recorder thread ends without an error of its own."""
+    f.queue_plain_emails(committed_db, 3, "restart")
+    real = send_results.record_delivered
+    calls: list[int] = []
+
+    def record_delivered(connection: Connection, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            terminate(committed_db, connection)
+        return real(connection, *args)
+
+    monkeypatch.setattr(send_results, "record_delivered", record_delivered)
+    escaped: list[BaseException | None] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda arguments: escaped.append(arguments.exc_value)
+    try:
+        with pytest.raises(RecordingFailedError):
+            send_email()
+    finally:
+        threading.excepthook = previous
+    assert escaped == [], f"the recorder thread died with: {escaped!r}"
+    after = rows(committed_db)
+    assert after[min(after)].status is EmailStatus.SENT  # recorded before the loss
