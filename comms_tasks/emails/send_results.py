@@ -20,6 +20,7 @@ from sqlalchemy.sql.dml import ReturningInsert
 
 from comms_tasks.contracts.published import EmailSentPayload
 from comms_tasks.emails.delivery import (
+    EMAILS,
     MAX_ATTEMPTS,
     MAX_ERROR_LENGTH,
     failed_event,
@@ -32,7 +33,6 @@ from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.models.base import utcnow
 
-EMAILS = cast(Table, Email.__table__)
 OUTBOX = cast(Table, OutboxEvent.__table__)
 
 
