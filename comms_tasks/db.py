@@ -193,37 +193,24 @@ def _on_connection(connection: Connection) -> Iterator[Session]:
 
 
 @contextlib.contextmanager
-def statements_without_flush_wait() -> Iterator[Connection | None]:
-    """A PostgreSQL connection of its own whose statements each commit, without waiting
-    for the WAL flush; ``None`` where there is none to have (SQLite, or every session
-    already sharing one connection, as in the domain tests).
+def autocommit_connection() -> Iterator[Connection | None]:
+    """A PostgreSQL connection of its own on which each statement is its own transaction;
+    ``None`` where there is none to have (SQLite, or every session already sharing one
+    connection, as in the domain tests).
 
     For a thread that writes many small changes, each one statement, one after the other
-    (a claim's delivered results): the connection is taken from the pool once, in
-    autocommit mode (one round trip per change: no ``BEGIN``, no ``COMMIT``), with
-    ``synchronous_commit = off`` set once. On the way out the setting is reset and the
-    pool restores the isolation level, so the pool never hands either on; a connection
-    that cannot be reset is dropped.
-
-    A commit is then visible at once and survives any client crash; only a crash of the
-    PostgreSQL server within its ``wal_writer_delay`` (200 ms by default) can lose it.
-    For writes whose loss is safe to repeat (a send result: the email is sent again).
+    (a claim's delivered results): the connection is taken from the pool once, and each
+    change is one round trip — no ``BEGIN``, no ``COMMIT``. Each commit waits for its WAL
+    flush as any other (measured: no slower here, the flush overlaps the next message's
+    SMTP round trips), so a crash of PostgreSQL loses no recorded result. The pool
+    restores the isolation level when the connection goes back.
     """
     bind = _session_factory().kw["bind"]
     if not isinstance(bind, Engine) or bind.dialect.name != "postgresql":
         yield None
         return
     with bind.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT")
-        connection.exec_driver_sql("SET synchronous_commit = off")
-        try:
-            yield connection
-        finally:
-            if not connection.invalidated:  # a lost one is dropped by the pool as it is
-                try:
-                    connection.exec_driver_sql("RESET synchronous_commit")
-                except DBAPIError:
-                    connection.invalidate()
+        yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 AFTER_COMMIT_KEY = "comms_after_commit"

@@ -7,12 +7,9 @@ per connection is ever accepted by the server and not yet recorded: a worker kil
 any moment sends at most that one again after the lease.
 
 On PostgreSQL a delivered result is one statement on the one connection the thread
-takes for the claim, in autocommit mode, whose commits do not wait for the WAL flush
-(:func:`comms_tasks.db.statements_without_flush_wait`): one round trip per result. Only
-a crash of PostgreSQL can lose such a commit, and a lost result leaves its email
-``sending`` (or ``queued``, if the claim is lost too), which is sent again: a duplicate,
-never a loss. A failure (rare: several statements) and every result on SQLite is a
-transaction of its own, as any other.
+takes for the claim, in autocommit mode (:func:`comms_tasks.db.autocommit_connection`):
+one round trip per result, its own commit, durable as any other. A failure (rare:
+several statements) and every result on SQLite is a transaction of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import Connection
 
-from comms_tasks.db import statements_without_flush_wait, transaction
+from comms_tasks.db import autocommit_connection, transaction
 from comms_tasks.emails import send_results
 from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.mail.sender import SendResult
@@ -121,7 +118,7 @@ class ResultRecorder:
                         return
                     if self._error is None:
                         if not opened:
-                            statements = stack.enter_context(statements_without_flush_wait())
+                            statements = stack.enter_context(autocommit_connection())
                             opened = True
                         self._record(statements, item)
                 except Exception as exc:  # noqa: BLE001 - handed to the sending thread

@@ -1,8 +1,8 @@
 """The recorder's one connection, and a delivered result written as one statement on it.
 
 On PostgreSQL the recorder thread writes each delivered result as one statement on a
-connection of its own in autocommit mode, with ``synchronous_commit = off``
-(``db.statements_without_flush_wait``, ``send_results.record_delivered``). What that
+connection of its own in autocommit mode (``db.autocommit_connection``,
+``send_results.record_delivered``), each commit waiting for its WAL flush as any other. What that
 statement writes must be what the general path (``record_results``, one transaction)
 writes; the connection must go back to the pool as it came.
 """
@@ -43,9 +43,10 @@ def test_the_recorders_connection_goes_back_to_the_pool_as_it_came(committed_db:
         time.sleep(0.01)
         return first, connection.scalar(text("SELECT now()"))
 
-    with db.statements_without_flush_wait() as connection:
+    with db.autocommit_connection() as connection:
         assert connection is not None
-        assert connection.scalar(text("SHOW synchronous_commit")) == "off"
+        # Each result's commit is durable: a crash of PostgreSQL loses none (SPEC §9).
+        assert connection.scalar(text("SHOW synchronous_commit")) == "on"
         first, second = two_clocks(connection)
         assert first != second, "not in autocommit: both statements in one transaction"
     engine = db.get_engine()
@@ -85,7 +86,7 @@ def test_one_statement_writes_what_the_general_path_writes(committed_db: Engine)
         by_general = send_results.record_results(
             session, [(SendResult(general.email_id, True), at)], random.Random(1), lease
         )
-    with db.statements_without_flush_wait() as connection:
+    with db.autocommit_connection() as connection:
         assert connection is not None
         by_single = send_results.record_delivered(
             connection, single.email_id, single.therapist_id, single.message_id, at, lease
@@ -130,7 +131,7 @@ def test_one_statement_leaves_an_email_no_longer_the_claims(committed_db: Engine
         )
     before = rows(committed_db)
     at = claimed_at + dt.timedelta(seconds=1)
-    with db.statements_without_flush_wait() as connection:
+    with db.autocommit_connection() as connection:
         assert connection is not None
         for message, its_lease in (
             (stale, lease - dt.timedelta(seconds=1)),  # another claim's lease
@@ -188,7 +189,7 @@ def terminate(committed_db: Engine, connection: Connection) -> None:
 
 def test_a_connection_lost_in_the_block_raises_its_own_error(committed_db: Engine) -> None:
     """Not the reset's PendingRollbackError on the way out, which would hide it."""
-    with pytest.raises(OperationalError), db.statements_without_flush_wait() as connection:
+    with pytest.raises(OperationalError), db.autocommit_connection() as connection:
         assert connection is not None
         terminate(committed_db, connection)
         connection.execute(text("SELECT 1"))
