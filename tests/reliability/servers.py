@@ -115,20 +115,17 @@ class PrivatePostgres:
         finally:
             engine.dispose()
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
         if self.running:
             self._run(
-                str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"
+                str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"
             )
             self.running = False
 
     def crash(self) -> None:
         """Stopped as by a crash: every server process ends at once, nothing is flushed
         on the way out (``pg_ctl -m immediate``); the next start recovers from the WAL."""
-        self._run(
-            str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"
-        )
-        self.running = False
+        self.stop("immediate")
 
     def create_database(self, name: str) -> str:
         admin = create_engine(self.url, isolation_level="AUTOCOMMIT")

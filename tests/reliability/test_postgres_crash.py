@@ -16,8 +16,6 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from comms_tasks import migrate
 from comms_tasks.db import make_engine, reset_engine, transaction
@@ -27,6 +25,7 @@ from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.conftest import count_rows
 from tests.reliability.servers import PrivatePostgres
 
 EMAILS = 60
@@ -70,15 +69,8 @@ def test_recorded_results_survive_a_crash_of_postgres(
     server.crash()
     server.start()
     try:
-        with Session(engine) as session:
-            sent = session.scalar(
-                select(func.count()).select_from(Email).where(Email.status == EmailStatus.SENT)
-            )
-            events = session.scalar(
-                select(func.count())
-                .select_from(OutboxEvent)
-                .where(OutboxEvent.event_type == "email.sent")
-            )
+        sent = count_rows(engine, Email, Email.status == EmailStatus.SENT)
+        events = count_rows(engine, OutboxEvent, OutboxEvent.event_type == "email.sent")
         print(f"RELIABILITY postgres_crash: recorded={EMAILS} sent_after={sent} events={events}")
         assert (sent, events) == (EMAILS, EMAILS), (
             f"{EMAILS} results committed, {sent} sent and {events} events after the crash: "
