@@ -2,8 +2,8 @@
 
 A worker claims due emails by moving them to ``sending`` with a lease (``FOR UPDATE SKIP
 LOCKED`` on PostgreSQL, so two workers never claim the same email) and commits; it then
-sends them over one connection and records the results in small groups as they come
-(:func:`record_results`; the task decides the groups). An email whose lease ran out (its
+sends them over one connection and records each result as it comes, before the next
+message is handed over (``emails/recording.py``). An email whose lease ran out (its
 worker died) is due again. Temporary failures wait in the database (``next_attempt_at``),
 never in a Celery countdown.
 

@@ -34,6 +34,8 @@ from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.models.base import utcnow
 
 OUTBOX = cast(Table, OutboxEvent.__table__)
+# The columns a delivered result sets (delivery.sent_values).
+SENT = tuple(sent_values(utcnow()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +136,6 @@ def _delivered_statement() -> ReturningInsert[tuple[int]]:
         literal(0, outbox.attempts.type),
     ).select_from(sent)
     return insert(OUTBOX).from_select([*written, "attempts"], event).returning(outbox.id)
-
-
-# The columns a delivered result sets (delivery.sent_values).
-SENT = tuple(sent_values(utcnow()))
 
 
 def _record(
