@@ -7,9 +7,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.util import identity_key
 
 from comms_tasks.contracts import Rejected, received
 from comms_tasks.contracts.published import (
@@ -18,12 +17,12 @@ from comms_tasks.contracts.published import (
     ResponseSource,
 )
 from comms_tasks.emails import composing
+from comms_tasks.emails.threads import Threads, lock_thread
 from comms_tasks.events.outbox import record_event
 from comms_tasks.models import (
     Email,
     EmailStatus,
     EmailTemplate,
-    PhoneCall,
     PhoneCallStatus,
     ResponseOutcome,
     Therapist,
@@ -97,6 +96,7 @@ def record_response(
     settings: Settings,
     source: ResponseSource = "message",
     known_at: dt.datetime | None = None,
+    threads: Threads | None = None,
 ) -> list[int]:
     """Apply a therapist's answer; returns the ids of confirmation emails it queued.
 
@@ -104,14 +104,22 @@ def record_response(
     mailbox or an operator; all three take this path. ``known_at`` is when the service
     learned of the answer, when that is later than ``received_at`` (the mailbox: a reply
     is read minutes or hours after its Date): reminders queued before then are cancelled.
+    ``threads``: the email's rows, locked already by the caller (a poll locks those of a
+    group of messages at once, :func:`~comms_tasks.emails.threads.lock_threads`); an
+    answer with outcomes locks its own, since its patients are locked first.
     """
-    # Lock order (patients -> emails), like patient.erased: the answered requests'
-    # patients share-locked first (a confirmation renders them), then the whole thread,
-    # the email and the originals it follows up, in id order (see lock_thread).
-    composing.patients_of(
-        session, [item.placement_request_id for item in command.outcomes], lock=True
-    )
-    email = lock_thread(session, command.email_id)
+    if threads is None:
+        # Lock order (patients -> emails), like patient.erased: the answered requests'
+        # patients share-locked first (a confirmation renders them), then the whole
+        # thread, the email and the originals it follows up, in id order.
+        composing.patients_of(
+            session, [item.placement_request_id for item in command.outcomes], lock=True
+        )
+        email, threads = lock_thread(session, command.email_id)
+    elif command.outcomes:
+        raise ValueError("an answer with outcomes locks its patients before its emails")
+    else:
+        email = threads.email(command.email_id)
     if email is None:
         raise Rejected("command.email_id: unknown email", str(command.command_id))
     if email.status is not EmailStatus.SENT:
@@ -149,7 +157,7 @@ def record_response(
         occurred_at=now,
     )
     therapist = session.get(Therapist, email.therapist_id) if command.outcomes else None
-    originals = originals_of(session, email)
+    originals = threads.originals_of(email)
     confirmations = []
     for item in command.outcomes:
         batch = batches[item.placement_request_id]
@@ -182,14 +190,14 @@ def record_response(
         )
         if confirmation is not None:
             confirmations.append(confirmation)
-    cancel_follow_up_calls(session, email.id)
+    cancel_follow_up_calls(threads, email.id)
     for original in originals:
         original.response_received = True
         if _not_older(original.response_date, received_at):
             original.response_date = received_at
-        cancel_follow_up_calls(session, original.id)
+        cancel_follow_up_calls(threads, original.id)
     cancel_unsent_reminders(
-        session,
+        threads,
         [email.id, *(original.id for original in originals)],
         max(received_at, known_at) if known_at is not None else received_at,
     )
@@ -197,7 +205,7 @@ def record_response(
 
 
 def cancel_unsent_reminders(
-    session: Session, email_ids: Sequence[int], received_at: dt.datetime
+    threads: Threads, email_ids: Sequence[int], received_at: dt.datetime
 ) -> int:
     """An answered email needs no reminder: the ones not yet on the wire are cancelled.
 
@@ -205,18 +213,19 @@ def cancel_unsent_reminders(
     knowing of it (a late older answer, or a re-sent one, must not drop it). One already
     ``sending`` is left to its send's result: it may be on the wire.
     """
-    reminders = session.scalars(
-        select(Email)
-        .where(Email.in_reply_to_email_id.in_(email_ids))
-        .where(func.coalesce(Email.queued_at, Email.created_at) <= received_at)
-        .where(Email.template == EmailTemplate.FOLLOW_UP)
-        .where(Email.status.in_((EmailStatus.DRAFT, EmailStatus.QUEUED)))
-        .order_by(Email.id)
-        .with_for_update()
-    ).all()
+    reminders = threads.unsent_reminders(email_ids, received_at)
     for reminder in reminders:
         cancel_unsent(reminder, "cancelled: the email it follows up was answered")
     return len(reminders)
+
+
+def cancel_follow_up_calls(threads: Threads, email_id: int) -> int:
+    """An answer makes the follow-up call of its email pointless."""
+    calls = threads.scheduled_calls(email_id)
+    for call in calls:
+        call.status = PhoneCallStatus.CANCELLED
+        call.notes = "cancelled: the email was answered"
+    return len(calls)
 
 
 def cancel_unsent(email: Email, reason: str) -> None:
@@ -233,78 +242,3 @@ def _not_older(recorded: dt.datetime | None, received_at: dt.datetime) -> bool:
     Like events (``read_models._is_stale``): the same time applies, the later delivery wins.
     """
     return recorded is None or received_at >= recorded
-
-
-# A reminder of a reminder is still one thread; more is a loop or a producer's mistake.
-MAX_THREAD_DEPTH = 10
-
-
-def lock_thread(session: Session, email_id: int) -> Email | None:
-    """Lock an email and the emails up its thread (``in_reply_to``), in id order.
-
-    The thread is read unlocked first (an email's ``in_reply_to`` never changes, so an
-    email this session already holds answers without a query), then locked in one
-    statement in id order, the order ``patient.erased`` locks a patient's emails in: an
-    answer to a reminder never holds the reminder while it waits for its original. The
-    locked rows are read as they are now (an erasure may have redacted them since they
-    were loaded); returns the email itself, None when there is none.
-    """
-    thread = {email_id}
-    current: int | None = email_id
-    while current is not None and len(thread) <= MAX_THREAD_DEPTH:
-        loaded = session.identity_map.get(identity_key(Email, current))
-        if isinstance(loaded, Email):
-            current = loaded.in_reply_to_email_id
-        else:
-            current = session.scalar(select(Email.in_reply_to_email_id).where(Email.id == current))
-        if current is None or current in thread:
-            break
-        thread.add(current)
-    locked = session.scalars(
-        select(Email)
-        .where(Email.id.in_(sorted(thread)))
-        .order_by(Email.id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).all()
-    return next((email for email in locked if email.id == email_id), None)
-
-
-def originals_of(session: Session, email: Email) -> list[Email]:
-    """The sent emails a reminder follows up, up its thread, locked; nearest first.
-
-    Only a ``follow_up`` passes its answer on: it repeats its original's questions. A
-    confirmation (threaded to the answered email too) asks nothing.
-    """
-    originals: list[Email] = []
-    seen = {email.id}
-    current = email
-    while (
-        current.template is EmailTemplate.FOLLOW_UP
-        and current.in_reply_to_email_id is not None
-        and current.in_reply_to_email_id not in seen
-        and len(seen) <= MAX_THREAD_DEPTH
-    ):
-        parent = session.get(Email, current.in_reply_to_email_id, with_for_update=True)
-        if parent is None or parent.therapist_id != email.therapist_id:
-            break
-        seen.add(parent.id)
-        if parent.status is EmailStatus.SENT:
-            originals.append(parent)
-        current = parent
-    return originals
-
-
-def cancel_follow_up_calls(session: Session, email_id: int) -> int:
-    """An answer makes the follow-up call of its email pointless."""
-    calls = session.scalars(
-        select(PhoneCall)
-        .where(PhoneCall.email_id == email_id)
-        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-        .order_by(PhoneCall.id)
-        .with_for_update()
-    ).all()
-    for call in calls:
-        call.status = PhoneCallStatus.CANCELLED
-        call.notes = "cancelled: the email was answered"
-    return len(calls)

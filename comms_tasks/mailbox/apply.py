@@ -13,20 +13,18 @@ import datetime as dt
 import email.utils
 import re
 import uuid
-from collections.abc import Sequence
 
 from pydantic import ValidationError
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts import Rejected, received
 from comms_tasks.contracts.limits import MAX_EMAIL, MAX_TEXT
 from comms_tasks.emails import answers
+from comms_tasks.emails.threads import Threads, lock_threads
 from comms_tasks.mailbox import bounces, email_lookup
 from comms_tasks.mailbox.classify import Classified, MailKind
-from comms_tasks.mailbox.match import MatchKeys
+from comms_tasks.mailbox.groups import Group, Reading
 from comms_tasks.mailbox.redaction import redact_mail
-from comms_tasks.mailbox.sources import Fetched
 from comms_tasks.models import Email, InboundMail, InboundMailKind, InboundMailState
 from comms_tasks.models.inbound_mail import (
     MAX_DIAGNOSTIC,
@@ -54,6 +52,28 @@ class Applied:
     call_requested: bool = False
     # A reply queued confirmation emails (never: outcomes are not guessed) or cancelled.
     email_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """A message recorded (or found kept) in a group's transaction, its row not yet
+    written: :meth:`applied` once the group's rows are flushed."""
+
+    mail: InboundMail
+    new: bool
+    call_requested: bool = False
+
+    def applied(self) -> Applied:
+        mail = self.mail
+        assert mail.id is not None, "the group's rows are flushed first"
+        return Applied(
+            mail.id,
+            mail.kind,
+            mail.state,
+            new=self.new,
+            call_requested=self.call_requested,
+            email_id=mail.email_id,
+        )
 
 
 def one_line(value: str | None, limit: int) -> str | None:
@@ -87,67 +107,29 @@ def message_date(raw_date: str | None, now: dt.datetime) -> dt.datetime:
     return now
 
 
-class SeenBefore:
-    """The rows of a group's messages already kept, read in one query for the group.
-
-    A message is known by where the mailbox keeps it or by its bytes' hash; the rows the
-    group adds are added here too, so that the same bytes twice in one group are applied
-    once. A message recorded alone is a group of one.
-    """
-
-    def __init__(self, session: Session, source: str, group: Sequence[Fetched]) -> None:
-        self.source = source
-        keys = sorted({fetched.key for fetched in group})
-        hashes = sorted({fetched.sha256 for fetched in group})
-        rows = session.scalars(
-            select(InboundMail).where(
-                or_(
-                    (InboundMail.source == source) & InboundMail.source_key.in_(keys),
-                    InboundMail.raw_sha256.in_(hashes),
-                )
-            )
-        ).all()
-        self._by_key: dict[str, InboundMail] = {}
-        self._by_hash: dict[str, InboundMail] = {}
-        for row in rows:
-            self.add(row)
-
-    def add(self, mail: InboundMail) -> None:
-        if mail.source == self.source:
-            self._by_key.setdefault(mail.source_key, mail)
-        self._by_hash.setdefault(mail.raw_sha256, mail)
-
-    def find(self, fetched: Fetched) -> InboundMail | None:
-        return self._by_key.get(fetched.key) or self._by_hash.get(fetched.sha256)
-
-
-# --- finding the email -------------------------------------------------------------------
-
-
 # --- recording it --------------------------------------------------------------------------
 
 
 def record_mail(
     session: Session,
     source: str,
-    fetched: Fetched,
-    classified: Classified,
-    keys: MatchKeys,
+    reading: Reading,
     *,
-    subject: str | None,
-    message_id: str | None,
-    date: str | None,
     now: dt.datetime,
     settings: Settings,
-    seen: SeenBefore,
-) -> Applied:
+    group: Group,
+) -> Recorded:
     """Keep one message from the mailbox and apply what it means, once.
 
-    ``seen``: the group's messages kept before, when the message is one of a group.
+    ``group``: what the message's group read and locked for it (a message recorded alone
+    is a group of one). The message's row is added, not flushed: the group writes its
+    rows together (:meth:`Recorded.applied` after that).
     """
-    known = seen.find(fetched)
+    fetched, classified, keys = reading.fetched, reading.classified, reading.keys
+    assert classified is not None, "a message fetched by its header only is kept, not read"
+    known = group.seen.find(fetched)
     if known is not None:
-        return Applied(known.id, known.kind, known.state, new=False, email_id=known.email_id)
+        return Recorded(known, new=False)
     kind = InboundMailKind(classified.kind.value)
     mail = InboundMail(
         source=source,
@@ -155,12 +137,12 @@ def record_mail(
         raw_sha256=fetched.sha256,
         size=len(fetched.raw),
         fetched_at=now,
-        received_at=message_date(date, now),
+        received_at=message_date(reading.date, now),
         kind=kind,
         state=InboundMailState.UNMATCHED,
         sender=one_line(keys.sender, MAX_EMAIL),
-        subject=one_line(subject, MAX_MAIL_SUBJECT),
-        message_id=one_line(message_id, MAX_MAIL_MESSAGE_ID),
+        subject=one_line(reading.subject, MAX_MAIL_SUBJECT),
+        message_id=one_line(reading.message_id, MAX_MAIL_MESSAGE_ID),
         status_code=bounces._status(classified.status_code),
         diagnostic=one_line(classified.diagnostic, MAX_DIAGNOSTIC),
         auto_reason=one_line(classified.auto_submitted_reason, MAX_REASON),
@@ -169,77 +151,22 @@ def record_mail(
         raw=fetched.raw,
     )
     # Added once everything about it is known: one INSERT, no UPDATE after it.
-    found = (
-        None if kind is InboundMailKind.UNRELATED else email_lookup.find_email(session, keys, kind)
-    )
+    found = None if kind is InboundMailKind.UNRELATED else group.found(session, keys, kind)
     call_requested = False
     if found is not None:
-        lock_found(session, found)
-        copy_id = earlier_copy(session, mail, found.email)
+        copy_id = group.earlier_copy(session, mail, found.email)
         if copy_id is not None:
             keep_as_copy(mail, found, copy_id)
         else:
-            call_requested = apply_to(session, mail, found, classified, now, settings)
+            call_requested = apply_to(
+                session, mail, found, classified, now, settings, group.threads
+            )
         if found.email.body_redacted_at is not None:
             # Its email was redacted (erasure or retention): a reply quoting it is too.
             redact_mail(mail, now)
     session.add(mail)
-    session.flush()
-    seen.add(mail)
-    return Applied(
-        mail.id,
-        mail.kind,
-        mail.state,
-        new=True,
-        call_requested=call_requested,
-        email_id=mail.email_id,
-    )
-
-
-def lock_found(session: Session, found: email_lookup.Found) -> None:
-    """Lock the email found and its thread, and read them again, before applying.
-
-    The email was found without a lock: a ``patient.erased`` (or the purge) may have
-    redacted it since, and its redaction decides what of the message is kept. Locked in id
-    order up the thread (:func:`~comms_tasks.emails.lock_thread`), the order erasure and
-    answers lock in: an erasure under way is waited for and then seen, and one that starts
-    now waits for this message's row and then redacts it.
-    """
-    answers.lock_thread(session, found.email.id)  # read again as it is now
-
-
-def earlier_copy(session: Session, mail: InboundMail, email: Email) -> int | None:
-    """The id of another copy of ``mail`` already applied to ``email``, if one is.
-
-    One message can reach the mailbox twice with different bytes: a reply to all of our
-    sender and our tagged reply address is delivered once per address, each copy with a
-    Delivered-To line of its own, so neither the key nor the hash knows it. The same
-    Message-ID from the same sender, of the same kind, already applied to the same email is
-    that message again (the email's own messages only: a handful, read by their index and
-    compared here, so that no plan can prefer an index on the kind, which holds most rows).
-    """
-    if mail.message_id is None or mail.sender is None:
-        return None
-    for copy_id, state, kind, message_id, sender in session.execute(
-        select(
-            InboundMail.id,
-            InboundMail.state,
-            InboundMail.kind,
-            InboundMail.message_id,
-            InboundMail.sender,
-        )
-        .where(InboundMail.email_id == email.id)
-        .order_by(InboundMail.id)
-    ):
-        if (
-            copy_id != mail.id
-            and state is InboundMailState.MATCHED
-            and kind is mail.kind
-            and message_id == mail.message_id
-            and sender == mail.sender
-        ):
-            return int(copy_id)
-    return None
+    group.add(mail)
+    return Recorded(mail, new=True, call_requested=call_requested)
 
 
 def keep_as_copy(mail: InboundMail, found: email_lookup.Found, copy_id: int) -> None:
@@ -258,6 +185,7 @@ def apply_to(
     classified: Classified,
     now: dt.datetime,
     settings: Settings,
+    threads: Threads,
 ) -> bool:
     """Apply a matched message to its email; True when a call is to be booked now.
 
@@ -270,7 +198,7 @@ def apply_to(
     mail.state = InboundMailState.MATCHED
     if mail.kind is InboundMailKind.REPLY:
         try:
-            record_reply(session, mail, found.email, now, settings)
+            record_reply(session, mail, found.email, now, settings, threads)
         except Rejected as exc:
             mail.state = InboundMailState.UNMATCHED
             mail.to_review = True
@@ -280,7 +208,8 @@ def apply_to(
         permanent = mail.kind is InboundMailKind.BOUNCE
         return bounces.record_bounce(
             session,
-            found.email,
+            threads,
+            found.email.id,
             permanent=permanent,
             status=mail.status_code,
             diagnostic=mail.diagnostic,
@@ -292,7 +221,12 @@ def apply_to(
 
 
 def record_reply(
-    session: Session, mail: InboundMail, email: Email, now: dt.datetime, settings: Settings
+    session: Session,
+    mail: InboundMail,
+    email: Email,
+    now: dt.datetime,
+    settings: Settings,
+    threads: Threads,
 ) -> None:
     """A human reply, through the path of ``comms.record_email_response``; no outcomes."""
     received_at = max(mail.received_at, email.sent_at) if email.sent_at else mail.received_at
@@ -311,7 +245,9 @@ def record_reply(
         command = received.RecordEmailResponse.model_validate({**fields, "content": None})
     # Reminders queued before now (the reply read, or assigned by an operator) were queued
     # without knowing of it, whatever its Date says.
-    answers.record_response(session, command, now, settings, source="mailbox", known_at=now)
+    answers.record_response(
+        session, command, now, settings, source="mailbox", known_at=now, threads=threads
+    )
 
 
 def assign(
@@ -329,8 +265,10 @@ def assign(
         defect=mail.defect,
     )
     found = email_lookup.Found(email, "operator")
-    lock_found(session, found)
-    call_requested = apply_to(session, mail, found, classified, now, settings)
+    # The email and its thread locked and read again as they are now (an erasure may
+    # have redacted it since it was read).
+    threads = lock_threads(session, [email.id])
+    call_requested = apply_to(session, mail, found, classified, now, settings, threads)
     if email.body_redacted_at is not None:
         redact_mail(mail, now)
     return call_requested

@@ -7,20 +7,13 @@ import datetime as dt
 import re
 from collections.abc import Sequence
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.contracts.published import EmailBouncedPayload
 from comms_tasks.emails import composing
+from comms_tasks.emails.threads import Threads
 from comms_tasks.events.outbox import record_event
-from comms_tasks.models import (
-    Email,
-    EmailStatus,
-    EmailTemplate,
-    PhoneCall,
-    PhoneCallStatus,
-    Therapist,
-)
+from comms_tasks.models import Email, EmailStatus, EmailTemplate, Therapist
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
@@ -31,7 +24,8 @@ def _status(value: str | None) -> str | None:
 
 def record_bounce(
     session: Session,
-    email: Email,
+    threads: Threads,
+    email_id: int,
     *,
     permanent: bool,
     status: str | None,
@@ -43,10 +37,11 @@ def record_bounce(
     """Note a bounce on its email; a permanent one also flags the address and asks a call.
 
     A temporary bounce after a permanent one changes nothing; a permanent one upgrades a
-    temporary one. Returns whether the email now waits for its follow-up call.
+    temporary one. Returns whether the email now waits for its follow-up call. ``threads``:
+    the email's thread, locked (:func:`~comms_tasks.emails.threads.lock_threads`).
     """
-    locked = session.get(Email, email.id, with_for_update=True)
-    assert locked is not None
+    locked = threads.email(email_id)
+    assert locked is not None, "the bounced email's thread is locked first"
     if locked.bounce_permanent and not permanent:
         return False
     if locked.bounced_at is not None and locked.bounce_permanent == permanent:
@@ -71,7 +66,7 @@ def record_bounce(
     recipients = {address.lower() for address in failed_recipients}
     if not recipients or locked.recipient_email.lower() in recipients:
         flag_undeliverable(session, locked, status, bounced_at)
-    return request_call_now(session, locked, now)
+    return request_call_now(threads, locked, now)
 
 
 def flag_undeliverable(
@@ -88,7 +83,7 @@ def flag_undeliverable(
     therapist.undeliverable_status = status
 
 
-def request_call_now(session: Session, email: Email, now: dt.datetime) -> bool:
+def request_call_now(threads: Threads, email: Email, now: dt.datetime) -> bool:
     """The follow-up call of a bounced email, now rather than after the waiting days.
 
     A reminder that bounced asks for the call of the email it follows up. Nothing when
@@ -96,7 +91,7 @@ def request_call_now(session: Session, email: Email, now: dt.datetime) -> bool:
     """
     asking = email
     if email.template is EmailTemplate.FOLLOW_UP and email.in_reply_to_email_id is not None:
-        original = session.get(Email, email.in_reply_to_email_id, with_for_update=True)
+        original = threads.email(email.in_reply_to_email_id)
         if original is None:
             return False
         asking = original
@@ -108,12 +103,7 @@ def request_call_now(session: Session, email: Email, now: dt.datetime) -> bool:
         or asking.follow_up_settled_at is not None
     ):
         return False
-    has_call = session.scalar(
-        select(func.count(PhoneCall.id))
-        .where(PhoneCall.email_id == asking.id)
-        .where(PhoneCall.status == PhoneCallStatus.SCHEDULED)
-    )
-    if has_call:
+    if threads.scheduled_calls(asking.id):
         return False
     asking.call_requested_at = now
     return True

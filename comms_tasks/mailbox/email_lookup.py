@@ -1,12 +1,13 @@
-"""Finding the email a message answers: by its token, then its thread, then (unsure)
-its sender."""
+"""Finding the email a message answers: by its token, then its thread (both looked up
+for a whole group of messages at once), then (unsure) its sender."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from comms_tasks.emails import composing
 from comms_tasks.mailbox.match import MatchKeys
@@ -20,16 +21,65 @@ class Found:
     review_reason: str | None = None
 
 
-def find_email(session: Session, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
-    """The email a message answers: its token, then the thread, then (unsure) the sender."""
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """The emails a group's messages name, by their reply tokens and Message-IDs."""
+
+    by_token: dict[str, Email]
+    by_message_id: dict[str, Email]
+
+    def emails(self) -> set[int]:
+        return {email.id for email in (*self.by_token.values(), *self.by_message_id.values())}
+
+
+def find_emails(session: Session, all_keys: Sequence[MatchKeys]) -> Candidates:
+    """The emails named by the tokens and thread headers of a group's messages: two
+    queries for the group, read without a lock and without their bodies."""
+    tokens = sorted({token for keys in all_keys for token in keys.tokens})
+    message_ids = sorted({message_id for keys in all_keys for message_id in keys.message_ids})
+    unlocked = (defer(Email.body_html), defer(Email.body_text))
+    by_token = (
+        {
+            email.reply_token or "": email
+            for email in session.scalars(
+                select(Email).where(Email.reply_token.in_(tokens)).options(*unlocked)
+            )
+        }
+        if tokens
+        else {}
+    )
+    by_message_id = (
+        {
+            email.message_id or "": email
+            for email in session.scalars(
+                select(Email).where(Email.message_id.in_(message_ids)).options(*unlocked)
+            )
+        }
+        if message_ids
+        else {}
+    )
+    return Candidates(by_token, by_message_id)
+
+
+def found_among(candidates: Candidates, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
+    """The email a message answers by its token, then by its thread: found in the group's."""
     for token in keys.tokens:
-        found = session.scalar(select(Email).where(Email.reply_token == token))
+        found = candidates.by_token.get(token)
         if found is not None:
             return Found(found, "token", _other_sender(found, keys, kind))
     for message_id in keys.message_ids:
-        found = session.scalar(select(Email).where(Email.message_id == message_id))
+        found = candidates.by_message_id.get(message_id)
         if found is not None:
             return Found(found, "thread", _other_sender(found, keys, kind))
+    return None
+
+
+def find_by_sender(session: Session, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
+    """Unsure: the one unanswered email of the one therapist with the sender's address.
+
+    Asked at the message's turn in its group, after the messages before it were applied:
+    an email one of them answered is no longer unanswered.
+    """
     if kind in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY) and keys.sender:
         found = _only_unanswered_email_of(session, keys.sender)
         if found is not None:

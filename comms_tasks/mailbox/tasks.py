@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import logging
 from collections.abc import Iterator
-from email.message import Message
 from typing import Any
 
 from sqlalchemy import text, update
@@ -26,9 +25,7 @@ from sqlalchemy.orm import Session
 
 from comms_tasks.app import app
 from comms_tasks.db import get_engine, transaction
-from comms_tasks.mailbox import _mime, apply, redaction
-from comms_tasks.mailbox.classify import classify, parse
-from comms_tasks.mailbox.match import keys
+from comms_tasks.mailbox import apply, groups, redaction
 from comms_tasks.mailbox.sources import FOLDERS, Fetched, MailboxError, StaleKeyError, open_source
 from comms_tasks.models import InboundMail, InboundMailKind, InboundMailState, MailboxPoll
 from comms_tasks.models.base import utcnow
@@ -91,42 +88,18 @@ def folder_for(kind: InboundMailKind, state: InboundMailState) -> str:
     return FOLDERS[kind.value]
 
 
-def _header(message: Message | None, name: str) -> str | None:
-    """A stranger's header as text: unfolded, bounded, encoded words decoded."""
-    value = None if message is None else _mime.first_header(message, name)
-    return None if value is None else _mime.decoded(value)
-
-
 def record(
     session: Session,
     source_name: str,
-    fetched: Fetched,
+    reading: groups.Reading,
     settings: Settings,
-    seen: apply.SeenBefore,
-) -> apply.Applied:
-    """Classify, match and record one message in ``session``'s transaction."""
-    if fetched.headers_only:
-        return keep(session, source_name, fetched, too_large(fetched), seen)
-    message = parse(fetched.raw)
-    classified = classify(fetched.raw, parsed=message)
-    found_keys = keys(
-        message if message is not None else fetched.raw,
-        classified,
-        reply_address=settings.reply_address,
-        bounce_address=settings.bounce_address,
-    )
+    group: groups.Group,
+) -> apply.Recorded:
+    """Record one message of ``group`` in ``session``'s transaction (not flushed yet)."""
+    if reading.classified is None:
+        return keep(session, source_name, reading.fetched, too_large(reading.fetched), group.seen)
     return apply.record_mail(
-        session,
-        source_name,
-        fetched,
-        classified,
-        found_keys,
-        subject=_header(message, "Subject"),
-        message_id=_header(message, "Message-ID"),
-        date=_header(message, "Date"),
-        now=utcnow(),
-        settings=settings,
-        seen=seen,
+        session, source_name, reading, now=utcnow(), settings=settings, group=group
     )
 
 
@@ -139,13 +112,13 @@ def keep(
     source_name: str,
     fetched: Fetched,
     reason: str,
-    seen: apply.SeenBefore,
-) -> apply.Applied:
+    seen: groups.SeenBefore,
+) -> apply.Recorded:
     """A message kept as unmatched with the reason (once), in ``session``'s transaction."""
     now = utcnow()
     known = seen.find(fetched)
     if known is not None:
-        return apply.Applied(known.id, known.kind, known.state, new=False)
+        return apply.Recorded(known, new=False)
     mail = InboundMail(
         source=source_name,
         source_key=fetched.key,
@@ -159,24 +132,31 @@ def keep(
         raw=fetched.raw,
     )
     session.add(mail)
-    session.flush()
     seen.add(mail)
-    return apply.Applied(mail.id, mail.kind, mail.state, new=True)
+    return apply.Recorded(mail, new=True)
 
 
-@contextlib.contextmanager
-def recording(source_name: str, group: list[Fetched]) -> Iterator[tuple[Session, apply.SeenBefore]]:
-    """A transaction that writes mail (with the lock an erasure waits for), and what of
-    ``group`` was kept before."""
+def recording(
+    source_name: str, readings: list[groups.Reading], settings: Settings
+) -> list[apply.Applied]:
+    """Record messages in one transaction (with the lock an erasure waits for): what the
+    group needs read and locked at once, each message at its turn, their rows together."""
     with transaction() as session:
         redaction.lock_for_recording(session)
-        yield session, apply.SeenBefore(session, source_name, group)
+        group = groups.Group(session, source_name, readings)
+        recorded = [record(session, source_name, reading, settings, group) for reading in readings]
+        session.flush()
+        return [each.applied() for each in recorded]
 
 
 def keep_unreadable(source_name: str, fetched: Fetched, reason: str) -> apply.Applied:
     """A message whose recording failed: kept as unmatched with the reason, once."""
-    with recording(source_name, [fetched]) as (session, seen):
-        return keep(session, source_name, fetched, reason, seen)
+    with transaction() as session:
+        redaction.lock_for_recording(session)
+        seen = groups.SeenBefore(session, source_name, [fetched])
+        kept = keep(session, source_name, fetched, reason, seen)
+        session.flush()
+        return kept.applied()
 
 
 def record_poll(
@@ -266,8 +246,9 @@ def calls_waiting() -> bool:
 def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> list[apply.Applied]:
     """Record a group of messages in one transaction; one by one when that fails."""
     try:
-        with recording(source_name, group) as (session, seen):
-            return [record(session, source_name, fetched, settings, seen) for fetched in group]
+        return recording(
+            source_name, [groups.read(fetched, settings) for fetched in group], settings
+        )
     except Exception as exc:  # noqa: BLE001 - the group is rolled back and tried one by one
         if len(group) > 1:
             log.warning(
@@ -281,8 +262,8 @@ def apply_group(source_name: str, group: list[Fetched], settings: Settings) -> l
 def apply_one(source_name: str, fetched: Fetched, settings: Settings) -> apply.Applied:
     """Record one message; one that cannot be recorded is kept as unmatched, with why."""
     try:
-        with recording(source_name, [fetched]) as (session, seen):
-            return record(session, source_name, fetched, settings, seen)
+        [applied] = recording(source_name, [groups.read(fetched, settings)], settings)
+        return applied
     except OperationalError:
         raise  # the database is away: the message stays in the inbox for the next poll
     except Exception as exc:  # noqa: BLE001 - one message never stops a poll

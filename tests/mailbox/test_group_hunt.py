@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.emails.tasks import send_email
@@ -29,7 +29,7 @@ from tests.emails.test_email_pipeline import (
 )
 from tests.mailbox.conftest import MaildirHarness
 from tests.mailbox.samples import sample
-from tests.mailbox.test_mailbox_hunt import PATIENT, PATIENT_ID
+from tests.mailbox.test_mailbox_hunt import PATIENT, PATIENT_ID, waiting_for_a_lock
 from tests.mailbox.test_poll import ADDRESS, T0, THERAPIST_ID, mails, sent_email
 from tests.smtp import SmtpSink
 
@@ -53,18 +53,6 @@ def erase_in_thread(errors: list[BaseException]) -> threading.Thread:
     thread = threading.Thread(target=run)
     thread.start()
     return thread
-
-
-def waiting_for_a_lock(engine: Engine) -> bool:
-    with engine.connect() as connection:
-        return bool(
-            connection.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            )
-        )
 
 
 # --- 1. an erasure between two messages of one group --------------------------------------

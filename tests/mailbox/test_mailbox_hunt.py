@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from comms_tasks.mailbox import apply as mail_apply
@@ -49,22 +50,47 @@ def in_another_transaction(action: Callable[[], None]) -> None:
     assert not errors, errors
 
 
-def erase_right_after_matching(monkeypatch: pytest.MonkeyPatch) -> None:
-    """patient.erased runs and commits just after the poll found the email, before it
-    applies the message: the interleaving of two workers at the wrong moment."""
-    finding = email_lookup.find_email
-    done: list[bool] = []
+def waiting_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        )
+
+
+def erase_right_after_matching(
+    monkeypatch: pytest.MonkeyPatch, engine: Engine, errors: list[BaseException]
+) -> list[threading.Thread]:
+    """patient.erased starts just after the poll found its group's emails, before it locks
+    and applies them: the interleaving of two workers at the wrong moment. The erasure
+    runs on a thread (and connection) of its own; the poll goes on once the erasure waits
+    for a lock of the poll (or has committed). The caller joins the thread."""
+    finding = email_lookup.find_emails
+    started: list[threading.Thread] = []
+
+    def run() -> None:
+        try:
+            apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow()))
+        except BaseException as exc:  # handed to the test
+            errors.append(exc)
 
     def find_then_erase(*args: Any, **kwargs: Any) -> Any:
         found = finding(*args, **kwargs)
-        if found is not None and not done:
-            done.append(True)
-            in_another_transaction(
-                lambda: apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow()))
-            )
+        if found.emails() and not started:
+            started.append(threading.Thread(target=run))
+            started[0].start()
+            deadline = time.monotonic() + 10
+            while started[0].is_alive() and not waiting_for_a_lock(engine):
+                assert time.monotonic() < deadline, "the erasure neither waited nor ended"
+                time.sleep(0.02)
         return found
 
-    monkeypatch.setattr(email_lookup, "find_email", find_then_erase)
+    monkeypatch.setattr(email_lookup, "find_emails", find_then_erase)
+    return started
 
 
 # --- a second copy of one message ---------------------------------------------------------
@@ -103,10 +129,13 @@ def test_mail_applied_while_its_patient_is_erased_keeps_nothing_of_it(
 ) -> None:
     email = sent_email(committed_db, smtp)
     inbox.append(sample(name, email.reply_token or ""))
-    erase_right_after_matching(monkeypatch)
+    errors: list[BaseException] = []
+    erasure = erase_right_after_matching(monkeypatch, committed_db, errors)
 
     poll_mailbox()
+    erasure[0].join(timeout=30)
 
+    assert not erasure[0].is_alive() and not errors, errors
     [mail] = mails(committed_db)
     assert mail.email_id == email.id
     assert (mail.raw, mail.reply_text, mail.subject) == (None, None, None)
