@@ -36,6 +36,8 @@ MAX_MESSAGE_ID = 300
 # The text of a body part read for a reply, before the reply parser cuts it.
 MAX_BODY_CHARS = 64 * 1024
 
+# Bytes that were not text, kept by surrogateescape: the header parser replaces them.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _LINE_FOLD = re.compile(r"\r?\n[ \t]*|\r")
 # <local@domain> in printable ASCII without white space or a second bracket.
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")
@@ -103,8 +105,13 @@ def first_header(message: Message, name: str) -> str | None:
 
 def decoded(value: str, limit: int = 1000) -> str:
     """A header value with its RFC 2047 encoded words decoded (as read), else as it is."""
+    value = value[:limit]
+    if "=?" not in value and _SURROGATE.search(value) is None:
+        # Nothing to decode: the header parser would give it back unchanged (and it is
+        # the slowest step of reading a message's Subject, Message-ID and Date).
+        return value
     try:
-        return str(email.policy.default.header_factory("subject", value[:limit]))
+        return str(email.policy.default.header_factory("subject", value))
     except Exception:  # noqa: BLE001 - header soup
         return value
 

@@ -4,10 +4,10 @@ for a whole group of messages at once), then (unsure) its sender."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from comms_tasks.emails import composing
 from comms_tasks.mailbox.match import MatchKeys
@@ -23,52 +23,47 @@ class Found:
 
 @dataclasses.dataclass(frozen=True)
 class Candidates:
-    """The emails a group's messages name, by their reply tokens and Message-IDs."""
+    """The ids of the emails a group's messages name, by reply token and by Message-ID."""
 
-    by_token: dict[str, Email]
-    by_message_id: dict[str, Email]
+    by_token: dict[str, int]
+    by_message_id: dict[str, int]
 
     def emails(self) -> set[int]:
-        return {email.id for email in (*self.by_token.values(), *self.by_message_id.values())}
+        return {*self.by_token.values(), *self.by_message_id.values()}
 
 
 def find_emails(session: Session, all_keys: Sequence[MatchKeys]) -> Candidates:
     """The emails named by the tokens and thread headers of a group's messages: two
-    queries for the group, read without a lock and without their bodies."""
+    queries for the group, ids only (the emails are read when they are locked)."""
     tokens = sorted({token for keys in all_keys for token in keys.tokens})
     message_ids = sorted({message_id for keys in all_keys for message_id in keys.message_ids})
-    unlocked = (defer(Email.body_html), defer(Email.body_text))
-    by_token = (
-        {
-            email.reply_token or "": email
-            for email in session.scalars(
-                select(Email).where(Email.reply_token.in_(tokens)).options(*unlocked)
-            )
-        }
-        if tokens
-        else {}
-    )
-    by_message_id = (
-        {
-            email.message_id or "": email
-            for email in session.scalars(
-                select(Email).where(Email.message_id.in_(message_ids)).options(*unlocked)
-            )
-        }
-        if message_ids
-        else {}
-    )
+    by_token: dict[str, int] = {}
+    by_message_id: dict[str, int] = {}
+    if tokens:
+        for email_id, token in session.execute(
+            select(Email.id, Email.reply_token).where(Email.reply_token.in_(tokens))
+        ):
+            if token is not None:
+                by_token[token] = email_id
+    if message_ids:
+        for email_id, message_id in session.execute(
+            select(Email.id, Email.message_id).where(Email.message_id.in_(message_ids))
+        ):
+            by_message_id[message_id] = email_id
     return Candidates(by_token, by_message_id)
 
 
-def found_among(candidates: Candidates, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
-    """The email a message answers by its token, then by its thread: found in the group's."""
+def found_among(
+    candidates: Candidates, emails: Mapping[int, Email], keys: MatchKeys, kind: InboundMailKind
+) -> Found | None:
+    """The email a message answers by its token, then by its thread, among the group's
+    (``emails``: those candidates, locked)."""
     for token in keys.tokens:
-        found = candidates.by_token.get(token)
+        found = emails.get(candidates.by_token.get(token, 0))
         if found is not None:
             return Found(found, "token", _other_sender(found, keys, kind))
     for message_id in keys.message_ids:
-        found = candidates.by_message_id.get(message_id)
+        found = emails.get(candidates.by_message_id.get(message_id, 0))
         if found is not None:
             return Found(found, "thread", _other_sender(found, keys, kind))
     return None

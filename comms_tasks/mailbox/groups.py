@@ -140,7 +140,7 @@ class Group:
         self, session: Session, found_keys: MatchKeys, kind: InboundMailKind
     ) -> email_lookup.Found | None:
         """The email a message answers, its thread locked."""
-        found = email_lookup.found_among(self.candidates, found_keys, kind)
+        found = email_lookup.found_among(self.candidates, self.threads.emails, found_keys, kind)
         if found is None:
             found = email_lookup.find_by_sender(session, found_keys, kind)
             if found is not None and found.email.id not in self.threads.emails:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from email.message import Message
 
-from mailparser_reply import EmailReplyParser
+from mailparser_reply.parser import EmailMessage
 
 from comms_tasks.contracts.limits import MAX_TEXT
 from comms_tasks.mailbox import _mime
@@ -44,7 +44,13 @@ MAX_PARSED_CHARS = 20_000
 MAX_LINE = 400
 
 
-_REPLY_PARSER = EmailReplyParser(languages=list(REPLY_LANGUAGES))
+class _Replies(EmailMessage):
+    """mail-parser-reply's split of a body into its replies, without its search for each
+    reply's signature and disclaimers: only the first reply's text is used, with its
+    signature (``content``, ``full_body``), and those searches took as long as the split."""
+
+    def _process_signatures_disclaimers(self, text: str) -> tuple[list[str], str]:
+        return [], ""
 
 
 def _body_text(message: Message) -> tuple[str, str | None]:
@@ -65,7 +71,7 @@ def reply_text(text: str) -> str | None:
     "Sent from my iPhone" lines removed; None when nothing is left."""
     text = _short_lines(_mime.clean_text(text[:MAX_PARSED_CHARS]))
     try:
-        parsed = _REPLY_PARSER.read(text)
+        parsed = _Replies(text=text, languages=list(REPLY_LANGUAGES)).read()
         first = parsed.replies[0] if parsed.replies else None
     except Exception:  # noqa: BLE001 - a regex library on a stranger's text
         first = None

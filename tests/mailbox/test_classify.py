@@ -11,9 +11,10 @@ import unicodedata
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mailparser_reply import EmailReplyParser
 
 from comms_tasks.contracts.limits import MAX_TEXT
-from comms_tasks.mailbox import _mime
+from comms_tasks.mailbox import _mime, quoting
 from comms_tasks.mailbox.classify import MAX_DIAGNOSTIC, Classified, MailKind, classify, parse
 from tests.mailbox.samples import OUR_MESSAGE_ID, all_samples, sample
 
@@ -494,3 +495,41 @@ def test_a_subject_is_shown_decoded_and_unfolded(header: str, shown: str) -> Non
     value = _mime.first_header(message, "Subject")
     assert value is not None
     assert _mime.decoded(value) == shown
+
+
+# Bytes a message's header had that were not text (as surrogateescape keeps them).
+_UNDECODABLE = st.sampled_from([chr(code) for code in range(0xDC80, 0xDD00)])
+
+
+# (st.text leaves surrogates out, whatever its alphabet: a list of characters keeps them.)
+@given(st.lists(st.one_of(st.characters(), _UNDECODABLE), max_size=300).map("".join))
+def test_a_header_value_is_decoded_as_the_header_parser_reads_it(value: str) -> None:
+    """The fast path for values with nothing to decode gives what the parser gives,
+    undecodable bytes (surrogateescape) included."""
+    try:
+        expected = str(email.policy.default.header_factory("subject", value[:1000]))
+    except Exception:  # then the value is kept as it is
+        expected = value[:1000]
+    assert _mime.decoded(value) == expected
+
+
+def test_a_header_value_with_undecodable_bytes_shows_the_replacement_character() -> None:
+    assert _mime.decoded("Gr\udcfc\udcdfe") == "Gr\ufffd\ufffde"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(sorted(all_samples())),
+    st.text(alphabet=st.sampled_from("abc >:\n-_Am schrieb Von: Gesendet:"), max_size=200),
+)
+def test_the_replies_are_split_as_the_reply_parser_splits_them(name: str, noise: str) -> None:
+    """Without the signature search, the first reply is the one the library's parser
+    gives: the same header, content and body with its signature."""
+    message = parse(sample(name, "t0ken"))
+    assert message is not None
+    text = quoting._body_text(message)[0] + noise
+    ours = quoting._Replies(text=text, languages=list(quoting.REPLY_LANGUAGES)).read().replies
+    theirs = EmailReplyParser(languages=list(quoting.REPLY_LANGUAGES)).read(text).replies
+    assert [(r.headers, r.content, r.full_body) for r in ours] == [
+        (r.headers, r.content, r.full_body) for r in theirs
+    ]
