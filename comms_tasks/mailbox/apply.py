@@ -131,7 +131,7 @@ def record_mail(
     if known is not None:
         return Recorded(known, new=False)
     kind = InboundMailKind(classified.kind.value)
-    mail = InboundMail(
+    mail = InboundMail.new(
         source=source,
         source_key=fetched.key,
         raw_sha256=fetched.sha256,

@@ -73,7 +73,8 @@ def flag_undeliverable(
     session: Session, email: Email, status: str | None, bounced_at: dt.datetime
 ) -> None:
     """The address the email bounced from, while it is the therapist's: no more email."""
-    therapist = session.get(Therapist, email.therapist_id, with_for_update=True)
+    with session.no_autoflush:  # the group's rows are written together, at its end
+        therapist = session.get(Therapist, email.therapist_id, with_for_update=True)
     if therapist is None or not therapist.email:
         return
     if therapist.email.lower() != email.recipient_email.lower():
