@@ -197,6 +197,7 @@ def record_response(
             original.response_date = received_at
         cancel_follow_up_calls(threads, original.id)
     cancel_unsent_reminders(
+        session,
         threads,
         [email.id, *(original.id for original in originals)],
         max(received_at, known_at) if known_at is not None else received_at,
@@ -205,7 +206,7 @@ def record_response(
 
 
 def cancel_unsent_reminders(
-    threads: Threads, email_ids: Sequence[int], received_at: dt.datetime
+    session: Session, threads: Threads, email_ids: Sequence[int], received_at: dt.datetime
 ) -> int:
     """An answered email needs no reminder: the ones not yet on the wire are cancelled.
 
@@ -213,7 +214,7 @@ def cancel_unsent_reminders(
     knowing of it (a late older answer, or a re-sent one, must not drop it). One already
     ``sending`` is left to its send's result: it may be on the wire.
     """
-    reminders = threads.unsent_reminders(email_ids, received_at)
+    reminders = threads.unsent_reminders(session, email_ids, received_at)
     for reminder in reminders:
         cancel_unsent(reminder, "cancelled: the email it follows up was answered")
     return len(reminders)

@@ -1,5 +1,6 @@
 """What answering emails changes, locked before it is changed: the emails, the emails up
-their threads, their scheduled follow-up calls and their unsent reminders.
+their threads and their scheduled follow-up calls (a call is only ever booked with its
+email's lock, so none appears after); their unsent reminders at the answer's turn.
 
 An answer (:func:`comms_tasks.emails.answers.record_response`) applies itself to these
 rows: a command's answer locks its own, a poll of the mailbox locks those of its whole
@@ -32,8 +33,6 @@ class Threads:
     emails: dict[int, Email] = dataclasses.field(default_factory=dict)
     # Scheduled follow-up calls by the id of their email.
     calls: dict[int, list[PhoneCall]] = dataclasses.field(default_factory=dict)
-    # Reminders not yet on the wire, by the id of the email they follow up.
-    reminders: dict[int, list[Email]] = dataclasses.field(default_factory=dict)
 
     def email(self, email_id: int) -> Email | None:
         return self.emails.get(email_id)
@@ -45,7 +44,6 @@ class Threads:
             more = lock_threads(session, wanted, held=set(self.emails))
             self.emails.update(more.emails)
             self.calls.update(more.calls)
-            self.reminders.update(more.reminders)
 
     def originals_of(self, email: Email) -> list[Email]:
         """The sent emails a reminder follows up, up its thread; nearest first.
@@ -78,22 +76,39 @@ class Threads:
             if call.status is PhoneCallStatus.SCHEDULED
         ]
 
-    def unsent_reminders(self, email_ids: Sequence[int], cutoff: dt.datetime) -> list[Email]:
-        """Reminders of ``email_ids`` queued at or before ``cutoff`` and still unsent."""
-        found = {
-            reminder.id: reminder
-            for email_id in email_ids
-            for reminder in self.reminders.get(email_id, ())
+    def unsent_reminders(
+        self, session: Session, email_ids: Sequence[int], cutoff: dt.datetime
+    ) -> list[Email]:
+        """Reminders of ``email_ids`` queued at or before ``cutoff`` and still unsent, locked.
+
+        Read at the answer's turn, not with the thread: a reminder changes to ``queued``
+        without its original's lock (a send run gives back one it claimed, an operator
+        retries a failed one). Without an autoflush: the rows of a group's earlier
+        messages are written with the group; a reminder one of them cancelled is
+        cancelled here too (it is the same object) and left out.
+        """
+        with session.no_autoflush:
+            reminders = session.scalars(
+                select(Email)
+                .where(Email.in_reply_to_email_id.in_(sorted(set(email_ids))))
+                .where(Email.template == EmailTemplate.FOLLOW_UP)
+                .where(Email.status.in_(UNSENT))
+                .order_by(Email.id)
+                .options(defer(Email.body_html), defer(Email.body_text))
+                .with_for_update()
+            ).all()
+        return [
+            reminder
+            for reminder in reminders
             if reminder.status in UNSENT and (reminder.queued_at or reminder.created_at) <= cutoff
-        }
-        return [found[reminder_id] for reminder_id in sorted(found)]
+        ]
 
 
 def lock_threads(
     session: Session, email_ids: Iterable[int], *, held: set[int] | None = None
 ) -> Threads:
-    """Lock emails, the emails up their threads (``in_reply_to``), their scheduled calls
-    and their unsent reminders: four statements, each in id order.
+    """Lock emails, the emails up their threads (``in_reply_to``) and their scheduled
+    calls: three statements, each in id order.
 
     The threads are read unlocked first, level by level (an email's ``in_reply_to`` never
     changes, so an email this session already holds answers without a query), then locked
@@ -154,17 +169,6 @@ def lock_threads(
     ):
         if call.email_id is not None:
             threads.calls.setdefault(call.email_id, []).append(call)
-    for reminder in session.scalars(
-        select(Email)
-        .where(Email.in_reply_to_email_id.in_(ids))
-        .where(Email.template == EmailTemplate.FOLLOW_UP)
-        .where(Email.status.in_(UNSENT))
-        .order_by(Email.id)
-        .options(defer(Email.body_html), defer(Email.body_text))
-        .with_for_update()
-    ):
-        if reminder.in_reply_to_email_id is not None:
-            threads.reminders.setdefault(reminder.in_reply_to_email_id, []).append(reminder)
     return threads
 
 

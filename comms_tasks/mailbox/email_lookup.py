@@ -53,6 +53,33 @@ def find_emails(session: Session, all_keys: Sequence[MatchKeys]) -> Candidates:
     return Candidates(by_token, by_message_id)
 
 
+def sender_candidates(session: Session, senders: Sequence[str]) -> set[int]:
+    """The emails a sender-only match could find for ``senders``: the unanswered sent
+    emails of the therapists with those addresses, one query. Locked with the group's
+    others, in id order; which one (if any) a message matches is decided at its turn.
+    """
+    addresses = sorted({sender.lower() for sender in senders})
+    if not addresses:
+        return set()
+    return set(
+        session.scalars(
+            select(Email.id)
+            .join(Therapist, Therapist.id == Email.therapist_id)
+            .where(func.lower(Therapist.email).in_(addresses))
+            .where(Email.template.in_((*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
+            .where(Email.status == EmailStatus.SENT)
+            .where(Email.response_received.is_(False))
+        )
+    )
+
+
+def is_named(candidates: Candidates, keys: MatchKeys) -> bool:
+    """Whether a message names one of the candidates by its token or its thread."""
+    return any(token in candidates.by_token for token in keys.tokens) or any(
+        message_id in candidates.by_message_id for message_id in keys.message_ids
+    )
+
+
 def found_among(
     candidates: Candidates, emails: Mapping[int, Email], keys: MatchKeys, kind: InboundMailKind
 ) -> Found | None:
@@ -69,13 +96,16 @@ def found_among(
     return None
 
 
+SENDER_KINDS = (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY)
+
+
 def find_by_sender(session: Session, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
     """Unsure: the one unanswered email of the one therapist with the sender's address.
 
     Asked at the message's turn in its group, after the messages before it were applied:
     an email one of them answered is no longer unanswered.
     """
-    if kind in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY) and keys.sender:
+    if kind in SENDER_KINDS and keys.sender:
         found = _only_unanswered_email_of(session, keys.sender)
         if found is not None:
             return Found(found, "sender", "matched by its sender alone")

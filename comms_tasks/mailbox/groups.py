@@ -119,8 +119,10 @@ class Group:
     """What recording a group's messages reads, read for all of them at once.
 
     The emails are found without a lock, then locked with their threads and read again as
-    they are now: an erasure that committed in between is seen. An email found by its
-    sender alone is looked up at its message's turn and locked then.
+    they are now: an erasure that committed in between is seen. The emails a message
+    could match by its sender alone are locked with them; which one it matches is decided
+    at its turn (an earlier reply of the group may have answered it), and one that was
+    not sent yet at the start is locked then.
     """
 
     def __init__(self, session: Session, source: str, readings: Sequence[Reading]) -> None:
@@ -131,7 +133,21 @@ class Group:
             if reading.matchable and self.seen.find(reading.fetched) is None
         ]
         self.candidates = email_lookup.find_emails(session, [reading.keys for reading in new])
-        self.threads: Threads = lock_threads(session, sorted(self.candidates.emails()))
+        # Those a message may match by its sender alone are locked with the others, in
+        # id order: locked at its turn, after higher ids, one could deadlock with the
+        # booking (which locks the emails waiting for a call in id order).
+        by_sender = email_lookup.sender_candidates(
+            session,
+            [
+                reading.keys.sender
+                for reading in new
+                if reading.keys.sender
+                and reading.classified is not None
+                and InboundMailKind(reading.classified.kind.value) in email_lookup.SENDER_KINDS
+                and not email_lookup.is_named(self.candidates, reading.keys)
+            ],
+        )
+        self.threads: Threads = lock_threads(session, sorted(self.candidates.emails() | by_sender))
         # The messages applied to those emails before: a handful each, by their index.
         self._applied: dict[int, list[EarlierMail | InboundMail]] = {}
         self._read_applied(session, sorted(self.threads.emails))
