@@ -33,6 +33,8 @@ class Threads:
     emails: dict[int, Email] = dataclasses.field(default_factory=dict)
     # Scheduled follow-up calls by the id of their email.
     calls: dict[int, list[PhoneCall]] = dataclasses.field(default_factory=dict)
+    # The emails that have reminders (in any state): only theirs are read at an answer.
+    with_reminders: set[int] = dataclasses.field(default_factory=set)
 
     def email(self, email_id: int) -> Email | None:
         return self.emails.get(email_id)
@@ -44,6 +46,7 @@ class Threads:
             more = lock_threads(session, wanted, held=set(self.emails))
             self.emails.update(more.emails)
             self.calls.update(more.calls)
+            self.with_reminders |= more.with_reminders
 
     def originals_of(self, email: Email) -> list[Email]:
         """The sent emails a reminder follows up, up its thread; nearest first.
@@ -87,10 +90,13 @@ class Threads:
         messages are written with the group; a reminder one of them cancelled is
         cancelled here too (it is the same object) and left out.
         """
+        asked = sorted({email_id for email_id in email_ids if email_id in self.with_reminders})
+        if not asked:
+            return []
         with session.no_autoflush:
             reminders = session.scalars(
                 select(Email)
-                .where(Email.in_reply_to_email_id.in_(sorted(set(email_ids))))
+                .where(Email.in_reply_to_email_id.in_(asked))
                 .where(Email.template == EmailTemplate.FOLLOW_UP)
                 .where(Email.status.in_(UNSENT))
                 .order_by(Email.id)
@@ -108,7 +114,7 @@ def lock_threads(
     session: Session, email_ids: Iterable[int], *, held: set[int] | None = None
 ) -> Threads:
     """Lock emails, the emails up their threads (``in_reply_to``) and their scheduled
-    calls: three statements, each in id order.
+    calls, each in id order, and note which have reminders: four statements.
 
     The threads are read unlocked first, level by level (an email's ``in_reply_to`` never
     changes, so an email this session already holds answers without a query), then locked
@@ -169,6 +175,18 @@ def lock_threads(
     ):
         if call.email_id is not None:
             threads.calls.setdefault(call.email_id, []).append(call)
+    # Which of them have reminders at all (a reminder is only ever queued with its
+    # original's lock, so none appears after): the others' answers read none.
+    threads.with_reminders = {
+        email_id
+        for email_id in session.scalars(
+            select(Email.in_reply_to_email_id)
+            .where(Email.in_reply_to_email_id.in_(ids))
+            .where(Email.template == EmailTemplate.FOLLOW_UP)
+            .distinct()
+        )
+        if email_id is not None
+    }
     return threads
 
 
