@@ -13,6 +13,15 @@ from comms_tasks.emails import composing
 from comms_tasks.mailbox.match import MatchKeys
 from comms_tasks.models import Email, EmailStatus, EmailTemplate, InboundMailKind, Therapist
 
+# The kinds of message a therapist writes (bounces come from the mail system).
+SENDER_KINDS = (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY)
+# An email a sender-only match may find: one that asked and was sent, not yet answered.
+UNANSWERED = (
+    Email.template.in_((*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)),
+    Email.status == EmailStatus.SENT,
+    Email.response_received.is_(False),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Found:
@@ -66,9 +75,7 @@ def sender_candidates(session: Session, senders: Sequence[str]) -> set[int]:
             select(Email.id)
             .join(Therapist, Therapist.id == Email.therapist_id)
             .where(func.lower(Therapist.email).in_(addresses))
-            .where(Email.template.in_((*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
-            .where(Email.status == EmailStatus.SENT)
-            .where(Email.response_received.is_(False))
+            .where(*UNANSWERED)
         )
     )
 
@@ -96,9 +103,6 @@ def found_among(
     return None
 
 
-SENDER_KINDS = (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY)
-
-
 def find_by_sender(session: Session, keys: MatchKeys, kind: InboundMailKind) -> Found | None:
     """Unsure: the one unanswered email of the one therapist with the sender's address.
 
@@ -113,7 +117,7 @@ def find_by_sender(session: Session, keys: MatchKeys, kind: InboundMailKind) -> 
 
 
 def _other_sender(found: Email, keys: MatchKeys, kind: InboundMailKind) -> str | None:
-    if kind not in (InboundMailKind.REPLY, InboundMailKind.AUTO_REPLY):
+    if kind not in SENDER_KINDS:
         return None  # bounces come from the mail system, not from the therapist
     if keys.sender and keys.sender.lower() == found.recipient_email.lower():
         return None
@@ -130,12 +134,7 @@ def _only_unanswered_email_of(session: Session, sender: str) -> Email | None:
         return None
     unanswered = list(
         session.scalars(
-            select(Email)
-            .where(Email.therapist_id == therapists[0])
-            .where(Email.template.in_((*composing.ASKING_TEMPLATES, EmailTemplate.FOLLOW_UP)))
-            .where(Email.status == EmailStatus.SENT)
-            .where(Email.response_received.is_(False))
-            .limit(2)
+            select(Email).where(Email.therapist_id == therapists[0]).where(*UNANSWERED).limit(2)
         )
     )
     return unanswered[0] if len(unanswered) == 1 else None
