@@ -29,7 +29,7 @@ from tests.emails.test_email_pipeline import (
 )
 from tests.mailbox.conftest import MaildirHarness
 from tests.mailbox.samples import sample
-from tests.mailbox.test_mailbox_hunt import PATIENT, PATIENT_ID, waiting_for_a_lock
+from tests.mailbox.test_mailbox_hunt import PATIENT, PATIENT_ID, in_background, until_waiting
 from tests.mailbox.test_poll import ADDRESS, T0, THERAPIST_ID, mails, sent_email
 from tests.smtp import SmtpSink
 
@@ -44,15 +44,9 @@ def unmatched_quoting_reply() -> bytes:
 
 
 def erase_in_thread(errors: list[BaseException]) -> threading.Thread:
-    def run() -> None:
-        try:
-            apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow()))
-        except BaseException as exc:  # handed to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+    return in_background(
+        lambda: apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow())), errors
+    )
 
 
 # --- 1. an erasure between two messages of one group --------------------------------------
@@ -80,11 +74,7 @@ def test_an_unmatched_reply_recorded_before_an_erasure_is_redacted_by_it(
         if not threads:
             threads.append(erase_in_thread(erased))
             # The erasure either waits for the poll or runs to its end; give it the time.
-            deadline = time.monotonic() + 10
-            while threads[0].is_alive() and not waiting_for_a_lock(committed_db):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            until_waiting(threads[0], committed_db)
         return applied
 
     monkeypatch.setattr(tasks, "record", record_then_erase)
@@ -161,9 +151,7 @@ def test_a_group_and_an_erasure_of_a_patient_in_two_of_its_emails_do_not_deadloc
         applied = recording(*args, **kwargs)
         if not threads:
             threads.append(erase_in_thread(erased))
-            deadline = time.monotonic() + 10
-            while not waiting_for_a_lock(committed_db) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            until_waiting(threads[0], committed_db)
         return applied
 
     monkeypatch.setattr(tasks, "record", record_then_erase)

@@ -40,7 +40,7 @@ from tests.emails.test_email_pipeline import all_emails, open_requests, run_batc
 from tests.emails.test_send_rechecks import queue_command_email
 from tests.mailbox.conftest import MaildirHarness
 from tests.mailbox.samples import sample
-from tests.mailbox.test_mailbox_hunt import in_another_transaction, waiting_for_a_lock
+from tests.mailbox.test_mailbox_hunt import in_another_transaction, in_background, until_waiting
 from tests.mailbox.test_poll import ADDRESS, T0, load, mails, sent_email
 from tests.smtp import SmtpSink
 
@@ -130,20 +130,10 @@ def test_a_sender_match_in_a_group_and_the_booking_do_not_deadlock(
     errors: list[BaseException] = []
     booking: list[threading.Thread] = []
 
-    def book() -> None:
-        try:
-            schedule_calls()
-        except BaseException as exc:  # handed to the test
-            errors.append(exc)
-
     def record_while_booking(*args: Any, **kwargs: Any) -> Any:
         if not booking:
-            booking.append(threading.Thread(target=book))
-            booking[0].start()
-            deadline = time.monotonic() + 10
-            while booking[0].is_alive() and not waiting_for_a_lock(committed_db):
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            booking.append(in_background(schedule_calls, errors))
+            assert until_waiting(booking[0], committed_db)
         return recording(*args, **kwargs)
 
     monkeypatch.setattr(tasks, "record", record_while_booking)

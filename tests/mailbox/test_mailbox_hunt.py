@@ -36,15 +36,7 @@ PATIENT_ID = 10_070
 def in_another_transaction(action: Callable[[], None]) -> None:
     """Run ``action`` to its commit on a thread (and connection) of its own."""
     errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            action()
-        except BaseException as exc:  # handed to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = in_background(action, errors)
     thread.join(timeout=30)
     assert not thread.is_alive(), "the other transaction waited for a lock of the poll"
     assert not errors, errors
@@ -62,6 +54,31 @@ def waiting_for_a_lock(engine: Engine) -> bool:
         )
 
 
+def in_background(action: Callable[[], object], errors: list[BaseException]) -> threading.Thread:
+    """``action`` started on a thread (and connection) of its own; what it raises goes to
+    ``errors``, handed to the test."""
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def until_waiting(thread: threading.Thread, engine: Engine, seconds: float = 10) -> bool:
+    """Whether ``thread`` came to wait for a lock (or ended) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while thread.is_alive() and not waiting_for_a_lock(engine):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def erase_right_after_matching(
     monkeypatch: pytest.MonkeyPatch, engine: Engine, errors: list[BaseException]
 ) -> list[threading.Thread]:
@@ -72,21 +89,16 @@ def erase_right_after_matching(
     finding = email_lookup.find_emails
     started: list[threading.Thread] = []
 
-    def run() -> None:
-        try:
-            apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow()))
-        except BaseException as exc:  # handed to the test
-            errors.append(exc)
-
     def find_then_erase(*args: Any, **kwargs: Any) -> Any:
         found = finding(*args, **kwargs)
         if found.emails() and not started:
-            started.append(threading.Thread(target=run))
-            started[0].start()
-            deadline = time.monotonic() + 10
-            while started[0].is_alive() and not waiting_for_a_lock(engine):
-                assert time.monotonic() < deadline, "the erasure neither waited nor ended"
-                time.sleep(0.02)
+            started.append(
+                in_background(
+                    lambda: apply(PATIENT, f.patient_erased(PATIENT_ID, occurred_at=utcnow())),
+                    errors,
+                )
+            )
+            assert until_waiting(started[0], engine), "the erasure neither waited nor ended"
         return found
 
     monkeypatch.setattr(email_lookup, "find_emails", find_then_erase)
