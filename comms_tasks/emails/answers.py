@@ -196,11 +196,13 @@ def record_response(
         if _not_older(original.response_date, received_at):
             original.response_date = received_at
         cancel_follow_up_calls(threads, original.id)
+    cutoff = max(received_at, known_at) if known_at is not None else received_at
+    for answered in (email, *originals):
+        # For a reminder on its way now, given back unsent later: the claim cancels it.
+        if answered.reminders_void_until is None or answered.reminders_void_until < cutoff:
+            answered.reminders_void_until = cutoff
     cancel_unsent_reminders(
-        session,
-        threads,
-        [email.id, *(original.id for original in originals)],
-        max(received_at, known_at) if known_at is not None else received_at,
+        session, threads, [email.id, *(original.id for original in originals)], cutoff
     )
     return confirmations
 
@@ -212,11 +214,12 @@ def cancel_unsent_reminders(
 
     Only reminders queued before the answer was received: one asked for later was asked
     knowing of it (a late older answer, or a re-sent one, must not drop it). One already
-    ``sending`` is left to its send's result: it may be on the wire.
+    ``sending`` is left to its send's result: it may be on the wire; given back unsent,
+    the claim cancels it (:func:`voided_by_an_answer`).
     """
     reminders = threads.unsent_reminders(session, email_ids, received_at)
     for reminder in reminders:
-        cancel_unsent(reminder, "cancelled: the email it follows up was answered")
+        cancel_unsent(reminder, REMINDER_VOIDED)
     return len(reminders)
 
 
@@ -227,6 +230,19 @@ def cancel_follow_up_calls(threads: Threads, email_id: int) -> int:
         call.status = PhoneCallStatus.CANCELLED
         call.notes = "cancelled: the email was answered"
     return len(calls)
+
+
+REMINDER_VOIDED = "cancelled: the email it follows up was answered"
+
+
+def voided_by_an_answer(reminder: Email, original: Email | None) -> bool:
+    """Whether ``reminder`` was queued by the time an answer to ``original`` was known,
+    so that the answer covers it (``original`` loaded by the caller)."""
+    if reminder.template is not EmailTemplate.FOLLOW_UP or original is None:
+        return False
+    until = original.reminders_void_until
+    queued = reminder.queued_at or reminder.created_at
+    return until is not None and queued is not None and queued <= until
 
 
 def cancel_unsent(email: Email, reason: str) -> None:

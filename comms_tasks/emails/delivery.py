@@ -54,7 +54,8 @@ def prepare_batch(
     and ``failed``: lost to dead workers once too often).
 
     Each claimed email is checked again, in this order, whatever its template: its
-    therapist (still active, not deleted, with an address; else it is cancelled), its
+    therapist (still active, not deleted, with an address; else it is cancelled), for a
+    reminder its original's answer (one known by the time it was queued cancels it), its
     requests (withdrawn ones are dropped; it is cancelled when none is left), and the
     day: an email that would be the therapist's second of the local day (sent, or being
     sent by another claim, or earlier in this one) waits for the next day, confirmations
@@ -90,6 +91,16 @@ def prepare_batch(
         reason = rechecks.UNKNOWN_THERAPIST if therapist is None else why_not_to(therapist)
         if therapist is None or reason is not None:
             answers.cancel_unsent(email, reason or rechecks.UNKNOWN_THERAPIST)
+            tally["cancelled"] = tally.get("cancelled", 0) + 1
+            continue
+        original = (
+            session.get(Email, email.in_reply_to_email_id)
+            if email.in_reply_to_email_id is not None
+            else None
+        )
+        if answers.voided_by_an_answer(email, original):
+            # Claimed by another run when its original's answer came, and given back unsent.
+            answers.cancel_unsent(email, answers.REMINDER_VOIDED)
             tally["cancelled"] = tally.get("cancelled", 0) + 1
             continue
         included = [batch for batch in email.batches if batch.included]

@@ -103,6 +103,9 @@ class Email(Base):
     )
     response_date: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     response_content: Mapped[str | None] = mapped_column(Text)
+    # Reminders of this email queued until then are void: an answer known by then covers
+    # them (answers.cancel_unsent_reminders; the claim cancels one given back unsent).
+    reminders_void_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     follow_up_required: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=text("false")
     )

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+import pytest
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
 from comms_tasks.calls.tasks import follow_up_check, schedule_calls
 from comms_tasks.db import transaction
-from comms_tasks.emails import weekly
+from comms_tasks.emails import delivery, send_results, weekly
 from comms_tasks.inbound.dead_letter_replay import replay
 from comms_tasks.inbound.inbox import handle
+from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import (
     Email,
     EmailBatch,
@@ -24,6 +27,7 @@ from comms_tasks.models import (
     PhoneCallStatus,
     ResponseOutcome,
 )
+from comms_tasks.models.base import utcnow
 from comms_tasks.settings import get_settings
 from comms_tasks.task_names import QUEUE_EMAIL, RECORD_EMAIL_RESPONSE
 from tests import factories as f
@@ -310,6 +314,50 @@ def test_an_answer_to_the_original_cancels_its_unsent_reminder(domain_db: Connec
         ).one()
         assert reminder.status is EmailStatus.CANCELLED
         assert reminder.error_message == "cancelled: the email it follows up was answered"
+
+
+@pytest.mark.parametrize("given_back", ["released", "to_retry"])
+def test_a_reminder_on_its_way_when_the_answer_came_is_not_sent_once_given_back(
+    domain_db: Connection, given_back: str
+) -> None:
+    original = sent_email(26)
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": [260, 261],
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    settings = get_settings()
+    with transaction() as session:
+        [claimed] = delivery.prepare_batch(session, utcnow(), 100, settings)
+    # The answer comes while the reminder is claimed: it may be on the wire, so it is left
+    # to its send's result.
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
+    assert email_row(domain_db, claimed.email_id).status is EmailStatus.SENDING
+    # The send run gives it back unsent: it stops first, or the server said "try later".
+    with transaction() as session:
+        if given_back == "released":
+            send_results.release(session, [claimed.email_id], utcnow())
+        else:
+            failure = SendResult(
+                claimed.email_id, delivered=False, temporary=True, error="451 later"
+            )
+            send_results.record_results(session, [(failure, utcnow())], random.Random(0))
+    with transaction() as session:
+        session.execute(
+            update(Email).where(Email.id == claimed.email_id).values(next_attempt_at=utcnow())
+        )
+    set_aside: dict[str, int] = {}
+    with transaction() as session:
+        again = delivery.prepare_batch(session, utcnow(), 100, settings, set_aside=set_aside)
+
+    assert again == []
+    assert set_aside == {"cancelled": 1}
+    reminder = email_row(domain_db, claimed.email_id)
+    assert reminder.status is EmailStatus.CANCELLED
+    assert reminder.error_message == "cancelled: the email it follows up was answered"
 
 
 def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
