@@ -17,7 +17,7 @@ from comms_tasks.contracts.published import (
     ResponseSource,
 )
 from comms_tasks.emails import composing
-from comms_tasks.emails.threads import Threads, lock_thread
+from comms_tasks.emails.threads import MAX_THREAD_DEPTH, Threads, lock_thread
 from comms_tasks.events.outbox import record_event
 from comms_tasks.models import (
     Email,
@@ -197,10 +197,13 @@ def record_response(
             original.response_date = received_at
         cancel_follow_up_calls(threads, original.id)
     cutoff = max(received_at, known_at) if known_at is not None else received_at
+    # A reminder on its way was queued by now: an answer dated ahead (a producer's clock)
+    # voids none asked for after it was recorded.
+    void_until = min(cutoff, now)
     for answered in (email, *originals):
         # For a reminder on its way now, given back unsent later: the claim cancels it.
-        if answered.reminders_void_until is None or answered.reminders_void_until < cutoff:
-            answered.reminders_void_until = cutoff
+        if answered.reminders_void_until is None or answered.reminders_void_until < void_until:
+            answered.reminders_void_until = void_until
     cancel_unsent_reminders(
         session, threads, [email.id, *(original.id for original in originals)], cutoff
     )
@@ -215,7 +218,7 @@ def cancel_unsent_reminders(
     Only reminders queued before the answer was received: one asked for later was asked
     knowing of it (a late older answer, or a re-sent one, must not drop it). One already
     ``sending`` is left to its send's result: it may be on the wire; given back unsent,
-    the claim cancels it (:func:`voided_by_an_answer`).
+    the claim cancels it (:func:`voided_reminders`).
     """
     reminders = threads.unsent_reminders(session, email_ids, received_at)
     for reminder in reminders:
@@ -235,14 +238,45 @@ def cancel_follow_up_calls(threads: Threads, email_id: int) -> int:
 REMINDER_VOIDED = "cancelled: the email it follows up was answered"
 
 
-def voided_by_an_answer(reminder: Email, original: Email | None) -> bool:
-    """Whether ``reminder`` was queued by the time an answer to ``original`` was known,
-    so that the answer covers it (``original`` loaded by the caller)."""
-    if reminder.template is not EmailTemplate.FOLLOW_UP or original is None:
-        return False
-    until = original.reminders_void_until
-    queued = reminder.queued_at or reminder.created_at
-    return until is not None and queued is not None and queued <= until
+def voided_reminders(session: Session, emails: Sequence[Email]) -> set[int]:
+    """The reminders among ``emails`` that an answer voids: one to any email up the
+    reminder's thread, known by the time the reminder was queued (its
+    ``reminders_void_until``). A reminder of a reminder asks the original's questions
+    again too. The threads are read level by level, a statement per level.
+    """
+    reminders = [
+        email
+        for email in emails
+        if email.template is EmailTemplate.FOLLOW_UP and email.in_reply_to_email_id is not None
+    ]
+    if not reminders:
+        return set()
+    up: dict[int, tuple[int | None, dt.datetime | None]] = {}
+    level = {email.in_reply_to_email_id for email in reminders} - {None}
+    for _depth in range(MAX_THREAD_DEPTH + 1):
+        level -= up.keys()
+        if not level:
+            break
+        rows = session.execute(
+            select(Email.id, Email.in_reply_to_email_id, Email.reminders_void_until).where(
+                Email.id.in_(sorted(level))
+            )
+        ).all()
+        for row in rows:
+            up[row.id] = (row.in_reply_to_email_id, row.reminders_void_until)
+        level = {row.in_reply_to_email_id for row in rows} - {None}
+    voided = set()
+    for reminder in reminders:
+        queued = reminder.queued_at or reminder.created_at
+        parent = reminder.in_reply_to_email_id
+        for _depth in range(MAX_THREAD_DEPTH + 1):
+            if parent is None or parent not in up:
+                break
+            parent, until = up[parent]
+            if until is not None and queued is not None and queued <= until:
+                voided.add(reminder.id)
+                break
+    return voided
 
 
 def cancel_unsent(email: Email, reason: str) -> None:

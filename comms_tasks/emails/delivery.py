@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Mapping
 from typing import Any, cast
 
 from sqlalchemy import Table, or_, select, text, update
@@ -76,14 +77,21 @@ def prepare_batch(
     }
     keep, erased_requests = requests_to_keep(session, emails)
     emailed_today = therapists_emailed_today(session, emails, now, settings)
-    # The emails replied to (for threading headers), in one query: session.get finds them.
-    originals = {email.in_reply_to_email_id for email in emails} - {None}
-    if originals:
-        session.scalars(
-            select(Email)
-            .where(Email.id.in_(originals))
-            .options(defer(Email.body_html), defer(Email.body_text))
-        ).all()
+    # The emails replied to (for threading headers), in one query.
+    original_ids = {email.in_reply_to_email_id for email in emails} - {None}
+    originals = {
+        original.id: original
+        for original in (
+            session.scalars(
+                select(Email)
+                .where(Email.id.in_(original_ids))
+                .options(defer(Email.body_html), defer(Email.body_text))
+            )
+            if original_ids
+            else ()
+        )
+    }
+    voided = answers.voided_reminders(session, emails)
     going: list[Email] = []
     to_render: list[Email] = []
     for email in emails:
@@ -93,12 +101,7 @@ def prepare_batch(
             answers.cancel_unsent(email, reason or rechecks.UNKNOWN_THERAPIST)
             tally["cancelled"] = tally.get("cancelled", 0) + 1
             continue
-        original = (
-            session.get(Email, email.in_reply_to_email_id)
-            if email.in_reply_to_email_id is not None
-            else None
-        )
-        if answers.voided_by_an_answer(email, original):
+        if email.id in voided:
             # Claimed by another run when its original's answer came, and given back unsent.
             answers.cancel_unsent(email, answers.REMINDER_VOIDED)
             tally["cancelled"] = tally.get("cancelled", 0) + 1
@@ -145,7 +148,7 @@ def prepare_batch(
         )
         for email in to_render:
             rerender(session, email, therapists[email.therapist_id], settings, patients)
-    return [outgoing(session, email) for email in going]
+    return [outgoing(session, email, originals=originals) for email in going]
 
 
 # Temporary failures: wait 1 min, doubling, at most 1 h; the 8th failed attempt is final.
@@ -297,11 +300,21 @@ def retry_values(retry_count: int, now: dt.datetime, rng: random.Random) -> dict
     return {"status": EmailStatus.QUEUED, "next_attempt_at": now + retry_delay(retry_count, rng)}
 
 
-def outgoing(session: Session, email: Email, settings: Settings | None = None) -> OutgoingMessage:
+def outgoing(
+    session: Session,
+    email: Email,
+    settings: Settings | None = None,
+    originals: Mapping[int, Email] | None = None,
+) -> OutgoingMessage:
+    """``email`` as it goes out; ``originals``: the emails replied to, loaded already."""
     references: tuple[str, ...] = ()
     in_reply_to = None
     if email.in_reply_to_email_id is not None:
-        original = session.get(Email, email.in_reply_to_email_id)
+        original = (
+            originals.get(email.in_reply_to_email_id)
+            if originals is not None
+            else session.get(Email, email.in_reply_to_email_id)
+        )
         if original is not None:
             in_reply_to = original.message_id
             references = (original.message_id,)

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, event, select, update
 from sqlalchemy.orm import Session
 
 from comms_tasks.appliers import APPLIERS
@@ -358,6 +358,104 @@ def test_a_reminder_on_its_way_when_the_answer_came_is_not_sent_once_given_back(
     reminder = email_row(domain_db, claimed.email_id)
     assert reminder.status is EmailStatus.CANCELLED
     assert reminder.error_message == "cancelled: the email it follows up was answered"
+
+
+def ask_reminder(original_id: int, therapist_id: int, request_ids: list[int]) -> int:
+    """A ``follow_up`` of ``original_id`` asked for by command; its id."""
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": request_ids,
+        "reply_to_email_id": original_id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    with transaction() as session:
+        return max(
+            session.scalars(select(Email.id).where(Email.in_reply_to_email_id == original_id))
+        )
+
+
+def mark_sent(email_id: int, days_ago: float) -> None:
+    with transaction() as session:
+        session.execute(
+            update(Email)
+            .where(Email.id == email_id)
+            .values(status=EmailStatus.SENT, sent_at=now() - dt.timedelta(days=days_ago))
+        )
+
+
+def claim(set_aside: dict[str, int] | None = None) -> list[int]:
+    with transaction() as session:
+        messages = delivery.prepare_batch(
+            session, utcnow(), 100, get_settings(), set_aside=set_aside
+        )
+    return [message.email_id for message in messages]
+
+
+def give_back(email_id: int) -> None:
+    with transaction() as session:
+        send_results.release(session, [email_id], utcnow())
+
+
+def test_an_answer_dated_ahead_voids_no_reminder_asked_for_after_it(
+    domain_db: Connection,
+) -> None:
+    original = sent_email(27)
+    # The producer's clock is 10 minutes fast.
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now() + dt.timedelta(minutes=10))) == (
+        "applied"
+    )
+    # Matching reads that answer, then asks for a reminder, knowing of it.
+    reminder_id = ask_reminder(original.id, original.therapist_id, [270, 271])
+
+    assert claim() == [reminder_id]
+
+
+@pytest.mark.parametrize("on_its_way", [False, True])
+@pytest.mark.parametrize("answered", ["original", "first_reminder"])
+def test_a_reminder_of_a_reminder_is_not_sent_once_its_thread_is_answered(
+    domain_db: Connection, answered: str, on_its_way: bool
+) -> None:
+    original = sent_email(28)
+    first = ask_reminder(original.id, original.therapist_id, [280, 281])
+    mark_sent(first, days_ago=2)
+    second = ask_reminder(first, original.therapist_id, [280, 281])
+    if on_its_way:
+        # Claimed when the answer comes, given back unsent afterwards.
+        assert claim() == [second]
+    answered_id = original.id if answered == "original" else first
+    assert apply(RECORD_EMAIL_RESPONSE, answer(answered_id, now())) == "applied"
+    if on_its_way:
+        give_back(second)
+    set_aside: dict[str, int] = {}
+
+    # Cancelled by the answer (a reminder of the answered email) or at the claim.
+    assert claim(set_aside) == []
+    assert set_aside == ({"cancelled": 1} if on_its_way or answered == "original" else {})
+    reminder = email_row(domain_db, second)
+    assert reminder.status is EmailStatus.CANCELLED
+    assert reminder.error_message == "cancelled: the email it follows up was answered"
+
+
+def test_a_claim_of_reminders_loads_their_originals_in_one_statement(
+    domain_db: Connection,
+) -> None:
+    for therapist_id in (31, 32, 33, 34, 35):
+        original = sent_email(therapist_id)
+        ask_reminder(original.id, therapist_id, [therapist_id * 10, therapist_id * 10 + 1])
+    statements: list[str] = []
+
+    def seen(_connection: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(domain_db, "before_cursor_execute", seen)
+    try:
+        assert len(claim()) == 5
+    finally:
+        event.remove(domain_db, "before_cursor_execute", seen)
+    one_by_one = [s for s in statements if s.endswith(f"WHERE {Email.__table__}.id = %(pk_1)s")]
+    assert one_by_one == []
 
 
 def test_a_late_older_answer_leaves_a_reminder_asked_for_after_the_newer_one(
