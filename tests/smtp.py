@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ class SmtpSink:
         implicit_tls: bool = False,
         auth: tuple[str, str] | None = None,
         cleartext_auth: bool = False,
-        accept_delay: float = 0.0,
+        accept_delay: float | Sequence[float] = 0.0,
     ) -> None:
         if (require_starttls or implicit_tls) and tls_context is None:
             raise ValueError("require_starttls and implicit_tls need a tls_context")
@@ -64,8 +64,10 @@ class SmtpSink:
         self.connections = 0
         self.quits = 0
         self._auth = auth
-        # Seconds each accepted message holds the server (and its client) before the reply.
+        # Seconds each accepted message holds the server (and its client) before the reply;
+        # a sequence: the first message's, the second's, ..., the last repeated.
         self.accept_delay = accept_delay
+        self._delivered = 0
         self._lock = threading.Lock()
         self._script: collections.deque[str] = collections.deque()
         self._refusals: dict[str, str] = {}
@@ -162,8 +164,13 @@ class SmtpSink:
             return self._refusals.get(address.lower())
 
     def _record(self, envelope: Envelope) -> None:
-        if self.accept_delay:
-            time.sleep(self.accept_delay)
+        with self._lock:
+            nth = self._delivered
+            self._delivered += 1
+        delays = self.accept_delay
+        delay = delays if isinstance(delays, float | int) else delays[min(nth, len(delays) - 1)]
+        if delay:
+            time.sleep(delay)
         content = envelope.original_content or b""
         message = email.message_from_bytes(content, policy=email.policy.default)
         with self._lock:

@@ -1,13 +1,14 @@
 """A send run stopped by its soft time limit mid-claim: what went out is recorded, the rest
 is queued again at once.
 
-One real worker with a 2 s soft time limit claims 100 queued emails; the SMTP server takes
-1 s per message. The run hands a message over only while its time budget (80 % of the
-limit, 1.6 s) lasts: the second message goes at about 1.1 s, and the limit strikes while
-its reply is on its way. The results already handed to the recorder are committed, the
-emails not sent go back to ``queued`` (not left ``sending`` until their lease, here 90 s,
-runs out), and every message the server accepted is marked ``sent`` but the one whose
-reply the limit cut off.
+One real worker with a 2 s soft time limit claims 100 queued emails; the SMTP server
+accepts the first message at once and holds each next one 3 s before its reply. The run
+hands a message over only while its time budget (80 % of the limit, 1.6 s) lasts: the
+second message goes right after the first (the run may take up to 1.6 s to get there, a
+loaded machine's start), and the limit strikes while its reply is on its way. The results
+already handed to the recorder are committed, the emails not sent go back to ``queued``
+(not left ``sending`` until their lease, here 90 s, runs out), and every message the
+server accepted is marked ``sent`` but the one whose reply the limit cut off.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ EMAILS = 100  # one claim
 BROKER_SLOT = 15  # the broker_url fixture: this module's broker, on each kind
 SOFT_TIME_LIMIT = 2
 TIME_LIMIT = 30  # the lease is this plus a minute: far beyond the test's wait
-ACCEPT_DELAY_SECONDS = 1.0
+# The first message at once, every next one held beyond the soft limit.
+ACCEPT_DELAYS = (0.0, 3.0)
 # The release must come well before any lease could run out.
 SETTLE_TIMEOUT = 20
 
 
 @pytest.fixture
 def slow_sink() -> Iterator[SmtpSink]:
-    server = SmtpSink(accept_delay=ACCEPT_DELAY_SECONDS)
+    server = SmtpSink(accept_delay=ACCEPT_DELAYS)
     server.start()
     yield server
     server.stop()
