@@ -296,70 +296,6 @@ def test_a_cancelled_request_is_not_confirmed(domain_db: Connection) -> None:
     assert confirmations_of(domain_db) == []
 
 
-def test_an_answer_to_the_original_cancels_its_unsent_reminder(domain_db: Connection) -> None:
-    original = sent_email(23)
-    queue = {
-        "command_id": str(uuid.uuid4()),
-        "therapist_id": original.therapist_id,
-        "template": "follow_up",
-        "placement_request_ids": [230, 231],
-        "reply_to_email_id": original.id,
-    }
-    assert apply(QUEUE_EMAIL, queue) == "applied"
-    # The therapist answers the original before the reminder went out, deciding nothing yet.
-    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
-    with Session(domain_db) as session:
-        reminder = session.scalars(
-            select(Email).where(Email.in_reply_to_email_id == original.id)
-        ).one()
-        assert reminder.status is EmailStatus.CANCELLED
-        assert reminder.error_message == "cancelled: the email it follows up was answered"
-
-
-@pytest.mark.parametrize("given_back", ["released", "to_retry"])
-def test_a_reminder_on_its_way_when_the_answer_came_is_not_sent_once_given_back(
-    domain_db: Connection, given_back: str
-) -> None:
-    original = sent_email(26)
-    queue = {
-        "command_id": str(uuid.uuid4()),
-        "therapist_id": original.therapist_id,
-        "template": "follow_up",
-        "placement_request_ids": [260, 261],
-        "reply_to_email_id": original.id,
-    }
-    assert apply(QUEUE_EMAIL, queue) == "applied"
-    settings = get_settings()
-    with transaction() as session:
-        [claimed] = delivery.prepare_batch(session, utcnow(), 100, settings)
-    # The answer comes while the reminder is claimed: it may be on the wire, so it is left
-    # to its send's result.
-    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
-    assert email_row(domain_db, claimed.email_id).status is EmailStatus.SENDING
-    # The send run gives it back unsent: it stops first, or the server said "try later".
-    with transaction() as session:
-        if given_back == "released":
-            send_results.release(session, [claimed.email_id], utcnow())
-        else:
-            failure = SendResult(
-                claimed.email_id, delivered=False, temporary=True, error="451 later"
-            )
-            send_results.record_results(session, [(failure, utcnow())], random.Random(0))
-    with transaction() as session:
-        session.execute(
-            update(Email).where(Email.id == claimed.email_id).values(next_attempt_at=utcnow())
-        )
-    set_aside: dict[str, int] = {}
-    with transaction() as session:
-        again = delivery.prepare_batch(session, utcnow(), 100, settings, set_aside=set_aside)
-
-    assert again == []
-    assert set_aside == {"cancelled": 1}
-    reminder = email_row(domain_db, claimed.email_id)
-    assert reminder.status is EmailStatus.CANCELLED
-    assert reminder.error_message == "cancelled: the email it follows up was answered"
-
-
 def ask_reminder(original_id: int, therapist_id: int, request_ids: list[int]) -> int:
     """A ``follow_up`` of ``original_id`` asked for by command; its id."""
     queue = {
@@ -398,6 +334,61 @@ def give_back(email_id: int) -> None:
         send_results.release(session, [email_id], utcnow())
 
 
+def assert_voided(engine: Connection, reminder_id: int) -> None:
+    reminder = email_row(engine, reminder_id)
+    assert reminder.status is EmailStatus.CANCELLED
+    assert reminder.error_message == "cancelled: the email it follows up was answered"
+
+
+def test_an_answer_to_the_original_cancels_its_unsent_reminder(domain_db: Connection) -> None:
+    original = sent_email(23)
+    queue = {
+        "command_id": str(uuid.uuid4()),
+        "therapist_id": original.therapist_id,
+        "template": "follow_up",
+        "placement_request_ids": [230, 231],
+        "reply_to_email_id": original.id,
+    }
+    assert apply(QUEUE_EMAIL, queue) == "applied"
+    # The therapist answers the original before the reminder went out, deciding nothing yet.
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
+    with Session(domain_db) as session:
+        reminder = session.scalars(
+            select(Email).where(Email.in_reply_to_email_id == original.id)
+        ).one()
+        assert reminder.status is EmailStatus.CANCELLED
+        assert reminder.error_message == "cancelled: the email it follows up was answered"
+
+
+@pytest.mark.parametrize("given_back", ["released", "to_retry"])
+def test_a_reminder_on_its_way_when_the_answer_came_is_not_sent_once_given_back(
+    domain_db: Connection, given_back: str
+) -> None:
+    original = sent_email(26)
+    reminder_id = ask_reminder(original.id, original.therapist_id, [260, 261])
+    assert claim() == [reminder_id]
+    # The answer comes while the reminder is claimed: it may be on the wire, so it is left
+    # to its send's result.
+    assert apply(RECORD_EMAIL_RESPONSE, answer(original.id, now())) == "applied"
+    assert email_row(domain_db, reminder_id).status is EmailStatus.SENDING
+    # The send run gives it back unsent: it stops first, or the server said "try later".
+    if given_back == "released":
+        give_back(reminder_id)
+    else:
+        failure = SendResult(reminder_id, delivered=False, temporary=True, error="451 later")
+        with transaction() as session:
+            send_results.record_results(session, [(failure, utcnow())], random.Random(0))
+        with transaction() as session:
+            session.execute(
+                update(Email).where(Email.id == reminder_id).values(next_attempt_at=utcnow())
+            )
+    set_aside: dict[str, int] = {}
+
+    assert claim(set_aside) == []
+    assert set_aside == {"cancelled": 1}
+    assert_voided(domain_db, reminder_id)
+
+
 def test_an_answer_dated_ahead_voids_no_reminder_asked_for_after_it(
     domain_db: Connection,
 ) -> None:
@@ -433,9 +424,7 @@ def test_a_reminder_of_a_reminder_is_not_sent_once_its_thread_is_answered(
     # Cancelled by the answer (a reminder of the answered email) or at the claim.
     assert claim(set_aside) == []
     assert set_aside == ({"cancelled": 1} if on_its_way or answered == "original" else {})
-    reminder = email_row(domain_db, second)
-    assert reminder.status is EmailStatus.CANCELLED
-    assert reminder.error_message == "cancelled: the email it follows up was answered"
+    assert_voided(domain_db, second)
 
 
 def test_a_claim_of_reminders_loads_their_originals_in_one_statement(
