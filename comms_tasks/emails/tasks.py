@@ -79,7 +79,9 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
         try:
             with results:
                 sender = sender_from_settings(settings)
-                for result in sender.send(messages, before_handover=before_handover):
+                for result in sender.send(
+                    messages, before_handover=before_handover, before_quit=results.wait
+                ):
                     results.add(result)
         except (SoftTimeLimitExceeded, _TimeBudgetSpentError) as stopped:
             # What was sent is recorded; what was not goes back to the queue at once.

@@ -46,6 +46,7 @@ class Sender(Protocol):
         self,
         messages: Iterable[OutgoingMessage],
         before_handover: Callable[[], None] = _go_ahead,
+        before_quit: Callable[[], None] = _go_ahead,
     ) -> Iterator[SendResult]:
         """One result per message, in order, each as soon as that message was sent.
 
@@ -53,7 +54,9 @@ class Sender(Protocol):
         SMTP, before the end of its DATA: the server accepts a message when it reads
         that line); what it raises stops the run without handing the message over. The
         task waits there until the result before is recorded, so that at most one
-        accepted message per connection is ever unrecorded.
+        accepted message per connection is ever unrecorded. ``before_quit`` is called
+        before an open connection is closed at the end (the task waits there for the
+        last result): an accepted message is never unrecorded with no connection open.
         """
         ...
 
@@ -164,6 +167,7 @@ class SmtpSender:
         self,
         messages: Iterable[OutgoingMessage],
         before_handover: Callable[[], None] = _go_ahead,
+        before_quit: Callable[[], None] = _go_ahead,
     ) -> Iterator[SendResult]:
         connection: smtplib.SMTP | None = None
         # Once a (re)connect failed, the rest of the batch fails with its reason instead
@@ -206,7 +210,10 @@ class SmtpSender:
                 yield result
         finally:
             if connection is not None:
-                self._quit(connection)
+                try:
+                    before_quit()
+                finally:
+                    self._quit(connection)
 
     def _send_one(
         self,
