@@ -96,6 +96,25 @@ class ResultRecorder:
         self._results.join()
         self._raise_if_failed()
 
+    def settle(self) -> None:
+        """Until every result handed over is committed, however often interrupted (the
+        soft time limit); then the interruption, or the recording's failure.
+
+        The sender calls it before it closes its connection: with the connection gone,
+        an accepted message not yet recorded would be one no open connection accounts
+        for.
+        """
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._results.join()
+                break
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+        self._raise_if_failed()
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RecordingFailedError(f"a send result was not recorded: {self._error}")

@@ -80,7 +80,7 @@ def send_email(email_id: int | None = None, helper: bool = False) -> dict[str, A
             with results:
                 sender = sender_from_settings(settings)
                 for result in sender.send(
-                    messages, before_handover=before_handover, before_quit=results.wait
+                    messages, before_handover=before_handover, before_close=results.settle
                 ):
                     results.add(result)
         except (SoftTimeLimitExceeded, _TimeBudgetSpentError) as stopped:

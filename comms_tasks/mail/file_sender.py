@@ -36,9 +36,9 @@ class FileSender:
         self,
         messages: Iterable[OutgoingMessage],
         before_handover: Callable[[], None] = _go_ahead,
-        before_quit: Callable[[], None] = _go_ahead,
+        before_close: Callable[[], None] = _go_ahead,
     ) -> Iterator[SendResult]:
-        # No connection to close: ``before_quit`` has nothing to wait for.
+        # No connection to close: ``before_close`` has nothing to wait for.
         for message in messages:
             try:
                 content = build_mime(message)

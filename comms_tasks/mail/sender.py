@@ -46,7 +46,7 @@ class Sender(Protocol):
         self,
         messages: Iterable[OutgoingMessage],
         before_handover: Callable[[], None] = _go_ahead,
-        before_quit: Callable[[], None] = _go_ahead,
+        before_close: Callable[[], None] = _go_ahead,
     ) -> Iterator[SendResult]:
         """One result per message, in order, each as soon as that message was sent.
 
@@ -54,9 +54,13 @@ class Sender(Protocol):
         SMTP, before the end of its DATA: the server accepts a message when it reads
         that line); what it raises stops the run without handing the message over. The
         task waits there until the result before is recorded, so that at most one
-        accepted message per connection is ever unrecorded. ``before_quit`` is called
-        before an open connection is closed at the end (the task waits there for the
-        last result): an accepted message is never unrecorded with no connection open.
+        accepted message per connection is ever unrecorded. ``before_close`` is called
+        before the sender closes a connection of its own accord, at the end or when the
+        run stops (the task waits there for the last result): an accepted message is
+        not left unrecorded with no connection open. What it raises on the way out of
+        an exception is dropped for that exception. (A connection the server closes, a
+        421, or one that breaks is gone with its last result perhaps still being
+        committed.)
         """
         ...
 
@@ -167,7 +171,7 @@ class SmtpSender:
         self,
         messages: Iterable[OutgoingMessage],
         before_handover: Callable[[], None] = _go_ahead,
-        before_quit: Callable[[], None] = _go_ahead,
+        before_close: Callable[[], None] = _go_ahead,
     ) -> Iterator[SendResult]:
         connection: smtplib.SMTP | None = None
         # Once a (re)connect failed, the rest of the batch fails with its reason instead
@@ -200,7 +204,9 @@ class SmtpSender:
                     )
                 except BaseException:
                     # Stopped in the middle of DATA: a QUIT now would be read as part of
-                    # the message. Closing makes the server drop it.
+                    # the message. Closing makes the server drop it (it waits for the
+                    # rest meanwhile).
+                    _settled_on_the_way_out(before_close)
                     connection.close()
                     connection = None
                     raise
@@ -208,12 +214,16 @@ class SmtpSender:
                     connection.close()
                     connection = None
                 yield result
-        finally:
+        except BaseException:
             if connection is not None:
-                try:
-                    before_quit()
-                finally:
-                    self._quit(connection)
+                _settled_on_the_way_out(before_close)
+                self._quit(connection)
+            raise
+        if connection is not None:
+            try:
+                before_close()
+            finally:
+                self._quit(connection)
 
     def _send_one(
         self,
@@ -309,6 +319,14 @@ class SmtpSender:
         except OSError:
             # Everything was sent already; a failing goodbye changes nothing.
             connection.close()
+
+
+def _settled_on_the_way_out(before_close: Callable[[], None]) -> None:
+    """``before_close`` while an exception is on its way out: what it raises is dropped
+    (the exception on its way says why the run stops; the task reads a failed recording
+    from its recorder)."""
+    with contextlib.suppress(Exception):
+        before_close()
 
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
