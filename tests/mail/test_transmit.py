@@ -1,4 +1,4 @@
-"""The hand-written transaction of ``sender._transmit`` against ``smtplib.SMTP.sendmail``.
+"""The hand-written transaction of ``conversation.transmit`` against ``smtplib.SMTP.sendmail``.
 
 Both run against one aiosmtpd server that records each transaction's MAIL options and raw
 content: the same dot-stuffing and line endings, and the same MAIL command (``SIZE=<n>``
@@ -16,7 +16,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from comms_tasks.mail import sender as sender_module
+from comms_tasks.mail import conversation
 
 CASES = [
     b"Subject: a\r\n\r\n.line starting with a dot\r\n..two\r\n.\r\nend\r\n",
@@ -54,7 +54,7 @@ def server() -> Iterator[tuple[Recorder, int]]:
 def both(port: int, content: bytes) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as connection:
         connection.sendmail("a@example.org", ["b@example.org"], content)
-        sender_module._transmit(connection, "a@example.org", "b@example.org", content, lambda: None)
+        conversation.transmit(connection, "a@example.org", "b@example.org", content, lambda: None)
 
 
 @pytest.mark.parametrize("content", CASES)
