@@ -19,7 +19,7 @@ import datetime as dt
 import queue
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Connection
 
@@ -35,6 +35,18 @@ class RecordingFailedError(RuntimeError):
 
 
 _DONE = None
+
+
+def _through_interruptions(wait: Callable[[], object]) -> BaseException | None:
+    """``wait()`` until it returns, however often an exception raised into this thread
+    (the soft time limit) interrupts it; the last interruption, for the caller to raise."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait()
+            return interrupted
+        except BaseException as exc:  # noqa: BLE001 - the caller raises it
+            interrupted = exc
 
 
 class ResultRecorder:
@@ -69,18 +81,12 @@ class ResultRecorder:
 
     def __exit__(self, exc_type: object, *_exc: object) -> None:
         self._results.put(_DONE)
-        interrupted: BaseException | None = None
-        while True:
-            # The soft time limit may strike while the last result is being committed:
-            # wait for it all the same (the hard limit is the backstop), then go on
-            # with the interruption, so that nothing accepted is released unrecorded.
-            # An event, not Thread.join: a join interrupted once returns at once after
-            # (CPython marks the thread stopped, bpo-45274).
-            try:
-                self._finished.wait()
-                break
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                interrupted = exc
+        # The soft time limit may strike while the last result is being committed: wait
+        # for it all the same (the hard limit is the backstop), then go on with the
+        # interruption, so that nothing accepted is released unrecorded. An event, not
+        # Thread.join: a join interrupted once returns at once after (CPython marks the
+        # thread stopped, bpo-45274).
+        interrupted = _through_interruptions(self._finished.wait)
         self._thread.join()
         if interrupted is not None:
             raise interrupted
@@ -104,13 +110,7 @@ class ResultRecorder:
         an accepted message not yet recorded would be one no open connection accounts
         for.
         """
-        interrupted: BaseException | None = None
-        while True:
-            try:
-                self._results.join()
-                break
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                interrupted = exc
+        interrupted = _through_interruptions(self._results.join)
         if interrupted is not None:
             raise interrupted
         self._raise_if_failed()
