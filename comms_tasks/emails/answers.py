@@ -4,8 +4,8 @@ reminders and follow-up calls cancelled; emails other services ask for."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,7 +17,7 @@ from comms_tasks.contracts.published import (
     ResponseSource,
 )
 from comms_tasks.emails import composing
-from comms_tasks.emails.threads import MAX_THREAD_DEPTH, Threads, lock_thread
+from comms_tasks.emails.threads import MAX_THREAD_DEPTH, Threads, followed_up, lock_thread
 from comms_tasks.events.outbox import record_event
 from comms_tasks.models import (
     Email,
@@ -238,44 +238,55 @@ def cancel_follow_up_calls(threads: Threads, email_id: int) -> int:
 REMINDER_VOIDED = "cancelled: the email it follows up was answered"
 
 
-def voided_reminders(session: Session, emails: Sequence[Email]) -> set[int]:
-    """The reminders among ``emails`` that an answer voids: one to any email up the
-    reminder's thread, known by the time the reminder was queued (its
-    ``reminders_void_until``). A reminder of a reminder asks the original's questions
-    again too. The threads are read level by level, a statement per level.
+def voided_reminders(
+    session: Session, emails: Sequence[Email], loaded: Mapping[int, Email]
+) -> set[int]:
+    """The reminders among ``emails`` that an answer voids: one to an email the reminder
+    follows up (:func:`~comms_tasks.emails.threads.followed_up`, the emails an answer to
+    it marks answered), known by the time the reminder was queued (their
+    ``reminders_void_until``). ``loaded``: emails of the threads read already; the rest
+    are read level by level, a statement per level.
     """
-    reminders = [
-        email
-        for email in emails
-        if email.template is EmailTemplate.FOLLOW_UP and email.in_reply_to_email_id is not None
-    ]
-    if not reminders:
-        return set()
-    up: dict[int, tuple[int | None, dt.datetime | None]] = {}
-    level = {email.in_reply_to_email_id for email in reminders} - {None}
+    reminders = [email for email in emails if email.template is EmailTemplate.FOLLOW_UP]
+    # Emails, or rows of the columns the walk reads.
+    up: dict[int, Any] = dict(loaded)
+    level = {
+        email.in_reply_to_email_id for email in reminders if email.in_reply_to_email_id is not None
+    }
+    walked: set[int] = set()
     for _depth in range(MAX_THREAD_DEPTH + 1):
-        level -= up.keys()
+        level -= walked
         if not level:
             break
-        rows = session.execute(
-            select(Email.id, Email.in_reply_to_email_id, Email.reminders_void_until).where(
-                Email.id.in_(sorted(level))
-            )
-        ).all()
-        for row in rows:
-            up[row.id] = (row.in_reply_to_email_id, row.reminders_void_until)
-        level = {row.in_reply_to_email_id for row in rows} - {None}
+        walked |= level
+        unknown = sorted(level - up.keys())
+        if unknown:
+            rows = session.execute(
+                select(
+                    Email.id,
+                    Email.therapist_id,
+                    Email.template,
+                    Email.in_reply_to_email_id,
+                    Email.reminders_void_until,
+                ).where(Email.id.in_(unknown))
+            ).all()
+            up.update((row.id, row) for row in rows)
+        # Only a follow_up passes an answer on: the walk goes up through those alone.
+        level = {
+            up[email_id].in_reply_to_email_id
+            for email_id in level
+            if email_id in up
+            and up[email_id].template is EmailTemplate.FOLLOW_UP
+            and up[email_id].in_reply_to_email_id is not None
+        }
     voided = set()
     for reminder in reminders:
         queued = reminder.queued_at or reminder.created_at
-        parent = reminder.in_reply_to_email_id
-        for _depth in range(MAX_THREAD_DEPTH + 1):
-            if parent is None or parent not in up:
-                break
-            parent, until = up[parent]
-            if until is not None and queued is not None and queued <= until:
-                voided.add(reminder.id)
-                break
+        if any(
+            parent.reminders_void_until is not None and queued <= parent.reminders_void_until
+            for parent in followed_up(reminder, up.get)
+        ):
+            voided.add(reminder.id)
     return voided
 
 

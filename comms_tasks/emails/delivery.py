@@ -91,7 +91,7 @@ def prepare_batch(
             else ()
         )
     }
-    voided = answers.voided_reminders(session, emails)
+    voided = answers.voided_reminders(session, emails, originals)
     going: list[Email] = []
     to_render: list[Email] = []
     for email in emails:

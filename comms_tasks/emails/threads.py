@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, defer
@@ -24,6 +25,44 @@ from comms_tasks.models import Email, EmailStatus, EmailTemplate, PhoneCall, Pho
 # A reminder of a reminder is still one thread; more is a loop or a producer's mistake.
 MAX_THREAD_DEPTH = 10
 UNSENT = (EmailStatus.DRAFT, EmailStatus.QUEUED)
+
+
+class InThread(Protocol):
+    """What walking up a thread reads of an email (an ``Email``, or a row of its columns)."""
+
+    id: int
+    therapist_id: int
+    template: EmailTemplate
+    in_reply_to_email_id: int | None
+
+
+T = TypeVar("T", bound=InThread)
+
+
+def followed_up(email: InThread, parent_of: Callable[[int], T | None]) -> list[T]:
+    """The emails ``email`` follows up, up its thread, nearest first; ``parent_of`` finds
+    one by id (None: not known).
+
+    Only a ``follow_up`` passes its answer on, and asks its original's questions again: a
+    confirmation (threaded to the answered email too) asks nothing. The therapist's own
+    thread only, at most :data:`MAX_THREAD_DEPTH` up.
+    """
+    parents: list[T] = []
+    seen = {email.id}
+    current: InThread = email
+    while (
+        current.template is EmailTemplate.FOLLOW_UP
+        and current.in_reply_to_email_id is not None
+        and current.in_reply_to_email_id not in seen
+        and len(seen) <= MAX_THREAD_DEPTH
+    ):
+        parent = parent_of(current.in_reply_to_email_id)
+        if parent is None or parent.therapist_id != email.therapist_id:
+            break
+        seen.add(parent.id)
+        parents.append(parent)
+        current = parent
+    return parents
 
 
 @dataclasses.dataclass
@@ -49,28 +88,13 @@ class Threads:
             self.with_reminders |= more.with_reminders
 
     def originals_of(self, email: Email) -> list[Email]:
-        """The sent emails a reminder follows up, up its thread; nearest first.
-
-        Only a ``follow_up`` passes its answer on: it repeats its original's questions. A
-        confirmation (threaded to the answered email too) asks nothing.
-        """
-        originals: list[Email] = []
-        seen = {email.id}
-        current = email
-        while (
-            current.template is EmailTemplate.FOLLOW_UP
-            and current.in_reply_to_email_id is not None
-            and current.in_reply_to_email_id not in seen
-            and len(seen) <= MAX_THREAD_DEPTH
-        ):
-            parent = self.emails.get(current.in_reply_to_email_id)
-            if parent is None or parent.therapist_id != email.therapist_id:
-                break
-            seen.add(parent.id)
-            if parent.status is EmailStatus.SENT:
-                originals.append(parent)
-            current = parent
-        return originals
+        """The sent emails a reminder follows up, up its thread; nearest first
+        (:func:`followed_up`)."""
+        return [
+            parent
+            for parent in followed_up(email, self.emails.get)
+            if parent.status is EmailStatus.SENT
+        ]
 
     def scheduled_calls(self, email_id: int) -> list[PhoneCall]:
         return [
