@@ -84,6 +84,19 @@ def count_rows(engine: Engine, model: Any, *where: Any) -> int:
         return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
 
+def waiting_on_locks(engine: Engine) -> int:
+    """Backends of ``engine``'s database waiting for a lock (another connection holds it)."""
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
 def wait_for(
     condition: Callable[[], Any],
     timeout: float = 30,

@@ -33,6 +33,7 @@ from tests.conftest import (
     rabbitmqctl,
     vhost_of,
     wait_for,
+    waiting_on_locks,
 )
 from tests.inbound.test_inbound_failures import (  # noqa: F401 - the fixture, used by name
     SERIALIZATION_FAILURE,
@@ -251,19 +252,6 @@ def worker_behind_a_lock(
     finally:
         held.close()  # rolled back: the lock is released
     return worker
-
-
-def waiting_on_locks(engine: Engine) -> int:
-    """Backends of the database waiting for a lock."""
-    with engine.connect() as connection:
-        return int(
-            connection.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-        )
 
 
 def largest_transaction(engine: Engine) -> int:

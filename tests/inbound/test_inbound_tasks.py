@@ -19,7 +19,7 @@ from comms_tasks.appliers import APPLIERS
 from comms_tasks.inbound.inbox import handle
 from comms_tasks.models import DeadLetter, PlacementRequest, ProcessedMessage, Therapist
 from tests import factories as f
-from tests.conftest import WorkerProcess, wait_for, worker_environment
+from tests.conftest import WorkerProcess, count_rows, wait_for, worker_environment
 from tests.contracts import test_inbound_contracts as contract_examples
 
 THERAPIST = "comms.handle_therapist_event"
@@ -101,14 +101,11 @@ def test_an_older_event_after_a_newer_one_changes_nothing(
     wait_for(lambda: therapist(committed_db, 41))
     send(sender, THERAPIST, f.therapist_upserted(41, occurred_at=f.at(0), status="active"))
     send(sender, THERAPIST, f.therapist_upserted(42))
-
-    def processed() -> int:
-        with Session(committed_db) as session:
-            return int(session.scalar(select(func.count()).select_from(ProcessedMessage)) or 0)
-
     # The two go to the pool's two processes at once: either may commit first.
-    wait_for(lambda: processed() >= 3 and therapist(committed_db, 42))
-    assert processed() == 3
+    wait_for(
+        lambda: count_rows(committed_db, ProcessedMessage) >= 3 and therapist(committed_db, 42)
+    )
+    assert count_rows(committed_db, ProcessedMessage) == 3
     current = therapist(committed_db, 41)
     assert current is not None
     assert current.status.value == "blocked"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from comms_tasks.mailbox import apply as mail_apply
@@ -22,6 +22,7 @@ from comms_tasks.models.base import utcnow
 from comms_tasks.privacy.retention import purge_all_expired
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.conftest import waiting_on_locks
 from tests.emails.test_email_pipeline import apply, events_of
 from tests.mailbox.conftest import MaildirHarness
 from tests.mailbox.samples import sample
@@ -42,18 +43,6 @@ def in_another_transaction(action: Callable[[], None]) -> None:
     assert not errors, errors
 
 
-def waiting_for_a_lock(engine: Engine) -> bool:
-    with engine.connect() as connection:
-        return bool(
-            connection.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            )
-        )
-
-
 def in_background(action: Callable[[], object], errors: list[BaseException]) -> threading.Thread:
     """``action`` started on a thread (and connection) of its own; what it raises goes to
     ``errors``, handed to the test."""
@@ -72,7 +61,7 @@ def in_background(action: Callable[[], object], errors: list[BaseException]) -> 
 def until_waiting(thread: threading.Thread, engine: Engine, seconds: float = 10) -> bool:
     """Whether ``thread`` came to wait for a lock (or ended) within ``seconds``."""
     deadline = time.monotonic() + seconds
-    while thread.is_alive() and not waiting_for_a_lock(engine):
+    while thread.is_alive() and not waiting_on_locks(engine):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
