@@ -318,12 +318,16 @@ def _check_one_address(
     as_written = folded[:-2].decode("ascii").split(":", 1)[1]
     unfolded = as_written.replace("\r\n", "")
     refused = HeaderError(f"{name} would not hold exactly its one address")
-    for value in (as_written, unfolded):
-        if [address for _, address in email.utils.getaddresses([value])] != [addr_spec]:
+    # A header of one line reads the same both ways: parsed once.
+    read = [email.utils.getaddresses([unfolded])]
+    if unfolded != as_written:
+        read.append(email.utils.getaddresses([as_written]))
+    for addresses in read:
+        if [address for _, address in addresses] != [addr_spec]:
             raise refused
     if not display_name:
         return
-    [(phrase, _)] = email.utils.getaddresses([unfolded])
+    [(phrase, _)] = read[0]
     if not encoded:
         # Written as plain words (a plain name too long for the first line is encoded).
         if phrase != display_name:
@@ -356,9 +360,12 @@ def _refuse_line_breaks(field: str, value: str, *, encoded_words: bool = True) -
     # Besides CR and LF, any other control or line-separator character could be turned
     # into a line break by some mail software on the way; none belongs in a header. Nor
     # does an encoded word: the email package would decode it, line breaks and all.
-    for character in value:
-        if character in "\r\n" or unicodedata.category(character) in UNSAFE_CATEGORIES:
-            raise HeaderError(f"{field} must not contain line breaks or control characters")
+    # (A printable string holds none of them: str.isprintable is false for every Cc, Zl
+    # and Zp character, so only the rest is looked at character by character.)
+    if not value.isprintable():
+        for character in value:
+            if character in "\r\n" or unicodedata.category(character) in UNSAFE_CATEGORIES:
+                raise HeaderError(f"{field} must not contain line breaks or control characters")
     if encoded_words and ENCODED_WORD.search(value):
         raise HeaderError(f"{field} must not contain an encoded word (=?...?=)")
 
