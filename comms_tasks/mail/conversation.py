@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import re
 import smtplib
 from collections.abc import Callable
-
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def transmit(
@@ -19,13 +16,16 @@ def transmit(
     recipient: str,
     content: bytes,
     before_handover: Callable[[], None],
+    meanwhile: Callable[[], None] = lambda: None,
 ) -> None:
     """``smtplib.SMTP.sendmail`` for one recipient, with ``before_handover`` before the end.
 
     The envelope, the DATA command and the content go out while the caller records the
     result before (its commit overlaps this message's round trips); only the last line,
-    which makes the server accept the message, waits for ``before_handover``. Refusals
-    raise what ``sendmail`` raises, after a RSET (unless the server closed, 421).
+    which makes the server accept the message, waits for ``before_handover``. While the
+    server reads the message, ``meanwhile`` runs (the caller builds the next one); then
+    its reply is read. Refusals raise what ``sendmail`` raises, after a RSET (unless the
+    server closed, 421).
     """
     connection.ehlo_or_helo_if_needed()
     # As sendmail: the size declared when the server takes it (RFC 1870), so that a relay
@@ -44,16 +44,24 @@ def transmit(
     if code != 354:
         reset_after_refusal(connection, code)
         raise smtplib.SMTPDataError(code, reply)
-    body = _LEADING_DOT.sub(b"..", content)
+    body = stuffed(content)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     connection.send(body)
     before_handover()
     connection.send(b".\r\n")
+    meanwhile()
     code, reply = connection.getreply()
     if code != 250:
         reset_after_refusal(connection, code)
         raise smtplib.SMTPDataError(code, reply)
+
+
+def stuffed(content: bytes) -> bytes:
+    """``content`` with a dot doubled at the start of each line (RFC 5321 4.5.2), as
+    ``smtplib``'s ``(?m)^\\.`` does: at the very start and after each LF."""
+    body = content.replace(b"\n.", b"\n..")
+    return b"." + body if body.startswith(b".") else body
 
 
 def reset_after_refusal(connection: smtplib.SMTP, code: int) -> None:

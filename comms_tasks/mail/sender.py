@@ -64,6 +64,46 @@ class Sender(Protocol):
         ...
 
 
+class _BuiltAhead:
+    """The messages with their MIME form, each built while the server reads the one
+    before (``build_next``, the conversation's ``meanwhile``): the build no longer waits
+    its turn between two messages. A message that cannot be built comes with its
+    ``ValueError`` instead.
+
+    What else interrupts a build ahead (the soft time limit) is raised at the next
+    ``take``: the reply to the message before is read and its result handed on first, so
+    that it is recorded rather than sent again.
+    """
+
+    def __init__(self, messages: Iterable[OutgoingMessage]) -> None:
+        self._messages = iter(messages)
+        self._next: tuple[OutgoingMessage, bytes | ValueError] | None = None
+        self._interrupted: BaseException | None = None
+
+    def build_next(self) -> None:
+        if self._next is None and self._interrupted is None:
+            try:
+                self._next = self._build()
+            except BaseException as exc:  # noqa: BLE001 - raised at the next take
+                self._interrupted = exc
+
+    def take(self) -> tuple[OutgoingMessage, bytes | ValueError] | None:
+        if self._interrupted is not None:
+            interrupted, self._interrupted = self._interrupted, None
+            raise interrupted
+        item, self._next = self._next, None
+        return item if item is not None else self._build()
+
+    def _build(self) -> tuple[OutgoingMessage, bytes | ValueError] | None:
+        message = next(self._messages, None)
+        if message is None:
+            return None
+        try:
+            return message, build_mime(message)
+        except ValueError as exc:
+            return message, exc
+
+
 class StartTlsUnavailableError(smtplib.SMTPException):
     """The relay does not offer STARTTLS, so we refuse to send in clear."""
 
@@ -177,11 +217,11 @@ class SmtpSender:
         # of hammering a relay that is down.
         connect_error: str | None = None
         try:
-            for message in messages:
-                try:
-                    mime = build_mime(message)
-                except ValueError as exc:
-                    yield _failure(message, exc)
+            built = _BuiltAhead(messages)
+            while (item := built.take()) is not None:
+                message, mime = item
+                if isinstance(mime, ValueError):
+                    yield _failure(message, mime)
                     continue
                 if connect_error is not None:
                     yield SendResult(message.email_id, False, temporary=True, error=connect_error)
@@ -199,7 +239,7 @@ class SmtpSender:
                         continue
                 try:
                     result, connection_usable = self._send_one(
-                        connection, message, mime, before_handover
+                        connection, message, mime, before_handover, built.build_next
                     )
                 except BaseException:
                     # Stopped in the middle of DATA: a QUIT now would be read as part of
@@ -230,6 +270,7 @@ class SmtpSender:
         message: OutgoingMessage,
         mime: bytes,
         before_handover: Callable[[], None],
+        meanwhile: Callable[[], None],
     ) -> tuple[SendResult, bool]:
         """The result, and whether the connection can carry the next message."""
         try:
@@ -240,6 +281,7 @@ class SmtpSender:
                 ascii_address(message.recipient_email),
                 mime,
                 before_handover,
+                meanwhile,
             )
         except (
             smtplib.SMTPRecipientsRefused,

@@ -445,6 +445,53 @@ def test_invalid_message_fails_alone_and_permanently(smtp_sink: SmtpSink) -> Non
     assert len(smtp_sink.accepted) == 1
 
 
+def test_a_message_built_ahead_that_cannot_be_built_fails_in_its_place(
+    smtp_sink: SmtpSink,
+) -> None:
+    """The next message is built while the server reads the one before; one that cannot
+    be built still comes back in its place, and the rest go on the same connection."""
+    first, broken, last = outgoing(), outgoing(subject="Anfrage\r\nBcc: x@example.org"), outgoing()
+
+    results = list(smtp_sender(smtp_sink).send([first, broken, last]))
+
+    assert [r.email_id for r in results] == [first.email_id, broken.email_id, last.email_id]
+    assert [r.delivered for r in results] == [True, False, True]
+    assert results[1].error is not None and "subject" in results[1].error
+    assert smtp_sink.message_ids() == {first.message_id: 1, last.message_id: 1}
+    assert smtp_sink.connections == 1
+
+
+class Interrupted(BaseException):
+    """As the soft time limit: raised into the sending thread, not a failure of a message."""
+
+
+def test_an_interruption_while_the_next_is_built_comes_after_the_result_before(
+    smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Struck while the next message is built, after a message's last line went out: that
+    message's reply is read and its result handed on first (to be recorded, not sent
+    again), then the interruption is raised and the connection is quit, nothing more
+    sent."""
+    from comms_tasks.mail import sender as sender_module
+
+    first, second, third = outgoing(), outgoing(), outgoing()
+
+    def build(message: OutgoingMessage) -> bytes:
+        if message is second:
+            raise Interrupted
+        return build_mime(message)
+
+    monkeypatch.setattr(sender_module, "build_mime", build)
+    results = []
+    with pytest.raises(Interrupted):
+        for result in smtp_sender(smtp_sink).send([first, second, third]):
+            results.append(result)
+
+    assert results == [SendResult(first.email_id, delivered=True)]
+    assert smtp_sink.message_ids() == {first.message_id: 1}
+    assert smtp_sink.quits == 1
+
+
 def test_dropped_connection_is_temporary_and_the_next_message_reconnects(
     smtp_sink: SmtpSink,
 ) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from hypothesis import given
+from hypothesis import strategies as st
 
 from comms_tasks.mail import conversation
 
@@ -72,3 +74,10 @@ def test_same_mail_command(server: tuple[Recorder, int]) -> None:
     assert by_transmit == by_sendmail, (
         f"sendmail's MAIL options {by_sendmail}, _transmit's {by_transmit}"
     )
+
+
+@given(
+    st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b"..", b"\xc3\xbc"])).map(b"".join)
+)
+def test_dots_doubled_as_smtplib_doubles_them(content: bytes) -> None:
+    assert conversation.stuffed(content) == smtplib._quote_periods(content)  # type: ignore[attr-defined]
