@@ -18,7 +18,7 @@ import random
 from collections.abc import Mapping
 from typing import Any, cast
 
-from sqlalchemy import Table, or_, select, text, update
+from sqlalchemy import ColumnElement, Table, or_, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -186,12 +186,14 @@ def lease_of_claim(claimed_at: dt.datetime, settings: Settings) -> dt.datetime:
     return claimed_at + lease_duration(settings)
 
 
-def _due(now: dt.datetime) -> object:
-    return or_(
-        (Email.status == EmailStatus.QUEUED)
-        & or_(Email.next_attempt_at.is_(None), Email.next_attempt_at <= now),
-        (Email.status == EmailStatus.SENDING) & (Email.lease_expires_at < now),
+def _queued_due(now: dt.datetime) -> ColumnElement[bool]:
+    return (Email.status == EmailStatus.QUEUED) & or_(
+        Email.next_attempt_at.is_(None), Email.next_attempt_at <= now
     )
+
+
+def _lease_expired(now: dt.datetime) -> ColumnElement[bool]:
+    return (Email.status == EmailStatus.SENDING) & (Email.lease_expires_at < now)
 
 
 def claim_due(
@@ -214,19 +216,28 @@ def claim_due(
         .order_by(Email.next_attempt_at, Email.id)
         .limit(limit)
     )
-    if email_id is None:
-        query = query.where(_due(now))  # type: ignore[arg-type]
-    else:
-        # An immediate send of one email does not wait for its retry time.
-        query = query.where(Email.id == email_id).where(
-            (Email.status == EmailStatus.QUEUED)
-            | ((Email.status == EmailStatus.SENDING) & (Email.lease_expires_at < now))
-        )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
+    if email_id is not None:
+        # An immediate send of one email does not wait for its retry time.
+        found = list(
+            session.scalars(
+                query.where(Email.id == email_id).where(
+                    (Email.status == EmailStatus.QUEUED) | _lease_expired(now)
+                )
+            )
+        )
+    else:
+        # Emails whose worker died first (they were claimed before), then queued ones in
+        # their order, read from ix_emails_queued_next_attempt_at: one query for both
+        # would read and sort every due email for the first ``limit`` of them.
+        found = list(session.scalars(query.where(_lease_expired(now))))
+        if len(found) < limit:
+            queued = query.where(_queued_due(now)).limit(limit - len(found))
+            found += session.scalars(queued)
     lease = lease_of_claim(now, settings)
     claimed, starting = [], []
-    for email in session.scalars(query):
+    for email in found:
         if email.status is EmailStatus.SENDING:
             if count_lost_attempt(session, email, now):
                 set_aside["failed"] = set_aside.get("failed", 0) + 1

@@ -33,6 +33,15 @@ class Email(Base):
     __table_args__ = (
         # The send loop looks for due queued emails and for expired "sending" leases.
         Index("ix_emails_status_next_attempt_at", "status", "next_attempt_at"),
+        # The claim takes queued emails in this order, the first hundred: read from here
+        # it stops at them, where the index above left every due email to sort.
+        Index(
+            "ix_emails_queued_next_attempt_at",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
         Index("ix_emails_therapist_id_status", "therapist_id", "status"),
         Index("ix_emails_reply_token", "reply_token", unique=True),
         # The follow-up queue: only emails waiting for a call are indexed.
