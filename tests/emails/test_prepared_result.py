@@ -10,10 +10,13 @@ another server session) must still record every result.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import psycopg2.extensions
+import pytest
 from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from comms_tasks import db
@@ -55,6 +58,10 @@ def prepared_here(connection: Connection) -> list[tuple[str, int]]:
     ]
 
 
+def ours(connection: Connection) -> str:
+    return send_results.prepared_name(connection.dialect)
+
+
 def all_sent(engine: Engine, messages: list[OutgoingMessage]) -> None:
     ids = {message.email_id for message in messages}
     with Session(engine) as session:
@@ -72,12 +79,12 @@ def test_the_statement_is_prepared_once_and_run_per_result(committed_db: Engine)
         assert connection is not None
         for message in messages[:2]:
             assert [r.status for r in record(connection, message, lease)] == [EmailStatus.SENT]
-        assert prepared_here(connection) == [(send_results.PREPARED_DELIVERED, 2)]
+        assert prepared_here(connection) == [(ours(connection), 2)]
     # The next claim takes the same connection from the pool: prepared already.
     with db.autocommit_connection() as connection:
         assert connection is not None
         assert [r.status for r in record(connection, messages[2], lease)] == [EmailStatus.SENT]
-        assert prepared_here(connection) == [(send_results.PREPARED_DELIVERED, 3)]
+        assert prepared_here(connection) == [(ours(connection), 3)]
     all_sent(committed_db, messages)
 
 
@@ -88,7 +95,7 @@ def test_a_prepared_statement_dropped_since_is_prepared_again(committed_db: Engi
         record(connection, messages[0], lease)
         connection.execute(text("DEALLOCATE ALL"))  # as DISCARD ALL does
         assert [r.status for r in record(connection, messages[1], lease)] == [EmailStatus.SENT]
-        assert prepared_here(connection) == [(send_results.PREPARED_DELIVERED, 1)]
+        assert prepared_here(connection) == [(ours(connection), 1)]
     all_sent(committed_db, messages)
 
 
@@ -116,3 +123,48 @@ def test_a_connection_that_keeps_no_prepared_statement_still_records(
         finally:
             raw.cursor_factory = psycopg2.extensions.cursor  # type: ignore[union-attr]
     all_sent(committed_db, messages)
+
+
+def test_a_statement_another_release_prepared_on_the_session_is_not_run(
+    committed_db: Engine,
+) -> None:
+    """A pooler's server session can outlive a deploy with the statement of the release
+    before; a statement of another text is another name, never run for this one."""
+    messages, lease = claimed(committed_db, 1, "release")
+    with db.autocommit_connection() as connection:
+        assert connection is not None
+        for kept in ("comms_record_delivered", "comms_record_delivered_0123456789abcdef"):
+            # As a release before might have prepared it: other parameters, another text.
+            connection.execute(text(f"PREPARE {kept} (bigint) AS SELECT $1"))
+        assert [r.status for r in record(connection, messages[0], lease)] == [EmailStatus.SENT]
+        assert (ours(connection), 1) in prepared_here(connection)
+        connection.execute(text("DEALLOCATE ALL"))
+    all_sent(committed_db, messages)
+
+
+def test_a_lost_connection_is_reported_and_dropped_as_any_other(committed_db: Engine) -> None:
+    """Not the driver's bare error on a connection the pool would hand on."""
+    messages, lease = claimed(committed_db, 1, "lost")
+    with pytest.raises(OperationalError), db.autocommit_connection() as connection:
+        assert connection is not None
+        pid = connection.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+        with committed_db.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            other.commit()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with committed_db.connect() as other:
+                alive = other.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+                )
+            if not alive:
+                break
+            time.sleep(0.02)
+        try:
+            record(connection, messages[0], lease)
+        except OperationalError as exc:
+            # The engine hides parameters from errors and logs; so does this one.
+            assert messages[0].message_id not in str(exc)
+            raise
+        finally:
+            assert connection.invalidated
