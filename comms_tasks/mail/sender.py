@@ -60,6 +60,11 @@ class Sender(Protocol):
         an exception is dropped for that exception. (A connection the server closes, a
         421, or one that breaks is gone with its last result perhaps still being
         committed.)
+
+        ``messages`` is read one message ahead of the one in flight (the SMTP sender
+        builds the next while the server reads the one before): a caller that stops
+        early has had one more taken from it, neither sent nor given a result (the task
+        gives back every email without a recorded result).
         """
         ...
 
@@ -72,7 +77,8 @@ class _BuiltAhead:
 
     What else interrupts a build ahead (the soft time limit) is raised at the next
     ``take``: the reply to the message before is read and its result handed on first, so
-    that it is recorded rather than sent again.
+    that it is recorded rather than sent again (the interruption comes that much later,
+    at most the SMTP timeout).
     """
 
     def __init__(self, messages: Iterable[OutgoingMessage]) -> None:
