@@ -18,7 +18,7 @@ import random
 from collections.abc import Mapping
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, or_, select, text, update
+from sqlalchemy import ColumnElement, Table, select, text, update
 from sqlalchemy.orm import Session, defer, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -186,10 +186,13 @@ def lease_of_claim(claimed_at: dt.datetime, settings: Settings) -> dt.datetime:
     return claimed_at + lease_duration(settings)
 
 
-def _queued_due(now: dt.datetime) -> ColumnElement[bool]:
-    return (Email.status == EmailStatus.QUEUED) & or_(
-        Email.next_attempt_at.is_(None), Email.next_attempt_at <= now
-    )
+def _queued_due(now: dt.datetime) -> tuple[ColumnElement[bool], ...]:
+    """Due queued emails as two ranges of ``ix_emails_queued_next_attempt_at``, in claim
+    order (NULLs last, as PostgreSQL orders them): each an index condition, so that a claim
+    with little due reads no queued email that is not due yet (one condition with an OR
+    left every such email to be fetched and thrown away)."""
+    queued = Email.status == EmailStatus.QUEUED
+    return queued & (Email.next_attempt_at <= now), queued & Email.next_attempt_at.is_(None)
 
 
 def _lease_expired(now: dt.datetime) -> ColumnElement[bool]:
@@ -228,13 +231,17 @@ def claim_due(
             )
         )
     else:
-        # Emails whose worker died first (they were claimed before), then queued ones in
-        # their order, read from ix_emails_queued_next_attempt_at: one query for both
-        # would read and sort every due email for the first ``limit`` of them.
+        # Emails whose worker died (claimed before, rare) are taken first, then queued
+        # ones in their order, read from ix_emails_queued_next_attempt_at: one query for
+        # both read and sorted every due email for the first ``limit`` of them. The claim
+        # then goes in claim order, due time then id, as one query gave it.
         found = list(session.scalars(query.where(_lease_expired(now))))
-        if len(found) < limit:
-            queued = query.where(_queued_due(now)).limit(limit - len(found))
-            found += session.scalars(queued)
+        expired = len(found)
+        for due in _queued_due(now):
+            if len(found) < limit:
+                found += session.scalars(query.where(due).limit(limit - len(found)))
+        if expired:
+            found.sort(key=_claim_order)
     lease = lease_of_claim(now, settings)
     claimed, starting = [], []
     for email in found:
@@ -249,6 +256,11 @@ def claim_due(
     if starting:
         start_sending(session, starting, lease)
     return claimed
+
+
+def _claim_order(email: Email) -> tuple[bool, dt.datetime, int]:
+    due = email.next_attempt_at
+    return due is None, due or dt.datetime.min.replace(tzinfo=dt.UTC), email.id
 
 
 def start_sending(session: Session, emails: list[Email], lease: dt.datetime) -> None:
