@@ -72,8 +72,8 @@ def test_patient_data_goes_into_the_email_and_nowhere_else(
         worker.wait_for(lambda: len(smtp_sink.accepted) == 1)
 
         def email_sent() -> Email | None:
-            # Results are committed in groups (docs/performance.md): the
-            # status follows the sink's acceptance by up to half a second.
+            # The recorder thread commits the result just after the sink accepted
+            # the message (docs/reliability.md): the status follows by a moment.
             with Session(committed_db) as session:
                 email = session.scalars(select(Email)).one()
             return email if email.status is EmailStatus.SENT else None
