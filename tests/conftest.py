@@ -97,6 +97,23 @@ def waiting_on_locks(engine: Engine) -> int:
         )
 
 
+def terminate_backend(engine: Engine, connection: Connection) -> None:
+    """``connection``'s server process ends, as in a PostgreSQL restart; returns once it
+    is gone (``pg_terminate_backend`` only signals it)."""
+    pid = connection.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+
+    def gone() -> bool:
+        with engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            other.commit()
+            alive = other.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            )
+        return not alive
+
+    wait_for(gone, timeout=5, interval=0.02)
+
+
 def wait_for(
     condition: Callable[[], Any],
     timeout: float = 30,

@@ -10,7 +10,6 @@ another server session) must still record every result.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
 import psycopg2.extensions
@@ -26,6 +25,7 @@ from comms_tasks.mail.message import OutgoingMessage
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.conftest import terminate_backend
 
 
 def claimed(engine: Engine, count: int, prefix: str) -> tuple[list[OutgoingMessage], dt.datetime]:
@@ -147,19 +147,7 @@ def test_a_lost_connection_is_reported_and_dropped_as_any_other(committed_db: En
     messages, lease = claimed(committed_db, 1, "lost")
     with pytest.raises(OperationalError), db.autocommit_connection() as connection:
         assert connection is not None
-        pid = connection.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
-        with committed_db.connect() as other:
-            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            other.commit()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with committed_db.connect() as other:
-                alive = other.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-                )
-            if not alive:
-                break
-            time.sleep(0.02)
+        terminate_backend(committed_db, connection)
         try:
             record(connection, messages[0], lease)
         except OperationalError as exc:

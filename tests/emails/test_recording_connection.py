@@ -30,6 +30,7 @@ from comms_tasks.mail.sender import SendResult
 from comms_tasks.models import Email, EmailStatus, OutboxEvent
 from comms_tasks.settings import get_settings
 from tests import factories as f
+from tests.conftest import terminate_backend
 from tests.smtp import SmtpSink
 
 # The columns a delivered result writes, besides the clocks compared on their own.
@@ -178,20 +179,11 @@ def test_the_recorder_writes_delivered_and_failed_results(committed_db: Engine) 
     assert db.get_engine().pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-def terminate(committed_db: Engine, connection: Connection) -> None:
-    """The connection's server process ends, as in a PostgreSQL restart."""
-    pid = connection.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
-    with committed_db.connect() as other:
-        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        other.commit()
-    time.sleep(0.1)
-
-
 def test_a_connection_lost_in_the_block_raises_its_own_error(committed_db: Engine) -> None:
     """Not the reset's PendingRollbackError on the way out, which would hide it."""
     with pytest.raises(OperationalError), db.autocommit_connection() as connection:
         assert connection is not None
-        terminate(committed_db, connection)
+        terminate_backend(committed_db, connection)
         connection.execute(text("SELECT 1"))
     with db.get_engine().connect() as connection:  # the lost one dropped, not handed on
         first, second = two_clocks(connection)
@@ -210,7 +202,7 @@ def test_a_database_restart_during_a_claim_stops_the_send_cleanly(
     def record_delivered(connection: Connection, *args: Any) -> Any:
         calls.append(1)
         if len(calls) == 2:
-            terminate(committed_db, connection)
+            terminate_backend(committed_db, connection)
         return real(connection, *args)
 
     monkeypatch.setattr(send_results, "record_delivered", record_delivered)
