@@ -1,16 +1,19 @@
-"""A claim reads the first queued emails in order and stops, on PostgreSQL.
+"""A claim reads only the emails it takes, and takes them in claim order, on PostgreSQL.
 
 One query for expired leases and queued emails together made PostgreSQL read every due
 email and sort them all for the first hundred: while a backlog drained, a sequential
-scan of ``emails`` (bodies and all) for every claim. Now the emails of a dead worker
-come first, then the queued ones, read in order from their partial index.
+scan of ``emails`` (bodies and all) for every claim. Now a dead worker's emails are
+taken first, then the due queued ones as two ranges of their partial index, and the
+claim goes in claim order (due time, then id).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 from sqlalchemy import Connection, event, select, text, update
 from sqlalchemy.orm import Session
@@ -52,11 +55,39 @@ def test_a_dead_workers_emails_are_taken_first_and_go_in_claim_order(
     assert claim(now, 3) == [third, fourth]
 
 
-def plan_nodes(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
-    nodes = [(plan["Node Type"], plan.get("Index Name"))]
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's nodes, the top one first."""
+    nodes = [plan]
     for child in plan.get("Plans", ()):
         nodes += plan_nodes(child)
     return nodes
+
+
+@contextlib.contextmanager
+def claim_queries(connection: Connection) -> Iterator[list[tuple[str, Any]]]:
+    """The claim's locking queries run on ``connection`` inside the block, with their
+    parameters."""
+    seen: list[tuple[str, Any]] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
+        if "FOR UPDATE SKIP LOCKED" in statement:
+            seen.append((statement, params))
+
+    event.listen(connection, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(connection, "before_cursor_execute", note)
+
+
+def explained(connection: Connection, statement: str, params: Any, how: str) -> dict[str, Any]:
+    """PostgreSQL's plan of ``statement`` (``EXPLAIN (how, FORMAT JSON)``), its top node."""
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(f"EXPLAIN ({how}FORMAT JSON) " + statement, params)
+    [[plan]] = cursor.fetchall()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return cast(dict[str, Any], plan[0]["Plan"])
 
 
 def fill(connection: Connection, count: int, status: str, next_attempt_at: str, tag: str) -> None:
@@ -75,12 +106,6 @@ def fill(connection: Connection, count: int, status: str, next_attempt_at: str, 
     )
 
 
-def removed_by_filter(plan: dict[str, Any]) -> int:
-    return int(plan.get("Rows Removed by Filter", 0)) + sum(
-        removed_by_filter(child) for child in plan.get("Plans", ())
-    )
-
-
 def test_a_claim_with_nothing_due_reads_no_email_waiting_for_later(
     domain_db: Connection,
 ) -> None:
@@ -89,28 +114,15 @@ def test_a_claim_with_nothing_due_reads_no_email_waiting_for_later(
     fill(domain_db, 20_000, "sent", "NULL", "sent")
     fill(domain_db, 5_000, "queued", "now() + interval '5 minutes' + g * interval '1 s'", "later")
     domain_db.execute(text(f"ANALYZE {SCHEMA}.emails"))
-    selects: list[tuple[str, Any]] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if "FOR UPDATE SKIP LOCKED" in statement:
-            selects.append((statement, params))
-
-    event.listen(domain_db, "before_cursor_execute", note)
-    try:
-        with Session(domain_db) as session:
-            now = dt.datetime.now(dt.UTC)
-            assert delivery.claim_due(session, now, 100, get_settings(), None, {}) == []
-    finally:
-        event.remove(domain_db, "before_cursor_execute", note)
+    with claim_queries(domain_db) as selects, Session(domain_db) as session:
+        now = dt.datetime.now(dt.UTC)
+        assert delivery.claim_due(session, now, 100, get_settings(), None, {}) == []
     assert selects
-    cursor = domain_db.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    removed = 0
-    for statement, params in selects:
-        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params)
-        [[explained]] = cursor.fetchall()
-        if isinstance(explained, str):
-            explained = json.loads(explained)
-        removed += removed_by_filter(explained[0]["Plan"])
+    removed = sum(
+        int(node.get("Rows Removed by Filter", 0))
+        for statement, params in selects
+        for node in plan_nodes(explained(domain_db, statement, params, "ANALYZE, "))
+    )
     assert removed < 100, f"{removed} emails read and thrown away for a claim of none"
 
 
@@ -118,28 +130,20 @@ def test_the_queued_emails_are_read_in_index_order_without_a_sort(domain_db: Con
     f.queue_plain_emails(domain_db, 30, "plan")
     # The table as it is now (another test's rows, rolled back, can leave its size behind).
     domain_db.execute(text(f"ANALYZE {SCHEMA}.emails"))
-    selects: list[tuple[str, Any]] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
-        if "FOR UPDATE SKIP LOCKED" in statement and "lease_expires_at <" not in statement:
-            selects.append((statement, params))  # the queued emails' query
-
-    event.listen(domain_db, "before_cursor_execute", note)
-    try:
-        # More than are due: both queries run.
+    with claim_queries(domain_db) as seen:
+        # More than are due: both queries of queued emails run.
         assert len(claim(dt.datetime.now(dt.UTC), 40)) == 30
-    finally:
-        event.remove(domain_db, "before_cursor_execute", note)
+    selects = [(st, params) for st, params in seen if "lease_expires_at <" not in st]
     assert len(selects) == 2  # the due ones with a time, then those without
-    cursor = domain_db.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     # A table this small would be scanned whatever the index: asked what the plan is
     # when scanning costs as a big table's would.
-    cursor.execute("SET LOCAL enable_seqscan = off")
+    domain_db.connection.dbapi_connection.cursor().execute(  # type: ignore[union-attr]
+        "SET LOCAL enable_seqscan = off"
+    )
     for statement, params in selects:
-        cursor.execute("EXPLAIN (FORMAT JSON) " + statement, params)
-        [[explained]] = cursor.fetchall()
-        if isinstance(explained, str):
-            explained = json.loads(explained)
-        nodes = plan_nodes(explained[0]["Plan"])
+        nodes = [
+            (node["Node Type"], node.get("Index Name"))
+            for node in plan_nodes(explained(domain_db, statement, params, ""))
+        ]
         assert ("Index Scan", "ix_emails_queued_next_attempt_at") in nodes, nodes
         assert not any(node == "Sort" for node, _ in nodes), nodes
